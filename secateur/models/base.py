@@ -1,0 +1,181 @@
+"""The architecture contract: everything that differs between model families lives in an adapter.
+
+Methods and the engine only see decoder layers as opaque modules plus `Projection`s, always as
+`(out_features, in_features)` weights, so GPT-2's transposed `Conv1D` never leaks out of here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from secateur.errors import SecateurError
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """`root.get_submodule` that answers None for a missing path instead of raising."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@dataclass
+class Projection:
+    """One linear map inside a decoder layer, seen as `(out_features, in_features)`."""
+
+    name: str
+    module: nn.Module
+    transposed: bool = False  # GPT-2 Conv1D keeps its weight as (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A view sharing storage with the parameter: in-place edits land in the model."""
+        w = self.module.weight.data
+        return w.t() if self.transposed else w
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class ModelAdapter:
+    """Accessors for one architecture family, declared by module paths.
+
+    Subclasses set the class attributes; paths inside a layer are relative to that layer.
+    `fused_qkv` names a projection holding q, k and v stacked (GPT-2) or interleaved per head
+    (GPT-NeoX); width pruning asks the adapter for the rows of each head instead of
+    guessing the layout.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layers_path: ClassVar[str]
+    embed_path: ClassVar[str]
+    final_norm_path: ClassVar[str]
+    lm_head_path: ClassVar[str] = "lm_head"
+    attn_in: ClassVar[tuple[str, ...]]  # q, k, v (or the fused qkv)
+    attn_out: ClassVar[str]
+    mlp_in: ClassVar[tuple[str, ...]]  # gate and up, or fc1
+    mlp_out: ClassVar[str]
+    attn_norm: ClassVar[str]  # the norm feeding the attention block
+    mlp_norm: ClassVar[str]  # the norm feeding the MLP block
+    transposed_weights: ClassVar[bool] = False
+    num_layers_key: ClassVar[str] = "num_hidden_layers"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # -- whole-model pieces -------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        layers = self.model.get_submodule(self.layers_path)
+        assert isinstance(layers, nn.ModuleList)
+        return layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.model.get_submodule(self.embed_path)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_submodule(self.lm_head_path)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = get_submodule(self.model, self.final_norm_path)
+        return hidden if norm is None else norm(hidden)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model does after its last decoder layer: final norm, head, any softcap."""
+        return self.lm_head(self.final_norm(hidden))
+
+    # -- per-layer pieces ---------------------------------------------------------------
+    def _projection(self, layer: nn.Module, path: str) -> Projection:
+        return Projection(path, layer.get_submodule(path), self.transposed_weights)
+
+    def attention_inputs(self, layer: nn.Module) -> list[Projection]:
+        return [self._projection(layer, p) for p in self.attn_in]
+
+    def attention_output(self, layer: nn.Module) -> Projection:
+        return self._projection(layer, self.attn_out)
+
+    def mlp_inputs(self, layer: nn.Module) -> list[Projection]:
+        return [self._projection(layer, p) for p in self.mlp_in]
+
+    def mlp_output(self, layer: nn.Module) -> Projection:
+        return self._projection(layer, self.mlp_out)
+
+    def linears(self, layer: nn.Module) -> dict[str, Projection]:
+        """Every prunable matrix of a layer in execution order, keyed by its path in the layer."""
+        projections = [
+            *self.attention_inputs(layer),
+            self.attention_output(layer),
+            *self.mlp_inputs(layer),
+            self.mlp_output(layer),
+        ]
+        return {p.name: p for p in projections}
+
+    def attention_shape(self) -> AttentionShape:
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return AttentionShape(heads, kv, head_dim)
+
+    def qkv_rows(self, layer: nn.Module, head: int, kind: str) -> tuple[Projection, torch.Tensor]:
+        """The projection and output rows that hold query head `head` ('q') or KV head ('k'/'v')."""
+        shape = self.attention_shape()
+        proj = self.attention_inputs(layer)[{"q": 0, "k": 1, "v": 2}[kind]]
+        rows = torch.arange(head * shape.head_dim, (head + 1) * shape.head_dim)
+        return proj, rows
+
+    def set_num_layers(self, n: int) -> None:
+        setattr(self.config, self.num_layers_key, n)
+        if getattr(self.config, "layer_types", None) is not None:
+            self.config.layer_types = list(self.config.layer_types)[:n]
+
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    cls = _REGISTRY.get(model_type or "")
+    if cls is None:
+        raise SecateurError(
+            f"unsupported architecture '{model_type}': secateur has adapters for "
+            f"{', '.join(supported_model_types())}"
+        )
+    return cls(model)
+
+
+AdapterFactory = Callable[[nn.Module], ModelAdapter]

@@ -1,0 +1,76 @@
+"""Tiny random-weight models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+from transformers.models.gemma3 import Gemma3TextConfig
+
+VOCAB = 260  # 256 bytes + specials: the byte tokenizer below covers any text
+
+
+def _common(**kw):
+    return dict(vocab_size=VOCAB, **kw)
+
+
+def configs() -> dict:
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return {
+        "llama": LlamaConfig(**_common(**llama_like)),
+        "mistral": MistralConfig(**_common(**llama_like)),
+        "qwen2": Qwen2Config(**_common(**llama_like)),
+        "gemma3_text": Gemma3TextConfig(**_common(**llama_like, head_dim=16,
+                                                  sliding_window=8,
+                                                  layer_types=["sliding_attention",
+                                                               "full_attention",
+                                                               "sliding_attention"],
+                                                  final_logit_softcapping=30.0)),
+        "opt": OPTConfig(**_common(hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                                   num_attention_heads=4, max_position_embeddings=256,
+                                   word_embed_proj_dim=64)),
+        "gpt2": GPT2Config(**_common(n_embd=64, n_layer=3, n_head=4, n_positions=256)),
+        "gpt_neox": GPTNeoXConfig(**_common(hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=3, num_attention_heads=4,
+                                            max_position_embeddings=256)),
+    }
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = configs()[family]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (no merges) so tiny models can read any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab["<s>"] = 256
+    vocab["</s>"] = 257
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(family: str, path, seed: int = 0):
+    model = tiny_model(family, seed)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
