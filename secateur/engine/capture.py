@@ -8,6 +8,7 @@ layers), so the layer-wise loop stays right when transformers changes how layers
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,10 +70,8 @@ def capture_layer_inputs(
         layers[i] = _Recorder(i, len(originals) - 1, sink)
     try:
         for ids in windows:
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer

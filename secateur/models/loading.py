@@ -1,4 +1,4 @@
-"""`load(name_or_path)`: a Hub name, a local HF directory, a .gguf file, or a built-in offline name."""
+"""`load(name_or_path)`: a Hub name, a local HF directory, a .gguf file, or a built-in name."""
 
 from __future__ import annotations
 
@@ -42,7 +42,10 @@ def _gemma3_gguf() -> Path:
     return Path(gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME))
 
 
-OFFLINE: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+OFFLINE: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
 
 
 def _atomic_dir(final: Path) -> Path:

@@ -1,0 +1,170 @@
+"""`secateur` command line: parses flags, calls the API, prints with rich. Nothing more."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from secateur.errors import SecateurError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, quantize and distill causal LMs; measure what it cost and bought.")
+console = Console(stderr=True)
+out_console = Console()
+
+Json = Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")]
+Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Hub name, local directory, .gguf file, or "
+                                               "smollm2-135m / gemma3-270m.")],
+    data: Annotated[str, typer.Option(help="Text: wiki, c4-sample, wikitext2, c4, ptb or a "
+                                           ".txt/.jsonl/.parquet path.")] = "wiki",
+    seqlen: Annotated[int | None, typer.Option(help="Window length (default: the protocol's, "
+                                                    "capped by the context).")] = None,
+    max_windows: Annotated[int | None, typer.Option(help="Score only the first N windows.")]
+    = None,
+    protocol: Annotated[str, typer.Option(help="sparsegpt (2048) or llm-pruner (128).")]
+    = "sparsegpt",
+    bos: Annotated[str, typer.Option(help="default (tokenizer's, once), each, none.")]
+    = "default",
+    dtype: Dtype = "float32",
+    json: Json = None,
+) -> None:
+    """Perplexity of a model on a text, with the protocol recorded."""
+    from secateur.jobs import EvalSpec, eval_job
+
+    result = eval_job(model, EvalSpec(data, seqlen, max_windows, protocol, bos), json, dtype)
+    p = result["protocol"]
+    table = Table(title=f"{model} on {p['dataset']}")
+    for col in ("perplexity", "tokens", "seqlen", "windows", "protocol", "bos", "dtype"):
+        table.add_column(col)
+    table.add_row(_fmt(result["perplexity"]), str(result["tokens"]), str(p["seqlen"]),
+                  f"{p['windows']}/{p['windows_available']}", p["name"], p["bos"], p["dtype"])
+    out_console.print(table)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[str, typer.Argument(help="Hub name, local directory, .gguf file, or "
+                                               "smollm2-135m / gemma3-270m.")],
+    method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt, ...")],
+    sparsity: Annotated[float | None, typer.Option(help="Unstructured sparsity in [0, 1).")]
+    = None,
+    nm: Annotated[str | None, typer.Option(help="N:M semi-structured: keep N of every M.")]
+    = None,
+    owl: Annotated[bool, typer.Option(help="OWL non-uniform layer sparsity.")] = False,
+    owl_m: Annotated[float, typer.Option(help="OWL outlier threshold M.")] = 5.0,
+    owl_lambda: Annotated[float, typer.Option(help="OWL ratio spread lambda.")] = 0.08,
+    sequential: Annotated[bool, typer.Option(help="Feed each layer the pruned layers' outputs "
+                                                  "(else dense activations).")] = True,
+    ratio: Annotated[float | None, typer.Option(help="Structured/block/layer: share of "
+                                                     "parameters to remove.")] = None,
+    importance: Annotated[str, typer.Option(help="Width pruning importance estimator.")]
+    = "taylor",
+    blocks: Annotated[int | None, typer.Option(help="BlockPruner: blocks to remove.")] = None,
+    layers: Annotated[int | None, typer.Option(help="ShortGPT/SLEB: layers to remove.")]
+    = None,
+    search_samples: Annotated[int | None, typer.Option(help="BlockPruner search windows.")]
+    = None,
+    calib: Annotated[str, typer.Option(help="Calibration text.")] = "c4-sample",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Calibration (and default eval) window length.")]
+    = 2048,
+    seed: Annotated[int, typer.Option(help="Picks calibration windows and breaks ties.")] = 0,
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation text; 'none' "
+                                                                 "skips.")] = "wiki",
+    eval_windows: Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
+    = None,
+    eval_seqlen: Annotated[int | None, typer.Option(help="Eval window (default: --seqlen).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="Save the pruned model here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    compact: Annotated[bool, typer.Option(help="Store masks as compressed-tensors bitmasks.")]
+    = False,
+    dtype: Dtype = "float32",
+    json: Json = None,
+) -> None:
+    """Prune a model, compare dense and pruned perplexity, save a reloadable model."""
+    from secateur.api import CalibrationSpec
+    from secateur.jobs import EvalSpec, prune_job
+    from secateur.methods import PruneOptions
+
+    options = PruneOptions(method=method, sparsity=sparsity, nm=nm, owl=owl, owl_m=owl_m,
+                           owl_lambda=owl_lambda, sequential=sequential, ratio=ratio,
+                           importance=importance, blocks=blocks, layers=layers,
+                           search_samples=search_samples)
+    evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
+                          eval_seqlen or seqlen, eval_windows)
+    result = prune_job(model, options, CalibrationSpec(calib, nsamples, seqlen, seed),
+                       evaluation, out, json, overwrite, dtype, compact=compact)
+    _print_prune(result)
+
+
+def _print_prune(result: dict) -> None:
+    if result["layers"]:
+        table = Table(title="per layer")
+        table.add_column("layer")
+        table.add_column("target")
+        table.add_column("sparsity")
+        table.add_column("rel. error")
+        for layer in result["layers"]:
+            mats = layer["matrices"].values()
+            zeros = sum(m["sparsity"] * m["numel"] for m in mats)
+            total = sum(m["numel"] for m in mats)
+            table.add_row(str(layer["index"]), _fmt(layer["target"]), _fmt(zeros / total),
+                          _fmt(layer["relative_error"], 4))
+        out_console.print(table)
+    table = Table(title=f"{result['model']}: {result['method']}")
+    for col in ("", "perplexity", "parameters", "non-zero"):
+        table.add_column(col)
+    params = result["parameters"]
+    table.add_row("dense", _fmt(result.get("dense_perplexity")),
+                  f"{params['dense']['parameters']:,}", f"{params['dense']['nonzero']:,}")
+    table.add_row("pruned", _fmt(result.get("perplexity")),
+                  f"{params['pruned']['parameters']:,}", f"{params['pruned']['nonzero']:,}")
+    out_console.print(table)
+    extra = [f"prune {result['timings']['prune_seconds']:.1f} s",
+             f"peak RSS {result['peak_rss_mib']:.0f} MiB"]
+    if result.get("sparsity") is not None:
+        extra.append(f"sparsity {result['sparsity']:.4f}")
+    if result.get("bytes_on_disk"):
+        extra.append(f"{result['bytes_on_disk'] / 2**20:.1f} MiB on disk in {result['out']}")
+    out_console.print(", ".join(extra))
+
+
+def main() -> None:
+    # Errors users can fix get one line, never a traceback; SECATEUR_DEBUG=1 shows it anyway.
+    try:
+        app(standalone_mode=False)
+    except SecateurError as err:
+        if os.environ.get("SECATEUR_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[red]aborted[/red]")
+        sys.exit(130)
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""What every number was measured under, written next to it."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+PROTOCOLS = {
+    # SparseGPT/Wanda: test split joined with "\n\n", non-overlapping windows of 2048 tokens
+    # (capped by the model's context), remainder dropped.
+    "sparsegpt": 2048,
+    # LLM-Pruner / FLAP evaluate at 128 tokens per window; their numbers are not comparable
+    # with the 2048-token ones, hence a named protocol rather than a silent default.
+    "llm-pruner": 128,
+}
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("secateur", "torch", "transformers", "datasets", "lm_eval", "peft"):
+        try:
+            out[pkg] = version(pkg.replace("_", "-"))
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    name: str
+    dataset: str
+    origin: str
+    split: str
+    join: str
+    seqlen: int
+    stride: int
+    windows: int
+    windows_available: int
+    tokens_scored: int
+    bos: str
+    dtype: str
+    versions: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,112 @@
+"""End-to-end jobs behind CLI commands: prune (+ evaluate, save) and evaluate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secateur.api import (
+    CalibrationSpec,
+    achieved_sparsity,
+    count_parameters,
+    peak_rss_mib,
+    prune,
+)
+from secateur.data.sources import load_text
+from secateur.errors import SecateurError
+from secateur.eval.perplexity import perplexity
+from secateur.methods import PruneOptions, build_method
+from secateur.models.loading import load
+from secateur.surgery.save import check_output_dir, dir_bytes, save_model, write_json_atomic
+
+
+@dataclass
+class EvalSpec:
+    data: str | None = "wiki"
+    seqlen: int | None = None
+    max_windows: int | None = None
+    protocol: str = "sparsegpt"
+    bos: str = "default"
+
+
+def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
+    source = load_text(spec.data, split="test")
+    return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
+                      spec.protocol, spec.bos, progress).to_dict()
+
+
+def prune_job(
+    model_name: str,
+    options: PruneOptions,
+    calibration: CalibrationSpec,
+    evaluation: EvalSpec,
+    out: Path | None,
+    json_path: Path | None = None,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    progress: bool = True,
+    compact: bool = False,
+) -> dict[str, Any]:
+    """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict."""
+    build_method(options)  # bad flags fail before the model loads
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
+    if evaluation.data is not None:
+        load_text(evaluation.data, split="test")  # a missing eval text fails before pruning
+    loaded = load(model_name, dtype=dtype)
+    result: dict[str, Any] = {"model": model_name, "method": options.method, "seed":
+                              calibration.seed}
+    dense_params = count_parameters(loaded.model)
+    timings: dict[str, float] = {}
+    if evaluation.data is not None:
+        t = time.perf_counter()
+        dense = evaluate_perplexity(loaded, evaluation, progress)
+        timings["dense_eval_seconds"] = time.perf_counter() - t
+        result["dense_perplexity"] = dense["perplexity"]
+    run = prune(loaded, options, calibration, progress)
+    timings["prune_seconds"] = run.seconds
+    if evaluation.data is not None:
+        t = time.perf_counter()
+        pruned = evaluate_perplexity(loaded, evaluation, progress)
+        timings["eval_seconds"] = time.perf_counter() - t
+        result["perplexity"] = pruned["perplexity"]
+        result["tokens"] = pruned["tokens"]
+        result["protocol"] = pruned["protocol"]
+    pruned_params = count_parameters(loaded.model)
+    result.update({
+        "sparsity": achieved_sparsity(run),
+        "parameters": {"dense": dense_params, "pruned": pruned_params},
+        "timings": timings,
+        "peak_rss_mib": peak_rss_mib(),
+        "calibration": run.calibration,
+        "options": run.options,
+        "summary": run.summary,
+        "layers": run.layers,
+    })
+    if out is not None:
+        if compact:
+            from secateur.surgery.compact import save_compact
+
+            save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
+        else:
+            save_model(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
+        result["out"] = str(out)
+        result["bytes_on_disk"] = dir_bytes(Path(out))
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result
+
+
+def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
+             dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
+    if evaluation.data is None:
+        raise SecateurError("nothing to evaluate: give --data")
+    load_text(evaluation.data, split="test")
+    loaded = load(model_name, dtype=dtype)
+    result = {"model": model_name, **evaluate_perplexity(loaded, evaluation, progress)}
+    result["parameters"] = count_parameters(loaded.model)["parameters"]
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result

@@ -1,0 +1,63 @@
+"""Choosing which weights to prune from a score: per matrix, per row, or N:M groups."""
+
+from __future__ import annotations
+
+import torch
+
+from secateur.errors import SecateurError
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): keep N of every M consecutive input weights (NVIDIA's convention)."""
+    try:
+        n_str, m_str = spec.split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError:
+        raise SecateurError(f"--nm takes N:M with whole numbers, like 2:4; got '{spec}'") from None
+    if not 0 < n < m:
+        raise SecateurError(f"--nm {spec}: need 0 < N < M (N weights kept of every M)")
+    return n, m
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise SecateurError(f"sparsity must be in [0, 1), got {sparsity}")
+    return sparsity
+
+
+def check_nm_width(n: int, m: int, in_features: int, name: str) -> None:
+    if in_features % m:
+        raise SecateurError(f"--nm {n}:{m}: M={m} does not divide the input width "
+                            f"{in_features} of {name}; pick an M that divides it")
+
+
+def lowest_per_matrix(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask (True = prune) of exactly floor(numel * sparsity) lowest scores in the matrix."""
+    k = int(score.numel() * sparsity)
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    if k:
+        mask[torch.argsort(score.flatten(), stable=True)[:k]] = True
+    return mask.view_as(score)
+
+
+def lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask of exactly floor(in_features * sparsity) lowest scores in every output row."""
+    k = int(score.shape[1] * sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], True)
+    return mask
+
+
+def lowest_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask pruning the M-N lowest scores in every group of M consecutive input columns."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def matrix_report(weight: torch.Tensor) -> dict[str, float]:
+    zeros = (weight == 0).sum().item()
+    return {"sparsity": zeros / weight.numel(), "numel": weight.numel()}

@@ -1,0 +1,32 @@
+import copy
+
+import pytest
+
+from tests.tiny_models import save_tiny
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled real model, loaded once per session; tests that change it take a copy."""
+    from secateur.models.loading import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2_copy(smollm2):
+    from secateur.models import adapter_for
+    from secateur.models.loading import Loaded
+
+    model = copy.deepcopy(smollm2.model)
+    return Loaded(model, smollm2.tokenizer, adapter_for(model), smollm2.name, smollm2.path)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """Factory: a saved tiny random model of a family, with a byte-level tokenizer."""
+
+    def make(family: str = "llama", seed: int = 0):
+        return save_tiny(family, tmp_path / f"tiny-{family}-{seed}", seed)
+
+    return make
