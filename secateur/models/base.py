@@ -54,6 +54,31 @@ class AttentionShape:
     head_dim: int
 
 
+@dataclass
+class GroupSet:
+    """G coupled structures of one layer, removed together so shapes stay consistent.
+
+    Group g is rows `idx[g]` of every producer in `rows` and input columns `idx[g]` of every
+    consumer in `cols` (Torch-Pruning's dependency groups, written down per family).
+    `kind` is 'kv-heads' (a KV head with all query heads sharing it), 'query-heads' (one
+    query head; `kv_of[g]` is its KV head, so removal can stay even per KV group) or
+    'channels' (one MLP channel).
+    """
+
+    kind: str
+    rows: list[tuple[Projection, torch.Tensor]]
+    cols: list[tuple[Projection, torch.Tensor]]
+    kv_of: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return (self.rows or self.cols)[0][1].shape[0]
+
+    def parameters_per_group(self) -> int:
+        return sum(idx.shape[1] * p.in_features for p, idx in self.rows) + sum(
+            idx.shape[1] * p.out_features for p, idx in self.cols)
+
+
 class ModelAdapter:
     """Accessors for one architecture family, declared by module paths.
 
@@ -147,6 +172,51 @@ class ModelAdapter:
         proj = self.attention_inputs(layer)[{"q": 0, "k": 1, "v": 2}[kind]]
         rows = torch.arange(head * shape.head_dim, (head + 1) * shape.head_dim)
         return proj, rows
+
+    # -- width pruning groups ------------------------------------------------------------
+    width_surgery: ClassVar[bool] = False  # can secateur.surgery.width shrink this family?
+
+    def layer_attention_shape(self, index: int) -> AttentionShape:
+        """Layer `index`'s heads (the same for every layer unless a family says otherwise)."""
+        return self.attention_shape()
+
+    def head_groups(self, index: int, mode: str = "kv") -> GroupSet:
+        """Attention head groups of layer `index`: mode 'kv' or 'query' (see `GroupSet`)."""
+        layer = self.layers[index]
+        shape = self.layer_attention_shape(index)
+        share = shape.num_heads // shape.num_kv_heads
+        o = self.attention_output(layer)
+        hd = shape.head_dim
+
+        def stack(kind: str, heads: list[list[int]]) -> tuple[Projection, torch.Tensor]:
+            rows = [torch.cat([self.qkv_rows(layer, h, kind)[1] for h in hs]) for hs in heads]
+            return self.qkv_rows(layer, heads[0][0], kind)[0], torch.stack(rows)
+
+        def o_cols(heads: list[list[int]]) -> torch.Tensor:
+            return torch.stack([torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in hs])
+                                for hs in heads])
+
+        if mode == "kv":
+            q_heads = [list(range(g * share, (g + 1) * share)) for g in range(shape.num_kv_heads)]
+            kv_heads = [[g] for g in range(shape.num_kv_heads)]
+            rows = [stack("q", q_heads), stack("k", kv_heads), stack("v", kv_heads)]
+            return GroupSet("kv-heads", rows, [(o, o_cols(q_heads))])
+        if mode == "query":
+            q_heads = [[h] for h in range(shape.num_heads)]
+            return GroupSet("query-heads", [stack("q", q_heads)], [(o, o_cols(q_heads))],
+                            torch.arange(shape.num_heads) // share)
+        raise SecateurError(f"unknown GQA mode '{mode}': use kv or query")
+
+    def mlp_groups(self, index: int) -> GroupSet:
+        """MLP channels of layer `index`: rows of gate/up (fc1, c_fc), columns of down (fc2)."""
+        layer = self.layers[index]
+        out = self.mlp_output(layer)
+        idx = torch.arange(out.in_features).unsqueeze(1)
+        return GroupSet("channels", [(p, idx) for p in self.mlp_inputs(layer)], [(out, idx)])
+
+    def set_layer_widths(self, index: int, num_heads: int, num_kv_heads: int) -> None:
+        """Tell layer `index`'s modules their new head counts after surgery."""
+        raise SecateurError(f"width surgery is not supported for '{self.config.model_type}'")
 
     def set_num_layers(self, n: int) -> None:
         setattr(self.config, self.num_layers_key, n)

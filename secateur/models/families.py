@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from secateur.models.base import ModelAdapter, Projection, get_submodule, register_adapter
+from secateur.models.base import (
+    AttentionShape,
+    ModelAdapter,
+    Projection,
+    get_submodule,
+    register_adapter,
+)
 
 
 @register_adapter
@@ -22,6 +28,32 @@ class LlamaAdapter(ModelAdapter):
     mlp_out = "mlp.down_proj"
     attn_norm = "input_layernorm"
     mlp_norm = "post_attention_layernorm"
+    width_surgery = True
+
+    def set_layer_widths(self, index: int, num_heads: int, num_kv_heads: int) -> None:
+        # The forward infers heads from the shapes; only the GQA repeat count is stored.
+        attn = self.layers[index].self_attn
+        attn.num_key_value_groups = num_heads // num_kv_heads
+        for key, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
+            if hasattr(attn, key):
+                setattr(attn, key, value)
+
+
+@register_adapter
+class SecateurLlamaAdapter(LlamaAdapter):
+    """secateur's own Llama with per-layer widths (secateur.surgery.flexmodel)."""
+
+    model_types = ("secateur_llama",)
+
+    def layer_attention_shape(self, index: int) -> AttentionShape:
+        cfg = self.config
+        return AttentionShape(cfg.layer_num_heads[index], cfg.layer_num_kv_heads[index],
+                              cfg.head_dim)
+
+    def set_layer_widths(self, index: int, num_heads: int, num_kv_heads: int) -> None:
+        super().set_layer_widths(index, num_heads, num_kv_heads)
+        self.config.layer_num_heads[index] = num_heads
+        self.config.layer_num_kv_heads[index] = num_kv_heads
 
 
 @register_adapter
