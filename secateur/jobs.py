@@ -17,6 +17,8 @@ from secateur.api import (
 from secateur.data.sources import load_text
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
+from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
+from secateur.eval.zeroshot import zeroshot as run_zeroshot
 from secateur.methods import PruneOptions, build_method
 from secateur.models.loading import load
 from secateur.surgery.save import check_output_dir, dir_bytes, save_model, write_json_atomic
@@ -100,12 +102,21 @@ def prune_job(
 
 
 def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
-             dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
-    if evaluation.data is None:
-        raise SecateurError("nothing to evaluate: give --data")
-    load_text(evaluation.data, split="test")
+             dtype: str = "float32", progress: bool = True,
+             zeroshot: ZeroShotSpec | None = None) -> dict[str, Any]:
+    """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks."""
+    if evaluation.data is None and zeroshot is None:
+        raise SecateurError("nothing to evaluate: give --data or --tasks")
+    if evaluation.data is not None:
+        load_text(evaluation.data, split="test")
+    if zeroshot is not None:  # unknown task names fail before the model loads
+        check_tasks(zeroshot.tasks, resolve_data(zeroshot.data))
     loaded = load(model_name, dtype=dtype)
-    result = {"model": model_name, **evaluate_perplexity(loaded, evaluation, progress)}
+    result: dict[str, Any] = {"model": model_name}
+    if evaluation.data is not None:
+        result.update(evaluate_perplexity(loaded, evaluation, progress))
+    if zeroshot is not None:
+        result["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype)
     result["parameters"] = count_parameters(loaded.model)["parameters"]
     if json_path is not None:
         write_json_atomic(Path(json_path), result)

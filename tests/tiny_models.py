@@ -18,7 +18,7 @@ VOCAB = 260  # 256 bytes + specials: the byte tokenizer below covers any text
 
 
 def _common(**kw):
-    return dict(vocab_size=VOCAB, **kw)
+    return dict(vocab_size=VOCAB, bos_token_id=256, eos_token_id=257, **kw)
 
 
 def configs() -> dict:
@@ -58,9 +58,8 @@ def byte_tokenizer():
     """A byte-level tokenizer (no merges) so tiny models can read any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<s>"] = 256
     vocab["</s>"] = 257
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

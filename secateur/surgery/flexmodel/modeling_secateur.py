@@ -5,8 +5,8 @@ Self-contained on purpose (imports only torch and transformers): secateur copies
 
 How to use it
 -------------
-Shrink or remove parts of a loaded Llama-family model (Llama, Mistral, Qwen2, SmolLM; not
-Qwen3's q/k norms nor Gemma), then convert and save::
+Shrink or remove parts of a loaded Llama model (model_type 'llama': Llama 1-3, SmolLM,
+TinyLlama...; not Mistral's sliding window, Qwen's biases or Gemma), then convert and save::
 
     from secateur.surgery.flexmodel import LayerSpec, convert_llama
     model = convert_llama(model)            # widths read from the tensors; in place
@@ -173,7 +173,7 @@ def convert_llama(model: nn.Module, spec: list[LayerSpec] | None = None,
     sub-blocks `spec` marks absent are dropped. Returns the same object, retyped.
     """
     cfg = model.config
-    if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2", "secateur_llama"):
+    if getattr(cfg, "model_type", None) not in ("llama", "secateur_llama"):
         raise ValueError(f"cannot convert model_type '{cfg.model_type}': Llama-family only")
     layers = model.model.layers
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -1,0 +1,69 @@
+"""BlockPruner (Zhong et al., 2024): remove attention and MLP residual branches one at a time.
+
+Each decoder layer is two blocks, its attention (MHA) branch and its MLP branch, each added to
+the residual stream. At every step each remaining block is scored by the calibration perplexity
+of the model with it removed (on top of the blocks already gone), and the lowest goes: about 2L
+candidate evaluations per removed block, which `BlockSearch` makes cheap by reusing the hidden
+states before each candidate's layer. `--blocks K`, or `--ratio R` meaning the smallest removal
+reaching R of ALL parameters (embeddings included), the paper's definition.
+
+A layer that loses both blocks is removed whole; single blocks are removed physically by
+converting to secateur's own Llama-family class, saved with `auto_map`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from secateur.errors import SecateurError
+from secateur.methods.base import ModelMethod, PruneContext, PruneOptions, register_method
+from secateur.methods.layers import DepthTarget, finish, ppl, start_search
+from secateur.surgery.depth import (
+    FLEX_MODEL_TYPES,
+    Block,
+    block_parameters,
+    can_save_branch_removals,
+    total_parameters,
+)
+
+
+@register_method
+class BlockPruner(ModelMethod):
+    name = "blockpruner"
+
+    def __init__(self, options: PruneOptions) -> None:
+        super().__init__(options)
+        self.target = DepthTarget(options, options.blocks, "block", "--blocks")
+
+    def run(self, context: PruneContext) -> dict[str, Any]:
+        model, adapter = context.model, context.adapter
+        if not can_save_branch_removals(model):
+            raise SecateurError(
+                f"blockpruner removes single attention/MLP blocks, which secateur can save only "
+                f"for {', '.join(FLEX_MODEL_TYPES[:-1])} models, not "
+                f"'{model.config.model_type}': use --method shortgpt or sleb")
+        n = adapter.num_layers
+        total = total_parameters(model)
+        blocks = [Block(i, part) for i in range(n) for part in ("attn", "mlp")]
+        sizes = {b: block_parameters(adapter, b) for b in blocks}
+        # at least one attention block must stay (a model without any is not a language model)
+        smallest_attn = min(sizes[b] for b in blocks if b.part == "attn")
+        self.target.check_feasible(len(blocks) - 1, sum(sizes.values()) - smallest_attn, total)
+        search = start_search(context, self.target)
+        order: list[Block] = []
+        removed_params = 0
+        curve = [ppl(search.loss())]
+        while not self.target.done(len(order), removed_params, total):
+            candidates = [b for b in blocks if b not in order]
+            attn_left = [b for b in candidates if b.part == "attn"]
+            if len(attn_left) == 1:
+                candidates.remove(attn_left[0])
+            scores = search.score(candidates, desc=f"blockpruner removal {len(order) + 1}")
+            best = min(candidates, key=lambda b: (scores[b], -b.layer, b.part))
+            search.remove(best)
+            order.append(best)
+            removed_params += sizes[best]
+            curve.append(ppl(scores[best]))
+        return finish(context, self.target, search, order, curve, total, removed_params,
+                      {"block_parameters": {"attn": sizes[Block(0, "attn")],
+                                            "mlp": sizes[Block(0, "mlp")]}})

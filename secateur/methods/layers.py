@@ -1,0 +1,188 @@
+"""Whole-layer depth pruning: ShortGPT (Men et al., 2024) and SLEB (Song et al., 2024).
+
+ShortGPT scores each decoder layer once, on the dense model, by its Block Influence
+BI_i = 1 - E_tokens[cos(x_i, x_{i+1})] (how much the layer turns the hidden state) and removes
+the lowest-BI layers. SLEB removes layers greedily: every remaining layer is tried, the one
+whose removal leaves the lowest calibration perplexity goes, and the scores are recomputed
+after each removal. Both save a stock config with fewer layers.
+
+How much to remove: `--layers K`, or `--ratio R` meaning the smallest removal whose parameters
+reach R of ALL parameters (embeddings and head included, counted once when tied), the
+definition BlockPruner's paper uses, so the three methods compare at equal ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from secateur.errors import SecateurError
+from secateur.methods.base import ModelMethod, PruneContext, PruneOptions, register_method
+from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
+
+RATIO_NOTE = ("ratio counts all parameters, embeddings and lm_head included (tied weights "
+              "once), as the BlockPruner paper does")
+
+
+class DepthTarget:
+    """How much a depth method removes: a block count, or a share of all parameters."""
+
+    def __init__(self, options: PruneOptions, count: int | None, unit: str, flag: str) -> None:
+        if options.sparsity is not None or options.nm is not None:
+            raise SecateurError(f"--method {options.method} removes {unit}s, not weights: "
+                                f"use {flag} K or --ratio R instead of --sparsity/--nm")
+        if (count is None) == (options.ratio is None):
+            raise SecateurError(f"--method {options.method} needs exactly one of {flag} K or "
+                                "--ratio R (share of all parameters to remove)")
+        if count is not None and count < 1:
+            raise SecateurError(f"{flag} must be at least 1, got {count}")
+        if options.ratio is not None and not 0 < options.ratio < 1:
+            raise SecateurError(f"--ratio must be in (0, 1), got {options.ratio}")
+        if options.search_samples is not None and options.search_samples < 1:
+            raise SecateurError(f"--search-samples must be at least 1, got "
+                                f"{options.search_samples}")
+        self.count, self.ratio, self.unit, self.flag = count, options.ratio, unit, flag
+        self.search_samples = options.search_samples
+
+    def check_feasible(self, available: int, removable_params: int, total: int) -> None:
+        """Fail before the search when the count or ratio cannot be reached at all."""
+        if self.count is not None and self.count > available:
+            raise SecateurError(f"cannot remove {self.count} {self.unit}s: at most {available} "
+                                f"can go (the model must keep at least one)")
+        if self.ratio is not None and removable_params < self.ratio * total:
+            raise SecateurError(
+                f"--ratio {self.ratio} cannot be met: removing every removable {self.unit} "
+                f"removes {removable_params / total:.4f} of all {total:,} parameters (the rest "
+                "is embeddings, head and norms); use a smaller --ratio")
+
+    def done(self, removed: int, removed_params: int, total: int) -> bool:
+        if self.count is not None:
+            return removed >= self.count
+        return removed_params >= self.ratio * total
+
+    def record(self, removed_params: int, total: int) -> dict[str, Any]:
+        achieved = removed_params / total
+        out: dict[str, Any] = {"target": self.ratio, "achieved": achieved,
+                               "removed_parameters": removed_params, "total_parameters": total,
+                               "counts": RATIO_NOTE}
+        if self.ratio is not None and abs(achieved - self.ratio) > 1e-4:
+            out["statement"] = (f"a ratio of exactly {self.ratio} cannot be met with whole "
+                                f"{self.unit}s; removed {achieved:.4f} (the smallest removal "
+                                f"reaching {self.ratio})")
+        return out
+
+
+def search_windows(context: PruneContext, target: DepthTarget) -> list[torch.Tensor]:
+    n = target.search_samples
+    if n is None:
+        return context.calibration
+    if n > len(context.calibration):
+        raise SecateurError(f"--search-samples {n} exceeds the {len(context.calibration)} "
+                            "calibration windows: raise --nsamples or lower --search-samples")
+    return context.calibration[:n]
+
+
+def start_search(context: PruneContext, target: DepthTarget) -> Any:
+    if context.block_search is None:
+        raise SecateurError("this depth method needs the block-search engine; run it through "
+                            "secateur.api.prune")
+    return context.block_search(search_windows(context, target))
+
+
+def ppl(nll: float) -> float:
+    return math.exp(nll)
+
+
+def finish(context: PruneContext, target: DepthTarget, search: Any, order: list[Block],
+           curve: list[float], total: int, removed_params: int,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Physically remove `order`, and the summary every depth method returns."""
+    surgery = remove_blocks(context.model, context.adapter, order)
+    # the real count after surgery (norms go with a removed block in secateur's own class)
+    removed_params = total - total_parameters(context.model)
+    summary: dict[str, Any] = {
+        "removed": [str(b) for b in order],
+        "calibration_perplexity": curve,  # [dense, after 1st removal, after 2nd, ...]
+        "ratio": target.record(removed_params, total),
+        "search": search.summary(),
+        "surgery": surgery,
+    }
+    summary.update(extra or {})
+    return summary
+
+
+@register_method
+class ShortGPT(ModelMethod):
+    name = "shortgpt"
+
+    def __init__(self, options: PruneOptions) -> None:
+        super().__init__(options)
+        self.target = DepthTarget(options, options.layers, "layer", "--layers")
+
+    def run(self, context: PruneContext) -> dict[str, Any]:
+        adapter = context.adapter
+        n = adapter.num_layers
+        total = total_parameters(context.model)
+        sizes = [block_parameters(adapter, Block(i, "layer")) for i in range(n)]
+        self.target.check_feasible(n - 1, sum(sizes) - min(sizes), total)
+        search = start_search(context, self.target)
+        cos_sum = torch.zeros(n, dtype=torch.float64)
+        tokens = torch.zeros(n, dtype=torch.float64)
+
+        def on_layer(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            cos = F.cosine_similarity(x.double(), y.double(), dim=-1)
+            cos_sum[i] += cos.sum()
+            tokens[i] += cos.numel()
+
+        search.trace(on_layer)
+        influence = (1 - cos_sum / tokens).tolist()
+        ranking = sorted(range(n), key=lambda i: (influence[i], i))
+        order: list[Block] = []
+        removed_params = 0
+        curve = [ppl(search.loss())]
+        for i in tqdm(ranking[:-1], desc="shortgpt removals", leave=False):
+            if self.target.done(len(order), removed_params, total):
+                break
+            block = Block(i, "layer")
+            search.remove(block)
+            order.append(block)
+            removed_params += sizes[i]
+            curve.append(ppl(search.loss()))
+        return finish(context, self.target, search, order, curve, total, removed_params,
+                      {"block_influence": influence})
+
+
+@register_method
+class SLEB(ModelMethod):
+    name = "sleb"
+
+    def __init__(self, options: PruneOptions) -> None:
+        super().__init__(options)
+        self.target = DepthTarget(options, options.layers, "layer", "--layers")
+
+    def run(self, context: PruneContext) -> dict[str, Any]:
+        adapter = context.adapter
+        n = adapter.num_layers
+        total = total_parameters(context.model)
+        sizes = [block_parameters(adapter, Block(i, "layer")) for i in range(n)]
+        self.target.check_feasible(n - 1, sum(sizes) - min(sizes), total)
+        search = start_search(context, self.target)
+        order: list[Block] = []
+        removed_params = 0
+        curve = [ppl(search.loss())]
+        while not self.target.done(len(order), removed_params, total):
+            remaining = [Block(i, "layer") for i in range(n) if Block(i, "layer") not in order]
+            if len(remaining) == 1:
+                break
+            scores = search.score(remaining, desc=f"sleb removal {len(order) + 1}")
+            # ties go to the later layer index, deterministically
+            best = min(remaining, key=lambda b: (scores[b], -b.layer))
+            search.remove(best)
+            order.append(best)
+            removed_params += sizes[best.layer]
+            curve.append(ppl(scores[best]))
+        return finish(context, self.target, search, order, curve, total, removed_params)

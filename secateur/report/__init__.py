@@ -1,0 +1,1 @@
+"""Tables, plots and one HTML/Markdown page per set of runs."""

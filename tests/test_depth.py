@@ -1,0 +1,305 @@
+"""Depth pruning: the block-search engine, layer/branch surgery, ShortGPT, SLEB, BlockPruner."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from secateur.api import CalibrationSpec, calibration_data, prune
+from secateur.engine.block_search import BlockSearch
+from secateur.errors import SecateurError
+from secateur.methods import PruneOptions, build_method
+from secateur.models import adapter_for
+from secateur.models.loading import Loaded, load
+from secateur.surgery.depth import Block, remove_blocks, remove_layers, total_parameters
+from tests.tiny_models import byte_tokenizer, tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text", "opt", "gpt2", "gpt_neox"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on shared cores: OpenMP spin-waiting makes two threads ~30x slower here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def windows(n: int = 5, seqlen: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
+
+
+@torch.no_grad()
+def model_nll(model, wins) -> float:
+    total = tokens = 0.0
+    for w in wins:
+        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
+        total += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+        tokens += w.shape[1] - 1
+    return total / tokens
+
+
+def deep(model):
+    m = copy.deepcopy(model)
+    return m, adapter_for(m)
+
+
+# -- the engine: its cheap scores equal the real model's loss ------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_search_scores_equal_loss_of_really_pruned_model(family):
+    model = tiny_model(family)
+    wins = windows()
+    search = BlockSearch(model, adapter_for(model), wins, batch_size=2, progress=False)
+    base = search.loss()
+    assert base == pytest.approx(model_nll(model, wins), rel=1e-5)
+    candidates = [Block(0, "mlp"), Block(1, "attn"), Block(2, "layer")]
+    scores = search.score(candidates)
+    for c in candidates:
+        pruned, adapter = deep(model)
+        remove_blocks(pruned, adapter, [c], in_memory_only=True)
+        assert scores[c] == pytest.approx(model_nll(pruned, wins), rel=1e-5), c
+        # random tiny weights: a removal moves the loss a little, but it must move it
+        assert abs(scores[c] - base) > 1e-5, f"{c} changed nothing"
+    # the search never modifies the model it scores
+    assert search.loss() == pytest.approx(base, rel=1e-6)
+
+
+def test_search_with_removed_blocks_and_cost_accounting():
+    model = tiny_model("llama")
+    wins = windows()
+    search = BlockSearch(model, adapter_for(model), wins, batch_size=3, progress=False)
+    search.remove(Block(1, "mlp"))
+    scores = search.score([Block(0, "attn"), Block(2, "mlp")])
+    pruned, adapter = deep(model)
+    remove_blocks(pruned, adapter, [Block(1, "mlp"), Block(2, "mlp")])
+    assert scores[Block(2, "mlp")] == pytest.approx(model_nll(pruned, wins), rel=1e-5)
+    cost = search.summary()
+    # layer 0's candidate runs 3 layers, layer 2's runs 1, the shared walk runs layers 0 and 1
+    assert cost["candidates"] == 2 and cost["layer_forwards"] == 3 + 1 + 2
+    assert cost["head_forwards"] == 2 and cost["windows"] == 5
+    with pytest.raises(ValueError):
+        search.remove(Block(1, "mlp"))
+
+
+def test_trace_sees_every_layer_input_and_output():
+    model = tiny_model("llama")
+    wins = windows(3)
+    search = BlockSearch(model, adapter_for(model), wins, progress=False)
+    seen: dict[int, torch.Tensor] = {}
+    search.trace(lambda i, x, y: seen.setdefault(i, y))
+    with torch.no_grad():
+        ref = model(input_ids=torch.cat(wins), output_hidden_states=True).hidden_states
+    for i in range(2):  # the last entry of hidden_states has the final norm applied
+        assert torch.allclose(seen[i], ref[i + 1], atol=1e-5)
+
+
+# -- surgery ---------------------------------------------------------------------------------
+def test_remove_layers_fixes_config_layer_types_and_cache_indices(tmp_path):
+    model = tiny_model("gemma3_text")
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 256, (1, 20))
+    expected_types = [model.config.layer_types[0], model.config.layer_types[2]]
+    search = BlockSearch(model, adapter, [ids], progress=False)
+    expected = search.score([Block(1, "layer")])[Block(1, "layer")]
+    keep = remove_layers(model, adapter, [1])
+    assert keep == [0, 2]
+    assert model.config.num_hidden_layers == 2 and len(adapter.layers) == 2
+    assert model.config.layer_types == expected_types
+    assert [layer.self_attn.layer_idx for layer in adapter.layers] == [0, 1]
+    assert model_nll(model, [ids]) == pytest.approx(expected, rel=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.num_hidden_layers == 2
+    assert model_nll(reloaded, [ids]) == pytest.approx(expected, rel=1e-5)
+    # generation with a KV cache must match recomputing everything (cache indices are right)
+    out = reloaded.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+    no_cache = reloaded.generate(ids[:, :8], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(out, no_cache)
+
+
+def test_branch_removal_saves_without_the_weights_and_reloads_without_secateur(tmp_path):
+    model = tiny_model("llama")
+    wins = windows(3)
+    search = BlockSearch(model, adapter_for(model), wins, progress=False)
+    search.remove(Block(0, "attn"))
+    search.remove(Block(2, "layer"))
+    expected = search.score([Block(1, "mlp")])[Block(1, "mlp")]
+    dense_params = total_parameters(model)
+    adapter = adapter_for(model)
+    record = remove_blocks(model, adapter, [Block(0, "attn"), Block(2, "layer"), Block(1, "mlp")])
+    assert record == {"layers_removed": [2], "branches_removed": ["0.attn", "1.mlp"],
+                      "config": "secateur_llama"}
+    assert model_nll(model, wins) == pytest.approx(expected, rel=1e-5)
+    assert total_parameters(model) < dense_params
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["layer_has_attention"] == [False, True]
+    assert config["layer_has_mlp"] == [True, False]
+    assert "auto_map" in config
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith("model.layers.0.self_attn") for k in keys)
+    assert not any(k.startswith("model.layers.1.mlp") for k in keys)
+    assert not any(k.startswith("model.layers.2.") for k in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert model_nll(reloaded, wins) == pytest.approx(expected, rel=1e-5)
+    ids = wins[0][:, :8]
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False),
+                       reloaded.generate(ids, max_new_tokens=5, do_sample=False,
+                                         use_cache=False))
+
+
+def test_branch_removal_in_other_families_is_in_memory_only():
+    model = tiny_model("gpt2")
+    with pytest.raises(SecateurError, match="cannot be saved"):
+        remove_blocks(model, adapter_for(model), [Block(0, "attn")])
+    record = remove_blocks(model, adapter_for(model), [Block(0, "attn"), Block(1, "attn"),
+                                                       Block(1, "mlp")], in_memory_only=True)
+    assert record["layers_removed"] == [1] and record["config"] == "in-memory only"
+
+
+def test_surgery_rejects_bad_blocks():
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    with pytest.raises(SecateurError, match="layers 0..2"):
+        remove_blocks(model, adapter, [Block(3, "mlp")])
+    with pytest.raises(SecateurError, match="at least one must remain"):
+        remove_layers(model, adapter, [0, 1, 2])
+    with pytest.raises(ValueError):
+        Block(0, "ffn")
+
+
+# -- methods through the API -------------------------------------------------------------------
+def tiny_loaded(family: str = "llama") -> Loaded:
+    model = tiny_model(family)
+    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
+
+
+CALIB = CalibrationSpec("wiki", nsamples=4, seqlen=32, seed=0)
+
+
+@pytest.mark.parametrize("method,flag", [("blockpruner", "blocks"), ("sleb", "layers"),
+                                         ("shortgpt", "layers")])
+def test_methods_remove_the_count_asked_and_report_the_curve(method, flag):
+    loaded = tiny_loaded()
+    dense = total_parameters(loaded.model)
+    run = prune(loaded, PruneOptions(method=method, **{flag: 2}), CALIB, progress=False)
+    s = run.summary
+    assert len(s["removed"]) == 2 and len(s["calibration_perplexity"]) == 3
+    assert s["ratio"]["achieved"] == pytest.approx(1 - total_parameters(loaded.model) / dense)
+    assert "embeddings" in s["ratio"]["counts"]
+    if method != "blockpruner":
+        assert loaded.model.config.num_hidden_layers == 1
+    # the last curve point is the calibration perplexity of the model as saved
+    wins = calibration_data(loaded, CALIB)[0]
+    assert s["calibration_perplexity"][-1] == pytest.approx(
+        torch.tensor(model_nll(loaded.model, wins)).exp().item(), rel=1e-4)
+
+
+def test_greedy_methods_pick_the_best_candidate():
+    loaded = tiny_loaded()
+    reference = copy.deepcopy(loaded.model)
+    run = prune(loaded, PruneOptions(method="blockpruner", blocks=1), CALIB, progress=False)
+    wins = calibration_data(tiny_loaded(), CALIB)[0]
+    losses = {}
+    for layer in range(3):
+        for part in ("attn", "mlp"):
+            m, a = deep(reference)
+            remove_blocks(m, a, [Block(layer, part)])
+            losses[f"{layer}.{part}"] = model_nll(m, wins)
+    assert run.summary["removed"] == [min(losses, key=losses.get)]
+
+
+def test_shortgpt_block_influence_is_one_minus_cosine():
+    loaded = tiny_loaded()
+    ref = copy.deepcopy(loaded.model)
+    run = prune(loaded, PruneOptions(method="shortgpt", layers=1), CALIB, progress=False)
+    wins = torch.cat(calibration_data(tiny_loaded(), CALIB)[0])
+    with torch.no_grad():
+        hs = ref(input_ids=wins, output_hidden_states=True).hidden_states
+    # hidden_states[-1] has the final norm applied; compare the first layers only
+    for i in range(2):
+        bi = 1 - F.cosine_similarity(hs[i].double(), hs[i + 1].double(), dim=-1).mean()
+        assert run.summary["block_influence"][i] == pytest.approx(bi.item(), rel=1e-5)
+    lowest = min(range(3), key=lambda i: run.summary["block_influence"][i])
+    assert run.summary["removed"] == [f"{lowest}.layer"]
+
+
+def test_ratio_is_at_least_the_target_and_says_what_was_achieved():
+    loaded = tiny_loaded()
+    run = prune(loaded, PruneOptions(method="sleb", ratio=0.1), CALIB, progress=False)
+    ratio = run.summary["ratio"]
+    assert ratio["achieved"] >= 0.1 and "statement" in ratio
+    assert len(run.summary["removed"]) == 1  # one tiny layer is ~20% of the parameters
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(method="blockpruner"), "exactly one of --blocks"),
+    (dict(method="blockpruner", blocks=2, ratio=0.1), "exactly one of --blocks"),
+    (dict(method="shortgpt", layers=0), "at least 1"),
+    (dict(method="sleb", ratio=1.5), r"\(0, 1\)"),
+    (dict(method="sleb", layers=1, sparsity=0.5), "removes layers"),
+])
+def test_bad_flags_fail_before_loading(options, match):
+    with pytest.raises(SecateurError, match=match):
+        build_method(PruneOptions(**options))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(method="shortgpt", layers=3), "at most 2"),
+    (dict(method="blockpruner", blocks=6), "at most 5"),
+    (dict(method="sleb", ratio=0.95), "cannot be met"),
+    (dict(method="blockpruner", blocks=1, search_samples=9), "exceeds the 4"),
+])
+def test_impossible_requests_fail_clearly(options, match):
+    with pytest.raises(SecateurError, match=match):
+        prune(tiny_loaded(), PruneOptions(**options), CALIB, progress=False)
+
+
+def test_blockpruner_refuses_families_it_cannot_save():
+    with pytest.raises(SecateurError, match="shortgpt or sleb"):
+        prune(tiny_loaded("opt"), PruneOptions(method="blockpruner", blocks=1), CALIB,
+              progress=False)
+
+
+# -- the real model ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_blockpruner_saves_smaller_and_reloads(smollm2_copy, tmp_path):
+    loaded = smollm2_copy
+    calib = CalibrationSpec("c4-sample", nsamples=2, seqlen=64, seed=0)
+    run = prune(loaded, PruneOptions(method="blockpruner", blocks=2), calib, progress=False)
+    assert len(run.summary["removed"]) == 2
+    curve = run.summary["calibration_perplexity"]
+    assert curve[0] < curve[2] < 2 * curve[0]  # two blocks of 60 cost little
+    loaded.model.save_pretrained(tmp_path / "pruned")
+    ids = torch.randint(0, 49152, (1, 16))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, loaded.model(ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_whole_layer_removal_is_a_stock_smaller_checkpoint(smollm2_copy, tmp_path):
+    loaded = smollm2_copy
+    dense = total_parameters(loaded.model)
+    remove_layers(loaded.model, loaded.adapter, [25, 26, 27])
+    pruned = total_parameters(loaded.model)
+    assert 0.07 < 1 - pruned / dense < 0.09  # three of 30 layers; embeddings are ~21%
+    loaded.model.save_pretrained(tmp_path)
+    reloaded = load(str(tmp_path))
+    assert type(reloaded.model).__name__ == "LlamaForCausalLM"
+    assert reloaded.model.config.num_hidden_layers == 27
+    ids = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(reloaded.model(ids).logits, loaded.model(ids).logits, atol=1e-4)
+    # fp32 weights on disk, tied embeddings stored once: the file shrank with the parameters
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert 4 * pruned <= size < 4 * pruned * 1.01
