@@ -91,7 +91,8 @@ def prune_job(
         if compact:
             from secateur.surgery.compact import save_compact
 
-            save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
+            save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite,
+                         nm=options.nm)
         else:
             save_model(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
         result["out"] = str(out)

@@ -131,9 +131,14 @@ def load(
     _check_supported(config)
     # transformers logs a long warning for GGUF dequantization on every load; we know.
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
+    from secateur.surgery.compact import is_compact, load_compact
+
+    if path.is_dir() and is_compact(path):
+        model = load_compact(path, DTYPES[dtype], trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
                                               trust_remote_code=trust_remote_code)
     model.eval()
