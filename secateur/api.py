@@ -91,8 +91,8 @@ def prune(
         capture=lambda: capture_layer_inputs(model, adapter, windows),
         layerwise_stats=lambda needs, on_layer: collect_layer_stats(
             model, adapter, windows, needs, on_layer, progress),
-        block_search=lambda subset=None, batch_size=8: BlockSearch(
-            model, adapter, windows if subset is None else subset, batch_size, progress),
+        block_search=lambda subset=None, batch_size=8, dtype=None: BlockSearch(
+            model, adapter, windows if subset is None else subset, batch_size, progress, dtype),
     )
     run = PruneRun(method=options.method, options=asdict(options), calibration=calib_record)
     if isinstance(method, LayerwiseMethod):

@@ -184,6 +184,7 @@ def tiny_loaded(family: str = "llama") -> Loaded:
 
 
 CALIB = CalibrationSpec("wiki", nsamples=4, seqlen=32, seed=0)
+EXACT = {"search_dtype": "float32"}  # tests compare the search's numbers with fp32 models
 
 
 @pytest.mark.parametrize("method,flag", [("blockpruner", "blocks"), ("sleb", "layers"),
@@ -191,7 +192,8 @@ CALIB = CalibrationSpec("wiki", nsamples=4, seqlen=32, seed=0)
 def test_methods_remove_the_count_asked_and_report_the_curve(method, flag):
     loaded = tiny_loaded()
     dense = total_parameters(loaded.model)
-    run = prune(loaded, PruneOptions(method=method, **{flag: 2}), CALIB, progress=False)
+    run = prune(loaded, PruneOptions(method=method, extra=EXACT, **{flag: 2}), CALIB,
+                progress=False)
     s = run.summary
     assert len(s["removed"]) == 2 and len(s["calibration_perplexity"]) == 3
     assert s["ratio"]["achieved"] == pytest.approx(1 - total_parameters(loaded.model) / dense)
@@ -207,7 +209,8 @@ def test_methods_remove_the_count_asked_and_report_the_curve(method, flag):
 def test_greedy_methods_pick_the_best_candidate():
     loaded = tiny_loaded()
     reference = copy.deepcopy(loaded.model)
-    run = prune(loaded, PruneOptions(method="blockpruner", blocks=1), CALIB, progress=False)
+    run = prune(loaded, PruneOptions(method="blockpruner", blocks=1, extra=EXACT), CALIB,
+                progress=False)
     wins = calibration_data(tiny_loaded(), CALIB)[0]
     losses = {}
     for layer in range(3):
@@ -221,7 +224,8 @@ def test_greedy_methods_pick_the_best_candidate():
 def test_shortgpt_block_influence_is_one_minus_cosine():
     loaded = tiny_loaded()
     ref = copy.deepcopy(loaded.model)
-    run = prune(loaded, PruneOptions(method="shortgpt", layers=1), CALIB, progress=False)
+    run = prune(loaded, PruneOptions(method="shortgpt", layers=1, extra=EXACT), CALIB,
+                progress=False)
     wins = torch.cat(calibration_data(tiny_loaded(), CALIB)[0])
     with torch.no_grad():
         hs = ref(input_ids=wins, output_hidden_states=True).hidden_states
@@ -274,11 +278,12 @@ def test_blockpruner_refuses_families_it_cannot_save():
 @pytest.mark.slow
 def test_smollm2_blockpruner_saves_smaller_and_reloads(smollm2_copy, tmp_path):
     loaded = smollm2_copy
-    calib = CalibrationSpec("c4-sample", nsamples=2, seqlen=64, seed=0)
-    run = prune(loaded, PruneOptions(method="blockpruner", blocks=2), calib, progress=False)
-    assert len(run.summary["removed"]) == 2
+    calib = CalibrationSpec("c4-sample", nsamples=1, seqlen=64, seed=0)
+    run = prune(loaded, PruneOptions(method="blockpruner", blocks=1), calib, progress=False)
+    assert len(run.summary["removed"]) == 1 and run.summary["search"]["candidates"] == 60
+    assert run.summary["search"]["dtype"] == "bfloat16"
     curve = run.summary["calibration_perplexity"]
-    assert curve[0] < curve[2] < 2 * curve[0]  # two blocks of 60 cost little
+    assert curve[1] < 1.2 * curve[0]  # the best of 60 blocks costs little
     loaded.model.save_pretrained(tmp_path / "pruned")
     ids = torch.randint(0, 49152, (1, 16))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True)
@@ -294,6 +299,7 @@ def test_smollm2_whole_layer_removal_is_a_stock_smaller_checkpoint(smollm2_copy,
     pruned = total_parameters(loaded.model)
     assert 0.07 < 1 - pruned / dense < 0.09  # three of 30 layers; embeddings are ~21%
     loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
     reloaded = load(str(tmp_path))
     assert type(reloaded.model).__name__ == "LlamaForCausalLM"
     assert reloaded.model.config.num_hidden_layers == 27

@@ -13,6 +13,7 @@ for a weightless stand-in for that one call), so the model is never modified by 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -47,9 +48,16 @@ class BlockSearch:
     """Calibration loss of the current model with extra blocks removed, computed cheaply."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, windows: list[torch.Tensor],
-                 batch_size: int = 8, progress: bool = True) -> None:
+                 batch_size: int = 8, progress: bool = True,
+                 dtype: torch.dtype | None = None) -> None:
         if not windows:
             raise ValueError("the block search needs at least one calibration window")
+        self.dtype = dtype or next(model.parameters()).dtype
+        if self.dtype != next(model.parameters()).dtype:
+            # A private copy in the search dtype: bf16 matmuls run ~3.5x faster than fp32 on
+            # CPU (oneDNN), and BlockPruner's reference searches in bf16 too.
+            model = copy.deepcopy(model).to(self.dtype)
+            adapter = type(adapter)(model)
         self.model, self.adapter, self.progress = model, adapter, progress
         start = time.perf_counter()
         captured = capture_layer_inputs(model, adapter, windows)
@@ -153,6 +161,6 @@ class BlockSearch:
         self.cost.seconds += time.perf_counter() - t
 
     def summary(self) -> dict[str, float]:
-        return {**self.cost.to_dict(self.num_layers), "windows": sum(x.shape[0]
-                                                                      for x in self.inputs),
-                "tokens_scored": self.tokens}
+        return {**self.cost.to_dict(self.num_layers),
+                "windows": sum(x.shape[0] for x in self.inputs), "tokens_scored": self.tokens,
+                "dtype": str(self.dtype).removeprefix("torch.")}

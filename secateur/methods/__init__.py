@@ -1,8 +1,13 @@
 """Compression methods; importing this package registers every built-in one."""
 
-from secateur.methods import magnitude, sparsegpt, wanda  # noqa: F401
-from secateur.methods import structured  # noqa: F401  (width pruning)
-from secateur.methods import blocks, layers  # noqa: F401  (depth pruning)
+from secateur.methods import (  # noqa: F401
+    blocks,  # depth pruning: BlockPruner
+    layers,  # depth pruning: ShortGPT, SLEB
+    magnitude,
+    sparsegpt,
+    structured,  # width pruning
+    wanda,
+)
 from secateur.methods.base import (
     LayerReport,
     LayerwiseMethod,

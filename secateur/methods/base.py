@@ -83,8 +83,8 @@ class PruneContext:
     seed: int
     capture: Callable[..., Any] | None = None
     layerwise_stats: Callable[..., Any] | None = None
-    # block_search(windows=None, batch_size=8) -> engine.block_search.BlockSearch: cheap
-    # calibration loss with candidate blocks/layers removed (depth pruning)
+    # block_search(subset=None, batch_size=8, dtype=None) -> engine.block_search.BlockSearch:
+    # cheap calibration loss with candidate blocks/layers removed (depth pruning)
     block_search: Callable[..., Any] | None = None
 
 

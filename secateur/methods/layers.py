@@ -28,6 +28,12 @@ RATIO_NOTE = ("ratio counts all parameters, embeddings and lm_head included (tie
               "once), as the BlockPruner paper does")
 
 
+# Candidates are scored in bf16 by default, as BlockPruner's reference code does: on CPU it is
+# ~3.5x faster than fp32; options.extra["search_dtype"] = "float32" scores exactly.
+SEARCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,
+                 "float16": torch.float16}
+
+
 class DepthTarget:
     """How much a depth method removes: a block count, or a share of all parameters."""
 
@@ -47,6 +53,10 @@ class DepthTarget:
                                 f"{options.search_samples}")
         self.count, self.ratio, self.unit, self.flag = count, options.ratio, unit, flag
         self.search_samples = options.search_samples
+        dtype = options.extra.get("search_dtype", "bfloat16")
+        if dtype not in SEARCH_DTYPES:
+            raise SecateurError(f"search dtype '{dtype}' is not one of {', '.join(SEARCH_DTYPES)}")
+        self.search_dtype = SEARCH_DTYPES[dtype]
 
     def check_feasible(self, available: int, removable_params: int, total: int) -> None:
         """Fail before the search when the count or ratio cannot be reached at all."""
@@ -90,7 +100,7 @@ def start_search(context: PruneContext, target: DepthTarget) -> Any:
     if context.block_search is None:
         raise SecateurError("this depth method needs the block-search engine; run it through "
                             "secateur.api.prune")
-    return context.block_search(search_windows(context, target))
+    return context.block_search(search_windows(context, target), dtype=target.search_dtype)
 
 
 def ppl(nll: float) -> float:
