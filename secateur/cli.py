@@ -101,6 +101,15 @@ def prune_cmd(
     = None,
     search_samples: Annotated[int | None, typer.Option(help="BlockPruner search windows.")]
     = None,
+    allocation: Annotated[str, typer.Option(help="llm-pruner: uniform (stock config) or "
+                                                "importance (per-layer widths).")] = "uniform",
+    gqa_mode: Annotated[str, typer.Option(help="llm-pruner: kv (drop a KV head with its query "
+                                              "heads) or query (query heads evenly per KV "
+                                              "group).")] = "kv",
+    protect_first: Annotated[int, typer.Option(help="llm-pruner: leave the first K layers.")]
+    = 0,
+    protect_last: Annotated[int, typer.Option(help="llm-pruner: leave the last K layers.")]
+    = 0,
     calib: Annotated[str, typer.Option(help="Calibration text.")] = "c4-sample",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Calibration (and default eval) window length.")]
@@ -128,6 +137,8 @@ def prune_cmd(
                            owl_lambda=owl_lambda, sequential=sequential, ratio=ratio,
                            importance=importance, blocks=blocks, layers=layers,
                            search_samples=search_samples)
+    options.extra.update(allocation=allocation, gqa_mode=gqa_mode, protect_first=protect_first,
+                         protect_last=protect_last)
     evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
                           eval_seqlen or seqlen, eval_windows)
     result = prune_job(model, options, CalibrationSpec(calib, nsamples, seqlen, seed),

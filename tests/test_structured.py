@@ -88,3 +88,131 @@ def test_flex_saves_and_loads_without_secateur(tmp_path):
     got = run_without_secateur(out, ids, tmp_path)
     assert got["cls"] == "SecateurLlamaForCausalLM" and got["secateur"] == []
     assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-5)
+
+
+# -- llm-pruner on tiny models ----------------------------------------------------------------
+def _prune_tiny(tiny_dir, family: str = "llama", ratio: float = 0.3, importance: str = "l2",
+                **extra):
+    from secateur.api import CalibrationSpec, prune
+    from secateur.methods import PruneOptions
+    from secateur.models.loading import load
+
+    loaded = load(tiny_dir(family))
+    options = PruneOptions(method="llm-pruner", ratio=ratio, importance=importance, extra=extra)
+    run = prune(loaded, options, CalibrationSpec("c4-sample", 4, 32, 0), progress=False)
+    return loaded, run
+
+
+def _decoder_params(model) -> int:
+    from secateur.models import adapter_for
+
+    return sum(p.numel() for p in adapter_for(model).layers.parameters())
+
+
+@pytest.mark.parametrize("importance", ["taylor", "l2", "activation", "random"])
+def test_uniform_removes_ratio_and_saves_stock_config(tiny_dir, tmp_path, importance):
+    from secateur.models.loading import load
+
+    dense = _decoder_params(load(tiny_dir("llama")).model)
+    loaded, run = _prune_tiny(tiny_dir, importance=importance)
+    model = loaded.model
+    after = _decoder_params(model)
+    # tiny llama: 64 hidden, 4 heads / 2 KV of 16, 128 channels; a channel holds 3*64 params
+    assert abs((1 - after / dense) - 0.3) < 3 * 64 / dense * 3
+    assert run.summary["config"] == "stock" and model.config.model_type == "llama"
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    assert model.config.head_dim == 16
+    assert model.config.intermediate_size == model.model.layers[0].mlp.down_proj.in_features < 128
+    ids = torch.randint(0, 250, (1, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in cfg and cfg["model_type"] == "llama"
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, want, atol=1e-5)
+
+
+def test_query_mode_keeps_kv_heads_and_prunes_evenly(tiny_dir):
+    loaded, run = _prune_tiny(tiny_dir, ratio=0.4, gqa_mode="query")
+    cfg = loaded.model.config
+    assert cfg.num_key_value_heads == 2 and cfg.num_attention_heads == 2
+    attn = loaded.model.model.layers[1].self_attn
+    assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 32
+    assert attn.num_key_value_groups == 1
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(torch.randint(0, 250, (1, 8))).logits).all()
+
+
+def test_removed_groups_are_the_least_important(tiny_dir):
+    """Random scores are seeded; the heads that survive must be the highest-scored ones."""
+    from secateur.methods.structured import random_scores
+
+    loaded, run = _prune_tiny(tiny_dir, ratio=0.3, importance="random")
+    from secateur.methods.base import PruneContext
+    from secateur.models import adapter_for
+    from secateur.models.loading import load
+
+    fresh = load(tiny_dir("llama"))
+    ctx = PruneContext(fresh.model, None, adapter_for(fresh.model), [], seed=0)
+    scores = random_scores(ctx, [0, 1, 2], "kv")
+    dense_k = fresh.model.model.layers[0].self_attn.k_proj.weight
+    kept_k = loaded.model.model.layers[0].self_attn.k_proj.weight
+    keep = int(torch.argmax(scores[0][0]))
+    assert torch.equal(kept_k, dense_k[keep * 16:(keep + 1) * 16])
+
+
+def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
+    from secateur.models.loading import load
+
+    loaded, run = _prune_tiny(tiny_dir, ratio=0.3, importance="taylor", allocation="importance",
+                              protect_first=1)
+    model = loaded.model
+    assert run.summary["config"] == "secateur_llama"
+    assert isinstance(model, SecateurLlamaForCausalLM)
+    assert model.config.layer_intermediate_sizes[0] == 128  # protected
+    ids = torch.randint(0, 250, (1, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    from secateur.surgery.save import save_model
+
+    save_model(model, loaded.tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_secateur.py").is_file()
+    again = load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(again.model(ids).logits, want, atol=1e-5)
+    got = run_without_secateur(tmp_path / "out", ids, tmp_path)
+    assert torch.allclose(torch.tensor(got["logits"]), want[0, -1], atol=1e-5)
+
+
+def test_gemma3_uniform_width(tiny_dir):
+    loaded, run = _prune_tiny(tiny_dir, family="gemma3_text", ratio=0.25)
+    assert run.summary["config"] == "stock"
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(torch.randint(0, 250, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("ratio,extra,message", [
+    (1.0, {}, "must be in"),
+    (0.0, {}, "must be in"),
+    (0.9, {}, "every"),
+    (0.3, {"protect_first": 2, "protect_last": 1}, "leaves none"),
+    (0.3, {"gqa_mode": "mqa"}, "unknown --gqa-mode"),
+    (0.3, {"allocation": "owl"}, "unknown --allocation"),
+])
+def test_bad_input_is_a_clear_error(tiny_dir, ratio, extra, message):
+    from secateur.errors import SecateurError
+
+    with pytest.raises(SecateurError, match=message):
+        _prune_tiny(tiny_dir, ratio=ratio, **extra)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_family_without_group_rules_is_a_clear_error(tiny_dir, family):
+    from secateur.errors import SecateurError
+
+    with pytest.raises(SecateurError, match="no group rules"):
+        _prune_tiny(tiny_dir, family=family)
