@@ -176,6 +176,36 @@ def _print_prune(result: dict) -> None:
     if result.get("bytes_on_disk"):
         extra.append(f"{result['bytes_on_disk'] / 2**20:.1f} MiB on disk in {result['out']}")
     out_console.print(", ".join(extra))
+    from secateur.report.depth import is_depth_summary, print_depth
+
+    if is_depth_summary(result["summary"]):
+        print_depth(out_console, result)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str, typer.Argument(help="The baseline model (usually the dense one).")],
+    vs: Annotated[list[str] | None, typer.Option("--vs", help="Model(s) to compare with the "
+                                                              "baseline; repeatable.")] = None,
+    lengths: Annotated[str, typer.Option(help="Prefill prompt lengths in tokens.")]
+    = "128,512",
+    decode_tokens: Annotated[int, typer.Option(help="Tokens generated per decode run.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Measured interleaved rounds.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Unmeasured rounds first.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")]
+    = None,
+    dtype: Dtype = "float32",
+    json: Json = None,
+) -> None:
+    """Prefill and decode speed, memory, size: MODEL vs each --vs, interleaved, as ratios."""
+    from secateur.bench import BenchSpec, bench_job, parse_lengths
+    from secateur.report.tables import print_bench
+
+    spec = BenchSpec(parse_lengths(lengths), decode_tokens, repeats=repeats, warmup=warmup,
+                     threads=threads)
+    result = bench_job(model, vs or [], spec, dtype, json,
+                       warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
+    print_bench(out_console, result)
 
 
 def main() -> None:

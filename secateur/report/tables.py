@@ -24,3 +24,30 @@ def print_zeroshot(console: Console, zs: dict[str, Any]) -> None:
     table.add_row("average", _pct(zs["average_acc"]), "", _pct(zs["average"]), "", "")
     console.print(table)
     console.print("average: " + p["average"])
+
+
+def print_bench(console: Console, res: dict[str, Any]) -> None:
+    p = res["protocol"]
+    table = Table(title=f"speed, {p['threads_used']} thread(s), median of {p['repeats']} "
+                        f"interleaved rounds after {p['warmup']} warm-up")
+    cols = ["model", "params", "MiB disk", *[f"prefill {n} tok/s" for n in p["prompt_lengths"]],
+            "decode tok/s", "decode bound", "of bound", "peak work MiB"]
+    for c in cols:
+        table.add_column(c)
+    for name, m in res["models"].items():
+        disk = "-" if m["bytes_on_disk"] is None else f"{m['bytes_on_disk'] / 2**20:.0f}"
+        d = m["decode"]
+        peak = "-" if m["peak_working_mib"] is None else f"{m['peak_working_mib']:.0f}"
+        table.add_row(name, f"{m['parameters']:,}", disk,
+                      *[f"{m['prefill'][str(n)]['tokens_per_second']:.1f}"
+                        for n in p["prompt_lengths"]],
+                      f"{d['tokens_per_second']:.2f}", f"{d['bound_tokens_per_second']:.2f}",
+                      f"{100 * d['fraction_of_bound']:.0f}%", peak)
+    console.print(table)
+    for name, r in res["speedup_vs_baseline"].items():
+        parts = [f"{k} {v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]"
+                 for k, v in r.items() if isinstance(v, dict)]
+        console.print(f"{name} vs {res['baseline']}: speedup " + ", ".join(parts)
+                      + f"; parameters x{r['parameters']:.3f}")
+    console.print(f"memory bandwidth {res['memory_bandwidth_gbs']:.1f} GB/s ({p['bandwidth']}); "
+                  f"decode bound = bandwidth / weight bytes per token")

@@ -1,0 +1,306 @@
+"""Speed and memory of one or more models, measured side by side in one process.
+
+The machine is noisy (shared cores), so models are measured in interleaved rounds (A B, B A,
+A B, ...) after a warm-up, and the dense-vs-compressed speedup is the median of per-round
+ratios: a slow moment hits both models of a round rather than one model's whole series.
+Batch-1 decode is memory-bound, so each model's decode speed is also compared with its
+physical limit: measured memory bandwidth / bytes of weights read per generated token.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateur.errors import SecateurError
+from secateur.eval.protocol import library_versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    prompt_lengths: tuple[int, ...] = (128, 512)
+    decode_tokens: int = 32  # generated after a prompt of decode_prompt tokens
+    decode_prompt: int = 16
+    repeats: int = 5
+    warmup: int = 1
+    threads: int | None = None  # None: torch's default
+    text: str = "wiki"  # prompts are real text, tokenized by each model's own tokenizer
+
+
+@dataclass
+class Subject:
+    """One model to measure: what it is called and where its files are."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    path: str | None = None
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """Best-of-N read bandwidth: a sum over a buffer far larger than the caches."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step reads: every parameter once (dense kernels read
+    zeros too), except an untied input embedding, of which one row is read."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and out is not None and emb.weight is out.weight
+    skip = set() if tied or emb is None else {id(emb.weight)}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def _param_stats(model: nn.Module) -> dict[str, int]:
+    seen: set[int] = set()
+    total = nonzero = nbytes = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p).item())
+        nbytes += p.numel() * p.element_size()
+    return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": nbytes}
+
+
+def bytes_on_disk(path: str | None) -> int | None:
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return None
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets VmHWM when 5 is written to clear_refs; elsewhere peaks stay cumulative."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def prompt_ids(tokenizer, text: str, length: int) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise SecateurError(f"the benchmark text has only {len(ids)} tokens; ask for prompt "
+                            f"lengths up to that")
+    return torch.tensor([ids[:length]], dtype=torch.long)
+
+
+@torch.no_grad()
+def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def decode_seconds(model: nn.Module, ids: torch.Tensor, tokens: int) -> float:
+    """Seconds per generated token at batch 1 with a KV cache (greedy; prompt not timed)."""
+    out = model(input_ids=ids, use_cache=True)
+    past = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(tokens):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t) / tokens
+
+
+def same_tokenizer(a, b) -> bool:
+    try:
+        return a.get_vocab() == b.get_vocab()
+    except AttributeError:
+        return type(a) is type(b)
+
+
+def _check(spec: BenchSpec) -> None:
+    if not spec.prompt_lengths or min(spec.prompt_lengths) < 1:
+        raise SecateurError("--lengths must be positive token counts, e.g. 128,512")
+    if spec.repeats < 1 or spec.warmup < 0 or spec.decode_tokens < 1 or spec.decode_prompt < 1:
+        raise SecateurError("--repeats and --decode-tokens must be at least 1, --warmup >= 0")
+    if spec.threads is not None and spec.threads < 1:
+        raise SecateurError(f"--threads must be at least 1, got {spec.threads}")
+
+
+def benchmark(subjects: list[Subject], spec: BenchSpec,
+              warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every subject in interleaved rounds; ratios are relative to subjects[0]."""
+    from secateur.data.sources import load_text
+
+    _check(spec)
+    if not subjects:
+        raise SecateurError("nothing to benchmark")
+    warn = warn or log.warning
+    base = subjects[0]
+    warnings = []
+    for s in subjects[1:]:
+        if not same_tokenizer(base.tokenizer, s.tokenizer):
+            msg = (f"'{s.name}' has a different tokenizer from '{base.name}': each model gets "
+                   "the same text tokenized its own way, so per-token speeds compare unequal "
+                   "amounts of text")
+            warn(msg)
+            warnings.append(msg)
+    dtypes = {str(next(s.model.parameters()).dtype) for s in subjects}
+    if len(dtypes) > 1:
+        msg = f"models have different dtypes ({', '.join(sorted(dtypes))}): speed ratios mix them"
+        warn(msg)
+        warnings.append(msg)
+    threads_before = torch.get_num_threads()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    try:
+        text = "\n\n".join(load_text(spec.text, split="test").documents[:200])
+        return _run(subjects, spec, text, warnings)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str]) -> dict:
+    prompts = {s.name: {n: prompt_ids(s.tokenizer, text, n) for n in spec.prompt_lengths}
+               for s in subjects}
+    decode_prompt = {s.name: prompt_ids(s.tokenizer, text, spec.decode_prompt)
+                     for s in subjects}
+    for s in subjects:
+        s.model.eval()
+    names = [s.name for s in subjects]
+    if len(set(names)) != len(names):
+        raise SecateurError(f"two models are both called '{names[0]}': give distinct paths")
+
+    def one_round(s: Subject) -> dict[str, float]:
+        row = {f"prefill_{n}": prefill_seconds(s.model, prompts[s.name][n])
+               for n in spec.prompt_lengths}
+        row["decode"] = decode_seconds(s.model, decode_prompt[s.name], spec.decode_tokens)
+        return row
+
+    for _ in range(spec.warmup):
+        for s in subjects:
+            one_round(s)
+    rounds: dict[str, list[dict[str, float]]] = {s.name: [] for s in subjects}
+    peaks: dict[str, int | None] = {s.name: None for s in subjects}
+    for r in tqdm(range(spec.repeats), desc="bench rounds"):
+        order = subjects if r % 2 == 0 else subjects[::-1]
+        for s in order:
+            before = _rss_kib("VmRSS")
+            reset = _reset_peak_rss()
+            rounds[s.name].append(one_round(s))
+            hwm = _rss_kib("VmHWM")
+            if reset and hwm is not None and before is not None:
+                peaks[s.name] = max(peaks[s.name] or 0, hwm - before)
+    bandwidth = memory_bandwidth_gbs()
+    models = {}
+    for s in subjects:
+        models[s.name] = _model_result(s, rounds[s.name], peaks[s.name], spec, bandwidth)
+    base = subjects[0].name
+    ratios = {}
+    for s in subjects[1:]:
+        ratios[s.name] = _ratios(rounds[base], rounds[s.name], models[base], models[s.name])
+    return {
+        "baseline": base,
+        "models": models,
+        "speedup_vs_baseline": ratios,
+        "memory_bandwidth_gbs": bandwidth,
+        "warnings": warnings,
+        "protocol": {
+            **asdict(spec),
+            "threads_used": spec.threads or torch.get_num_threads(),
+            "order": "interleaved rounds, order reversed every round; warm-up rounds not kept",
+            "prefill": "one forward over the prompt, batch 1, use_cache=False",
+            "decode": f"batch 1, KV cache, greedy, {spec.decode_tokens} tokens after a "
+                      f"{spec.decode_prompt}-token prompt; seconds per token",
+            "speedup": "median over rounds of (baseline seconds / model seconds) in the same "
+                       "round",
+            "bandwidth": "best of 5 sums over a 256 MiB float32 buffer",
+            "decode_bound": "memory bandwidth / bytes of weights read per token",
+            "peak_working_mib": "VmHWM during this model's rounds minus VmRSS before them "
+                                "(all models stay resident; their weights are not counted)",
+            "machine": platform.machine(),
+            "processor": platform.processor() or None,
+            "versions": library_versions(),
+        },
+    }
+
+
+def _model_result(s: Subject, rows: list[dict[str, float]], peak_kib: int | None,
+                  spec: BenchSpec, bandwidth: float) -> dict[str, Any]:
+    prefill = {}
+    for n in spec.prompt_lengths:
+        secs = [r[f"prefill_{n}"] for r in rows]
+        prefill[str(n)] = {"seconds": _stats(secs),
+                           "tokens_per_second": n / statistics.median(secs)}
+    decode = [r["decode"] for r in rows]
+    tps = 1 / statistics.median(decode)
+    per_token = weight_bytes_per_token(s.model)
+    bound = bandwidth * 1e9 / per_token
+    return {
+        "path": s.path,
+        "dtype": str(next(s.model.parameters()).dtype).replace("torch.", ""),
+        **_param_stats(s.model),
+        "bytes_on_disk": bytes_on_disk(s.path),
+        "num_layers": getattr(s.model.config, "num_hidden_layers", None),
+        "prefill": prefill,
+        "decode": {"seconds_per_token": _stats(decode), "tokens_per_second": tps,
+                   "weight_bytes_per_token": per_token, "bound_tokens_per_second": bound,
+                   "fraction_of_bound": tps / bound},
+        "peak_working_mib": None if peak_kib is None else peak_kib / 1024,
+    }
+
+
+def _ratios(base_rows: list[dict[str, float]], rows: list[dict[str, float]], base: dict,
+            other: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in base_rows[0]:
+        paired = [b[key] / o[key] for b, o in zip(base_rows, rows, strict=True)]
+        out[key] = _stats(paired)
+    out["parameters"] = other["parameters"] / base["parameters"]
+    out["weight_bytes_per_token"] = (other["decode"]["weight_bytes_per_token"]
+                                     / base["decode"]["weight_bytes_per_token"])
+    if base["bytes_on_disk"] and other["bytes_on_disk"]:
+        out["bytes_on_disk"] = other["bytes_on_disk"] / base["bytes_on_disk"]
+    return out
