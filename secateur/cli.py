@@ -208,6 +208,55 @@ def bench_cmd(
     print_bench(out_console, result)
 
 
+@app.command("recover")
+def recover_cmd(
+    model: Annotated[str, typer.Argument(help="A pruned model directory (or any model).")],
+    lora: Annotated[bool, typer.Option("--lora", help="Recover with LoRA fine-tuning (peft), "
+                                                      "merged into the weights.")] = False,
+    data: Annotated[str, typer.Option(help="Training text: c4-sample, wiki, c4, a local "
+                                           ".txt/.jsonl/.parquet path.")] = "c4-sample",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (a rerun resumes "
+                                                 "from the last one).")] = 50,
+    seed: Annotated[int, typer.Option(help="Picks the training windows.")] = 0,
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation text before and "
+                                                                 "after; 'none' skips.")] = "wiki",
+    eval_windows: Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
+    = None,
+    eval_seqlen: Annotated[int | None, typer.Option(help="Eval window length.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Save the merged model here (default: "
+                                                  "DIR-lora).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    json: Json = None,
+) -> None:
+    """Recover a pruned model's quality by LoRA fine-tuning; saves the merged model."""
+    from secateur.jobs import EvalSpec
+    from secateur.recovery.lora import LoraSpec, recover_job
+
+    if not lora:
+        raise SecateurError("say how to recover: --lora (LoRA fine-tuning) is the method "
+                            "available")
+    spec = LoraSpec(data=data, steps=steps, seqlen=seqlen, batch_size=batch_size, lr=lr,
+                    rank=rank, alpha=alpha, dropout=lora_dropout, save_every=save_every,
+                    seed=seed)
+    evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data, eval_seqlen,
+                          eval_windows)
+    target = out or Path(str(model).rstrip("/") + "-lora")
+    result = recover_job(model, target, spec, evaluation, json, overwrite)
+    table = Table(title=f"{model}: LoRA recovery, {steps} steps of {batch_size}x{seqlen} tokens")
+    for col in ("perplexity before", "perplexity after", "parameters", "saved"):
+        table.add_column(col)
+    table.add_row(_fmt(result.get("perplexity_before")), _fmt(result.get("perplexity")),
+                  f"{result['parameters']:,}", str(result["out"]))
+    out_console.print(table)
+
+
 def main() -> None:
     # Errors users can fix get one line, never a traceback; SECATEUR_DEBUG=1 shows it anyway.
     try:

@@ -1,0 +1,1 @@
+"""Recovery after pruning: LoRA fine-tuning (peft), merged back into the weights."""
