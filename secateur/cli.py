@@ -257,6 +257,69 @@ def recover_cmd(
     out_console.print(table)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    model: Annotated[str, typer.Argument(help="The model to prune.")],
+    out: Annotated[Path, typer.Option(help="Sweep directory; results/<cell>.json are appended "
+                                           "as cells finish, and a rerun resumes.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")]
+    = "magnitude,wanda,sparsegpt",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated: 0.5, 2:4, or field=value "
+                                                 "(ratio=0.25, layers=4).")] = "0.5,2:4",
+    calib: Annotated[str, typer.Option(help="Calibration text.")] = "c4-sample",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Calibration (and default eval) window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Picks calibration windows.")] = 0,
+    eval_data: Annotated[str, typer.Option("--eval", help="Perplexity text; 'none' skips.")]
+    = "wiki",
+    eval_windows: Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
+    = None,
+    eval_seqlen: Annotated[int | None, typer.Option(help="Eval window (default: --seqlen).")]
+    = None,
+    tasks: Annotated[str | None, typer.Option(help="Zero-shot tasks per cell ('all' = the "
+                                                   "usual eight).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Zero-shot: first N documents.")] = None,
+    compact: Annotated[bool, typer.Option(help="Save masks as bitmasks (smaller on disk).")]
+    = False,
+    keep_models: Annotated[bool, typer.Option(help="Keep each pruned model in models/.")]
+    = False,
+    dtype: Dtype = "float32",
+) -> None:
+    """Prune a grid of methods x sparsities; each finished cell is saved, reruns resume."""
+    from secateur.api import CalibrationSpec
+    from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
+    from secateur.jobs import EvalSpec
+    from secateur.report.tables import print_sweep
+    from secateur.sweep import SweepSpec, run_sweep
+
+    split = [m.strip() for m in methods.split(",") if m.strip()]
+    values = [v.strip() for v in sparsities.split(",") if v.strip()]
+    zs = None if tasks is None else ZeroShotSpec(parse_tasks(tasks), limit)
+    spec = SweepSpec(model, tuple(split), tuple(values), CalibrationSpec(calib, nsamples, seqlen,
+                                                                          seed),
+                     EvalSpec(None if eval_data == "none" else eval_data,
+                              eval_seqlen or seqlen, eval_windows), zs, dtype, compact,
+                     keep_models)
+    results = run_sweep(spec, out, say=lambda m: console.print(m, highlight=False))
+    print_sweep(out_console, results)
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (sweeps) or result "
+                                                    ".json files.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.html, report.md and plots.")]
+    = Path("report"),
+    title: Annotated[str, typer.Option(help="Page title.")] = "secateur report",
+) -> None:
+    """One HTML page and a Markdown file with tables and plots from runs' JSON results."""
+    from secateur.report.page import build_report
+
+    paths = build_report(runs, out, title)
+    for p in paths:
+        out_console.print(str(p))
+
+
 def main() -> None:
     # Errors users can fix get one line, never a traceback; SECATEUR_DEBUG=1 shows it anyway.
     try:

@@ -50,8 +50,11 @@ def prune_job(
     dtype: str = "float32",
     progress: bool = True,
     compact: bool = False,
+    dense_perplexity: float | None = None,
 ) -> dict[str, Any]:
-    """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict."""
+    """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict.
+
+    A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval."""
     build_method(options)  # bad flags fail before the model loads
     if out is not None:
         check_output_dir(Path(out), overwrite)
@@ -62,7 +65,9 @@ def prune_job(
                               calibration.seed}
     dense_params = count_parameters(loaded.model)
     timings: dict[str, float] = {}
-    if evaluation.data is not None:
+    if evaluation.data is not None and dense_perplexity is not None:
+        result["dense_perplexity"] = dense_perplexity
+    elif evaluation.data is not None:
         t = time.perf_counter()
         dense = evaluate_perplexity(loaded, evaluation, progress)
         timings["dense_eval_seconds"] = time.perf_counter() - t

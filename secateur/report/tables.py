@@ -51,3 +51,16 @@ def print_bench(console: Console, res: dict[str, Any]) -> None:
                       + f"; parameters x{r['parameters']:.3f}")
     console.print(f"memory bandwidth {res['memory_bandwidth_gbs']:.1f} GB/s ({p['bandwidth']}); "
                   f"decode bound = bandwidth / weight bytes per token")
+
+
+def print_sweep(console: Console, results: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="sweep")
+    for col in ("cell", "sparsity", "perplexity", "zero-shot avg %", "MiB on disk"):
+        table.add_column(col)
+    for cid, r in results.items():
+        zs = r.get("zeroshot") or {}
+        disk = r.get("bytes_on_disk")
+        table.add_row(cid, "-" if r.get("sparsity") is None else f"{r['sparsity']:.3f}",
+                      "-" if r.get("perplexity") is None else f"{r['perplexity']:.3f}",
+                      _pct(zs.get("average")), "-" if not disk else f"{disk / 2**20:.1f}")
+    console.print(table)

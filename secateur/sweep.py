@@ -1,0 +1,157 @@
+"""`secateur sweep`: a grid of methods x sparsities, one result file per finished cell.
+
+Layout of a sweep directory:
+  sweep.json          what the sweep is (model, calibration, evaluation, tasks); a resumed
+                      sweep must match it
+  results/dense.json  the unpruned model's perplexity and zero-shot numbers
+  results/<cell>.json one per (method, sparsity), written atomically when the cell finishes,
+                      so an interrupted sweep resumes at the first cell without a file
+  models/<cell>/      the pruned model while it is evaluated (kept with keep_models)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secateur.api import CalibrationSpec
+from secateur.errors import SecateurError
+from secateur.eval.zeroshot import ZeroShotSpec
+from secateur.jobs import EvalSpec, eval_job, prune_job
+from secateur.methods import PruneOptions, build_method
+from secateur.surgery.save import write_json_atomic
+
+_NM = re.compile(r"^\d+:\d+$")
+_OPTION_FIELDS = {f.name: f for f in dataclasses.fields(PruneOptions)}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    model: str
+    methods: tuple[str, ...]
+    sparsities: tuple[str, ...]  # "0.5", "2:4", or "field=value" (e.g. "ratio=0.25")
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    zeroshot: ZeroShotSpec | None = None
+    dtype: str = "float32"
+    compact: bool = False  # store masks as bitmasks: bytes_on_disk then shows the saving
+    keep_models: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change between an interrupted sweep and its resumption."""
+        return {"model": self.model, "calibration": asdict(self.calibration),
+                "evaluation": asdict(self.evaluation),
+                "zeroshot": None if self.zeroshot is None else asdict(self.zeroshot),
+                "dtype": self.dtype, "compact": self.compact}
+
+
+def cell_options(method: str, value: str) -> PruneOptions:
+    """One grid cell's options: '0.5' -> sparsity, '2:4' -> nm, 'field=value' -> that field."""
+    value = value.strip()
+    if _NM.match(value):
+        return PruneOptions(method=method, nm=value)
+    if "=" in value:
+        key, raw = (x.strip() for x in value.split("=", 1))
+        if key not in _OPTION_FIELDS or key in ("method", "extra"):
+            known = ", ".join(k for k in _OPTION_FIELDS if k not in ("method", "extra"))
+            raise SecateurError(f"unknown sweep setting '{key}': use one of {known}")
+        kind = _OPTION_FIELDS[key].type
+        try:
+            parsed: Any = (int(raw) if "int" in str(kind) else float(raw) if "float" in str(kind)
+                           else raw)
+        except ValueError:
+            raise SecateurError(f"sweep setting '{value}': '{raw}' is not a number") from None
+        return PruneOptions(method=method, **{key: parsed})
+    try:
+        sparsity = float(value)
+    except ValueError:
+        raise SecateurError(f"sweep value '{value}' is neither a sparsity (0.5), an N:M pattern "
+                            "(2:4) nor field=value (ratio=0.25)") from None
+    return PruneOptions(method=method, sparsity=sparsity)
+
+
+def cell_id(method: str, value: str) -> str:
+    return f"{method}-{value.strip().replace(':', 'of').replace('=', '')}"
+
+
+def grid(spec: SweepSpec) -> list[tuple[str, PruneOptions]]:
+    if not spec.methods or not spec.sparsities:
+        raise SecateurError("a sweep needs at least one --methods and one --sparsities value")
+    cells = []
+    for method in spec.methods:
+        for value in spec.sparsities:
+            options = cell_options(method, value)
+            build_method(options)  # every cell's flags are checked before hours of work
+            cells.append((cell_id(method, value), options))
+    return cells
+
+
+def _check_or_write_identity(out: Path, spec: SweepSpec) -> None:
+    import json
+
+    path = out / "sweep.json"
+    ident = json.loads(json.dumps(spec.identity()))  # tuples -> lists, as read back
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("identity") != ident:
+            raise SecateurError(f"{out} holds a sweep with other settings ({path}); give a new "
+                                "--out or the same model, calibration, evaluation and tasks")
+        grid_ = {"methods": sorted(set(saved["methods"]) | set(spec.methods)),
+                 "sparsities": sorted(set(saved["sparsities"]) | set(spec.sparsities))}
+    else:
+        grid_ = {"methods": list(spec.methods), "sparsities": list(spec.sparsities)}
+    write_json_atomic(path, {"identity": ident, **grid_})
+
+
+def finished(out: Path) -> dict[str, dict]:
+    import json
+
+    results = out / "results"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def run_sweep(spec: SweepSpec, out: Path, progress: bool = True,
+              say: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run every missing cell; returns all results in the directory, keyed by cell."""
+    out = Path(out)
+    cells = grid(spec)
+    if spec.evaluation.data is None and spec.zeroshot is None:
+        raise SecateurError("a sweep needs something to measure: --eval or --tasks")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_identity(out, spec)
+    done = finished(out)
+    if "dense" not in done:
+        say("dense: evaluating the unpruned model")
+        res = eval_job(spec.model, spec.evaluation, None, spec.dtype, progress, spec.zeroshot)
+        res.update({"cell": "dense", "method": "dense", "sparsity": 0.0})
+        write_json_atomic(out / "results" / "dense.json", res)
+        done["dense"] = res
+    dense_ppl = done["dense"].get("perplexity")
+    for n, (cid, options) in enumerate(cells, 1):
+        if cid in done:
+            say(f"[{n}/{len(cells)}] {cid}: done already, skipped")
+            continue
+        say(f"[{n}/{len(cells)}] {cid}")
+        model_dir = out / "models" / cid
+        res = prune_job(spec.model, options, spec.calibration, spec.evaluation, model_dir,
+                        overwrite=True, dtype=spec.dtype, progress=progress,
+                        compact=spec.compact, dense_perplexity=dense_ppl)
+        if spec.zeroshot is not None:
+            from secateur.eval.zeroshot import zeroshot
+            from secateur.models.loading import load
+
+            loaded = load(str(model_dir), dtype=spec.dtype)
+            res["zeroshot"] = zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, spec.dtype)
+            del loaded
+        res["cell"] = cid
+        if not spec.keep_models:
+            shutil.rmtree(model_dir)
+            res["out"] = None
+        write_json_atomic(out / "results" / f"{cid}.json", res)
+        done[cid] = res
+    return done
