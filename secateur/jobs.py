@@ -21,6 +21,7 @@ from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
 from secateur.methods import PruneOptions, build_method
 from secateur.models.loading import load
+from secateur.report.depth import is_depth_summary, plot_removals
 from secateur.surgery.save import check_output_dir, dir_bytes, save_model, write_json_atomic
 
 
@@ -102,6 +103,10 @@ def prune_job(
             save_model(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
         result["out"] = str(out)
         result["bytes_on_disk"] = dir_bytes(Path(out))
+    if is_depth_summary(run.summary):
+        plots = [p for p in (json_path and Path(json_path).with_suffix(".png"),
+                             out and Path(out) / "removals.png") if p is not None]
+        result["removal_plot"] = [str(plot_removals(result, p)) for p in plots]
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
     return result

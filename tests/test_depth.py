@@ -309,3 +309,33 @@ def test_smollm2_whole_layer_removal_is_a_stock_smaller_checkpoint(smollm2_copy,
     # fp32 weights on disk, tied embeddings stored once: the file shrank with the parameters
     size = (tmp_path / "model.safetensors").stat().st_size
     assert 4 * pruned <= size < 4 * pruned * 1.01
+
+
+@pytest.mark.parametrize("method,flag", [("shortgpt", "layers"), ("blockpruner", "blocks")])
+def test_prune_job_saves_reloadable_model_json_and_plot(tiny_dir, tmp_path, method, flag):
+    from secateur.jobs import EvalSpec, prune_job
+
+    src = tiny_dir("llama")
+    out, js = tmp_path / "out", tmp_path / "result.json"
+    # a small local text: tokenizing all of `wiki` byte by byte would dominate the test
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog "
+                                  f"{i} times, then rests." for i in range(40)))
+    result = prune_job(str(src), PruneOptions(method=method, **{flag: 2}),
+                       CalibrationSpec(str(text), 2, 32, 0), EvalSpec(str(text), 32, 2), out,
+                       js, progress=False)
+    saved = json.loads(js.read_text())
+    for key in ("perplexity", "dense_perplexity", "parameters", "timings", "summary", "options"):
+        assert key in saved
+    assert len(saved["summary"]["removed"]) == 2
+    assert js.with_suffix(".png").stat().st_size > 1000 and (out / "removals.png").is_file()
+    assert result["parameters"]["pruned"]["parameters"] < result["parameters"]["dense"][
+        "parameters"]
+    # blockpruner's two blocks may be one whole layer (stock) or two branches (own class)
+    stock = saved["summary"]["surgery"]["config"] == "stock"
+    assert stock == (method == "shortgpt" or len(saved["summary"]["surgery"]["branches_removed"])
+                     == 0)
+    config = json.loads((out / "config.json").read_text())
+    assert ("auto_map" not in config) == stock
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not stock)
+    assert total_parameters(reloaded) == result["parameters"]["pruned"]["parameters"]

@@ -1,0 +1,240 @@
+"""Depth pruning on smollm2-135m: BlockPruner vs ShortGPT vs SLEB at equal parameter ratio.
+
+Writes bench/results/depth_pruning.json and depth_pruning.png (calibration perplexity after each
+removal). Per target ratio (10/20/30% of ALL parameters, embeddings included, BlockPruner's
+definition): ShortGPT and SLEB remove the smallest number of whole layers reaching it, and
+BlockPruner the smallest block sequence reaching the ratio ShortGPT achieved, so BlockPruner
+never removes less than the layer methods it is compared with.
+
+Each greedy search runs once, to the largest ratio: a greedy removal order is the same whatever
+the stopping point, so the smaller ratios are prefixes of it (what separate `secateur prune
+--ratio` runs would remove). Each pruned model is built from its prefix by the same surgery
+the CLI uses, then evaluated on `wiki` (perplexity) and timed against the dense model in the
+same process: prefill of one window and batch-1 greedy decode with a KV cache, models
+interleaved per repeat, medians reported.
+
+    python bench/depth_pruning.py            # ~30 min on 2 shared cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from secateur.api import CalibrationSpec, prune
+from secateur.data.sources import load_text
+from secateur.eval.perplexity import perplexity
+from secateur.methods import PruneOptions
+from secateur.models import adapter_for
+from secateur.models.loading import Loaded, load
+from secateur.report.depth import plot_removals
+from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
+from secateur.surgery.save import write_json_atomic
+
+OUT = Path(__file__).parent / "results"
+METHODS = ("shortgpt", "sleb", "blockpruner")
+
+
+def copy_loaded(loaded: Loaded) -> Loaded:
+    model = copy.deepcopy(loaded.model)
+    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
+
+
+def prefix_for(order: list[str], sizes: dict[str, int], total: int, ratio: float) -> int:
+    removed = 0
+    for k, block in enumerate(order, 1):
+        removed += sizes[block]
+        if removed >= ratio * total:
+            return k
+    raise ValueError(f"the search stopped before ratio {ratio}")
+
+
+@torch.no_grad()
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy batch-1 decode with the KV cache; a bare loop, so generate()'s per-step Python
+    (logits processors, stopping criteria) does not dilute the model's own time."""
+    out = model(input_ids=prompt, use_cache=True)
+    cache = out.past_key_values
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    return new_tokens / (time.perf_counter() - t)
+
+
+def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: int,
+                new_tokens: int, seed: int) -> dict[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49152, (1, prefill_len), generator=g)
+    prompt = ids[:, :16]
+    for m in models.values():  # warm-up: first calls allocate and pick kernels
+        prefill_seconds(m, ids[:, :32])
+        decode_tokens_per_second(m, prompt, 4)
+    prefill: dict[str, list[float]] = {k: [] for k in models}
+    decode: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, m in models.items():  # interleaved: drifting machine load hits all alike
+            prefill[name].append(prefill_seconds(m, ids))
+            decode[name].append(decode_tokens_per_second(m, prompt, new_tokens))
+    dense_prefill = statistics.median(prefill["dense"])
+    dense_decode = statistics.median(decode["dense"])
+    return {name: {"prefill_seconds": statistics.median(prefill[name]),
+                   "decode_tokens_per_second": statistics.median(decode[name]),
+                   "prefill_speedup": dense_prefill / statistics.median(prefill[name]),
+                   "decode_speedup": statistics.median(decode[name]) / dense_decode}
+            for name in models}
+
+
+def plot_curves(result: dict, sizes: dict[str, int], total: int, path: Path) -> None:
+    """All three calibration-perplexity curves against the parameter ratio removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, search in result["searches"].items():
+        ratios, removed = [0.0], 0
+        for block in search["removed"]:
+            removed += sizes[block]
+            ratios.append(removed / total)
+        ax.plot(ratios, search["calibration_perplexity"], marker=".", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("share of all parameters removed (embeddings included)")
+    ax.set_ylabel("calibration perplexity (search windows)")
+    ax.set_title("smollm2-135m: perplexity after each removal")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--calib", default="c4-sample")
+    ap.add_argument("--nsamples", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=OUT / "depth_pruning.json")
+    args = ap.parse_args()
+    # One thread: the machine's 2 cores are shared, and OpenMP spin-waiting under contention
+    # makes two threads slower than one; dense and pruned run alike, so ratios are fair.
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    base = load("smollm2-135m")
+    total = total_parameters(base.model)
+    sizes = {f"{i}.{part}": 0 for i in range(base.adapter.num_layers)
+             for part in ("attn", "mlp", "layer")}
+    for key in sizes:
+        sizes[key] = block_parameters(base.adapter, Block.parse(key))
+    calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    wiki = load_text("wiki", split="test")
+
+    def ppl(model) -> dict:
+        return perplexity(model, base.tokenizer, wiki, args.eval_seqlen, args.eval_windows,
+                          progress=False).to_dict()
+
+    result: dict = {"model": "smollm2-135m", "total_parameters": total,
+                    "ratio_definition": "removed / all parameters (embeddings included, tied "
+                                        "once), as in the BlockPruner paper",
+                    "calibration": {"source": args.calib, "nsamples": args.nsamples,
+                                    "seqlen": args.seqlen, "seed": args.seed},
+                    "threads": args.threads, "machine": platform.processor() or platform.machine(),
+                    "searches": {}, "levels": []}
+    dense_eval = ppl(base.model)
+    result["dense"] = {"perplexity": dense_eval["perplexity"], "protocol": dense_eval["protocol"]}
+    print(f"dense wiki ppl {dense_eval['perplexity']:.3f}", flush=True)
+
+    # ShortGPT's achieved ratios fix the levels; each search runs once to the largest.
+    layer = sizes["0.layer"]
+    levels = []
+    for target in args.ratios:
+        k = next(k for k in range(1, base.adapter.num_layers) if k * layer >= target * total)
+        levels.append((target, k, k * layer / total))
+    top_layers, top_ratio = levels[-1][1], levels[-1][2]
+    orders = {}
+    for method in METHODS:
+        options = (PruneOptions(method=method, ratio=top_ratio - 1e-9) if method == "blockpruner"
+                   else PruneOptions(method=method, layers=top_layers))
+        work = copy_loaded(base)
+        t = time.perf_counter()
+        run = prune(work, options, calib, progress=True)
+        s = run.summary
+        orders[method] = s["removed"]
+        result["searches"][method] = {"removed": s["removed"],
+                                      "calibration_perplexity": s["calibration_perplexity"],
+                                      "search": s["search"], "seconds": time.perf_counter() - t,
+                                      **({"block_influence": s["block_influence"]}
+                                         if "block_influence" in s else {})}
+        plot_removals({"model": "smollm2-135m", "method": method, "summary": s},
+                      args.out.with_name(f"depth_pruning_{method}.png"))
+        print(f"{method}: {len(s['removed'])} removals, search {s['search']}", flush=True)
+        write_json_atomic(args.out, result)  # a long search's result survives an interruption
+        del work
+        gc.collect()
+
+    for target, k, achieved in levels:
+        level = {"target_ratio": target, "layer_methods_ratio": achieved, "methods": {}}
+        models = {"dense": base.model}
+        for method in METHODS:
+            n = k if method != "blockpruner" else prefix_for(orders[method], sizes, total,
+                                                             achieved - 1e-9)
+            work = copy_loaded(base)
+            blocks = [Block.parse(b) for b in orders[method][:n]]
+            surgery = remove_blocks(work.model, work.adapter, blocks)
+            params = total_parameters(work.model)
+            ev = ppl(work.model)
+            level["methods"][method] = {"removed": orders[method][:n],
+                                        "ratio": 1 - params / total, "parameters": params,
+                                        "perplexity": ev["perplexity"],
+                                        "layers_left": work.model.config.num_hidden_layers,
+                                        "config": surgery["config"]}
+            models[method] = work.model
+            print(f"ratio {achieved:.3f} {method}: wiki ppl {ev['perplexity']:.3f} "
+                  f"({len(blocks)} removed, ratio {1 - params / total:.4f})", flush=True)
+        timing = time_models(models, args.repeats, args.eval_seqlen, args.new_tokens, args.seed)
+        level["dense_timing"] = timing["dense"]
+        for method in METHODS:
+            level["methods"][method].update(timing[method])
+        result["levels"].append(level)
+        del models
+        gc.collect()
+        write_json_atomic(args.out, result)
+
+    plot_curves(result, sizes, total, args.out.with_suffix(".png"))
+    result["timing_protocol"] = (f"batch 1, {args.threads} thread(s), fp32; prefill: one "
+                                 f"{args.eval_seqlen}-token forward; decode: greedy "
+                                 f"{args.new_tokens} new tokens after a 16-token prompt with the "
+                                 f"KV cache; median of {args.repeats} interleaved repeats")
+    result["seconds"] = time.perf_counter() - start
+    write_json_atomic(args.out, result)
+    print(json.dumps({lv["layer_methods_ratio"]: {m: round(v["perplexity"], 2)
+                                                  for m, v in lv["methods"].items()}
+                      for lv in result["levels"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
