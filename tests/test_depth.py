@@ -221,6 +221,19 @@ def test_greedy_methods_pick_the_best_candidate():
     assert run.summary["removed"] == [min(losses, key=losses.get)]
 
 
+def test_blockpruner_prunes_a_model_it_already_pruned():
+    loaded = tiny_loaded()
+    remove_blocks(loaded.model, loaded.adapter, [Block(0, "attn")])
+    again = Loaded(loaded.model, loaded.tokenizer, adapter_for(loaded.model), "flex", "")
+    run = prune(again, PruneOptions(method="blockpruner", blocks=2, extra=EXACT), CALIB,
+                progress=False)
+    assert "0.attn" not in run.summary["removed"] and "0.attn" not in run.summary[
+        "block_parameters"]
+    wins = calibration_data(again, CALIB)[0]
+    assert run.summary["calibration_perplexity"][-1] == pytest.approx(
+        torch.tensor(model_nll(again.model, wins)).exp().item(), rel=1e-4)
+
+
 def test_shortgpt_block_influence_is_one_minus_cosine():
     loaded = tiny_loaded()
     ref = copy.deepcopy(loaded.model)

@@ -23,6 +23,7 @@ from secateur.surgery.depth import (
     Block,
     block_parameters,
     can_save_branch_removals,
+    has_branch,
     total_parameters,
 )
 
@@ -44,7 +45,9 @@ class BlockPruner(ModelMethod):
                 f"'{model.config.model_type}': use --method shortgpt or sleb")
         n = adapter.num_layers
         total = total_parameters(model)
-        blocks = [Block(i, part) for i in range(n) for part in ("attn", "mlp")]
+        # a model pruned before (secateur's own class) may already lack some branches
+        blocks = [Block(i, part) for i in range(n) for part in ("attn", "mlp")
+                  if has_branch(adapter, i, part)]
         sizes = {b: block_parameters(adapter, b) for b in blocks}
         # at least one attention block must stay (a model without any is not a language model)
         smallest_attn = min(sizes[b] for b in blocks if b.part == "attn")
@@ -65,5 +68,4 @@ class BlockPruner(ModelMethod):
             removed_params += sizes[best]
             curve.append(ppl(scores[best]))
         return finish(context, self.target, search, order, curve, total, removed_params,
-                      {"block_parameters": {"attn": sizes[Block(0, "attn")],
-                                            "mlp": sizes[Block(0, "mlp")]}})
+                      {"block_parameters": {str(b): sizes[b] for b in blocks}})

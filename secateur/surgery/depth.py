@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.models.base import ModelAdapter
+from secateur.models.base import ModelAdapter, get_submodule
 
 PARTS = ("attn", "mlp", "layer")
 
@@ -100,6 +100,13 @@ def _stand_in(adapter: ModelAdapter, layer: nn.Module, part: str, path: str) -> 
     # An MLP made of projections on the layer itself: inputs go to width 0, output to zeros.
     out = adapter.mlp_output(layer).out_features if path == adapter.mlp_out else 0
     return RemovedProjection(out)
+
+
+def has_branch(adapter: ModelAdapter, index: int, part: str) -> bool:
+    """False where a branch is already gone (secateur's own class stores None there)."""
+    layer = adapter.layers[index]
+    return not any(get_submodule(layer, p) is None for p in branch_paths(adapter, part)) and \
+        not branch_removed(adapter, layer, part)
 
 
 def branch_removed(adapter: ModelAdapter, layer: nn.Module, part: str) -> bool:
