@@ -18,6 +18,7 @@ own model class). LLM-Pruner leaves the first and last layers alone (`protect_fi
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -343,6 +344,8 @@ class LLMPruner(ModelMethod):
         start = time.perf_counter()
         scores = SCORERS[cfg.importance](context, layers, cfg.gqa_mode)
         importance_seconds = time.perf_counter() - start
+        # Linux reports KiB; taylor's gradients are the memory peak of this method
+        importance_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         stacks: dict[tuple[int, str], Stack] = {}
         sizes: dict[tuple[int, str], int] = {}
@@ -380,6 +383,7 @@ class LLMPruner(ModelMethod):
             "decoder_parameters": {"dense": dense, "pruned": after},
             "removed_share": 1 - after / dense,
             "importance_seconds": importance_seconds,
+            "peak_rss_mib_after_importance": importance_rss,
             "config": saved_as,
             "layer_widths": [
                 {"layer": i, "num_heads": s[0], "num_kv_heads": s[1], "intermediate_size": s[2]}

@@ -1,0 +1,197 @@
+"""Width pruning (llm-pruner) on smollm2-135m: every estimator at 20% and 40% of decoder
+parameters removed; parameters, bytes on disk, wiki perplexity before and after a short LoRA
+recovery, and prefill/decode speed of pruned vs dense measured in this same process.
+
+    python bench/width_pruning.py                       # writes bench/results/width_pruning.json
+    python bench/width_pruning.py --ratios 0.2 --estimators taylor,l2 --lora-steps 10
+
+Small on purpose (the machine has 2 shared cores); the protocol is written into the JSON.
+Results are rewritten after every configuration, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from secateur.api import CalibrationSpec, count_parameters, prune
+from secateur.data.sources import load_text
+from secateur.eval.perplexity import perplexity
+from secateur.methods import PruneOptions
+from secateur.methods.structured import decoder_parameters
+from secateur.models import adapter_for
+from secateur.models.loading import Loaded, load
+from secateur.recovery.lora import LoraSpec, train_lora
+from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
+
+RESULTS = Path(__file__).parent / "results" / "width_pruning.json"
+
+
+def eval_ppl(loaded: Loaded, args: argparse.Namespace) -> float:
+    source = load_text("wiki", split="test")
+    return perplexity(loaded.model, loaded.tokenizer, source, args.eval_seqlen,
+                      args.eval_windows, progress=False).perplexity
+
+
+def saved_bytes(loaded: Loaded) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        save_model(loaded.model, None, out)
+        return dir_bytes(out)
+
+
+@torch.no_grad()
+def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """Greedy batch-1 decoding with the KV cache; the prompt's prefill is not timed."""
+    out = model(input_ids=prompt, use_cache=True)
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
+def speed(dense: torch.nn.Module, pruned: torch.nn.Module, args: argparse.Namespace,
+          seed: int) -> dict[str, Any]:
+    """Interleaved dense/pruned rounds (after a warm-up round); medians and their ratios."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = dense.config.vocab_size
+    prefill_ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=gen)
+    prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=gen)
+    times: dict[str, dict[str, list[float]]] = {"dense": {"prefill": [], "decode": []},
+                                                "pruned": {"prefill": [], "decode": []}}
+    for r in range(args.repeats + 1):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            p = prefill_seconds(model, prefill_ids)
+            d = decode_seconds(model, prompt, args.decode_tokens)
+            if r > 0:  # round 0 warms up allocators and caches
+                times[name]["prefill"].append(p)
+                times[name]["decode"].append(d)
+    med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    return {
+        "prefill_tokens_per_s": {n: args.prefill_tokens / m["prefill"] for n, m in med.items()},
+        "decode_tokens_per_s": {n: args.decode_tokens / m["decode"] for n, m in med.items()},
+        "prefill_speed_ratio": med["dense"]["prefill"] / med["pruned"]["prefill"],
+        "decode_speed_ratio": med["dense"]["decode"] / med["pruned"]["decode"],
+        "raw_seconds": times,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.2,0.4")
+    ap.add_argument("--estimators", default="taylor,l2,random,activation")
+    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--gqa-mode", default="kv")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--eval-seqlen", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--lora-steps", type=int, default=20)
+    ap.add_argument("--lora-seqlen", type=int, default=128)
+    ap.add_argument("--lora-lr", type=float, default=3e-4)
+    ap.add_argument("--prefill-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    estimators = args.estimators.split(",")
+
+    torch.manual_seed(args.seed)
+    dense = load("smollm2-135m")
+    calib = CalibrationSpec("c4-sample", args.nsamples, args.seqlen, args.seed)
+    lora = LoraSpec(data="c4-sample", steps=args.lora_steps, seqlen=args.lora_seqlen,
+                    lr=args.lora_lr, warmup_steps=min(5, args.lora_steps), seed=args.seed)
+    result: dict[str, Any] = {
+        "model": "smollm2-135m",
+        "protocol": {
+            "perplexity": f"wiki test (exllamav3 wiki.utf8, not WikiText-2), seqlen "
+                          f"{args.eval_seqlen}, first {args.eval_windows} non-overlapping "
+                          "windows, float32",
+            "calibration": f"c4-sample, {args.nsamples} windows x {args.seqlen} tokens, "
+                           f"seed {args.seed}",
+            "pruning": f"llm-pruner, allocation {args.allocation}, gqa mode {args.gqa_mode}, "
+                       "no protected layers; ratio = share of decoder parameters removed",
+            "lora": f"{lora.steps} steps x {lora.batch_size} window x {lora.seqlen} tokens of "
+                    f"c4-sample, rank {lora.rank}, alpha {lora.alpha}, lr {lora.lr}, "
+                    "merged; evaluated on wiki as above",
+            "speed": f"same process, float32 CPU, {torch.get_num_threads()} threads, batch 1; "
+                     f"prefill {args.prefill_tokens} tokens without cache; decode "
+                     f"{args.decode_tokens} greedy tokens with KV cache after a "
+                     f"{args.prompt_tokens}-token prompt; dense and pruned interleaved, "
+                     f"median of {args.repeats} rounds after 1 warm-up round; ratio = "
+                     "dense seconds / pruned seconds (>1: pruned faster). Uniform "
+                     "allocation gives every estimator the same shapes, so speed is measured "
+                     "once per ratio (on the first estimator's model).",
+            "machine": f"{platform.machine()} {platform.processor() or ''}; 2 cores shared "
+                       "with other jobs, so absolute speeds are noisy",
+            "torch": torch.__version__,
+        },
+        "dense": {
+            "parameters": count_parameters(dense.model)["parameters"],
+            "decoder_parameters": decoder_parameters(dense.adapter),
+            "bytes_on_disk": saved_bytes(dense),
+            "perplexity": eval_ppl(dense, args),
+        },
+        "runs": [],
+    }
+    write_json_atomic(args.out, result)
+    speeds: dict[float, dict[str, Any]] = {}
+    configs = [(r, e) for r in ratios for e in estimators]
+    for ratio, estimator in tqdm(configs, desc="width pruning bench"):
+        model = copy.deepcopy(dense.model)
+        loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+        options = PruneOptions(method="llm-pruner", ratio=ratio, importance=estimator,
+                               extra={"allocation": args.allocation,
+                                      "gqa_mode": args.gqa_mode})
+        run = prune(loaded, options, calib, progress=False)
+        entry: dict[str, Any] = {
+            "ratio": ratio, "importance": estimator,
+            "parameters": count_parameters(loaded.model)["parameters"],
+            "decoder_removed_share": run.summary["removed_share"],
+            "config": run.summary["config"],
+            "widths": run.summary["layer_widths"][0],
+            "prune_seconds": run.seconds,
+            "bytes_on_disk": saved_bytes(loaded),
+            "perplexity": eval_ppl(loaded, args),
+        }
+        if ratio not in speeds:
+            speeds[ratio] = speed(dense.model, loaded.model, args, args.seed)
+        entry["speed"] = {k: v for k, v in speeds[ratio].items() if k != "raw_seconds"}
+        if args.lora_steps > 0:
+            rec = train_lora(loaded, lora, checkpoint=None, progress=False)
+            entry["lora_steps"] = rec.steps
+            entry["lora_seconds"] = rec.seconds
+            entry["lora_loss_first_last"] = [rec.losses[0], rec.losses[-1]]
+            entry["perplexity_after_lora"] = eval_ppl(loaded, args)
+        result["runs"].append(entry)
+        write_json_atomic(args.out, result)
+        tqdm.write(f"{estimator} {ratio}: ppl {entry['perplexity']:.2f} -> "
+                   f"{entry.get('perplexity_after_lora', float('nan')):.2f}, decode x"
+                   f"{entry['speed']['decode_speed_ratio']:.2f}")
+    result["speed_raw_seconds"] = {str(r): s["raw_seconds"] for r, s in speeds.items()}
+    write_json_atomic(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
