@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--estimators", default="taylor,l2,random,activation")
     ap.add_argument("--allocation", default="uniform")
     ap.add_argument("--gqa-mode", default="kv")
+    ap.add_argument("--protect-first", type=int, default=None, help="default: the method's")
+    ap.add_argument("--protect-last", type=int, default=None, help="default: the method's")
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--eval-seqlen", type=int, default=256)
@@ -131,7 +133,9 @@ def main() -> None:
             "calibration": f"c4-sample, {args.nsamples} windows x {args.seqlen} tokens, "
                            f"seed {args.seed}",
             "pruning": f"llm-pruner, allocation {args.allocation}, gqa mode {args.gqa_mode}, "
-                       "no protected layers; ratio = share of decoder parameters removed",
+                       f"protected first/last layers {args.protect_first}/{args.protect_last} "
+                       "(None: the method's default, ~n/8 and ~n/16); ratio = share of "
+                       "decoder parameters removed",
             "lora": f"{lora.steps} steps x {lora.batch_size} window x {lora.seqlen} tokens of "
                     f"c4-sample, rank {lora.rank}, alpha {lora.alpha}, lr {lora.lr}, "
                     "merged; evaluated on wiki as above",
@@ -163,14 +167,17 @@ def main() -> None:
         loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
         options = PruneOptions(method="llm-pruner", ratio=ratio, importance=estimator,
                                extra={"allocation": args.allocation,
-                                      "gqa_mode": args.gqa_mode})
+                                      "gqa_mode": args.gqa_mode,
+                                      "protect_first": args.protect_first,
+                                      "protect_last": args.protect_last})
         run = prune(loaded, options, calib, progress=False)
         entry: dict[str, Any] = {
             "ratio": ratio, "importance": estimator,
             "parameters": count_parameters(loaded.model)["parameters"],
             "decoder_removed_share": run.summary["removed_share"],
             "config": run.summary["config"],
-            "widths": run.summary["layer_widths"][0],
+            "protected_layers": run.summary["protected_layers"],
+            "pruned_layer_widths": run.summary["layer_widths"][0],
             "prune_seconds": run.seconds,
             "bytes_on_disk": saved_bytes(loaded),
             "perplexity": eval_ppl(loaded, args),

@@ -106,10 +106,10 @@ def prune_cmd(
     gqa_mode: Annotated[str, typer.Option(help="llm-pruner: kv (drop a KV head with its query "
                                               "heads) or query (query heads evenly per KV "
                                               "group).")] = "kv",
-    protect_first: Annotated[int, typer.Option(help="llm-pruner: leave the first K layers.")]
-    = 0,
-    protect_last: Annotated[int, typer.Option(help="llm-pruner: leave the last K layers.")]
-    = 0,
+    protect_first: Annotated[int | None, typer.Option(help="llm-pruner: leave the first K "
+                                                         "layers (default ~n/8).")] = None,
+    protect_last: Annotated[int | None, typer.Option(help="llm-pruner: leave the last K "
+                                                        "layers (default ~n/16).")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text.")] = "c4-sample",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Calibration (and default eval) window length.")]

@@ -12,8 +12,10 @@ gate/up rows and down column) come from the adapter. Each group is scored by an 
 The share of decoder parameters to remove (`--ratio`) is spread over the unprotected layers
 either uniformly (same share of heads and channels per layer; saves as a stock config) or by
 importance (a global ranking of per-parameter scores; per-layer widths, saved with secateur's
-own model class). LLM-Pruner leaves the first and last layers alone (`protect_first`,
-`protect_last`; 0 by default so that uniform widths stay a stock config).
+own model class). Like LLM-Pruner, the first and last layers are left alone by default
+(`protect_first`, `protect_last`): that gives per-layer widths, saved with secateur's class;
+with both at 0 and uniform allocation every layer has the same widths and the saved config
+is a stock one.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class StructuredConfig:
     importance: str = "taylor"
     allocation: str = "uniform"
     gqa_mode: str = "kv"
-    protect_first: int = 0  # LLM-Pruner prunes a middle range: e.g. 4 first, 2 last of 32
-    protect_last: int = 0
+    # None: LLM-Pruner's middle range, about n/8 first and n/16 last layers left alone
+    # (its Llama-7B recipe prunes layers 4..29 of 32); 0/0 prunes every layer uniformly.
+    protect_first: int | None = None
+    protect_last: int | None = None
 
     @classmethod
     def from_options(cls, options: PruneOptions) -> StructuredConfig:
@@ -54,8 +58,8 @@ class StructuredConfig:
             importance=options.importance,
             allocation=extra.get("allocation") or "uniform",
             gqa_mode=extra.get("gqa_mode") or "kv",
-            protect_first=int(extra.get("protect_first") or 0),
-            protect_last=int(extra.get("protect_last") or 0),
+            protect_first=extra.get("protect_first"),
+            protect_last=extra.get("protect_last"),
         )
         if options.ratio is None:
             raise SecateurError("llm-pruner needs --ratio, the share of decoder parameters to "
@@ -71,12 +75,14 @@ class StructuredConfig:
                                     f"{', '.join(allowed)}")
         for value, flag in ((cfg.protect_first, "--protect-first"),
                             (cfg.protect_last, "--protect-last")):
-            if value < 0:
+            if value is not None and value < 0:
                 raise SecateurError(f"{flag} must be >= 0, got {value}")
         return cfg
 
     def protected(self, num_layers: int) -> tuple[int, int]:
-        return self.protect_first, self.protect_last
+        first = round(num_layers / 8) if self.protect_first is None else self.protect_first
+        last = round(num_layers / 16) if self.protect_last is None else self.protect_last
+        return first, last
 
 
 # -- importance -----------------------------------------------------------------------------
