@@ -38,8 +38,8 @@ def eval_cmd(
     = None,
     protocol: Annotated[str, typer.Option(help="sparsegpt (2048) or llm-pruner (128).")]
     = "sparsegpt",
-    bos: Annotated[str, typer.Option(help="default (tokenizer's, once), each, none.")]
-    = "default",
+    bos: Annotated[str, typer.Option(help="auto (each for Gemma, else default), default "
+                                          "(tokenizer's, once), each, none.")] = "auto",
     tasks: Annotated[str | None, typer.Option(help="Zero-shot lm-eval tasks, comma-separated "
                                                    "(e.g. arc_easy,arc_challenge,hellaswag,"
                                                    "piqa,winogrande,boolq,openbookqa,"

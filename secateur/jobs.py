@@ -31,7 +31,7 @@ class EvalSpec:
     seqlen: int | None = None
     max_windows: int | None = None
     protocol: str = "sparsegpt"
-    bos: str = "default"
+    bos: str = "auto"
 
 
 def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True) -> dict[str, Any]:

@@ -60,3 +60,12 @@ def test_bad_eval_arguments():
         perplexity(model, tok, src, seqlen=0, progress=False)
     with pytest.raises(SecateurError, match="unknown protocol"):
         perplexity(model, tok, src, protocol="mine", progress=False)
+
+
+def test_auto_bos_puts_bos_on_every_gemma_window():
+    tok = byte_tokenizer()
+    src = _small_wiki()
+    gemma = perplexity(tiny_model("gemma3_text"), tok, src, seqlen=32, max_windows=2,
+                       progress=False)
+    llama = perplexity(tiny_model("llama"), tok, src, seqlen=32, max_windows=2, progress=False)
+    assert gemma.protocol.bos == "each" and llama.protocol.bos == "default"

@@ -10,7 +10,7 @@ import torch
 from secateur.data.sources import TextSource
 from secateur.errors import SecateurError
 
-BOS_POLICIES = ("default", "each", "none")
+BOS_POLICIES = ("auto", "default", "each", "none")
 
 
 def tokenize_stream(tokenizer, text: str, bos: str = "default") -> torch.Tensor:
