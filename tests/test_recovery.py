@@ -77,3 +77,24 @@ def test_lora_keeps_per_layer_width_class(tiny_dir, tmp_path):
 def test_bad_lora_settings(tiny_dir, tmp_path, kw, message):
     with pytest.raises(SecateurError, match=message):
         recover_job(str(tiny_dir("llama")), tmp_path / "out", _spec(**kw), progress=False)
+
+
+@pytest.mark.slow
+def test_lora_lowers_perplexity_of_pruned_smollm2(smollm2):
+    import copy
+
+    from secateur.api import CalibrationSpec, prune
+    from secateur.methods import PruneOptions
+    from secateur.models import adapter_for
+    from secateur.models.loading import Loaded
+    from secateur.recovery.lora import train_lora
+    from tests.test_structured import _wiki_ppl
+
+    model = copy.deepcopy(smollm2.model)
+    loaded = Loaded(model, smollm2.tokenizer, adapter_for(model), smollm2.name, smollm2.path)
+    prune(loaded, PruneOptions(method="llm-pruner", ratio=0.2, importance="l2"),
+          CalibrationSpec("c4-sample", 2, 64, 0), progress=False)
+    before = _wiki_ppl(loaded)
+    train_lora(loaded, LoraSpec(steps=12, seqlen=128, lr=5e-4, warmup_steps=2), progress=False)
+    after = _wiki_ppl(loaded)
+    assert after < 0.8 * before, (before, after)
