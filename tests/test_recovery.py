@@ -98,3 +98,20 @@ def test_lora_lowers_perplexity_of_pruned_smollm2(smollm2):
     train_lora(loaded, LoraSpec(steps=12, seqlen=128, lr=5e-4, warmup_steps=2), progress=False)
     after = _wiki_ppl(loaded)
     assert after < 0.8 * before, (before, after)
+
+
+def test_recover_cli(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from secateur.cli import app
+
+    src = str(tiny_dir("llama"))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    res = runner.invoke(app, ["recover", src, "--lora", "--steps", "2", "--seqlen", "32",
+                              "--eval", "none", "--out", str(out), "--json",
+                              str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").is_file() and (tmp_path / "r.json").is_file()
+    res = runner.invoke(app, ["recover", src, "--out", str(tmp_path / "x")])
+    assert isinstance(res.exception, SecateurError) and "--lora" in str(res.exception)
