@@ -232,6 +232,7 @@ def _plots(c: Collected) -> dict[str, tuple[str, bytes]]:
             ax.plot(xs, ys, marker=".", label=r.name)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("sparsity")
+        ax.set_ylim(0, 1)  # uniform 0.5 otherwise gets an unreadable offset axis
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title("Per-layer sparsity")
