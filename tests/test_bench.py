@@ -58,6 +58,7 @@ def test_depth_pruned_model_reads_fewer_bytes_and_ratios_pair_rounds():
         assert m["prefill"]["16"]["tokens_per_second"] == pytest.approx(
             16 / m["prefill"]["16"]["seconds"]["median"])
     assert res["warnings"] == []
+    assert res["process_peak_rss_mib"] > 0
     assert res["protocol"]["threads_used"] == 1 and res["protocol"]["repeats"] == 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -246,6 +247,8 @@ def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str
         "models": models,
         "speedup_vs_baseline": ratios,
         "memory_bandwidth_gbs": bandwidth,
+        # all models resident at once, so this bounds their sum, not any one of them
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "warnings": warnings,
         "protocol": {
             **asdict(spec),

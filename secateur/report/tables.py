@@ -49,6 +49,8 @@ def print_bench(console: Console, res: dict[str, Any]) -> None:
                  for k, v in r.items() if isinstance(v, dict)]
         console.print(f"{name} vs {res['baseline']}: speedup " + ", ".join(parts)
                       + f"; parameters x{r['parameters']:.3f}")
+    console.print(f"process peak RSS {res['process_peak_rss_mib']:.0f} MiB (all models "
+                  "resident)")
     console.print(f"memory bandwidth {res['memory_bandwidth_gbs']:.1f} GB/s ({p['bandwidth']}); "
                   f"decode bound = bandwidth / weight bytes per token")
 
