@@ -83,6 +83,7 @@ def test_calibration_text_shorter_than_a_window_fails(tmp_path):
 
 def test_tokenize_stream_bos_policies():
     tok = byte_tokenizer()
-    assert tokenize_stream(tok, "ab", "none").tolist() == tokenize_stream(tok, "ab", "each").tolist()
+    none = tokenize_stream(tok, "ab", "none").tolist()
+    assert none == tokenize_stream(tok, "ab", "each").tolist()
     with pytest.raises(SecateurError, match="unknown BOS policy"):
         tokenize_stream(tok, "ab", "sometimes")
