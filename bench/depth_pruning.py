@@ -3,8 +3,8 @@
 Writes bench/results/depth_pruning.json and depth_pruning.png (calibration perplexity after each
 removal). Per target ratio (10/20/30% of ALL parameters, embeddings included, BlockPruner's
 definition): ShortGPT and SLEB remove the smallest number of whole layers reaching it, and
-BlockPruner the smallest block sequence reaching the ratio ShortGPT achieved, so BlockPruner
-never removes less than the layer methods it is compared with.
+BlockPruner the prefix of its removal order whose ratio is nearest the one they achieved (the
+achieved ratios are reported next to each perplexity).
 
 Each greedy search runs once, to the largest ratio: a greedy removal order is the same whatever
 the stopping point, so the smaller ratios are prefixes of it (what separate `secateur prune
@@ -49,12 +49,15 @@ def copy_loaded(loaded: Loaded) -> Loaded:
 
 
 def prefix_for(order: list[str], sizes: dict[str, int], total: int, ratio: float) -> int:
-    removed = 0
-    for k, block in enumerate(order, 1):
+    """The prefix whose ratio is nearest `ratio` (an MLP block is 2% of this model, so
+    'at least' could overshoot the layer methods by that much)."""
+    ratios, removed = [], 0
+    for block in order:
         removed += sizes[block]
-        if removed >= ratio * total:
-            return k
-    raise ValueError(f"the search stopped before ratio {ratio}")
+        ratios.append(removed / total)
+    if ratios[-1] < ratio - 0.01:
+        raise ValueError(f"the search stopped at {ratios[-1]:.4f}, before ratio {ratio}")
+    return 1 + min(range(len(ratios)), key=lambda k: abs(ratios[k] - ratio))
 
 
 @torch.no_grad()
@@ -101,6 +104,16 @@ def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: i
             for name in models}
 
 
+def zeroshot_accuracy(loaded: Loaded, args: argparse.Namespace) -> dict:
+    from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks, zeroshot
+
+    spec = ZeroShotSpec(tasks=parse_tasks(args.zeroshot_tasks), limit=args.zeroshot_limit)
+    out = zeroshot(loaded.model, loaded.tokenizer, spec)
+    return {"average": out["average"], "tasks": {k: {"acc": v["acc"], "acc_norm": v["acc_norm"]}
+                                                 for k, v in out["tasks"].items()},
+            "limit": args.zeroshot_limit}
+
+
 def plot_curves(result: dict, sizes: dict[str, int], total: int, path: Path) -> None:
     """All three calibration-perplexity curves against the parameter ratio removed."""
     import matplotlib
@@ -139,6 +152,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT / "depth_pruning.json")
+    ap.add_argument("--reuse-searches", action="store_true",
+                    help="Take the removal orders from an earlier --out instead of searching.")
+    ap.add_argument("--zeroshot-limit", type=int, default=0,
+                    help="Also run lm-eval zero-shot on the first N documents per task.")
+    ap.add_argument("--zeroshot-tasks", default="arc_easy,piqa,hellaswag")
     args = ap.parse_args()
     # One thread: the machine's 2 cores are shared, and OpenMP spin-waiting under contention
     # makes two threads slower than one; dense and pruned run alike, so ratios are fair.
@@ -166,6 +184,8 @@ def main() -> None:
                     "searches": {}, "levels": []}
     dense_eval = ppl(base.model)
     result["dense"] = {"perplexity": dense_eval["perplexity"], "protocol": dense_eval["protocol"]}
+    if args.zeroshot_limit:
+        result["dense"]["zeroshot"] = zeroshot_accuracy(base, args)
     print(f"dense wiki ppl {dense_eval['perplexity']:.3f}", flush=True)
 
     # ShortGPT's achieved ratios fix the levels; each search runs once to the largest.
@@ -176,7 +196,14 @@ def main() -> None:
         levels.append((target, k, k * layer / total))
     top_layers, top_ratio = levels[-1][1], levels[-1][2]
     orders = {}
+    previous = json.loads(args.out.read_text()) if args.reuse_searches else {}
     for method in METHODS:
+        if method in previous.get("searches", {}):
+            # the greedy orders of an earlier run with the same calibration: skip the search
+            assert previous["calibration"] == result["calibration"], "calibration differs"
+            result["searches"][method] = previous["searches"][method]
+            orders[method] = result["searches"][method]["removed"]
+            continue
         options = (PruneOptions(method=method, ratio=top_ratio - 1e-9) if method == "blockpruner"
                    else PruneOptions(method=method, layers=top_layers))
         work = copy_loaded(base)
@@ -201,7 +228,7 @@ def main() -> None:
         models = {"dense": base.model}
         for method in METHODS:
             n = k if method != "blockpruner" else prefix_for(orders[method], sizes, total,
-                                                             achieved - 1e-9)
+                                                             achieved)
             work = copy_loaded(base)
             blocks = [Block.parse(b) for b in orders[method][:n]]
             surgery = remove_blocks(work.model, work.adapter, blocks)
@@ -212,6 +239,8 @@ def main() -> None:
                                         "perplexity": ev["perplexity"],
                                         "layers_left": work.model.config.num_hidden_layers,
                                         "config": surgery["config"]}
+            if args.zeroshot_limit:
+                level["methods"][method]["zeroshot"] = zeroshot_accuracy(work, args)
             models[method] = work.model
             print(f"ratio {achieved:.3f} {method}: wiki ppl {ev['perplexity']:.3f} "
                   f"({len(blocks)} removed, ratio {1 - params / total:.4f})", flush=True)
