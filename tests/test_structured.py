@@ -210,6 +210,13 @@ def test_bad_input_is_a_clear_error(tiny_dir, ratio, extra, message):
         _prune_tiny(tiny_dir, ratio=ratio, **extra)
 
 
+def test_protection_needs_per_layer_width_class(tiny_dir):
+    from secateur.errors import SecateurError
+
+    with pytest.raises(SecateurError, match="--protect-first 0"):
+        _prune_tiny(tiny_dir, family="gemma3_text", ratio=0.25, protect_first=1)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_family_without_group_rules_is_a_clear_error(tiny_dir, family):
     from secateur.errors import SecateurError

@@ -79,10 +79,12 @@ class StructuredConfig:
                 raise SecateurError(f"{flag} must be >= 0, got {value}")
         return cfg
 
-    def protected(self, num_layers: int) -> tuple[int, int]:
-        first = round(num_layers / 8) if self.protect_first is None else self.protect_first
-        last = round(num_layers / 16) if self.protect_last is None else self.protect_last
-        return first, last
+    def protected(self, num_layers: int, per_layer_widths: bool = True) -> tuple[int, int]:
+        """Layers left alone at each end; without per-layer widths the default is none."""
+        first = round(num_layers / 8) if per_layer_widths else 0
+        last = round(num_layers / 16) if per_layer_widths else 0
+        return (first if self.protect_first is None else self.protect_first,
+                last if self.protect_last is None else self.protect_last)
 
 
 # -- importance -----------------------------------------------------------------------------
@@ -339,7 +341,12 @@ class LLMPruner(ModelMethod):
                                 f"secateur can save for Llama models only, not "
                                 f"'{model.config.model_type}': use --allocation uniform")
         n = adapter.num_layers
-        first, last = cfg.protected(n)
+        flex = model.config.model_type in FLEX_FAMILIES
+        first, last = cfg.protected(n, flex)
+        if not flex and (first or last):
+            raise SecateurError(f"protected layers give per-layer widths, which secateur can "
+                                f"save for Llama models only, not '{model.config.model_type}': "
+                                "use --protect-first 0 --protect-last 0")
         layers = list(range(first, n - last))
         if not layers:
             raise SecateurError(f"protecting {first} first and {last} last layers leaves none "
