@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from secateur.data.sources import load_text
 from secateur.data.windows import calibration_windows
@@ -18,6 +17,7 @@ from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.eval.perplexity import context_length
 from secateur.methods import LayerwiseMethod, PruneContext, PruneOptions, build_method
 from secateur.models.loading import Loaded
+from secateur.params import count_parameters as count_parameters  # re-exported API
 
 
 @dataclass
@@ -45,19 +45,6 @@ class PruneRun:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Unique parameters (tied embeddings once) and how many of them are non-zero."""
-    seen: set[int] = set()
-    total = nonzero = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p).item())
-    return {"parameters": total, "nonzero": nonzero}
 
 
 def calibration_data(loaded: Loaded, spec: CalibrationSpec) -> tuple[list[torch.Tensor], dict]:

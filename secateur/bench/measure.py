@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from secateur.errors import SecateurError
 from secateur.eval.protocol import library_versions
+from secateur.params import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,6 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         seen.add(id(p))
         total += p.numel() * p.element_size()
     return total
-
-
-def _param_stats(model: nn.Module) -> dict[str, int]:
-    seen: set[int] = set()
-    total = nonzero = nbytes = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p).item())
-        nbytes += p.numel() * p.element_size()
-    return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": nbytes}
 
 
 def bytes_on_disk(path: str | None) -> int | None:
@@ -284,7 +272,7 @@ def _model_result(s: Subject, rows: list[dict[str, float]], peak_kib: int | None
     return {
         "path": s.path,
         "dtype": str(next(s.model.parameters()).dtype).replace("torch.", ""),
-        **_param_stats(s.model),
+        **count_parameters(s.model),
         "bytes_on_disk": bytes_on_disk(s.path),
         "num_layers": getattr(s.model.config, "num_hidden_layers", None),
         "prefill": prefill,

@@ -22,6 +22,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.base import ModelAdapter, get_submodule
+from secateur.params import unique_parameters
 
 PARTS = ("attn", "mlp", "layer")
 
@@ -129,14 +130,7 @@ def restore_branch(layer: nn.Module, saved: list[tuple[str, nn.Module]]) -> None
 
 
 def _unique_numel(modules: Iterable[nn.Module]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
+    return sum(p.numel() for p in unique_parameters(modules))
 
 
 def total_parameters(model: nn.Module) -> int:

@@ -1,0 +1,28 @@
+"""Counting parameters the way every report here means it: each tensor once, tied ones too."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def unique_parameters(modules: Iterable[nn.Module]) -> Iterator[nn.Parameter]:
+    """Every parameter of the modules once, however often it is shared (tied embeddings)."""
+    seen: set[int] = set()
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Unique parameters, how many of them are non-zero, and their bytes in memory."""
+    total = nonzero = nbytes = 0
+    for p in unique_parameters([model]):
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p).item())
+        nbytes += p.numel() * p.element_size()
+    return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": nbytes}
