@@ -125,21 +125,28 @@ def finish(context: PruneContext, target: DepthTarget, search: Any, order: list[
     return summary
 
 
-@register_method
-class ShortGPT(ModelMethod):
-    name = "shortgpt"
+class _WholeLayers(ModelMethod):
+    """What both whole-layer methods share: the target, and sizing the layers before a search."""
 
     def __init__(self, options: PruneOptions) -> None:
         super().__init__(options)
         self.target = DepthTarget(options, options.layers, "layer", "--layers")
 
-    def run(self, context: PruneContext) -> dict[str, Any]:
-        adapter = context.adapter
-        n = adapter.num_layers
+    def _start(self, context: PruneContext) -> tuple[int, int, list[int], Any]:
+        """(layer count, total parameters, parameters per layer, search), feasibility checked."""
+        n = context.adapter.num_layers
         total = total_parameters(context.model)
-        sizes = [block_parameters(adapter, Block(i, "layer")) for i in range(n)]
+        sizes = [block_parameters(context.adapter, Block(i, "layer")) for i in range(n)]
         self.target.check_feasible(n - 1, sum(sizes) - min(sizes), total)
-        search = start_search(context, self.target)
+        return n, total, sizes, start_search(context, self.target)
+
+
+@register_method
+class ShortGPT(_WholeLayers):
+    name = "shortgpt"
+
+    def run(self, context: PruneContext) -> dict[str, Any]:
+        n, total, sizes, search = self._start(context)
         cos_sum = torch.zeros(n, dtype=torch.float64)
         tokens = torch.zeros(n, dtype=torch.float64)
 
@@ -167,20 +174,11 @@ class ShortGPT(ModelMethod):
 
 
 @register_method
-class SLEB(ModelMethod):
+class SLEB(_WholeLayers):
     name = "sleb"
 
-    def __init__(self, options: PruneOptions) -> None:
-        super().__init__(options)
-        self.target = DepthTarget(options, options.layers, "layer", "--layers")
-
     def run(self, context: PruneContext) -> dict[str, Any]:
-        adapter = context.adapter
-        n = adapter.num_layers
-        total = total_parameters(context.model)
-        sizes = [block_parameters(adapter, Block(i, "layer")) for i in range(n)]
-        self.target.check_feasible(n - 1, sum(sizes) - min(sizes), total)
-        search = start_search(context, self.target)
+        n, total, sizes, search = self._start(context)
         order: list[Block] = []
         removed_params = 0
         curve = [ppl(search.loss())]
