@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from secateur.api import CalibrationSpec, prune
+from secateur.bench.measure import decode_seconds, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
 from secateur.methods import PruneOptions
@@ -60,27 +61,6 @@ def prefix_for(order: list[str], sizes: dict[str, int], total: int, ratio: float
     return 1 + min(range(len(ratios)), key=lambda k: abs(ratios[k] - ratio))
 
 
-@torch.no_grad()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    t = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - t
-
-
-@torch.no_grad()
-def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Greedy batch-1 decode with the KV cache; a bare loop, so generate()'s per-step Python
-    (logits processors, stopping criteria) does not dilute the model's own time."""
-    out = model(input_ids=prompt, use_cache=True)
-    cache = out.past_key_values
-    t = time.perf_counter()
-    for _ in range(new_tokens):
-        token = out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-    return new_tokens / (time.perf_counter() - t)
-
-
 def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: int,
                 new_tokens: int, seed: int) -> dict[str, dict[str, float]]:
     g = torch.Generator().manual_seed(seed)
@@ -88,13 +68,13 @@ def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: i
     prompt = ids[:, :16]
     for m in models.values():  # warm-up: first calls allocate and pick kernels
         prefill_seconds(m, ids[:, :32])
-        decode_tokens_per_second(m, prompt, 4)
+        decode_seconds(m, prompt, 4)
     prefill: dict[str, list[float]] = {k: [] for k in models}
     decode: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
         for name, m in models.items():  # interleaved: drifting machine load hits all alike
             prefill[name].append(prefill_seconds(m, ids))
-            decode[name].append(decode_tokens_per_second(m, prompt, new_tokens))
+            decode[name].append(1 / decode_seconds(m, prompt, new_tokens))
     dense_prefill = statistics.median(prefill["dense"])
     dense_decode = statistics.median(decode["dense"])
     return {name: {"prefill_seconds": statistics.median(prefill[name]),

@@ -16,7 +16,6 @@ import copy
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from secateur.api import CalibrationSpec, count_parameters, prune
+from secateur.bench.measure import decode_seconds, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
 from secateur.methods import PruneOptions
@@ -49,25 +49,6 @@ def saved_bytes(loaded: Loaded) -> int:
         return dir_bytes(out)
 
 
-@torch.no_grad()
-def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> float:
-    """Greedy batch-1 decoding with the KV cache; the prompt's prefill is not timed."""
-    out = model(input_ids=prompt, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start
-
-
 def speed(dense: torch.nn.Module, pruned: torch.nn.Module, args: argparse.Namespace,
           seed: int) -> dict[str, Any]:
     """Interleaved dense/pruned rounds (after a warm-up round); medians and their ratios."""
@@ -80,7 +61,7 @@ def speed(dense: torch.nn.Module, pruned: torch.nn.Module, args: argparse.Namesp
     for r in range(args.repeats + 1):
         for name, model in (("dense", dense), ("pruned", pruned)):
             p = prefill_seconds(model, prefill_ids)
-            d = decode_seconds(model, prompt, args.decode_tokens)
+            d = decode_seconds(model, prompt, args.decode_tokens) * args.decode_tokens
             if r > 0:  # round 0 warms up allocators and caches
                 times[name]["prefill"].append(p)
                 times[name]["decode"].append(d)
