@@ -14,7 +14,7 @@ from secateur.api import (
     peak_rss_mib,
     prune,
 )
-from secateur.data.sources import load_text
+from secateur.data.sources import TextSource, load_text
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
@@ -34,8 +34,10 @@ class EvalSpec:
     bos: str = "auto"
 
 
-def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
-    source = load_text(spec.data, split="test")
+def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
+                        source: TextSource | None = None) -> dict[str, Any]:
+    """`source`, when the caller already loaded `spec.data`, saves parsing it again."""
+    source = source or load_text(spec.data, split="test")
     return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
                       spec.protocol, spec.bos, progress).to_dict()
 
@@ -59,8 +61,8 @@ def prune_job(
     build_method(options)  # bad flags fail before the model loads
     if out is not None:
         check_output_dir(Path(out), overwrite)
-    if evaluation.data is not None:
-        load_text(evaluation.data, split="test")  # a missing eval text fails before pruning
+    # Loaded once, before the model: a missing eval text fails before any pruning.
+    eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     loaded = load(model_name, dtype=dtype)
     result: dict[str, Any] = {"model": model_name, "method": options.method, "seed":
                               calibration.seed}
@@ -70,14 +72,14 @@ def prune_job(
         result["dense_perplexity"] = dense_perplexity
     elif evaluation.data is not None:
         t = time.perf_counter()
-        dense = evaluate_perplexity(loaded, evaluation, progress)
+        dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
         timings["dense_eval_seconds"] = time.perf_counter() - t
         result["dense_perplexity"] = dense["perplexity"]
     run = prune(loaded, options, calibration, progress)
     timings["prune_seconds"] = run.seconds
     if evaluation.data is not None:
         t = time.perf_counter()
-        pruned = evaluate_perplexity(loaded, evaluation, progress)
+        pruned = evaluate_perplexity(loaded, evaluation, progress, eval_text)
         timings["eval_seconds"] = time.perf_counter() - t
         result["perplexity"] = pruned["perplexity"]
         result["tokens"] = pruned["tokens"]
@@ -118,14 +120,13 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
     """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks."""
     if evaluation.data is None and zeroshot is None:
         raise SecateurError("nothing to evaluate: give --data or --tasks")
-    if evaluation.data is not None:
-        load_text(evaluation.data, split="test")
+    eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     if zeroshot is not None:  # unknown task names fail before the model loads
         check_tasks(zeroshot.tasks, resolve_data(zeroshot.data))
     loaded = load(model_name, dtype=dtype)
     result: dict[str, Any] = {"model": model_name}
     if evaluation.data is not None:
-        result.update(evaluate_perplexity(loaded, evaluation, progress))
+        result.update(evaluate_perplexity(loaded, evaluation, progress, eval_text))
     if zeroshot is not None:
         result["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype)
     result["parameters"] = count_parameters(loaded.model)["parameters"]
