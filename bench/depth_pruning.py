@@ -13,7 +13,7 @@ the CLI uses, then evaluated on `wiki` (perplexity) and timed against the dense 
 same process: prefill of one window and batch-1 greedy decode with a KV cache, models
 interleaved per repeat, medians reported.
 
-    python bench/depth_pruning.py            # ~30 min on 2 shared cores
+    python bench/depth_pruning.py --search-shortlist 6   # the issue's 32 x 512 protocol
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def prefix_for(order: list[str], sizes: dict[str, int], total: int, ratio: float
 def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: int,
                 new_tokens: int, seed: int) -> dict[str, dict[str, float]]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 49152, (1, prefill_len), generator=g)
+    vocab = models["dense"].config.vocab_size
+    ids = torch.randint(0, vocab, (1, prefill_len), generator=g)
     prompt = ids[:, :16]
     for m in models.values():  # warm-up: first calls allocate and pick kernels
         prefill_seconds(m, ids[:, :32])
@@ -123,13 +124,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--calib", default="c4-sample")
-    ap.add_argument("--nsamples", type=int, default=2)
-    ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--eval-seqlen", type=int, default=256)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--search-shortlist", type=int, default=None,
+                    help="BlockPruner/SLEB: screen on a quarter of the windows, score K on all.")
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT / "depth_pruning.json")
     ap.add_argument("--reuse-searches", action="store_true",
@@ -138,8 +141,8 @@ def main() -> None:
                     help="Also run lm-eval zero-shot on the first N documents per task.")
     ap.add_argument("--zeroshot-tasks", default="arc_easy,piqa,hellaswag")
     args = ap.parse_args()
-    # One thread: the machine's 2 cores are shared, and OpenMP spin-waiting under contention
-    # makes two threads slower than one; dense and pruned run alike, so ratios are fair.
+    # Use --threads 1 on a shared machine: OpenMP spin-waiting under contention makes two
+    # threads slower than one; dense and pruned run alike, so ratios stay fair.
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     base = load("smollm2-135m")
@@ -159,7 +162,8 @@ def main() -> None:
                     "ratio_definition": "removed / all parameters (embeddings included, tied "
                                         "once), as in the BlockPruner paper",
                     "calibration": {"source": args.calib, "nsamples": args.nsamples,
-                                    "seqlen": args.seqlen, "seed": args.seed},
+                                    "seqlen": args.seqlen, "seed": args.seed,
+                                    "search_shortlist": args.search_shortlist},
                     "threads": args.threads, "machine": platform.processor() or platform.machine(),
                     "searches": {}, "levels": []}
     dense_eval = ppl(base.model)
@@ -186,6 +190,7 @@ def main() -> None:
             continue
         options = (PruneOptions(method=method, ratio=top_ratio - 1e-9) if method == "blockpruner"
                    else PruneOptions(method=method, layers=top_layers))
+        options.search_shortlist = args.search_shortlist
         work = copy_loaded(base)
         t = time.perf_counter()
         run = prune(work, options, calib, progress=True)

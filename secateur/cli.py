@@ -99,8 +99,12 @@ def prune_cmd(
     blocks: Annotated[int | None, typer.Option(help="BlockPruner: blocks to remove.")] = None,
     layers: Annotated[int | None, typer.Option(help="ShortGPT/SLEB: layers to remove.")]
     = None,
-    search_samples: Annotated[int | None, typer.Option(help="BlockPruner search windows.")]
+    search_samples: Annotated[int | None, typer.Option(help="BlockPruner/SLEB: search on the "
+                                                           "first N calibration windows.")]
     = None,
+    search_shortlist: Annotated[int | None, typer.Option(
+        help="BlockPruner/SLEB: screen candidates on a quarter of the search windows, score "
+             "only the K best on all (default: every candidate on all).")] = None,
     allocation: Annotated[str, typer.Option(help="llm-pruner: uniform (stock config) or "
                                                 "importance (per-layer widths).")] = "uniform",
     gqa_mode: Annotated[str, typer.Option(help="llm-pruner: kv (drop a KV head with its query "
@@ -136,7 +140,7 @@ def prune_cmd(
     options = PruneOptions(method=method, sparsity=sparsity, nm=nm, owl=owl, owl_m=owl_m,
                            owl_lambda=owl_lambda, sequential=sequential, ratio=ratio,
                            importance=importance, blocks=blocks, layers=layers,
-                           search_samples=search_samples)
+                           search_samples=search_samples, search_shortlist=search_shortlist)
     options.extra.update(allocation=allocation, gqa_mode=gqa_mode, protect_first=protect_first,
                          protect_last=protect_last)
     evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,

@@ -89,6 +89,30 @@ def test_search_with_removed_blocks_and_cost_accounting():
         search.remove(Block(1, "mlp"))
 
 
+def test_shortlist_screens_on_a_quarter_and_scores_finalists_on_every_window():
+    model = tiny_model("llama")
+    wins = windows(8)
+    candidates = [Block(i, part) for i in range(3) for part in ("attn", "mlp")]
+    exact = BlockSearch(model, adapter_for(model), wins, batch_size=2, progress=False)
+    full = exact.score(candidates)
+    quick = BlockSearch(model, adapter_for(model), wins, batch_size=2, progress=False)
+    scores = quick.score(candidates, shortlist=2)
+    screen = BlockSearch(model, adapter_for(model), wins[:2], batch_size=2, progress=False)
+    screened = screen.score(candidates)  # the first quarter of the 4 batches: 2 windows
+    finalists = sorted(candidates, key=lambda c: screened[c])[:2]
+    assert quick.screened == set(candidates) - set(finalists)
+    for c in candidates:
+        want = full[c] if c in finalists else screened[c]
+        assert scores[c] == pytest.approx(want, rel=1e-6), c
+    # screening all 6 on 1/4 of the windows and 2 on the other 3/4: 6/4 + 2*3/4 = 3 head passes
+    cost = quick.summary()
+    assert cost["head_forwards"] == pytest.approx(3.0)
+    assert cost["naive_forward_passes"] == 6 and cost["candidates"] == 8
+    # a shortlist as long as the candidate list is the exact search
+    assert BlockSearch(model, adapter_for(model), wins, batch_size=2, progress=False).score(
+        candidates, shortlist=6) == pytest.approx(full)
+
+
 def test_trace_sees_every_layer_input_and_output():
     model = tiny_model("llama")
     wins = windows(3)
@@ -264,6 +288,7 @@ def test_ratio_is_at_least_the_target_and_says_what_was_achieved():
     (dict(method="shortgpt", layers=0), "at least 1"),
     (dict(method="sleb", ratio=1.5), r"\(0, 1\)"),
     (dict(method="sleb", layers=1, sparsity=0.5), "removes layers"),
+    (dict(method="blockpruner", blocks=1, search_shortlist=0), "--search-shortlist"),
 ])
 def test_bad_flags_fail_before_loading(options, match):
     with pytest.raises(SecateurError, match=match):

@@ -28,20 +28,23 @@ from secateur.engine.capture import LayerCall, call_layer, capture_layer_inputs
 from secateur.models.base import ModelAdapter
 from secateur.surgery.depth import Block, restore_branch, swap_branch
 
+HEAD_ROWS = 1024  # token rows per lm_head chunk: 1024 x vocab logits at a time
+
 
 @dataclass
 class SearchCost:
-    candidates: int = 0  # candidate removals scored
-    layer_forwards: int = 0  # decoder-layer calls, each over every calibration window
-    head_forwards: int = 0  # final norm + lm_head + loss over every calibration window
+    candidates: int = 0  # candidate removals scored (screening and final scoring both count)
+    layer_forwards: float = 0.0  # decoder-layer calls, in passes over every calibration window
+    head_forwards: float = 0.0  # final norm + lm_head + loss, in the same unit
+    naive_passes: int = 0  # full-model passes the plain search (one per candidate) would run
     seconds: float = 0.0
 
     def to_dict(self, num_layers: int) -> dict[str, float]:
-        return {"candidates": self.candidates, "layer_forwards": self.layer_forwards,
-                "head_forwards": self.head_forwards,
+        return {"candidates": self.candidates, "layer_forwards": round(self.layer_forwards, 2),
+                "head_forwards": round(self.head_forwards, 2),
                 # what the same work would be in whole-model passes over the calibration set
                 "forward_pass_equivalents": round(self.layer_forwards / num_layers, 2),
-                "naive_forward_passes": self.candidates, "seconds": round(self.seconds, 2)}
+                "naive_forward_passes": self.naive_passes, "seconds": round(self.seconds, 2)}
 
 
 class BlockSearch:
@@ -67,12 +70,18 @@ class BlockSearch:
         self.targets = [torch.cat(windows[i:i + batch_size])[:, 1:]
                         for i in range(0, len(windows), batch_size)]
         self.tokens = sum(t.numel() for t in self.targets)
+        self.windows = len(windows)
         self.removed: list[Block] = []
+        self.screened: set[Block] = set()  # candidates the last score() only screened
         self.cost = SearchCost(seconds=time.perf_counter() - start)
 
     @property
     def num_layers(self) -> int:
         return len(self.calls)
+
+    def _share(self, hidden: list[torch.Tensor]) -> float:
+        """The share of all calibration windows in `hidden` (cost counts whole passes)."""
+        return sum(h.shape[0] for h in hidden) / self.windows
 
     # -- running layers with a set of removals ---------------------------------------------
     def _parts(self, extra: Block | None, index: int) -> set[str]:
@@ -90,30 +99,37 @@ class BlockSearch:
             out = [call_layer(layer, h, self.calls[index]) for h in hidden]
         finally:
             restore_branch(layer, saved)
-        self.cost.layer_forwards += 1
+        self.cost.layer_forwards += self._share(hidden)
         return out
 
     @torch.no_grad()
-    def _head_loss(self, hidden: list[torch.Tensor]) -> float:
+    def _head_nll(self, hidden: list[torch.Tensor], batches: Sequence[int]) -> float:
+        """Summed next-token NLL of `batches` (indices into the calibration batches)."""
         total = 0.0
-        for h, target in zip(hidden, self.targets, strict=True):
-            # one window at a time: a batch of logits over a large vocabulary is big
-            for row in range(h.shape[0]):
-                logits = self.adapter.logits_from_hidden(h[row:row + 1, :-1]).float()
-                total += F.cross_entropy(logits[0], target[row], reduction="sum").item()
-        self.cost.head_forwards += 1
-        return total / self.tokens
+        for h, b in zip(hidden, batches, strict=True):
+            states = h[:, :-1].reshape(-1, h.shape[-1])
+            target = self.targets[b].reshape(-1)
+            # rows in chunks: logits over a large vocabulary are big; the softmax runs in fp32
+            # whatever the search dtype, so bf16 only touches the matmuls
+            for i in range(0, states.shape[0], HEAD_ROWS):
+                logits = self.adapter.logits_from_hidden(states[i:i + HEAD_ROWS]).float()
+                total += F.cross_entropy(logits, target[i:i + HEAD_ROWS],
+                                         reduction="sum").item()
+        self.cost.head_forwards += self._share(hidden)
+        return total
 
-    def _finish(self, start: int, hidden: list[torch.Tensor], extra: Block | None) -> float:
+    def _walk_to_loss(self, start: int, hidden: list[torch.Tensor], extra: Block | None,
+                      batches: Sequence[int]) -> float:
         for i in range(start, self.num_layers):
             hidden = self._layer(i, hidden, self._parts(extra, i))
-        return self._head_loss(hidden)
+        return self._head_nll(hidden, batches)
 
     # -- what methods call ---------------------------------------------------------------
     def loss(self) -> float:
         """Mean next-token NLL of the current model (with `removed` applied)."""
         t = time.perf_counter()
-        value = self._finish(0, self.inputs, None)
+        every = range(len(self.inputs))
+        value = self._walk_to_loss(0, self.inputs, None, every) / self.tokens
         self.cost.seconds += time.perf_counter() - t
         return value
 
@@ -122,30 +138,62 @@ class BlockSearch:
             raise ValueError(f"block {block} is already removed")
         self.removed.append(block)
 
-    def score(self, candidates: Sequence[Block], desc: str = "candidates") -> dict[Block, float]:
-        """Mean NLL with each candidate removed on top of `removed`; one shared layer walk."""
+    def score(self, candidates: Sequence[Block], desc: str = "candidates",
+              shortlist: int | None = None) -> dict[Block, float]:
+        """Mean NLL with each candidate removed on top of `removed`.
+
+        Exact by default: every candidate on every window. With `shortlist=K` (and more than
+        one batch of windows) every candidate is first screened on the first quarter of the
+        batches, and only the K best screened are scored on all windows; the others keep
+        their screening score (an estimate), `screened` lists who was only screened. The
+        returned best is then always scored on every window.
+        """
         t = time.perf_counter()
+        batches = list(range(len(self.inputs)))
+        self.screened = set()
+        self.cost.naive_passes += len(candidates)
+        if shortlist is None or len(batches) < 2 or shortlist >= len(candidates):
+            sums = self._scan(candidates, batches, desc)
+            scores = {c: v / self.tokens for c, v in sums.items()}
+        else:
+            screen = batches[:max(1, len(batches) // 4)]
+            rest = batches[len(screen):]
+            screen_tokens = sum(self.targets[b].numel() for b in screen)
+            first = self._scan(candidates, screen, f"{desc} (screen)")
+            scores = {c: v / screen_tokens for c, v in first.items()}
+            ranked = sorted(candidates, key=lambda c: (first[c], -c.layer, c.part))
+            finalists = ranked[:shortlist]
+            second = self._scan(finalists, rest, f"{desc} (top {shortlist})")
+            for c in finalists:
+                scores[c] = (first[c] + second[c]) / self.tokens
+            self.screened = set(ranked[shortlist:])
+        self.cost.seconds += time.perf_counter() - t
+        return scores
+
+    def _scan(self, candidates: Sequence[Block], batches: Sequence[int],
+              desc: str) -> dict[Block, float]:
+        """Summed NLL over `batches` per candidate; one shared walk through the layers."""
         by_layer: dict[int, list[Block]] = {}
         for c in candidates:
             by_layer.setdefault(c.layer, []).append(c)
-        scores: dict[Block, float] = {}
+        sums: dict[Block, float] = {}
         best: tuple[float, Block] | None = None
-        hidden = self.inputs
+        hidden = [self.inputs[b] for b in batches]
+        tokens = sum(self.targets[b].numel() for b in batches)
         last = max(by_layer, default=-1)
         bar = tqdm(total=len(candidates), desc=desc, disable=not self.progress, leave=False)
         for i in range(last + 1):
             for c in by_layer.get(i, []):
-                scores[c] = self._finish(i, hidden, c)
+                sums[c] = self._walk_to_loss(i, hidden, c, batches)
                 self.cost.candidates += 1
-                if best is None or scores[c] < best[0]:
-                    best = (scores[c], c)
+                if best is None or sums[c] < best[0]:
+                    best = (sums[c], c)
                 bar.update(1)
-                bar.set_postfix(best=str(best[1]), ppl=f"{math.exp(best[0]):.2f}")
+                bar.set_postfix(best=str(best[1]), ppl=f"{math.exp(best[0] / tokens):.2f}")
             if i < last:
                 hidden = self._layer(i, hidden, self._parts(None, i))
         bar.close()
-        self.cost.seconds += time.perf_counter() - t
-        return scores
+        return sums
 
     @torch.no_grad()
     def trace(self, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:

@@ -39,6 +39,8 @@ class PruneOptions:
     blocks: int | None = None
     layers: int | None = None
     search_samples: int | None = None
+    # greedy depth searches: screen candidates on a quarter of the windows, score K on all
+    search_shortlist: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -61,7 +61,8 @@ class BlockPruner(ModelMethod):
             attn_left = [b for b in candidates if b.part == "attn"]
             if len(attn_left) == 1:
                 candidates.remove(attn_left[0])
-            scores = search.score(candidates, desc=f"blockpruner removal {len(order) + 1}")
+            scores = search.score(candidates, desc=f"blockpruner removal {len(order) + 1}",
+                                  shortlist=self.target.shortlist)
             best = min(candidates, key=lambda b: (scores[b], -b.layer, b.part))
             search.remove(best)
             order.append(best)

@@ -52,7 +52,11 @@ class DepthTarget:
             raise SecateurError(f"--search-samples must be at least 1, got "
                                 f"{options.search_samples}")
         self.count, self.ratio, self.unit, self.flag = count, options.ratio, unit, flag
+        if options.search_shortlist is not None and options.search_shortlist < 1:
+            raise SecateurError(f"--search-shortlist must be at least 1, got "
+                                f"{options.search_shortlist}")
         self.search_samples = options.search_samples
+        self.shortlist = options.search_shortlist
         dtype = options.extra.get("search_dtype", "bfloat16")
         if dtype not in SEARCH_DTYPES:
             raise SecateurError(f"search dtype '{dtype}' is not one of {', '.join(SEARCH_DTYPES)}")
@@ -118,7 +122,7 @@ def finish(context: PruneContext, target: DepthTarget, search: Any, order: list[
         "removed": [str(b) for b in order],
         "calibration_perplexity": curve,  # [dense, after 1st removal, after 2nd, ...]
         "ratio": target.record(removed_params, total),
-        "search": search.summary(),
+        "search": {**search.summary(), "shortlist": target.shortlist},
         "surgery": surgery,
     }
     summary.update(extra or {})
@@ -186,7 +190,8 @@ class SLEB(_WholeLayers):
             remaining = [Block(i, "layer") for i in range(n) if Block(i, "layer") not in order]
             if len(remaining) == 1:
                 break
-            scores = search.score(remaining, desc=f"sleb removal {len(order) + 1}")
+            scores = search.score(remaining, desc=f"sleb removal {len(order) + 1}",
+                                  shortlist=self.target.shortlist)
             # ties go to the later layer index, deterministically
             best = min(remaining, key=lambda b: (scores[b], -b.layer))
             search.remove(best)

@@ -35,6 +35,9 @@ def print_depth(console: Console, result: dict[str, Any]) -> None:
                   f"{search['forward_pass_equivalents']} full-forward equivalents "
                   f"(naively {search['naive_forward_passes']} full forwards) in "
                   f"{search['seconds']:.1f} s; saved as {s['surgery']['config']} config")
+    if search.get("shortlist"):
+        console.print(f"shortlist: each step screened every candidate on a quarter of the "
+                      f"windows and scored its {search['shortlist']} best on all of them")
     if result.get("removal_plot"):
         console.print(f"plot: {', '.join(result['removal_plot'])}")
 
