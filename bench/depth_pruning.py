@@ -41,7 +41,7 @@ from secateur.surgery.depth import Block, block_parameters, remove_blocks, total
 from secateur.surgery.save import write_json_atomic
 
 OUT = Path(__file__).parent / "results"
-METHODS = ("shortgpt", "sleb", "blockpruner")
+METHODS = ("shortgpt", "blockpruner", "sleb")
 
 
 def copy_loaded(loaded: Loaded) -> Loaded:
@@ -59,6 +59,25 @@ def prefix_for(order: list[str], sizes: dict[str, int], total: int, ratio: float
     if ratios[-1] < ratio - 0.01:
         raise ValueError(f"the search stopped at {ratios[-1]:.4f}, before ratio {ratio}")
     return 1 + min(range(len(ratios)), key=lambda k: abs(ratios[k] - ratio))
+
+
+def proportional_speedup(sizes: dict[str, int], removed: list[str], head: int,
+                         layers: int) -> float:
+    """The speedup if time were proportional to the weights each token multiplies with: every
+    decoder layer's plus the lm_head's (the embedding lookup is free). Batch-1 decode reads
+    each of those weights once per token, so this is its memory-bound expectation."""
+    work = sum(sizes[f"{i}.layer"] for i in range(layers)) + head
+    return work / (work - sum(sizes[b] for b in removed))
+
+
+def annotate(path: Path, head: int, sizes: dict[str, int], layers: int) -> None:
+    """Add `proportional_speedup` to every pruned model of an existing result file."""
+    result = json.loads(path.read_text())
+    for level in result["levels"]:
+        for entry in level["methods"].values():
+            entry["proportional_speedup"] = proportional_speedup(sizes, entry["removed"], head,
+                                                                 layers)
+    write_json_atomic(path, result)
 
 
 def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: int,
@@ -126,6 +145,9 @@ def main() -> None:
     ap.add_argument("--calib", default="c4-sample")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--search-samples", type=int, default=None,
+                    help="BlockPruner/SLEB: search on the first N calibration windows only.")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--search-shortlist", type=int, default=None,
                     help="BlockPruner/SLEB: screen on a quarter of the windows, score K on all.")
     ap.add_argument("--eval-windows", type=int, default=64)
@@ -140,6 +162,8 @@ def main() -> None:
     ap.add_argument("--zeroshot-limit", type=int, default=0,
                     help="Also run lm-eval zero-shot on the first N documents per task.")
     ap.add_argument("--zeroshot-tasks", default="arc_easy,piqa,hellaswag")
+    ap.add_argument("--annotate-only", action="store_true",
+                    help="Only add proportional_speedup to an existing --out.")
     args = ap.parse_args()
     # Use --threads 1 on a shared machine: OpenMP spin-waiting under contention makes two
     # threads slower than one; dense and pruned run alike, so ratios stay fair.
@@ -151,6 +175,11 @@ def main() -> None:
              for part in ("attn", "mlp", "layer")}
     for key in sizes:
         sizes[key] = block_parameters(base.adapter, Block.parse(key))
+    head = base.model.get_output_embeddings().weight.numel()
+    layers = base.adapter.num_layers
+    if args.annotate_only:
+        annotate(args.out, head, sizes, layers)
+        return
     calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     wiki = load_text("wiki", split="test")
 
@@ -181,7 +210,7 @@ def main() -> None:
     top_layers, top_ratio = levels[-1][1], levels[-1][2]
     orders = {}
     previous = json.loads(args.out.read_text()) if args.reuse_searches else {}
-    for method in METHODS:
+    for method in args.methods:
         if method in previous.get("searches", {}):
             # the greedy orders of an earlier run with the same calibration: skip the search
             assert previous["calibration"] == result["calibration"], "calibration differs"
@@ -191,12 +220,15 @@ def main() -> None:
         options = (PruneOptions(method=method, ratio=top_ratio - 1e-9) if method == "blockpruner"
                    else PruneOptions(method=method, layers=top_layers))
         options.search_shortlist = args.search_shortlist
+        if method != "shortgpt":  # one pass over all windows; the greedy ones search
+            options.search_samples = args.search_samples
         work = copy_loaded(base)
         t = time.perf_counter()
         run = prune(work, options, calib, progress=True)
         s = run.summary
         orders[method] = s["removed"]
-        result["searches"][method] = {"removed": s["removed"],
+        result["searches"][method] = {"removed": s["removed"], "search_samples": (
+                                          options.search_samples or args.nsamples),
                                       "calibration_perplexity": s["calibration_perplexity"],
                                       "search": s["search"], "seconds": time.perf_counter() - t,
                                       **({"block_influence": s["block_influence"]}
@@ -211,7 +243,7 @@ def main() -> None:
     for target, k, achieved in levels:
         level = {"target_ratio": target, "layer_methods_ratio": achieved, "methods": {}}
         models = {"dense": base.model}
-        for method in METHODS:
+        for method in args.methods:
             n = k if method != "blockpruner" else prefix_for(orders[method], sizes, total,
                                                              achieved)
             work = copy_loaded(base)
@@ -223,6 +255,8 @@ def main() -> None:
                                         "ratio": 1 - params / total, "parameters": params,
                                         "perplexity": ev["perplexity"],
                                         "layers_left": work.model.config.num_hidden_layers,
+                                        "proportional_speedup": proportional_speedup(
+                                            sizes, orders[method][:n], head, layers),
                                         "config": surgery["config"]}
             if args.zeroshot_limit:
                 level["methods"][method]["zeroshot"] = zeroshot_accuracy(work, args)
@@ -231,7 +265,7 @@ def main() -> None:
                   f"({len(blocks)} removed, ratio {1 - params / total:.4f})", flush=True)
         timing = time_models(models, args.repeats, args.eval_seqlen, args.new_tokens, args.seed)
         level["dense_timing"] = timing["dense"]
-        for method in METHODS:
+        for method in args.methods:
             level["methods"][method].update(timing[method])
         result["levels"].append(level)
         del models

@@ -72,7 +72,8 @@ class BlockSearch:
         self.tokens = sum(t.numel() for t in self.targets)
         self.windows = len(windows)
         self.removed: list[Block] = []
-        self.screened: set[Block] = set()  # candidates the last score() only screened
+        # candidates the last score() only screened, with their screening-window NLL
+        self.screening: dict[Block, float] = {}
         self.cost = SearchCost(seconds=time.perf_counter() - start)
 
     @property
@@ -144,13 +145,14 @@ class BlockSearch:
 
         Exact by default: every candidate on every window. With `shortlist=K` (and more than
         one batch of windows) every candidate is first screened on the first quarter of the
-        batches, and only the K best screened are scored on all windows; the others keep
-        their screening score (an estimate), `screened` lists who was only screened. The
-        returned best is then always scored on every window.
+        batches, and only the K best screened are scored on all windows. Only scores over
+        every window are returned (so a caller's min is over the finalists: a screening
+        score is on other text and not comparable); the screening scores of the others are
+        in `screening`.
         """
         t = time.perf_counter()
         batches = list(range(len(self.inputs)))
-        self.screened = set()
+        self.screening = {}
         self.cost.naive_passes += len(candidates)
         if shortlist is None or len(batches) < 2 or shortlist >= len(candidates):
             sums = self._scan(candidates, batches, desc)
@@ -160,13 +162,11 @@ class BlockSearch:
             rest = batches[len(screen):]
             screen_tokens = sum(self.targets[b].numel() for b in screen)
             first = self._scan(candidates, screen, f"{desc} (screen)")
-            scores = {c: v / screen_tokens for c, v in first.items()}
             ranked = sorted(candidates, key=lambda c: (first[c], -c.layer, c.part))
             finalists = ranked[:shortlist]
             second = self._scan(finalists, rest, f"{desc} (top {shortlist})")
-            for c in finalists:
-                scores[c] = (first[c] + second[c]) / self.tokens
-            self.screened = set(ranked[shortlist:])
+            scores = {c: (first[c] + second[c]) / self.tokens for c in finalists}
+            self.screening = {c: first[c] / screen_tokens for c in ranked[shortlist:]}
         self.cost.seconds += time.perf_counter() - t
         return scores
 

@@ -63,7 +63,8 @@ class BlockPruner(ModelMethod):
                 candidates.remove(attn_left[0])
             scores = search.score(candidates, desc=f"blockpruner removal {len(order) + 1}",
                                   shortlist=self.target.shortlist)
-            best = min(candidates, key=lambda b: (scores[b], -b.layer, b.part))
+            # scores holds only candidates scored on every window (see --search-shortlist)
+            best = min(scores, key=lambda b: (scores[b], -b.layer, b.part))
             search.remove(best)
             order.append(best)
             removed_params += sizes[best]

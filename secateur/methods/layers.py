@@ -193,7 +193,7 @@ class SLEB(_WholeLayers):
             scores = search.score(remaining, desc=f"sleb removal {len(order) + 1}",
                                   shortlist=self.target.shortlist)
             # ties go to the later layer index, deterministically
-            best = min(remaining, key=lambda b: (scores[b], -b.layer))
+            best = min(scores, key=lambda b: (scores[b], -b.layer))
             search.remove(best)
             order.append(best)
             removed_params += sizes[best.layer]
