@@ -104,7 +104,10 @@ def start_search(context: PruneContext, target: DepthTarget) -> Any:
     if context.block_search is None:
         raise SecateurError("this depth method needs the block-search engine; run it through "
                             "secateur.api.prune")
-    return context.block_search(search_windows(context, target), dtype=target.search_dtype)
+    windows = search_windows(context, target)
+    # the shortlist screens on the first quarter of the batches: make sure there are four
+    batch = 8 if target.shortlist is None else max(1, min(8, math.ceil(len(windows) / 4)))
+    return context.block_search(windows, batch_size=batch, dtype=target.search_dtype)
 
 
 def ppl(nll: float) -> float:
