@@ -71,7 +71,7 @@ class BlockSearch:
                        for i in range(0, len(windows), batch_size)]
         self.targets = [torch.cat(windows[i:i + batch_size])[:, 1:]
                         for i in range(0, len(windows), batch_size)]
-        self.tokens = sum(t.numel() for t in self.targets)
+        self.tokens = self._tokens(range(len(self.targets)))
         self.windows = len(windows)
         self.removed: list[Block] = []
         # candidates the last score() only screened, with their screening-window NLL
@@ -81,6 +81,10 @@ class BlockSearch:
     @property
     def num_layers(self) -> int:
         return len(self.calls)
+
+    def _tokens(self, batches: Sequence[int]) -> int:
+        """Scored (next-token) positions in `batches`."""
+        return sum(self.targets[b].numel() for b in batches)
 
     def _share(self, hidden: list[torch.Tensor]) -> float:
         """The share of all calibration windows in `hidden` (cost counts whole passes)."""
@@ -162,12 +166,12 @@ class BlockSearch:
         else:
             screen = batches[:max(1, len(batches) // 4)]
             rest = batches[len(screen):]
-            screen_tokens = sum(self.targets[b].numel() for b in screen)
             first = self._scan(candidates, screen, f"{desc} (screen)")
             ranked = sorted(candidates, key=lambda c: (first[c], -c.layer, c.part))
             finalists = ranked[:shortlist]
             second = self._scan(finalists, rest, f"{desc} (top {shortlist})")
             scores = {c: (first[c] + second[c]) / self.tokens for c in finalists}
+            screen_tokens = self._tokens(screen)
             self.screening = {c: first[c] / screen_tokens for c in ranked[shortlist:]}
         self.cost.seconds += time.perf_counter() - t
         return scores
@@ -181,7 +185,7 @@ class BlockSearch:
         sums: dict[Block, float] = {}
         best: tuple[float, Block] | None = None
         hidden = [self.inputs[b] for b in batches]
-        tokens = sum(self.targets[b].numel() for b in batches)
+        tokens = self._tokens(batches)
         last = max(by_layer, default=-1)
         bar = tqdm(total=len(candidates), desc=desc, disable=not self.progress, leave=False)
         for i in range(last + 1):
@@ -212,5 +216,5 @@ class BlockSearch:
 
     def summary(self) -> dict[str, float]:
         return {**self.cost.to_dict(self.num_layers),
-                "windows": sum(x.shape[0] for x in self.inputs), "tokens_scored": self.tokens,
+                "windows": self.windows, "tokens_scored": self.tokens,
                 "dtype": str(self.dtype).removeprefix("torch.")}
