@@ -69,3 +69,69 @@ def test_auto_bos_puts_bos_on_every_gemma_window():
                        progress=False)
     llama = perplexity(tiny_model("llama"), tok, src, seqlen=32, max_windows=2, progress=False)
     assert gemma.protocol.bos == "each" and llama.protocol.bos == "default"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "opt", "gpt_neox"])
+def test_batched_windows_equal_one_at_a_time_in_fp32(family):
+    """Batching and the chunked head (last hidden state -> logits in row chunks) change the
+    float rounding only; Gemma's softcap and OPT's head path go through the adapter."""
+    model, tok = tiny_model(family), byte_tokenizer()
+    src = _small_wiki()
+    one = perplexity(model, tok, src, seqlen=48, max_windows=7, batch_size=1, progress=False)
+    many = perplexity(model, tok, src, seqlen=48, max_windows=7, batch_size=4, progress=False)
+    assert many.perplexity == pytest.approx(one.perplexity, rel=1e-5)
+    assert many.tokens == one.tokens == 7 * 47
+    assert many.protocol == one.protocol  # batch size is not part of the protocol
+
+
+def test_chunked_head_equals_the_models_own_logits():
+    from secateur.eval.perplexity import HEAD_ROWS, batch_nll
+    from secateur.models import adapter_for
+
+    model = tiny_model("gemma3_text")  # softcapped logits: the head is more than lm_head
+    ids = torch.randint(0, 256, (2, HEAD_ROWS // 2 + 40))  # 2 x 167 positions: 2 chunks
+    chunked = batch_nll(model, ids, adapter_for(model))
+    full = batch_nll(model, ids, None)  # the model's own full logits
+    logits = model(input_ids=ids).logits[:, :-1].reshape(-1, 260)
+    ref = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+    assert chunked.dtype == torch.float64
+    assert chunked.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert full.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_bfloat16_compute_is_close_and_recorded():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    src = _small_wiki()
+    fp32 = perplexity(model, tok, src, seqlen=64, max_windows=4, progress=False)
+    bf16 = perplexity(model, tok, src, seqlen=64, max_windows=4, compute_dtype="bfloat16",
+                      progress=False)
+    assert (fp32.protocol.compute_dtype, bf16.protocol.compute_dtype) == ("float32", "bfloat16")
+    assert bf16.protocol.dtype == "float32"  # the weights stay as they are
+    assert next(model.parameters()).dtype == torch.float32
+    assert bf16.perplexity != fp32.perplexity  # it did run in bf16
+    assert bf16.perplexity == pytest.approx(fp32.perplexity, rel=5e-3)
+
+
+def test_compute_dtype_choices():
+    tok = byte_tokenizer()
+    src = _small_wiki()
+    model = tiny_model("llama").to(torch.bfloat16)
+    r = perplexity(model, tok, src, seqlen=32, max_windows=2, progress=False)
+    assert (r.protocol.dtype, r.protocol.compute_dtype) == ("bfloat16", "bfloat16")
+    with pytest.raises(SecateurError, match="load it with dtype float32"):
+        perplexity(model, tok, src, seqlen=32, compute_dtype="float32", progress=False)
+    with pytest.raises(SecateurError, match="unknown compute dtype"):
+        perplexity(model, tok, src, seqlen=32, compute_dtype="int8", progress=False)
+    with pytest.raises(SecateurError, match="batch-size"):
+        perplexity(model, tok, src, seqlen=32, batch_size=0, progress=False)
+
+
+def test_result_round_trips_through_its_dict():
+    from secateur.eval.perplexity import PerplexityResult
+
+    r = perplexity(tiny_model("llama"), byte_tokenizer(), _small_wiki(), seqlen=32,
+                   max_windows=2, progress=False)
+    assert PerplexityResult.from_dict(r.to_dict()) == r
+    old = r.to_dict()
+    del old["protocol"]["compute_dtype"]  # written before compute dtypes existed
+    assert PerplexityResult.from_dict(old).protocol.compute_dtype == "float32"

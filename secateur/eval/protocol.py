@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 
 PROTOCOLS = {
@@ -39,8 +39,18 @@ class PerplexityProtocol:
     windows_available: int
     tokens_scored: int
     bos: str
-    dtype: str
+    dtype: str  # the weights'
     versions: dict
+    # the dtype the forward ran in (bf16 moves perplexity by ~0.1-1%); the NLL is fp32 either way
+    compute_dtype: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PerplexityProtocol:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        # results written before compute_dtype was recorded ran in the weights' dtype
+        values.setdefault("compute_dtype", values.get("dtype", ""))
+        return cls(**values)
