@@ -1,82 +1,82 @@
 """LoRA recovery after pruning (LLM-Pruner's recovery stage): fine-tune low-rank adapters on
-a text, merge them into the weights, save the merged model.
+the language-model loss of a text, merge them into the weights, save the merged model.
 
-Training draws `steps * batch_size` random windows of `seqlen` tokens from the text (the same
-seeded sampler as calibration), runs AdamW with linear warm-up and decay, and writes a
-checkpoint (adapter weights, optimizer, schedule, RNG state) every `save_every` steps beside
-the output directory, so an interrupted run picks up from its last checkpoint when started
-again with the same settings. The merged model keeps the pruned model's classes and config:
-a stock config stays stock, secateur's per-layer-width class keeps its `auto_map`.
+The loop is `secateur.recovery.training`'s: packed windows of the text in a seeded order, AdamW
+with warm-up and decay, a resumable checkpoint every `save_every` steps beside the output
+directory, and pruned weights kept exactly zero through the merge. The merged model keeps the
+pruned model's classes and config: a stock config stays stock, secateur's per-layer-width class
+keeps its `auto_map`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
+import torch.nn.functional as F
+from torch import nn
 
-from secateur.errors import SecateurError
+from secateur.config import StepKind
+from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
+from secateur.recovery.data import TokenWindows, pack
+from secateur.recovery.training import TrainConfig, TrainResult, train
+from secateur.recovery.training import target_modules as target_modules  # re-exported
+
+LoraResult = TrainResult  # the name older callers import
 
 
-@dataclass
-class LoraSpec:
-    """Defaults follow LLM-Pruner's recovery (rank 8, alpha 16, dropout 0.05, lr 1e-4)."""
+class LoRAConfig(TrainConfig):
+    """LoRA on the LM loss; defaults follow LLM-Pruner's recovery (rank 8, alpha 16, dropout
+    0.05, lr 1e-4, linear decay)."""
 
-    data: str = "c4-sample"
-    steps: int = 200
-    seqlen: int = 256
-    batch_size: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: list[str] | None = None  # module names; None: every projection of the decoder
-    seed: int = 0
-    save_every: int = 50
-
-    def validate(self) -> None:
-        for key in ("steps", "seqlen", "batch_size", "rank", "save_every"):
-            if getattr(self, key) < 1:
-                raise SecateurError(f"--{key.replace('_', '-')} must be at least 1, got "
-                                    f"{getattr(self, key)}")
-        if not self.lr > 0:
-            raise SecateurError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.dropout < 1:
-            raise SecateurError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    method: ClassVar[str] = "lora"
+    kind: ClassVar[StepKind] = "recover"
 
 
-@dataclass
-class LoraResult:
-    spec: dict[str, Any]
-    steps: int
-    resumed_from: int
-    tokens: int
-    losses: list[float] = field(default_factory=list)  # mean loss per logged interval
-    seconds: float = 0.0
-    trainable_parameters: int = 0
+LoraSpec = LoRAConfig  # the name `secateur recover` imports until it builds LoRAConfig itself
 
 
-def target_modules(loaded: Loaded) -> list[str]:
-    """The leaf names of every decoder projection (q_proj, ..., down_proj), from the adapter."""
-    adapter = loaded.adapter
-    names: set[str] = set()
-    for layer in adapter.layers:
-        names.update(name.split(".")[-1] for name in adapter.linears(layer))
-    return sorted(names)
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy of positions start .. seqlen - 2."""
+    logits = logits[:, start:-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start + 1:].reshape(-1))
+
+
+class LanguageModeling:
+    """Objective: next-token cross-entropy on the text itself."""
+
+    def __init__(self, data: TokenWindows) -> None:
+        self.data = data
+
+    def loss(self, model: nn.Module, index: torch.Tensor, sample: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = self.data.train[index].to(next(model.parameters()).device)
+        loss = lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        return loss, {"ce": loss.item()}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"heldout_ppl": heldout_perplexity(model, self.data.heldout)}
+
+
+def heldout_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    nll = [lm_loss(model(input_ids=w[None].to(device), use_cache=False).logits, w[None].to(device))
+           for w in windows]
+    return float(torch.stack(nll).mean().exp())
+
+
+def train_lora(loaded: Loaded, config: LoRAConfig, checkpoint: Path | None = None,
+               progress: bool = True,
+               on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Fine-tune LoRA adapters on `loaded.model`, merge them in; `loaded.model` is replaced."""
+    data = pack(loaded.model, loaded.tokenizer, config.data, config.seqlen, config.heldout_windows,
+                config.seed)
+    return train(loaded, config, LanguageModeling(data), data, "lora", checkpoint, progress,
+                 on_step, desc="LoRA recovery")
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -84,135 +84,78 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.lora-checkpoint")
 
 
-def _schedule(spec: LoraSpec) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < spec.warmup_steps:
-            return (step + 1) / spec.warmup_steps
-        left = max(1, spec.steps - spec.warmup_steps)
-        return max(0.0, 1 - (step - spec.warmup_steps) / left)
+def _perplexity(loaded: Loaded, evaluation: Any, source: Any, progress: bool) -> dict[str, Any]:
+    from secateur.eval.perplexity import perplexity
 
-    return factor
+    return perplexity(loaded.model, loaded.tokenizer, source, evaluation.seqlen,
+                      evaluation.max_windows, evaluation.protocol, evaluation.bos,
+                      progress).to_dict()
 
 
-def _save_checkpoint(path: Path, step: int, model, optimizer, scheduler, spec: LoraSpec,
-                     losses: list[float]) -> None:
-    from peft import get_peft_model_state_dict
+def save_like_input(loaded: Loaded, model_dir: str, out: Path, result: dict[str, Any],
+                    overwrite: bool) -> None:
+    """A compact (bitmask) input is saved compact again, anything else as safetensors."""
+    from secateur.surgery.compact import is_compact, save_compact
+    from secateur.surgery.save import save_model
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "step": step, "losses": losses}, tmp / "state.pt")
-    (tmp / "spec.json").write_text(json.dumps({"fingerprint": spec.fingerprint(),
-                                               "spec": asdict(spec), "step": step}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # a checkpoint is either whole or absent
+    source = Path(model_dir)
+    if source.is_dir() and is_compact(source):
+        save_compact(loaded.model, loaded.tokenizer, out, result, overwrite)
+    else:
+        save_model(loaded.model, loaded.tokenizer, out, result, overwrite)
 
 
-def _load_checkpoint(path: Path, spec: LoraSpec) -> dict[str, Any] | None:
-    if not (path / "state.pt").is_file():
-        return None
-    meta = json.loads((path / "spec.json").read_text())
-    if meta["fingerprint"] != spec.fingerprint():
-        raise SecateurError(f"the checkpoint in '{path}' was made with other settings "
-                            f"({meta['spec']}): rerun with those, or delete it to start over")
-    return torch.load(path / "state.pt", weights_only=False)
-
-
-def train_lora(loaded: Loaded, spec: LoraSpec, checkpoint: Path | None = None,
-               progress: bool = True,
-               on_step: Callable[[int, float], None] | None = None) -> LoraResult:
-    """Fine-tune LoRA adapters on `loaded.model`, merge them in; `loaded.model` is replaced."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-    from secateur.data.sources import load_text
-    from secateur.data.windows import calibration_windows
-
-    spec.validate()
-    source = load_text(spec.data, split="train")
-    torch.manual_seed(spec.seed)
-    windows = calibration_windows(loaded.tokenizer, source, spec.steps * spec.batch_size,
-                                  spec.seqlen, spec.seed)
-    targets = spec.targets or target_modules(loaded)
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(loaded.model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
-    start_step, losses = 0, []
-    state = _load_checkpoint(checkpoint, spec) if checkpoint is not None else None
-    if state is not None:
-        set_peft_model_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_step, losses = state["step"], list(state["losses"])
-    model.train()
-    begin = time.perf_counter()
-    bar = tqdm(range(start_step, spec.steps), desc="LoRA recovery", disable=not progress,
-               initial=start_step, total=spec.steps)
-    for step in bar:
-        batch = torch.cat(windows[step * spec.batch_size:(step + 1) * spec.batch_size])
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not math.isfinite(loss.item()):
-            raise SecateurError(f"LoRA loss became {loss.item()} at step {step}: lower --lr")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        done = step + 1
-        if checkpoint is not None and (done % spec.save_every == 0) and done < spec.steps:
-            _save_checkpoint(checkpoint, done, model, optimizer, scheduler, spec, losses)
-        if on_step is not None:
-            on_step(done, loss.item())
-    model.eval()
-    merged = model.merge_and_unload()
-    merged.eval()
-    for p in merged.parameters():
-        p.requires_grad_(False)
-    loaded.model = merged
-    return LoraResult(spec=asdict(spec), steps=spec.steps, resumed_from=start_step,
-                      tokens=(spec.steps - start_step) * spec.batch_size * spec.seqlen,
-                      losses=losses, seconds=time.perf_counter() - begin,
-                      trainable_parameters=sum(p.numel() for p in params))
-
-
-def recover_job(model_dir: str, out: Path, spec: LoraSpec, evaluation: Any = None,
+def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any = None,
                 json_path: Path | None = None, overwrite: bool = False,
                 progress: bool = True,
                 on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save."""
-    from secateur.api import count_parameters, peak_rss_mib
-    from secateur.jobs import evaluate_perplexity
-    from secateur.models.loading import load
-    from secateur.surgery.save import check_output_dir, dir_bytes, save_model, write_json_atomic
+    """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save.
 
-    spec.validate()
+    `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity)."""
+    from secateur.api import peak_rss_mib
+    from secateur.data.sources import load_text
+    from secateur.models.loading import load
+    from secateur.params import count_parameters
+    from secateur.surgery.save import check_output_dir, dir_bytes, write_json_atomic
+
     out = Path(out)
     check_output_dir(out, overwrite)
+    evaluate = evaluation is not None and evaluation.data is not None
+    eval_text = load_text(evaluation.data, split="test") if evaluate else None
     loaded = load(model_dir)
     result: dict[str, Any] = {"model": str(model_dir), "recovery": "lora"}
-    if evaluation is not None and evaluation.data is not None:
-        result["perplexity_before"] = evaluate_perplexity(loaded, evaluation,
-                                                          progress)["perplexity"]
+    if evaluate:
+        result["perplexity_before"] = _perplexity(loaded, evaluation, eval_text,
+                                                  progress)["perplexity"]
     ckpt = checkpoint_dir(out)
-    run = train_lora(loaded, spec, ckpt, progress, on_step)
-    result["lora"] = asdict(run)
-    if evaluation is not None and evaluation.data is not None:
-        after = evaluate_perplexity(loaded, evaluation, progress)
+    run = train_lora(loaded, config, ckpt, progress, on_step)
+    result["lora"] = run.to_dict()
+    if evaluate:
+        after = _perplexity(loaded, evaluation, eval_text, progress)
         result["perplexity"] = after["perplexity"]
         result["protocol"] = after["protocol"]
     result["parameters"] = count_parameters(loaded.model)["parameters"]
     result["peak_rss_mib"] = peak_rss_mib()
-    save_model(loaded.model, loaded.tokenizer, out, result, overwrite)
+    save_like_input(loaded, model_dir, out, result, overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     result["out"] = str(out)
     result["bytes_on_disk"] = dir_bytes(out)
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
     return result
+
+
+def recovery_loaded(context: PruneContext) -> Loaded:
+    """The model a recovery step trains: the API's Loaded, or one built from the context."""
+    if context.loaded is not None:
+        return context.loaded
+    return Loaded(context.model, context.tokenizer, context.adapter, "", "")
+
+
+@register_method(LoRAConfig)
+class LoRA(ModelMethod):
+    needs_calibration = False
+
+    def run(self, context: PruneContext) -> dict[str, Any]:
+        return train_lora(recovery_loaded(context), self.config, None,
+                          context.progress).to_dict()

@@ -1,0 +1,296 @@
+"""The one training loop behind every recovery: LoRA on the LM loss and distillation.
+
+An `Objective` says what a micro-batch costs (cross-entropy, a divergence from the teacher,
+...) and how to score the held-out windows; this module does the rest the same way for all of
+them: full fine-tuning or LoRA (peft, merged at the end), AdamW with warm-up and linear or
+cosine decay, gradient accumulation, optional bf16 autocast, pruning masks kept exactly zero,
+a held-out evaluation every K steps, and a checkpoint every `save_every` steps from which a
+killed run resumes bit-identically (weights, optimizer, RNG and progress are all in it, and the
+data order is a function of the step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateur.config import MethodConfig
+from secateur.errors import SecateurError
+from secateur.models.base import adapter_for
+from secateur.models.loading import Loaded
+from secateur.recovery.data import TokenWindows
+from secateur.recovery.masks import Masks, projection_modules, record_masks
+
+Mode = Literal["full", "lora"]
+
+
+class TrainConfig(MethodConfig):
+    """Settings every recovery trainer shares; not a method by itself."""
+
+    data: str = Field("c4-sample", description="training text: c4-sample, wiki, a Hub name "
+                                               "(c4, wikitext2) or a .txt/.jsonl/.parquet file")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    seqlen: int = Field(256, ge=2, description="tokens per training window (packed text)")
+    batch_size: int = Field(1, ge=1, description="windows per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    warmup_steps: int = Field(10, ge=0, description="steps of linear warm-up")
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="decay after warm-up, down to 0 at the last step")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: none)")
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    targets: tuple[str, ...] | None = Field(
+        None, description="module names LoRA adapts (default: every decoder projection)")
+    bf16: bool = Field(False, description="bf16 autocast for forward passes (losses in fp32)")
+    keep_masks: bool = Field(True, description="weights that are exactly zero before training "
+                                               "(sparse models) stay exactly zero")
+    heldout_windows: int = Field(4, ge=0, description="windows held out from the end of the text "
+                                                   "for held-out perplexity")
+    heldout_every: int = Field(0, ge=0, description="held-out evaluation every K steps (0: "
+                                                 "before and after only)")
+    save_every: int = Field(50, ge=1, description="checkpoint every K steps (resumable)")
+    seed: int = Field(0, description="seed for data order, LoRA init, dropout and sampling")
+
+    def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
+        """What a checkpoint must have been made with (save_every only changes when)."""
+        settings = {k: v for k, v in self.settings().items() if k != "save_every"}
+        blob = json.dumps({"settings": settings, "extra": extra or {}}, sort_keys=True,
+                          default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Objective(Protocol):
+    def loss(self, model: nn.Module, index: torch.Tensor, sample: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of training windows `index` (the micro-batch starting at sample `sample`)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out metrics of `model` (in eval mode, no gradients)."""
+
+
+@dataclass
+class TrainResult:
+    method: str
+    settings: dict[str, Any]
+    mode: str
+    steps: int
+    resumed_from: int
+    tokens: int  # tokens fed to the student over the whole run, resumes included
+    seconds: float = 0.0  # training wall time, resumes included
+    tokens_per_second: float = 0.0
+    losses: list[float] = field(default_factory=list)  # total loss per optimizer step
+    parts: dict[str, list[float]] = field(default_factory=dict)  # each term per step
+    evals: list[dict[str, float]] = field(default_factory=list)  # held-out, by step
+    trainable_parameters: int = 0
+    masks: dict[str, int] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to the peak, then linear or cosine decay to 0 at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    left = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / left)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1 - progress
+
+
+def target_modules(loaded: Loaded) -> list[str]:
+    """The leaf names of every decoder projection (q_proj, ..., down_proj)."""
+    return sorted({path.split(".")[-1] for path, _ in projection_modules(loaded.adapter)})
+
+
+def _wrap(loaded: Loaded, config: TrainConfig, mode: Mode) -> tuple[nn.Module, list[nn.Parameter]]:
+    if mode == "full":
+        model = loaded.model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, [p for p in model.parameters() if p.requires_grad]
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.targets or target_modules(loaded)),
+                      bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(loaded.model, lora)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _unwrap(loaded: Loaded, model: nn.Module, mode: Mode, masks: Masks) -> None:
+    if mode == "lora":
+        model = model.merge_and_unload()
+    masks.apply(model)  # the LoRA delta is dense: the merge wrote into pruned weights
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if model is not loaded.model:
+        loaded.model, loaded.adapter = model, adapter_for(model)
+
+
+def _trainable_state(model: nn.Module, mode: Mode) -> dict[str, torch.Tensor]:
+    if mode == "lora":
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def _load_trainable(model: nn.Module, mode: Mode, state: dict[str, torch.Tensor]) -> None:
+    if mode == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state)
+
+
+STATE = "state.pt"
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """One file, replaced atomically: a checkpoint is either whole or the previous one."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE}.", dir=path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / STATE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not (path / STATE).is_file():
+        return None
+    state = torch.load(path / STATE, weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise SecateurError(f"the checkpoint in '{path}' was made with other settings "
+                            f"({state.get('settings')}): rerun with those, or delete it to "
+                            "start over")
+    return state
+
+
+def _autocast(model: nn.Module, enabled: bool):
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _evaluate(model: nn.Module, objective: Objective, step: int, tokens: int,
+              bf16: bool) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(model, bf16):
+        record = {"step": step, "tokens": tokens, **objective.evaluate(model)}
+    model.train(was_training)
+    return record
+
+
+def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: TokenWindows,
+          mode: Mode, checkpoint: Path | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None, desc: str = "training",
+          fingerprint_extra: dict[str, Any] | None = None) -> TrainResult:
+    """Train `loaded.model` on `objective`; LoRA is merged in and masks re-applied at the end,
+    so `loaded.model` is the finished model (the same object unless peft replaced it)."""
+    model_for_masks = loaded.model
+    masks = record_masks(model_for_masks, loaded.adapter) if config.keep_masks else Masks()
+    torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
+    model, params = _wrap(loaded, config, mode)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
+    fingerprint = config.fingerprint({"mode": mode, "shapes": shapes, **(fingerprint_extra or {})})
+    per_step = config.batch_size * config.grad_accum
+    result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
+                         steps=config.steps, resumed_from=0, tokens=0,
+                         trainable_parameters=sum(p.numel() for p in params),
+                         masks=masks.summary(), data=data.record)
+    state = load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
+    if state is not None:
+        _load_trainable(model, mode, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        result = TrainResult.from_dict(state["result"])
+        result.resumed_from = state["step"]
+    start = result.resumed_from
+    model.train()
+    if start == 0 and config.heldout_windows:
+        result.evals.append(_evaluate(model, objective, 0, 0, config.bf16))
+    begin, seconds_before, tokens_now = time.perf_counter(), result.seconds, 0
+    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, initial=start,
+               total=config.steps, unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        total, parts = 0.0, {}
+        for micro in range(config.grad_accum):
+            sample = (step * config.grad_accum + micro) * config.batch_size
+            index = data.indices(sample, config.batch_size)
+            with _autocast(model, config.bf16):
+                loss, terms = objective.loss(model, index, sample)
+            if not math.isfinite(loss.item()):
+                raise SecateurError(f"the training loss became {loss.item()} at step {step}: "
+                                    "lower --lr")
+            (loss / config.grad_accum).backward()
+            total += loss.item() / config.grad_accum
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + v / config.grad_accum
+        masks.mask_grads(model)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if mode == "full":
+            masks.apply(model)  # weight decay and Adam keep zeros at zero; this makes it exact
+        done = step + 1
+        tokens_now += per_step * config.seqlen
+        result.tokens = done * per_step * config.seqlen
+        result.losses.append(total)
+        for k, v in parts.items():
+            result.parts.setdefault(k, []).append(v)
+        elapsed = time.perf_counter() - begin
+        result.seconds = seconds_before + elapsed
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens_now / max(elapsed, 1e-9):.0f}")
+        if config.heldout_windows and config.heldout_every and done % config.heldout_every == 0 \
+                and done < config.steps:
+            result.evals.append(_evaluate(model, objective, done, result.tokens, config.bf16))
+        if checkpoint is not None and done % config.save_every == 0 and done < config.steps:
+            save_checkpoint(checkpoint, {
+                "fingerprint": fingerprint, "settings": config.settings(), "step": done,
+                "trainable": _trainable_state(model, mode), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "result": result.to_dict()})
+        if on_step is not None:
+            on_step(done, total)
+    if config.heldout_windows:
+        result.evals.append(_evaluate(model, objective, config.steps, result.tokens,
+                                      config.bf16))
+    result.tokens_per_second = result.tokens / result.seconds if result.seconds else 0.0
+    _unwrap(loaded, model, mode, masks)
+    return result
