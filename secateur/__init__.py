@@ -1,17 +1,47 @@
 """secateur: make causal language models smaller and faster, and prove it."""
 
-from secateur.api import CalibrationSpec, PruneRun, count_parameters, prune
+from secateur.api import (
+    CalibrationConfig,
+    StepResult,
+    count_parameters,
+    prune,
+    quantize,
+    recover,
+    run_step,
+)
+from secateur.config import ConfigError, MethodConfig
 from secateur.errors import SecateurError
-from secateur.methods import PruneOptions
+from secateur.methods import (
+    BlockPrunerConfig,
+    LLMPrunerConfig,
+    MagnitudeConfig,
+    OWLConfig,
+    ShortGPTConfig,
+    SLEBConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from secateur.models.loading import Loaded, load
 
 __all__ = [
-    "CalibrationSpec",
+    "BlockPrunerConfig",
+    "CalibrationConfig",
+    "ConfigError",
+    "LLMPrunerConfig",
     "Loaded",
-    "PruneOptions",
-    "PruneRun",
+    "MagnitudeConfig",
+    "MethodConfig",
+    "OWLConfig",
+    "SLEBConfig",
     "SecateurError",
+    "ShortGPTConfig",
+    "SparseGPTConfig",
+    "StepResult",
+    "WandaConfig",
     "count_parameters",
     "load",
     "prune",
+    "quantize",
+    "recover",
+    "run_step",
 ]

@@ -1,45 +1,90 @@
-"""The Python API behind the CLI: load, prune, evaluate."""
+"""The Python API: one verb per kind of step, a typed config saying what.
+
+    loaded = secateur.load("smollm2-135m")
+    secateur.prune(loaded, WandaConfig(sparsity=0.5), data="c4-sample")
+    secateur.quantize(loaded, GPTQConfig(bits=4, group_size=128), data=CalibrationConfig(...))
+    secateur.evaluate(loaded, PerplexityConfig(data="wiki"))
+
+`data` is a text source name (`c4-sample`, `wiki`, a Hub dataset), a local text path, a
+`CalibrationConfig`, or ready token windows (a (n, seqlen) tensor or a list of (1, seqlen)
+tensors).
+"""
 
 from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
+from secateur.config import Config, MethodConfig, StepKind
 from secateur.data.sources import load_text
 from secateur.data.windows import calibration_windows
 from secateur.engine.block_search import BlockSearch
 from secateur.engine.capture import capture_layer_inputs
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
+from secateur.errors import SecateurError
 from secateur.eval.perplexity import context_length
-from secateur.methods import LayerwiseMethod, PruneContext, PruneOptions, build_method
-from secateur.models.loading import Loaded
+from secateur.methods import LayerwiseMethod, PruneContext, build_method
+from secateur.models.base import adapter_for
+from secateur.models.loading import Loaded, load
 from secateur.params import count_parameters as count_parameters  # re-exported API
 
 
-@dataclass
-class CalibrationSpec:
-    source: str = "c4-sample"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
+class CalibrationConfig(Config):
+    """Which calibration windows: SparseGPT/Wanda's sampler over a text source."""
+
+    source: str = Field("c4-sample", description="Calibration text.")
+    nsamples: int = Field(128, ge=1, description="Calibration windows.")
+    seqlen: int = Field(2048, ge=2, description="Tokens per calibration window.")
+    seed: int = Field(0, ge=0, description="Picks calibration windows and breaks ties.")
+
+    def __init__(self, source: str = "c4-sample", nsamples: int = 128, seqlen: int = 2048,
+                 seed: int = 0, **kw: Any) -> None:
+        super().__init__(source=source, nsamples=nsamples, seqlen=seqlen, seed=seed, **kw)
+
+
+Data = str | Path | CalibrationConfig | torch.Tensor | Sequence[torch.Tensor] | None
 
 
 @dataclass
-class PruneRun:
+class StepResult:
+    """What one step did: its settings, per-layer reports, summary, cost."""
+
     method: str
-    options: dict[str, Any]
-    calibration: dict[str, Any]
+    kind: str
+    config: dict[str, Any]
+    calibration: dict[str, Any] | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, dict[str, int]] = field(default_factory=dict)  # before / after
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
+    perplexity: float | None = None  # after the step, when a recipe asks for it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def sparsity(self) -> float | None:
+        """Zeros over all weights of the matrices a layer-wise method touched."""
+        zeros = total = 0.0
+        for layer in self.layers:
+            for m in layer["matrices"].values():
+                if "sparsity" in m:
+                    zeros += m["sparsity"] * m["numel"]
+                    total += m["numel"]
+        return zeros / total if total else None
 
 
 def peak_rss_mib() -> float:
@@ -47,7 +92,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def calibration_data(loaded: Loaded, spec: CalibrationSpec) -> tuple[list[torch.Tensor], dict]:
+def calibration_data(loaded: Loaded, spec: CalibrationConfig
+                     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     ctx = context_length(loaded.model)
     seqlen = min(spec.seqlen, ctx) if ctx else spec.seqlen
     source = load_text(spec.source, split="train")
@@ -55,51 +101,118 @@ def calibration_data(loaded: Loaded, spec: CalibrationSpec) -> tuple[list[torch.
     record = {"source": source.name, "origin": source.origin, "nsamples": spec.nsamples,
               "seqlen": seqlen, "seed": spec.seed,
               "sampler": "random document longer than seqlen, random start (SparseGPT/Wanda)"}
+    if seqlen != spec.seqlen:
+        record["seqlen_capped_from"] = spec.seqlen
     return windows, record
 
 
-def prune(
-    loaded: Loaded,
-    options: PruneOptions,
-    calibration: CalibrationSpec | None = None,
+def _given_windows(data: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    rows = list(data.unbind(0)) if isinstance(data, torch.Tensor) else list(data)
+    if not rows:
+        raise SecateurError("data holds no token windows")
+    windows = []
+    for row in rows:
+        if not isinstance(row, torch.Tensor) or row.dtype not in (torch.int64, torch.int32):
+            raise SecateurError("token windows must be integer tensors of token ids")
+        windows.append(row.reshape(1, -1).long())
+    return windows
+
+
+def resolve_data(loaded: Loaded, data: Data, seed: int = 0
+                 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Calibration windows and their record from whatever `data` the caller gave."""
+    if isinstance(data, torch.Tensor) or (isinstance(data, Sequence)
+                                          and not isinstance(data, str)):
+        windows = _given_windows(data)
+        return windows, {"source": "token windows given by the caller",
+                         "nsamples": len(windows), "seqlen": windows[0].shape[1], "seed": seed}
+    if data is None:
+        spec = CalibrationConfig()
+    elif isinstance(data, CalibrationConfig):
+        spec = data
+    else:
+        spec = CalibrationConfig(source=str(data))
+    return calibration_data(loaded, spec)
+
+
+def as_loaded(model: Loaded | str | Path | torch.nn.Module, tokenizer: Any = None) -> Loaded:
+    if isinstance(model, Loaded):
+        return model
+    if isinstance(model, str | Path):
+        return load(model)
+    if isinstance(model, torch.nn.Module):
+        return Loaded(model, tokenizer, adapter_for(model), type(model).__name__, "in memory")
+    raise SecateurError(f"expected a loaded model, a model name or an nn.Module, got "
+                        f"{type(model).__name__}")
+
+
+def run_step(
+    model: Loaded | str | Path | torch.nn.Module,
+    config: MethodConfig,
+    data: Data = None,
+    *,
+    kind: StepKind | None = None,
+    tokenizer: Any = None,
+    teacher: Any = None,
     progress: bool = True,
     device: torch.device | None = None,
-) -> PruneRun:
-    """Prune `loaded.model` in place with the method `options.method` names."""
-    method = build_method(options)  # validates the options before any slow work
-    spec = calibration or CalibrationSpec()
-    torch.manual_seed(spec.seed)
+) -> StepResult:
+    """Carry out one method on the model in place (a recovery may replace `loaded.model`)."""
+    method = build_method(config)  # refuses anything that is not a registered config
+    if kind is not None and config.kind != kind:
+        raise SecateurError(f"{config.method} is a {config.kind} method, not a {kind} one: "
+                            f"call secateur.{config.kind} with it")
+    loaded = as_loaded(model, tokenizer)
+    seed = data.seed if isinstance(data, CalibrationConfig) else 0
+    torch.manual_seed(seed)
     start = time.perf_counter()
-    windows, calib_record = calibration_data(loaded, spec)
-    model, adapter = loaded.model, loaded.adapter
+    windows: list[torch.Tensor] = []
+    calib_record = None
+    if isinstance(method, LayerwiseMethod) or method.needs_calibration:
+        windows, calib_record = resolve_data(loaded, data, seed)
+    before = count_parameters(loaded.model)
+    m, adapter = loaded.model, loaded.adapter
     context = PruneContext(
-        model=model, tokenizer=loaded.tokenizer, adapter=adapter, calibration=windows,
-        seed=spec.seed,
-        capture=lambda: capture_layer_inputs(model, adapter, windows),
+        model=m, tokenizer=loaded.tokenizer, adapter=adapter, calibration=windows, seed=seed,
+        progress=progress, loaded=loaded,
+        capture=lambda: capture_layer_inputs(m, adapter, windows),
         layerwise_stats=lambda needs, on_layer: collect_layer_stats(
-            model, adapter, windows, needs, on_layer, progress),
+            m, adapter, windows, needs, on_layer, progress),
         block_search=lambda subset=None, batch_size=8, dtype=None: BlockSearch(
-            model, adapter, windows if subset is None else subset, batch_size, progress, dtype),
+            m, adapter, windows if subset is None else subset, batch_size, progress, dtype),
+        teacher=teacher,
     )
-    run = PruneRun(method=options.method, options=asdict(options), calibration=calib_record)
+    result = StepResult(method=config.method, kind=config.kind, config=config.settings(),
+                        calibration=calib_record)
     if isinstance(method, LayerwiseMethod):
-        method.prepare(model, adapter, context)
-        reports = prune_layerwise(model, adapter, method, windows, options.sequential,
-                                  progress, device)
-        run.layers = [asdict(r) for r in reports]
-        run.summary = method.summary()
+        method.prepare(m, adapter, context)
+        reports = prune_layerwise(m, adapter, method, windows, method.sequential, progress,
+                                  device)
+        result.layers = [asdict(r) for r in reports]
+        result.summary = method.summary()
     else:
-        run.summary = method.run(context)
-    run.seconds = time.perf_counter() - start
-    run.peak_rss_mib = peak_rss_mib()
-    return run
+        result.summary = method.run(context)
+        if loaded.model is not m:  # a recovery merged adapters into a new module
+            loaded.adapter = adapter_for(loaded.model)
+    result.parameters = {"before": before, "after": count_parameters(loaded.model)}
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_mib = peak_rss_mib()
+    return result
 
 
-def achieved_sparsity(run: PruneRun) -> float | None:
-    """Zeros over all pruned matrices' weights."""
-    zeros = total = 0.0
-    for layer in run.layers:
-        for m in layer["matrices"].values():
-            zeros += m["sparsity"] * m["numel"]
-            total += m["numel"]
-    return zeros / total if total else None
+def prune(model: Loaded | str | Path | torch.nn.Module, config: MethodConfig, data: Data = None,
+          **kw: Any) -> StepResult:
+    """Prune in place: `prune(loaded, WandaConfig(sparsity=0.5), data="c4-sample")`."""
+    return run_step(model, config, data, kind="prune", **kw)
+
+
+def quantize(model: Loaded | str | Path | torch.nn.Module, config: MethodConfig,
+             data: Data = None, **kw: Any) -> StepResult:
+    """Quantize in place: `quantize(loaded, GPTQConfig(bits=4, group_size=128))`."""
+    return run_step(model, config, data, kind="quantize", **kw)
+
+
+def recover(model: Loaded | str | Path | torch.nn.Module, config: MethodConfig,
+            **kw: Any) -> StepResult:
+    """Recover quality by training: `recover(loaded, LoRAConfig(steps=200))`."""
+    return run_step(model, config, None, kind="recover", **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from secateur.cli_flags import MethodCommand, method_fields
+from secateur.config import MethodConfig
 from secateur.errors import SecateurError
+from secateur.methods import make_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, quantize and distill causal LMs; measure what it cost and bought.")
@@ -78,76 +82,79 @@ def eval_cmd(
     out_console.print(table)
 
 
-@app.command("prune")
+class PruneCommand(MethodCommand):
+    kind = "prune"
+
+
+class QuantizeCommand(MethodCommand):
+    kind = "quantize"
+
+
+class RecoverCommand(MethodCommand):
+    kind = "recover"
+
+    def _method(self, args: list[str]) -> str | None:
+        # `recover DIR --lora` predates --method; it still means LoRA
+        return super()._method(args) or ("lora" if "--lora" in args else None)
+
+
+Model = Annotated[str, typer.Argument(help="Hub name, local directory, .gguf file, or "
+                                           "smollm2-135m / gemma3-270m.")]
+Calib = Annotated[str, typer.Option(help="Calibration text.")]
+NSamples = Annotated[int, typer.Option(help="Calibration windows.")]
+SeqLen = Annotated[int, typer.Option(help="Calibration (and default eval) window length.")]
+Seed = Annotated[int, typer.Option(help="Picks calibration windows and breaks ties.")]
+EvalData = Annotated[str | None, typer.Option("--eval", help="Evaluation text; 'none' skips.")]
+EvalWindows = Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
+EvalSeqLen = Annotated[int | None, typer.Option(help="Eval window (default: --seqlen).")]
+Out = Annotated[Path | None, typer.Option(help="Save the compressed model here.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out.")]
+
+
+def _config_from_flags(ctx: typer.Context) -> MethodConfig:
+    name, fields = method_fields(ctx)
+    return make_config({"method": name, **fields})
+
+
+def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen: int,
+              seed: int, eval_data: str | None, eval_windows: int | None,
+              eval_seqlen: int | None, out: Path | None, overwrite: bool, compact: bool,
+              dtype: str, json: Path | None) -> None:
+    from secateur.api import CalibrationConfig
+    from secateur.jobs import EvalSpec, prune_job
+
+    config = _config_from_flags(ctx)
+    calibration = CalibrationConfig(calib, nsamples, seqlen, seed)
+    evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
+                          eval_seqlen or seqlen, eval_windows)
+    result = prune_job(model, config, calibration, evaluation, out, json, overwrite, dtype,
+                       compact=compact)
+    _print_prune(result)
+
+
+@app.command("prune", cls=PruneCommand)
 def prune_cmd(
-    model: Annotated[str, typer.Argument(help="Hub name, local directory, .gguf file, or "
-                                               "smollm2-135m / gemma3-270m.")],
-    method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt, ...")],
-    sparsity: Annotated[float | None, typer.Option(help="Unstructured sparsity in [0, 1).")]
-    = None,
-    nm: Annotated[str | None, typer.Option(help="N:M semi-structured: keep N of every M.")]
-    = None,
-    owl: Annotated[bool, typer.Option(help="OWL non-uniform layer sparsity.")] = False,
-    owl_m: Annotated[float, typer.Option(help="OWL outlier threshold M.")] = 5.0,
-    owl_lambda: Annotated[float, typer.Option(help="OWL ratio spread lambda.")] = 0.08,
-    sequential: Annotated[bool, typer.Option(help="Feed each layer the pruned layers' outputs "
-                                                  "(else dense activations).")] = True,
-    ratio: Annotated[float | None, typer.Option(help="Structured/block/layer: share of "
-                                                     "parameters to remove.")] = None,
-    importance: Annotated[str, typer.Option(help="Width pruning importance estimator.")]
-    = "taylor",
-    blocks: Annotated[int | None, typer.Option(help="BlockPruner: blocks to remove.")] = None,
-    layers: Annotated[int | None, typer.Option(help="ShortGPT/SLEB: layers to remove.")]
-    = None,
-    search_samples: Annotated[int | None, typer.Option(help="BlockPruner/SLEB: search on the "
-                                                           "first N calibration windows.")]
-    = None,
-    search_shortlist: Annotated[int | None, typer.Option(
-        help="BlockPruner/SLEB: screen candidates on a quarter of the search windows, score "
-             "only the K best on all (default: every candidate on all).")] = None,
-    allocation: Annotated[str, typer.Option(help="llm-pruner: uniform (stock config) or "
-                                                "importance (per-layer widths).")] = "uniform",
-    gqa_mode: Annotated[str, typer.Option(help="llm-pruner: kv (drop a KV head with its query "
-                                              "heads) or query (query heads evenly per KV "
-                                              "group).")] = "kv",
-    protect_first: Annotated[int | None, typer.Option(help="llm-pruner: leave the first K "
-                                                         "layers (default ~n/8).")] = None,
-    protect_last: Annotated[int | None, typer.Option(help="llm-pruner: leave the last K "
-                                                        "layers (default ~n/16).")] = None,
-    calib: Annotated[str, typer.Option(help="Calibration text.")] = "c4-sample",
-    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Calibration (and default eval) window length.")]
-    = 2048,
-    seed: Annotated[int, typer.Option(help="Picks calibration windows and breaks ties.")] = 0,
-    eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation text; 'none' "
-                                                                 "skips.")] = "wiki",
-    eval_windows: Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
-    = None,
-    eval_seqlen: Annotated[int | None, typer.Option(help="Eval window (default: --seqlen).")]
-    = None,
-    out: Annotated[Path | None, typer.Option(help="Save the pruned model here.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    compact: Annotated[bool, typer.Option(help="Store masks as compressed-tensors bitmasks.")]
-    = False,
+    ctx: typer.Context,
+    model: Model,
+    method: Annotated[str, typer.Option(help="The pruning method; its flags appear with "
+                                             "--method NAME --help.")],
+    calib: Calib = "c4-sample",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    seed: Seed = 0,
+    eval_data: EvalData = "wiki",
+    eval_windows: EvalWindows = None,
+    eval_seqlen: EvalSeqLen = None,
+    out: Out = None,
+    overwrite: Overwrite = False,
+    compact: Annotated[bool, typer.Option(help="Store masks as bitmasks (secateur's compact "
+                                               "format; dense view on load).")] = False,
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
     """Prune a model, compare dense and pruned perplexity, save a reloadable model."""
-    from secateur.api import CalibrationSpec
-    from secateur.jobs import EvalSpec, prune_job
-    from secateur.methods import PruneOptions
-
-    options = PruneOptions(method=method, sparsity=sparsity, nm=nm, owl=owl, owl_m=owl_m,
-                           owl_lambda=owl_lambda, sequential=sequential, ratio=ratio,
-                           importance=importance, blocks=blocks, layers=layers,
-                           search_samples=search_samples, search_shortlist=search_shortlist)
-    options.extra.update(allocation=allocation, gqa_mode=gqa_mode, protect_first=protect_first,
-                         protect_last=protect_last)
-    evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
-                          eval_seqlen or seqlen, eval_windows)
-    result = prune_job(model, options, CalibrationSpec(calib, nsamples, seqlen, seed),
-                       evaluation, out, json, overwrite, dtype, compact=compact)
-    _print_prune(result)
+    _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
+              out, overwrite, compact, dtype, json)
 
 
 def _print_prune(result: dict) -> None:
@@ -324,25 +331,64 @@ def report_cmd(
         out_console.print(str(p))
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM; a BaseException of our own so that no library swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+        self.name = signal.Signals(signum).name
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+# Commands that keep checkpoints and continue from them when run again.
+RESUMABLE = {"run", "recover", "distill", "sweep"}
+
+
+def _usage_error(err: Exception) -> str:
+    message = err.format_message() if hasattr(err, "format_message") else str(err)
+    ctx = getattr(err, "ctx", None)
+    where = ctx.command_path if ctx is not None else "secateur"
+    method = ctx.meta.get("secateur_method") if ctx is not None else None
+    if method and type(err).__name__ == "NoSuchOption":
+        return (f"{err.option_name} is not a flag of --method {method} (its flags: {where} "
+                f"--method {method} --help)")
+    return f"{' '.join(message.split())} (see {where} --help)"
+
+
 def main() -> None:
     # Errors users can fix get one line, never a traceback; SECATEUR_DEBUG=1 shows it anyway.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    def fail(message: str, code: int) -> None:
+        console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+        sys.exit(code)
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SecateurError as err:
         if os.environ.get("SECATEUR_DEBUG"):
             raise
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("[red]aborted[/red]")
-        sys.exit(130)
-    except Exception as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+        fail(str(err), 2)
+    except Interrupted as sig:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        then = ("resume with the same command" if command in RESUMABLE
+                else "outputs are written only when complete; nothing half-written was left")
+        console.print(f"[red]interrupted[/red] ({sig.name}); {then}", highlight=False)
+        sys.exit(sig.exit_code)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.TyperException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":
+            out_console.print(err.format_message(), highlight=False)
+            fail("give a command (listed above)", 2)
+        fail(_usage_error(err), 2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ def one_line(err: ValidationError, owner: str) -> str:
     """pydantic's multi-line report as one line per field, joined: 'owner.field: why'."""
     parts = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"]
+        field = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "not a field of this method"
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{owner}.{field}: {msg}")
+        parts.append(f"{owner}.{field}: {msg}" if field else f"{owner}: {msg}")
     return "; ".join(parts)
 
 

@@ -7,19 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secateur.api import (
-    CalibrationSpec,
-    achieved_sparsity,
-    count_parameters,
-    peak_rss_mib,
-    prune,
-)
+from secateur.api import CalibrationConfig, count_parameters, peak_rss_mib, run_step
+from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
-from secateur.methods import PruneOptions, build_method
+from secateur.methods import build_method
 from secateur.models.loading import load
 from secateur.report.depth import is_depth_summary, plot_removals
 from secateur.surgery.save import check_output_dir, dir_bytes, save_model, write_json_atomic
@@ -44,8 +39,8 @@ def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
 
 def prune_job(
     model_name: str,
-    options: PruneOptions,
-    calibration: CalibrationSpec,
+    config: MethodConfig,
+    calibration: CalibrationConfig,
     evaluation: EvalSpec,
     out: Path | None,
     json_path: Path | None = None,
@@ -58,13 +53,13 @@ def prune_job(
     """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict.
 
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval."""
-    build_method(options)  # bad flags fail before the model loads
+    build_method(config)  # not a method config: fail before the model loads
     if out is not None:
         check_output_dir(Path(out), overwrite)
     # Loaded once, before the model: a missing eval text fails before any pruning.
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     loaded = load(model_name, dtype=dtype)
-    result: dict[str, Any] = {"model": model_name, "method": options.method, "seed":
+    result: dict[str, Any] = {"model": model_name, "method": config.method, "seed":
                               calibration.seed}
     dense_params = count_parameters(loaded.model)
     timings: dict[str, float] = {}
@@ -75,7 +70,7 @@ def prune_job(
         dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
         timings["dense_eval_seconds"] = time.perf_counter() - t
         result["dense_perplexity"] = dense["perplexity"]
-    run = prune(loaded, options, calibration, progress)
+    run = run_step(loaded, config, calibration, progress=progress)
     timings["prune_seconds"] = run.seconds
     if evaluation.data is not None:
         t = time.perf_counter()
@@ -86,12 +81,12 @@ def prune_job(
         result["protocol"] = pruned["protocol"]
     pruned_params = count_parameters(loaded.model)
     result.update({
-        "sparsity": achieved_sparsity(run),
+        "sparsity": run.sparsity,
         "parameters": {"dense": dense_params, "pruned": pruned_params},
         "timings": timings,
         "peak_rss_mib": peak_rss_mib(),
         "calibration": run.calibration,
-        "options": run.options,
+        "options": run.config,
         "summary": run.summary,
         "layers": run.layers,
     })
@@ -100,7 +95,7 @@ def prune_job(
             from secateur.surgery.compact import save_compact
 
             save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite,
-                         nm=options.nm)
+                         nm=getattr(config, "nm", None))
         else:
             save_model(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
         result["out"] = str(out)

@@ -13,19 +13,36 @@ from secateur.methods.base import (
     LayerwiseMethod,
     ModelMethod,
     PruneContext,
-    PruneOptions,
     build_method,
+    config_class,
+    make_config,
     method_names,
     register_method,
 )
+from secateur.methods.blocks import BlockPrunerConfig
+from secateur.methods.layers import ShortGPTConfig, SLEBConfig
+from secateur.methods.magnitude import MagnitudeConfig
+from secateur.methods.sparsegpt import SparseGPTConfig
+from secateur.methods.sparsity import OWLConfig
+from secateur.methods.structured import LLMPrunerConfig
+from secateur.methods.wanda import WandaConfig
 
 __all__ = [
+    "BlockPrunerConfig",
+    "LLMPrunerConfig",
     "LayerReport",
     "LayerwiseMethod",
+    "MagnitudeConfig",
     "ModelMethod",
+    "OWLConfig",
     "PruneContext",
-    "PruneOptions",
+    "SLEBConfig",
+    "ShortGPTConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
     "build_method",
+    "config_class",
+    "make_config",
     "method_names",
     "register_method",
 ]

@@ -1,10 +1,12 @@
 """The method contract and registry.
 
-Two kinds of method exist. A `LayerwiseMethod` acts on one decoder layer at a time inside the
-sequential engine (magnitude, Wanda, SparseGPT, GPTQ): it declares the statistics it needs,
-the engine gathers exactly those, and `apply` decides. A `ModelMethod` needs the whole model
-(width, block and layer pruning); it receives a `PruneContext` whose callables (capture,
-evaluate) the API injects, so methods never import the engine.
+A method is a typed config (`secateur.config.MethodConfig`) registered with its handler in
+the method's own file: `@register_method(WandaConfig)` on the handler class. Two kinds of
+handler exist. A `LayerwiseMethod` acts on one decoder layer at a time inside the sequential
+engine (magnitude, Wanda, SparseGPT, GPTQ): it declares the statistics it needs, the engine
+gathers exactly those, and `apply` decides. A `ModelMethod` needs the whole model (width,
+block and layer pruning, recovery); it receives a `PruneContext` whose callables (capture,
+statistics, block search, teacher) the API injects, so methods never import the engine.
 """
 
 from __future__ import annotations
@@ -17,31 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from secateur.config import MethodConfig, StepKind
 from secateur.errors import SecateurError
 from secateur.models.base import ModelAdapter, Projection
 from secateur.stats import Statistic
-
-
-@dataclass
-class PruneOptions:
-    """Every flag `secateur prune` takes; each method reads the ones it understands."""
-
-    method: str
-    sparsity: float | None = None
-    nm: str | None = None
-    owl: bool = False
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    sequential: bool = True
-    # structured, block and layer pruning
-    ratio: float | None = None
-    importance: str = "taylor"
-    blocks: int | None = None
-    layers: int | None = None
-    search_samples: int | None = None
-    # greedy depth searches: screen candidates on a quarter of the windows, score K on all
-    search_shortlist: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,11 +36,16 @@ class LayerReport:
 
 
 class LayerwiseMethod(ABC):
-    name: ClassVar[str]
     needs: ClassVar[tuple[type[Statistic], ...]] = ()
+    config_class: ClassVar[type[MethodConfig]]
 
-    def __init__(self, options: PruneOptions) -> None:
-        self.options = options
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    @property
+    def sequential(self) -> bool:
+        """Feed each layer the already-compressed layers' outputs (the published default)."""
+        return getattr(self.config, "sequential", True)
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter,
                 context: PruneContext | None = None) -> None:
@@ -83,40 +69,68 @@ class PruneContext:
     adapter: ModelAdapter
     calibration: list[torch.Tensor]
     seed: int
+    progress: bool = True
+    loaded: Any = None  # secateur.models.loading.Loaded of `model`
     capture: Callable[..., Any] | None = None
     layerwise_stats: Callable[..., Any] | None = None
     # block_search(subset=None, batch_size=8, dtype=None) -> engine.block_search.BlockSearch:
     # cheap calibration loss with candidate blocks/layers removed (depth pruning)
     block_search: Callable[..., Any] | None = None
+    # teacher() -> Loaded: the model as it was before the recipe's first step (distillation)
+    teacher: Callable[[], Any] | None = None
 
 
 class ModelMethod(ABC):
-    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    # Recovery trains on its own text; it needs no calibration windows.
+    needs_calibration: ClassVar[bool] = True
 
-    def __init__(self, options: PruneOptions) -> None:
-        self.options = options
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
 
     @abstractmethod
     def run(self, context: PruneContext) -> dict[str, Any]:
-        """Prune in place (or replace modules); return a JSON-able summary for the result."""
+        """Change the model in place (or replace modules); return a JSON-able summary."""
 
 
-MethodClass = type[LayerwiseMethod] | type[ModelMethod]
-_METHODS: dict[str, MethodClass] = {}
+Handler = type[LayerwiseMethod] | type[ModelMethod]
+_REGISTRY: dict[str, tuple[type[MethodConfig], Handler]] = {}
 
 
-def register_method(cls: MethodClass) -> MethodClass:
-    _METHODS[cls.name] = cls
-    return cls
+def register_method(config_class: type[MethodConfig]) -> Callable[[Handler], Handler]:
+    """Class decorator: `config_class` is carried out by the decorated handler."""
+
+    def register(handler: Handler) -> Handler:
+        handler.config_class = config_class
+        _REGISTRY[config_class.method] = (config_class, handler)
+        return handler
+
+    return register
 
 
-def method_names() -> list[str]:
-    return sorted(_METHODS)
+def method_names(kind: StepKind | None = None) -> list[str]:
+    return sorted(n for n, (c, _) in _REGISTRY.items() if kind is None or c.kind == kind)
 
 
-def build_method(options: PruneOptions) -> LayerwiseMethod | ModelMethod:
-    cls = _METHODS.get(options.method)
-    if cls is None:
-        raise SecateurError(f"unknown method '{options.method}': use one of "
-                            f"{', '.join(method_names())}")
-    return cls(options)
+def config_class(name: str, kind: StepKind | None = None) -> type[MethodConfig]:
+    entry = _REGISTRY.get(name)
+    if entry is None or (kind is not None and entry[0].kind != kind):
+        raise SecateurError(f"unknown method '{name}': use one of "
+                            f"{', '.join(method_names(kind))}")
+    return entry[0]
+
+
+def make_config(data: dict[str, Any], kind: StepKind | None = None) -> MethodConfig:
+    """{'method': 'wanda', 'sparsity': 0.5} -> WandaConfig(sparsity=0.5)."""
+    if not isinstance(data, dict) or "method" not in data:
+        raise SecateurError(f"a step needs a 'method' key naming one of "
+                            f"{', '.join(method_names(kind))}; got {data!r}")
+    fields = dict(data)
+    return config_class(str(fields.pop("method")), kind)(**fields)
+
+
+def build_method(config: MethodConfig) -> LayerwiseMethod | ModelMethod:
+    if not isinstance(config, MethodConfig):
+        raise SecateurError(f"expected a method config such as WandaConfig(sparsity=0.5), got "
+                            f"{type(config).__name__}")
+    return _REGISTRY[config.method][1](config)

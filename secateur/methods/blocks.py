@@ -15,9 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from secateur.errors import SecateurError
-from secateur.methods.base import ModelMethod, PruneContext, PruneOptions, register_method
-from secateur.methods.layers import DepthTarget, finish, ppl, start_search
+from secateur.methods.base import ModelMethod, PruneContext, register_method
+from secateur.methods.layers import (
+    DepthTarget,
+    GreedyDepthConfig,
+    finish,
+    ppl,
+    start_search,
+)
 from secateur.surgery.depth import (
     FLEX_MODEL_TYPES,
     Block,
@@ -28,13 +36,19 @@ from secateur.surgery.depth import (
 )
 
 
-@register_method
-class BlockPruner(ModelMethod):
-    name = "blockpruner"
+class BlockPrunerConfig(GreedyDepthConfig):
+    """BlockPruner: remove attention/MLP blocks greedily by calibration perplexity."""
 
-    def __init__(self, options: PruneOptions) -> None:
-        super().__init__(options)
-        self.target = DepthTarget(options, options.blocks, "block", "--blocks")
+    method = "blockpruner"
+    unit = "blocks"
+    blocks: int | None = Field(None, ge=1, description="Blocks (attention or MLP) to remove.")
+
+
+@register_method(BlockPrunerConfig)
+class BlockPruner(ModelMethod):
+    def __init__(self, config: BlockPrunerConfig) -> None:
+        super().__init__(config)
+        self.target = DepthTarget(config)
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         model, adapter = context.model, context.adapter

@@ -14,14 +14,16 @@ definition BlockPruner's paper uses, so the three methods compare at equal ratio
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from secateur.config import MethodConfig, StepKind
 from secateur.errors import SecateurError
-from secateur.methods.base import ModelMethod, PruneContext, PruneOptions, register_method
+from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
 
 RATIO_NOTE = ("ratio counts all parameters, embeddings and lm_head included (tied weights "
@@ -29,38 +31,66 @@ RATIO_NOTE = ("ratio counts all parameters, embeddings and lm_head included (tie
 
 
 # Candidates are scored in bf16 by default, as BlockPruner's reference code does: on CPU it is
-# ~3.5x faster than fp32; options.extra["search_dtype"] = "float32" scores exactly.
+# ~3.5x faster than fp32; search_dtype="float32" scores exactly.
 SEARCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32,
                  "float16": torch.float16}
+SearchDtype = Literal["bfloat16", "float32", "float16"]
+
+
+class DepthConfig(MethodConfig):
+    """How much a depth method removes, and how its calibration search runs."""
+
+    kind: ClassVar[StepKind] = "prune"
+    unit: ClassVar[str]  # the count field: "layers" or "blocks"
+
+    ratio: float | None = Field(None, gt=0, lt=1, description="Share of ALL parameters to "
+                                                             "remove (embeddings included).")
+    search_samples: int | None = Field(None, ge=1, description="Search on the first N "
+                                                               "calibration windows.")
+    search_dtype: SearchDtype = Field("bfloat16", description="dtype of the search's forward "
+                                                              "passes (losses stay fp32).")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DepthConfig:
+        if (getattr(self, self.unit) is None) == (self.ratio is None):
+            raise ValueError(f"{self.method} needs exactly one of {self.unit} (a count) or "
+                             "ratio (share of all parameters to remove)")
+        return self
+
+
+class ShortGPTConfig(DepthConfig):
+    """ShortGPT: remove the layers with the lowest Block Influence, scored once."""
+
+    method = "shortgpt"
+    unit = "layers"
+    layers: int | None = Field(None, ge=1, description="Layers to remove.")
+
+
+class GreedyDepthConfig(DepthConfig):
+    search_shortlist: int | None = Field(
+        None, ge=1, description="Screen candidates on a quarter of the search windows, score "
+                                "only the K best on all (default: every candidate on all).")
+
+
+class SLEBConfig(GreedyDepthConfig):
+    """SLEB: remove whole layers greedily by calibration perplexity."""
+
+    method = "sleb"
+    unit = "layers"
+    layers: int | None = Field(None, ge=1, description="Layers to remove.")
 
 
 class DepthTarget:
     """How much a depth method removes: a block count, or a share of all parameters."""
 
-    def __init__(self, options: PruneOptions, count: int | None, unit: str, flag: str) -> None:
-        if options.sparsity is not None or options.nm is not None:
-            raise SecateurError(f"--method {options.method} removes {unit}s, not weights: "
-                                f"use {flag} K or --ratio R instead of --sparsity/--nm")
-        if (count is None) == (options.ratio is None):
-            raise SecateurError(f"--method {options.method} needs exactly one of {flag} K or "
-                                "--ratio R (share of all parameters to remove)")
-        if count is not None and count < 1:
-            raise SecateurError(f"{flag} must be at least 1, got {count}")
-        if options.ratio is not None and not 0 < options.ratio < 1:
-            raise SecateurError(f"--ratio must be in (0, 1), got {options.ratio}")
-        if options.search_samples is not None and options.search_samples < 1:
-            raise SecateurError(f"--search-samples must be at least 1, got "
-                                f"{options.search_samples}")
-        self.count, self.ratio, self.unit, self.flag = count, options.ratio, unit, flag
-        if options.search_shortlist is not None and options.search_shortlist < 1:
-            raise SecateurError(f"--search-shortlist must be at least 1, got "
-                                f"{options.search_shortlist}")
-        self.search_samples = options.search_samples
-        self.shortlist = options.search_shortlist
-        dtype = options.extra.get("search_dtype", "bfloat16")
-        if dtype not in SEARCH_DTYPES:
-            raise SecateurError(f"search dtype '{dtype}' is not one of {', '.join(SEARCH_DTYPES)}")
-        self.search_dtype = SEARCH_DTYPES[dtype]
+    def __init__(self, config: DepthConfig) -> None:
+        self.count = getattr(config, config.unit)
+        self.ratio = config.ratio
+        self.unit = config.unit.rstrip("s")
+        self.flag = f"--{config.unit}"
+        self.search_samples = config.search_samples
+        self.shortlist = getattr(config, "search_shortlist", None)
+        self.search_dtype = SEARCH_DTYPES[config.search_dtype]
 
     def check_feasible(self, available: int, removable_params: int, total: int) -> None:
         """Fail before the search when the count or ratio cannot be reached at all."""
@@ -135,9 +165,9 @@ def finish(context: PruneContext, target: DepthTarget, search: Any, order: list[
 class _WholeLayers(ModelMethod):
     """What both whole-layer methods share: the target, and sizing the layers before a search."""
 
-    def __init__(self, options: PruneOptions) -> None:
-        super().__init__(options)
-        self.target = DepthTarget(options, options.layers, "layer", "--layers")
+    def __init__(self, config: DepthConfig) -> None:
+        super().__init__(config)
+        self.target = DepthTarget(config)
 
     def _start(self, context: PruneContext) -> tuple[int, int, list[int], Any]:
         """(layer count, total parameters, parameters per layer, search), feasibility checked."""
@@ -148,9 +178,8 @@ class _WholeLayers(ModelMethod):
         return n, total, sizes, start_search(context, self.target)
 
 
-@register_method
+@register_method(ShortGPTConfig)
 class ShortGPT(_WholeLayers):
-    name = "shortgpt"
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         n, total, sizes, search = self._start(context)
@@ -180,9 +209,8 @@ class ShortGPT(_WholeLayers):
                       {"block_influence": influence})
 
 
-@register_method
+@register_method(SLEBConfig)
 class SLEB(_WholeLayers):
-    name = "sleb"
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         n, total, sizes, search = self._start(context)

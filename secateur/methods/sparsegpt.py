@@ -4,51 +4,43 @@ Follows the reference `fasterprune`: Hessian H = X^T X, dampening of 1% of its m
 the upper Cholesky factor of H^-1, columns visited in blocks of 128; inside a block, the mask
 is chosen from w^2 / [H^-1]_jj^2 (per block for unstructured sparsity, every M columns for
 N:M) and each pruned weight's error is spread over the columns not yet visited.
+
+With `quantize`, the same solve also rounds every kept weight to a grid (the reference's
+`wbits` path): a column's target is its masked weights put on the grid, and the error of both
+pruning and rounding is spread. The reference finds one grid per output row from the dense
+weight before the solve; with groups, a group's grid is found when the solve reaches it, as in
+GPTQ, from its current weights with the pruned ones of the current block set to zero.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+from typing import Any
 
 import torch
+from pydantic import Field
+from torch import nn
 
-from secateur.errors import SecateurError
-from secateur.methods.base import register_method
+from secateur.methods.base import LayerReport, PruneContext, register_method
 from secateur.methods.masks import lowest_n_of_m, lowest_per_matrix
-from secateur.methods.sparsity import SparsityMethod
-from secateur.models.base import Projection
+from secateur.methods.sparsity import SparsityConfig, SparsityMethod
+from secateur.models.base import ModelAdapter, Projection
+from secateur.quant.gptq import inverse_hessian_factor, one_thread, output_error
+from secateur.quant.grid import (
+    Grid,
+    QuantGridConfig,
+    check_group_sizes,
+    find_params,
+    quantize,
+    refuse_quantized,
+)
+from secateur.quant.state import QuantState, set_quant_state
 from secateur.stats import Hessian, Statistic
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
-
-
-def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1, dampening raised tenfold if H is singular."""
-    damp = percdamp * torch.mean(torch.diag(h))
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for _ in range(4):
-        try:
-            lower = torch.linalg.cholesky(h + damp * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            damp = damp * 10
-    raise SecateurError("SparseGPT: the calibration Hessian is not positive definite even with "
-                        "heavy dampening; give more calibration windows (--nsamples)")
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The solve is thousands of tiny column ops plus one small Cholesky; intra-op threads
-    only add sync cost there (2-4x slower with 2 threads on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+__all__ = ["SparseGPT", "SparseGPTConfig", "inverse_hessian_factor", "sparsegpt_prune",
+           "sparsegpt_prune_quantize"]
 
 
 @torch.no_grad()
@@ -110,14 +102,25 @@ def _solve(
     return w
 
 
-@register_method
+class SparseGPTConfig(SparsityConfig):
+    """SparseGPT: OBS pruning with weight updates from the calibration Hessian."""
+
+    method = "sparsegpt"
+
+    blocksize: int = Field(BLOCKSIZE, ge=1, description="Columns solved per lazy block.")
+    percdamp: float = Field(PERCDAMP, gt=0, lt=1, description="Dampening: this share of the "
+                                                              "mean Hessian diagonal.")
+
+
+@register_method(SparseGPTConfig)
 class SparseGPT(SparsityMethod):
-    name = "sparsegpt"
     needs = (Hessian,)
+    config: SparseGPTConfig
 
     def prune_matrix(self, proj: Projection, stats: dict[str, Statistic],
                      sparsity: float | None, nm: tuple[int, int] | None) -> None:
         hessian = stats[Hessian.name]
-        new = sparsegpt_prune(proj.weight, hessian.sum, sparsity, nm)
+        new = sparsegpt_prune(proj.weight, hessian.sum, sparsity, nm, self.config.blocksize,
+                              self.config.percdamp)
         proj.weight.copy_(new.to(proj.weight.dtype))
         hessian.sum = torch.empty(0)  # a Hessian per matrix adds up; free it as soon as used

@@ -1,34 +1,87 @@
-"""Shared machinery of the mask methods: targets, N:M checks, OWL's per-layer ratios."""
+"""Shared machinery of the mask methods: their config, targets, N:M checks, OWL's ratios."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from secateur.config import Config, MethodConfig, StepKind
 from secateur.errors import SecateurError
-from secateur.methods.base import LayerReport, LayerwiseMethod, PruneContext, PruneOptions
-from secateur.methods.masks import check_nm_width, check_sparsity, matrix_report, parse_nm
+from secateur.methods.base import LayerReport, LayerwiseMethod, PruneContext
+from secateur.methods.masks import check_nm_width, matrix_report, parse_nm
 from secateur.methods.owl import outlier_ratio, owl_sparsities
 from secateur.models.base import ModelAdapter, Projection
 from secateur.stats import ColumnSquares, Statistic
 
 
+class OWLConfig(Config):
+    """OWL's non-uniform layer sparsity (Yin et al., 2024); defaults are the paper's."""
+
+    m: float = Field(5.0, gt=0, description="OWL: a score above M x the layer mean is an "
+                                            "outlier.")
+    lam: float = Field(0.08, ge=0, lt=1, description="OWL: per-layer sparsities spread over "
+                                                     "target +- lambda.")
+
+
+class SparsityConfig(MethodConfig):
+    """Unstructured sparsity or an N:M pattern per projection, one layer at a time."""
+
+    kind: ClassVar[StepKind] = "prune"
+
+    sparsity: float | None = Field(None, ge=0, lt=1, description="Unstructured sparsity in "
+                                                                 "[0, 1).")
+    nm: str | None = Field(None, description="N:M semi-structured: keep N of every M "
+                                             "consecutive input weights, e.g. 2:4.")
+    owl: OWLConfig | None = Field(None, description="OWL non-uniform layer sparsity.")
+    sequential: bool = Field(True, description="Feed each layer the pruned layers' outputs "
+                                               "(else the dense activations).")
+
+    @field_validator("owl", mode="before")
+    @classmethod
+    def _owl_flag(cls, value: Any) -> Any:
+        # `owl: true` in YAML (or --owl) means OWL with the paper's settings
+        if value is True:
+            return OWLConfig()
+        return None if value is False else value
+
+    @field_validator("nm")
+    @classmethod
+    def _nm_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_nm(value)
+            except SecateurError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SparsityConfig:
+        if (self.sparsity is None) == (self.nm is None):
+            raise ValueError(f"{self.method} takes exactly one of sparsity (e.g. 0.5) or nm "
+                             "(e.g. 2:4)")
+        if self.owl is not None and self.nm is not None:
+            raise ValueError("owl sets per-layer unstructured sparsities; it does not combine "
+                             "with nm")
+        return self
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        return parse_nm(self.nm) if self.nm else None
+
+
 class SparsityMethod(LayerwiseMethod):
     """Prunes each projection of a layer to a target sparsity or an N:M pattern."""
 
-    def __init__(self, options: PruneOptions) -> None:
-        super().__init__(options)
-        if (options.sparsity is None) == (options.nm is None):
-            raise SecateurError(f"--method {options.method} takes exactly one of --sparsity R "
-                                "or --nm N:M")
-        self.nm = parse_nm(options.nm) if options.nm else None
-        self.sparsity = check_sparsity(options.sparsity) if options.sparsity is not None else None
-        if options.owl and self.nm:
-            raise SecateurError("--owl sets per-layer unstructured ratios; it does not combine "
-                                "with --nm")
+    config: SparsityConfig
+
+    def __init__(self, config: SparsityConfig) -> None:
+        super().__init__(config)
+        self.nm = config.pattern
+        self.sparsity = config.sparsity
         self.layer_targets: list[float] | None = None
         self.outlier_ratios: list[float] | None = None
 
@@ -38,20 +91,21 @@ class SparsityMethod(LayerwiseMethod):
             n, m = self.nm
             for name, proj in adapter.linears(adapter.layers[0]).items():
                 check_nm_width(n, m, proj.in_features, name)
-        if not self.options.owl:
+        owl = self.config.owl
+        if owl is None:
             return
         if context is None or context.layerwise_stats is None:
-            raise SecateurError("--owl needs calibration data to measure outliers")
+            raise SecateurError("owl needs calibration data to measure outliers")
         ratios: list[float] = []
 
         def on_layer(index: int, projections: dict[str, Projection], stats) -> None:
             scores = [p.weight.abs() * stats[name][ColumnSquares.name].norms
                       for name, p in projections.items()]
-            ratios.append(outlier_ratio(scores, self.options.owl_m))
+            ratios.append(outlier_ratio(scores, owl.m))
 
         context.layerwise_stats((ColumnSquares,), on_layer)
         self.outlier_ratios = ratios
-        self.layer_targets = owl_sparsities(ratios, self.sparsity, self.options.owl_lambda)
+        self.layer_targets = owl_sparsities(ratios, self.sparsity, owl.lam)
 
     def target(self, index: int) -> float | None:
         return self.layer_targets[index] if self.layer_targets else self.sparsity
@@ -73,11 +127,11 @@ class SparsityMethod(LayerwiseMethod):
         return report
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"sparsity": self.sparsity, "nm": self.options.nm,
-                               "owl": self.options.owl}
-        if self.options.owl:
-            out["owl_m"] = self.options.owl_m
-            out["owl_lambda"] = self.options.owl_lambda
+        out: dict[str, Any] = {"sparsity": self.sparsity, "nm": self.config.nm,
+                               "owl": self.config.owl is not None}
+        if self.config.owl is not None:
+            out["owl_m"] = self.config.owl.m
+            out["owl_lambda"] = self.config.owl.lam
             out["owl_outlier_ratios"] = self.outlier_ratios
             out["owl_layer_sparsities"] = self.layer_targets
         return out

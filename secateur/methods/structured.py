@@ -23,61 +23,42 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from secateur.config import MethodConfig, StepKind
 from secateur.errors import SecateurError
-from secateur.methods.base import ModelMethod, PruneContext, PruneOptions, register_method
+from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.base import GroupSet, ModelAdapter, Projection
 from secateur.stats import ColumnSquares
 from secateur.surgery.width import FLEX_FAMILIES, rewrite_config, shrink_layer
 
-ESTIMATORS = ("taylor", "l2", "activation", "random")
-ALLOCATIONS = ("uniform", "importance")
-GQA_MODES = ("kv", "query")
+Importance = Literal["taylor", "l2", "activation", "random"]
 
 
-@dataclass
-class StructuredConfig:
-    ratio: float
-    importance: str = "taylor"
-    allocation: str = "uniform"
-    gqa_mode: str = "kv"
+class LLMPrunerConfig(MethodConfig):
+    """LLM-Pruner width pruning: remove coupled heads and MLP channels."""
+
+    method = "llm-pruner"
+    kind: ClassVar[StepKind] = "prune"
+
+    ratio: float = Field(gt=0, lt=1, description="Share of decoder parameters to remove.")
+    importance: Importance = Field("taylor", description="Group importance estimator.")
+    allocation: Literal["uniform", "importance"] = Field(
+        "uniform", description="uniform (same share per layer) or importance (per-layer "
+                               "widths from a global ranking).")
+    gqa_mode: Literal["kv", "query"] = Field(
+        "kv", description="kv (drop a KV head with its query heads) or query (query heads "
+                          "evenly per KV group).")
     # None: LLM-Pruner's middle range, about n/8 first and n/16 last layers left alone
     # (its Llama-7B recipe prunes layers 4..29 of 32); 0/0 prunes every layer uniformly.
-    protect_first: int | None = None
-    protect_last: int | None = None
-
-    @classmethod
-    def from_options(cls, options: PruneOptions) -> StructuredConfig:
-        extra = options.extra
-        cfg = cls(
-            ratio=options.ratio if options.ratio is not None else -1.0,
-            importance=options.importance,
-            allocation=extra.get("allocation") or "uniform",
-            gqa_mode=extra.get("gqa_mode") or "kv",
-            protect_first=extra.get("protect_first"),
-            protect_last=extra.get("protect_last"),
-        )
-        if options.ratio is None:
-            raise SecateurError("llm-pruner needs --ratio, the share of decoder parameters to "
-                                "remove, e.g. --ratio 0.2")
-        if not 0.0 < cfg.ratio < 1.0:
-            raise SecateurError(f"--ratio must be in (0, 1), got {cfg.ratio}: it is the share "
-                                "of decoder parameters to remove")
-        for value, allowed, flag in ((cfg.importance, ESTIMATORS, "--importance"),
-                                     (cfg.allocation, ALLOCATIONS, "--allocation"),
-                                     (cfg.gqa_mode, GQA_MODES, "--gqa-mode")):
-            if value not in allowed:
-                raise SecateurError(f"unknown {flag} '{value}' for llm-pruner: use one of "
-                                    f"{', '.join(allowed)}")
-        for value, flag in ((cfg.protect_first, "--protect-first"),
-                            (cfg.protect_last, "--protect-last")):
-            if value is not None and value < 0:
-                raise SecateurError(f"{flag} must be >= 0, got {value}")
-        return cfg
+    protect_first: int | None = Field(None, ge=0, description="Leave the first K layers "
+                                                              "(default ~n/8).")
+    protect_last: int | None = Field(None, ge=0, description="Leave the last K layers "
+                                                             "(default ~n/16).")
 
     def protected(self, num_layers: int, per_layer_widths: bool = True) -> tuple[int, int]:
         """Layers left alone at each end; without per-layer widths the default is none."""
@@ -322,13 +303,9 @@ def _mask(size: int, units: list[torch.Tensor]) -> torch.Tensor:
     return mask
 
 
-@register_method
+@register_method(LLMPrunerConfig)
 class LLMPruner(ModelMethod):
-    name = "llm-pruner"
-
-    def __init__(self, options: PruneOptions) -> None:
-        super().__init__(options)
-        self.config = StructuredConfig.from_options(options)
+    config: LLMPrunerConfig
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         cfg, adapter, model = self.config, context.adapter, context.model

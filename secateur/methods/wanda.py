@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from secateur.methods.base import register_method
 from secateur.methods.masks import lowest_n_of_m, lowest_per_row
-from secateur.methods.sparsity import SparsityMethod, apply_mask
+from secateur.methods.sparsity import SparsityConfig, SparsityMethod, apply_mask
 from secateur.models.base import Projection
 from secateur.stats import ColumnSquares, Statistic
 
 
-@register_method
+class WandaConfig(SparsityConfig):
+    """Wanda: |W| x ||X|| per output row (N:M within groups)."""
+
+    method = "wanda"
+
+
+@register_method(WandaConfig)
 class Wanda(SparsityMethod):
-    name = "wanda"
     needs = (ColumnSquares,)
 
     def prune_matrix(self, proj: Projection, stats: dict[str, Statistic],
