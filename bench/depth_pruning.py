@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from secateur.api import CalibrationSpec, prune
+from secateur.api import CalibrationConfig, prune
 from secateur.bench.measure import decode_seconds, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
-from secateur.methods import PruneOptions
+from secateur.methods import make_config
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded, load
 from secateur.report.depth import plot_removals
@@ -180,7 +180,7 @@ def main() -> None:
     if args.annotate_only:
         annotate(args.out, head, sizes, layers)
         return
-    calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    calib = CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed)
     wiki = load_text("wiki", split="test")
 
     def ppl(model) -> dict:
@@ -217,11 +217,12 @@ def main() -> None:
             result["searches"][method] = previous["searches"][method]
             orders[method] = result["searches"][method]["removed"]
             continue
-        options = (PruneOptions(method=method, ratio=top_ratio - 1e-9) if method == "blockpruner"
-                   else PruneOptions(method=method, layers=top_layers))
-        options.search_shortlist = args.search_shortlist
+        amount = ({"ratio": top_ratio - 1e-9} if method == "blockpruner"
+                  else {"layers": top_layers})
         if method != "shortgpt":  # one pass over all windows; the greedy ones search
-            options.search_samples = args.search_samples
+            amount.update(search_samples=args.search_samples,
+                          search_shortlist=args.search_shortlist)
+        options = make_config({"method": method, **amount})
         work = copy_loaded(base)
         t = time.perf_counter()
         run = prune(work, options, calib, progress=True)

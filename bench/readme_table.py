@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from secateur.api import CalibrationSpec
+from secateur.api import CalibrationConfig
 from secateur.bench import BenchSpec, Subject, benchmark
 from secateur.eval.zeroshot import DEFAULT_TASKS, ZeroShotSpec
 from secateur.jobs import EvalSpec
@@ -46,7 +46,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     spec = SweepSpec(args.model, METHODS, SPARSITIES,
-                     CalibrationSpec("c4-sample", args.nsamples, args.seqlen, 0),
+                     CalibrationConfig("c4-sample", args.nsamples, args.seqlen, 0),
                      EvalSpec("wiki", args.seqlen, args.eval_windows),
                      ZeroShotSpec(DEFAULT_TASKS, args.limit), "float32", compact=True,
                      keep_models=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from secateur.api import CalibrationSpec, prune
-from secateur.methods import PruneOptions
+from secateur.api import CalibrationConfig, prune
+from secateur.methods import make_config
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded, load
 from secateur.surgery.save import write_json_atomic
@@ -38,13 +38,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = load("smollm2-135m")
-    spec = CalibrationSpec("c4-sample", args.nsamples, args.seqlen, 0)
+    spec = CalibrationConfig("c4-sample", args.nsamples, args.seqlen, 0)
     runs = {}
     for name, k in (("exact", None), (f"shortlist_{args.shortlist}", args.shortlist)):
         model = copy.deepcopy(base.model)
         work = Loaded(model, base.tokenizer, adapter_for(model), base.name, base.path)
-        run = prune(work, PruneOptions(method="blockpruner", blocks=args.steps,
-                                       search_shortlist=k), spec)
+        run = prune(work, make_config(dict(method="blockpruner", blocks=args.steps,
+                                           search_shortlist=k)), spec)
         s = run.summary
         runs[name] = {"removed": s["removed"],
                       "calibration_perplexity": s["calibration_perplexity"],

@@ -24,14 +24,15 @@ RUNS = [("magnitude", "0.5"), ("wanda", "0.5"), ("sparsegpt", "0.5"),
 
 
 def _one(method: str, target: str, dense_ppl: float | None) -> dict:
-    from secateur.api import CalibrationSpec
+    from secateur.api import CalibrationConfig
     from secateur.jobs import EvalSpec, prune_job
-    from secateur.methods import PruneOptions
+    from secateur.methods import make_config
 
     name, owl = method.removesuffix("+owl"), method.endswith("+owl")
-    options = PruneOptions(method=name, owl=owl,
-                           **({"nm": target} if ":" in target else {"sparsity": float(target)}))
-    result = prune_job(MODEL, options, CalibrationSpec("c4-sample", 32, 512, 0),
+    options = make_config(dict(method=name, owl=owl,
+                               **({"nm": target} if ":" in target
+                                  else {"sparsity": float(target)})))
+    result = prune_job(MODEL, options, CalibrationConfig("c4-sample", 32, 512, 0),
                        EvalSpec("wiki", 512, 64), out=None, progress=False,
                        dense_perplexity=dense_ppl)
     keep = ("perplexity", "dense_perplexity", "sparsity", "timings", "peak_rss_mib", "protocol",

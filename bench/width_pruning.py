@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from secateur.api import CalibrationSpec, count_parameters, prune
+from secateur.api import CalibrationConfig, count_parameters, prune
 from secateur.bench.measure import decode_seconds, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
-from secateur.methods import PruneOptions
+from secateur.methods import make_config
 from secateur.methods.structured import decoder_parameters
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded, load
@@ -102,7 +102,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     dense = load("smollm2-135m")
-    calib = CalibrationSpec("c4-sample", args.nsamples, args.seqlen, args.seed)
+    calib = CalibrationConfig("c4-sample", args.nsamples, args.seqlen, args.seed)
     lora = LoraSpec(data="c4-sample", steps=args.lora_steps, seqlen=args.lora_seqlen,
                     lr=args.lora_lr, warmup_steps=min(5, args.lora_steps), seed=args.seed)
     result: dict[str, Any] = {
@@ -146,11 +146,10 @@ def main() -> None:
     for ratio, estimator in tqdm(configs, desc="width pruning bench"):
         model = copy.deepcopy(dense.model)
         loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
-        options = PruneOptions(method="llm-pruner", ratio=ratio, importance=estimator,
-                               extra={"allocation": args.allocation,
-                                      "gqa_mode": args.gqa_mode,
-                                      "protect_first": args.protect_first,
-                                      "protect_last": args.protect_last})
+        options = make_config(dict(method="llm-pruner", ratio=ratio, importance=estimator,
+                                   allocation=args.allocation, gqa_mode=args.gqa_mode,
+                                   protect_first=args.protect_first,
+                                   protect_last=args.protect_last))
         run = prune(loaded, options, calib, progress=False)
         entry: dict[str, Any] = {
             "ratio": ratio, "importance": estimator,

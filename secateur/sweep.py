@@ -11,7 +11,6 @@ Layout of a sweep directory:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 from collections.abc import Callable
@@ -19,15 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secateur.api import CalibrationSpec
+from secateur.api import CalibrationConfig
+from secateur.config import MethodConfig
 from secateur.errors import SecateurError
 from secateur.eval.zeroshot import ZeroShotSpec
 from secateur.jobs import EvalSpec, eval_job, prune_job
-from secateur.methods import PruneOptions, build_method
+from secateur.methods import make_config
 from secateur.surgery.save import write_json_atomic
 
 _NM = re.compile(r"^\d+:\d+$")
-_OPTION_FIELDS = {f.name: f for f in dataclasses.fields(PruneOptions)}
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class SweepSpec:
     model: str
     methods: tuple[str, ...]
     sparsities: tuple[str, ...]  # "0.5", "2:4", or "field=value" (e.g. "ratio=0.25")
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     zeroshot: ZeroShotSpec | None = None
     dtype: str = "float32"
@@ -44,50 +43,41 @@ class SweepSpec:
 
     def identity(self) -> dict[str, Any]:
         """What must not change between an interrupted sweep and its resumption."""
-        return {"model": self.model, "calibration": asdict(self.calibration),
+        return {"model": self.model, "calibration": self.calibration.to_dict(),
                 "evaluation": asdict(self.evaluation),
                 "zeroshot": None if self.zeroshot is None else asdict(self.zeroshot),
                 "dtype": self.dtype, "compact": self.compact}
 
 
-def cell_options(method: str, value: str) -> PruneOptions:
-    """One grid cell's options: '0.5' -> sparsity, '2:4' -> nm, 'field=value' -> that field."""
+def cell_options(method: str, value: str) -> MethodConfig:
+    """One grid cell's config: '0.5' -> sparsity, '2:4' -> nm, 'field=value' -> that field
+    (the config class parses the text: 'owl=false' is False, not the string 'false')."""
     value = value.strip()
     if _NM.match(value):
-        return PruneOptions(method=method, nm=value)
+        return make_config({"method": method, "nm": value})
     if "=" in value:
         key, raw = (x.strip() for x in value.split("=", 1))
-        if key not in _OPTION_FIELDS or key in ("method", "extra"):
-            known = ", ".join(k for k in _OPTION_FIELDS if k not in ("method", "extra"))
-            raise SecateurError(f"unknown sweep setting '{key}': use one of {known}")
-        kind = _OPTION_FIELDS[key].type
-        try:
-            parsed: Any = (int(raw) if "int" in str(kind) else float(raw) if "float" in str(kind)
-                           else raw)
-        except ValueError:
-            raise SecateurError(f"sweep setting '{value}': '{raw}' is not a number") from None
-        return PruneOptions(method=method, **{key: parsed})
+        return make_config({"method": method, key: raw})
     try:
         sparsity = float(value)
     except ValueError:
         raise SecateurError(f"sweep value '{value}' is neither a sparsity (0.5), an N:M pattern "
                             "(2:4) nor field=value (ratio=0.25)") from None
-    return PruneOptions(method=method, sparsity=sparsity)
+    return make_config({"method": method, "sparsity": sparsity})
 
 
 def cell_id(method: str, value: str) -> str:
     return f"{method}-{value.strip().replace(':', 'of').replace('=', '')}"
 
 
-def grid(spec: SweepSpec) -> list[tuple[str, PruneOptions]]:
+def grid(spec: SweepSpec) -> list[tuple[str, MethodConfig]]:
     if not spec.methods or not spec.sparsities:
         raise SecateurError("a sweep needs at least one --methods and one --sparsities value")
     cells = []
     for method in spec.methods:
         for value in spec.sparsities:
-            options = cell_options(method, value)
-            build_method(options)  # every cell's flags are checked before hours of work
-            cells.append((cell_id(method, value), options))
+            # every cell's config is validated here, before hours of work
+            cells.append((cell_id(method, value), cell_options(method, value)))
     return cells
 
 

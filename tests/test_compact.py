@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from secateur.api import CalibrationSpec, prune
-from secateur.methods import PruneOptions
+from secateur.api import CalibrationConfig, prune
 from secateur.models.loading import load
 from secateur.surgery.compact import INDEX, WEIGHTS, pack, save_compact, unpack
 from secateur.surgery.save import dir_bytes, save_model
+from tests.tiny_models import make_step
 
 
 def test_pack_unpack_round_trip_odd_width():
@@ -21,8 +21,8 @@ def test_pack_unpack_round_trip_odd_width():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_compact_checkpoint_is_smaller_and_reloads_identically(tiny_dir, tmp_path, family):
     loaded = load(tiny_dir(family))
-    prune(loaded, PruneOptions(method="magnitude", nm="2:4"),
-          CalibrationSpec("c4-sample", 1, 32, 0), progress=False)
+    prune(loaded, make_step(method="magnitude", nm="2:4"),
+          CalibrationConfig("c4-sample", 1, 32, 0), progress=False)
     save_model(loaded.model, loaded.tokenizer, tmp_path / "dense")
     save_compact(loaded.model, loaded.tokenizer, tmp_path / "compact", nm="2:4")
     index = json.loads((tmp_path / "compact" / INDEX).read_text())

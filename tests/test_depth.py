@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from secateur.api import CalibrationSpec, calibration_data, prune
+from secateur.api import CalibrationConfig, calibration_data, prune
 from secateur.engine.block_search import BlockSearch
 from secateur.errors import SecateurError
-from secateur.methods import PruneOptions, build_method
+from secateur.methods import build_method
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded, load
 from secateur.surgery.depth import Block, remove_blocks, remove_layers, total_parameters
-from tests.tiny_models import byte_tokenizer, tiny_model
+from tests.tiny_models import byte_tokenizer, make_step, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text", "opt", "gpt2", "gpt_neox"]
 
@@ -211,7 +211,7 @@ def tiny_loaded(family: str = "llama") -> Loaded:
     return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
 
 
-CALIB = CalibrationSpec("wiki", nsamples=4, seqlen=32, seed=0)
+CALIB = CalibrationConfig("wiki", nsamples=4, seqlen=32, seed=0)
 EXACT = {"search_dtype": "float32"}  # tests compare the search's numbers with fp32 models
 
 
@@ -220,7 +220,7 @@ EXACT = {"search_dtype": "float32"}  # tests compare the search's numbers with f
 def test_methods_remove_the_count_asked_and_report_the_curve(method, flag):
     loaded = tiny_loaded()
     dense = total_parameters(loaded.model)
-    run = prune(loaded, PruneOptions(method=method, extra=EXACT, **{flag: 2}), CALIB,
+    run = prune(loaded, make_step(method=method, **EXACT, **{flag: 2}), CALIB,
                 progress=False)
     s = run.summary
     assert len(s["removed"]) == 2 and len(s["calibration_perplexity"]) == 3
@@ -237,7 +237,7 @@ def test_methods_remove_the_count_asked_and_report_the_curve(method, flag):
 def test_greedy_methods_pick_the_best_candidate():
     loaded = tiny_loaded()
     reference = copy.deepcopy(loaded.model)
-    run = prune(loaded, PruneOptions(method="blockpruner", blocks=1, extra=EXACT), CALIB,
+    run = prune(loaded, make_step(method="blockpruner", blocks=1, **EXACT), CALIB,
                 progress=False)
     wins = calibration_data(tiny_loaded(), CALIB)[0]
     losses = {}
@@ -253,7 +253,7 @@ def test_blockpruner_prunes_a_model_it_already_pruned():
     loaded = tiny_loaded()
     remove_blocks(loaded.model, loaded.adapter, [Block(0, "attn")])
     again = Loaded(loaded.model, loaded.tokenizer, adapter_for(loaded.model), "flex", "")
-    run = prune(again, PruneOptions(method="blockpruner", blocks=2, extra=EXACT), CALIB,
+    run = prune(again, make_step(method="blockpruner", blocks=2, **EXACT), CALIB,
                 progress=False)
     assert "0.attn" not in run.summary["removed"] and "0.attn" not in run.summary[
         "block_parameters"]
@@ -265,7 +265,7 @@ def test_blockpruner_prunes_a_model_it_already_pruned():
 def test_shortgpt_block_influence_is_one_minus_cosine():
     loaded = tiny_loaded()
     ref = copy.deepcopy(loaded.model)
-    run = prune(loaded, PruneOptions(method="shortgpt", layers=1, extra=EXACT), CALIB,
+    run = prune(loaded, make_step(method="shortgpt", layers=1, **EXACT), CALIB,
                 progress=False)
     wins = torch.cat(calibration_data(tiny_loaded(), CALIB)[0])
     with torch.no_grad():
@@ -280,23 +280,24 @@ def test_shortgpt_block_influence_is_one_minus_cosine():
 
 def test_ratio_is_at_least_the_target_and_says_what_was_achieved():
     loaded = tiny_loaded()
-    run = prune(loaded, PruneOptions(method="sleb", ratio=0.1), CALIB, progress=False)
+    run = prune(loaded, make_step(method="sleb", ratio=0.1), CALIB, progress=False)
     ratio = run.summary["ratio"]
     assert ratio["achieved"] >= 0.1 and "statement" in ratio
     assert len(run.summary["removed"]) == 1  # one tiny layer is ~20% of the parameters
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(method="blockpruner"), "exactly one of --blocks"),
-    (dict(method="blockpruner", blocks=2, ratio=0.1), "exactly one of --blocks"),
-    (dict(method="shortgpt", layers=0), "at least 1"),
-    (dict(method="sleb", ratio=1.5), r"\(0, 1\)"),
-    (dict(method="sleb", layers=1, sparsity=0.5), "removes layers"),
-    (dict(method="blockpruner", blocks=1, search_shortlist=0), "--search-shortlist"),
+    (dict(method="blockpruner"), "exactly one of blocks"),
+    (dict(method="blockpruner", blocks=2, ratio=0.1), "exactly one of blocks"),
+    (dict(method="shortgpt", layers=0), r"ShortGPTConfig.layers: .*greater than or equal to 1"),
+    (dict(method="sleb", ratio=1.5), r"SLEBConfig.ratio: Input should be less than 1"),
+    (dict(method="sleb", layers=1, sparsity=0.5), "SLEBConfig.sparsity: not a field"),
+    (dict(method="blockpruner", blocks=1, search_shortlist=0), "search_shortlist"),
+    (dict(method="shortgpt", layers=1, search_shortlist=2), "search_shortlist: not a field"),
 ])
 def test_bad_flags_fail_before_loading(options, match):
     with pytest.raises(SecateurError, match=match):
-        build_method(PruneOptions(**options))
+        build_method(make_step(**options))
 
 
 @pytest.mark.parametrize("options,match", [
@@ -307,12 +308,12 @@ def test_bad_flags_fail_before_loading(options, match):
 ])
 def test_impossible_requests_fail_clearly(options, match):
     with pytest.raises(SecateurError, match=match):
-        prune(tiny_loaded(), PruneOptions(**options), CALIB, progress=False)
+        prune(tiny_loaded(), make_step(**options), CALIB, progress=False)
 
 
 def test_blockpruner_refuses_families_it_cannot_save():
     with pytest.raises(SecateurError, match="shortgpt or sleb"):
-        prune(tiny_loaded("opt"), PruneOptions(method="blockpruner", blocks=1), CALIB,
+        prune(tiny_loaded("opt"), make_step(method="blockpruner", blocks=1), CALIB,
               progress=False)
 
 
@@ -320,8 +321,8 @@ def test_blockpruner_refuses_families_it_cannot_save():
 @pytest.mark.slow
 def test_smollm2_blockpruner_saves_smaller_and_reloads(smollm2_copy, tmp_path):
     loaded = smollm2_copy
-    calib = CalibrationSpec("c4-sample", nsamples=1, seqlen=64, seed=0)
-    run = prune(loaded, PruneOptions(method="blockpruner", blocks=1), calib, progress=False)
+    calib = CalibrationConfig("c4-sample", nsamples=1, seqlen=64, seed=0)
+    run = prune(loaded, make_step(method="blockpruner", blocks=1), calib, progress=False)
     assert len(run.summary["removed"]) == 1 and run.summary["search"]["candidates"] == 60
     assert run.summary["search"]["dtype"] == "bfloat16"
     curve = run.summary["calibration_perplexity"]
@@ -363,8 +364,8 @@ def test_prune_job_saves_reloadable_model_json_and_plot(tiny_dir, tmp_path, meth
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog "
                                   f"{i} times, then rests." for i in range(40)))
-    result = prune_job(str(src), PruneOptions(method=method, **{flag: 2}),
-                       CalibrationSpec(str(text), 2, 32, 0), EvalSpec(str(text), 32, 2), out,
+    result = prune_job(str(src), make_step(method=method, **{flag: 2}),
+                       CalibrationConfig(str(text), 2, 32, 0), EvalSpec(str(text), 32, 2), out,
                        js, progress=False)
     saved = json.loads(js.read_text())
     for key in ("perplexity", "dense_perplexity", "parameters", "timings", "summary", "options"):

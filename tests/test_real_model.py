@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from secateur.api import CalibrationSpec, prune
+from secateur.api import CalibrationConfig, prune
 from secateur.data import load_text
 from secateur.eval.perplexity import perplexity
-from secateur.methods import PruneOptions
+from tests.tiny_models import make_step
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def pruned_ppl(smollm2, wiki):
     for method in ("magnitude", "wanda", "sparsegpt"):
         model = copy.deepcopy(smollm2.model)
         loaded = Loaded(model, smollm2.tokenizer, adapter_for(model), "smollm2-135m", "")
-        prune(loaded, PruneOptions(method=method, sparsity=0.5),
-              CalibrationSpec("c4-sample", nsamples=8, seqlen=SEQLEN, seed=0), progress=False)
+        prune(loaded, make_step(method=method, sparsity=0.5),
+              CalibrationConfig("c4-sample", nsamples=8, seqlen=SEQLEN, seed=0), progress=False)
         out[method] = _ppl(loaded, wiki)
         del loaded, model
     return out

@@ -1,15 +1,14 @@
 import pytest
 import torch
 
-from secateur.api import CalibrationSpec, prune
+from secateur.api import CalibrationConfig, prune
 from secateur.errors import SecateurError
-from secateur.methods import PruneOptions
 from secateur.methods.owl import owl_sparsities
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
-from tests.tiny_models import byte_tokenizer, tiny_model
+from tests.tiny_models import byte_tokenizer, make_step, tiny_model
 
-CALIB = CalibrationSpec("c4-sample", nsamples=4, seqlen=64, seed=0)
+CALIB = CalibrationConfig("c4-sample", nsamples=4, seqlen=64, seed=0)
 
 
 def _loaded(family="llama", seed=0):
@@ -19,7 +18,7 @@ def _loaded(family="llama", seed=0):
 
 def _run(family="llama", calib=CALIB, **options):
     loaded = _loaded(family)
-    run = prune(loaded, PruneOptions(**options), calib, progress=False)
+    run = prune(loaded, make_step(**options), calib, progress=False)
     return loaded, run
 
 
@@ -61,7 +60,7 @@ def test_nm_pattern(method, nm):
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     errors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        _, run = _run(method=method, sparsity=0.5, calib=CalibrationSpec("c4-sample", 8, 64, 0))
+        _, run = _run(method=method, sparsity=0.5, calib=CalibrationConfig("c4-sample", 8, 64, 0))
         errors[method] = run.layers[0]["relative_error"]
     assert errors["sparsegpt"] < errors["wanda"]
     assert errors["sparsegpt"] < errors["magnitude"]
@@ -72,7 +71,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
 def test_same_seed_same_masks(method):
     a, _ = _run(method=method, sparsity=0.5)
     b, _ = _run(method=method, sparsity=0.5)
-    c, _ = _run(method=method, sparsity=0.5, calib=CalibrationSpec("c4-sample", 4, 64, seed=1))
+    c, _ = _run(method=method, sparsity=0.5, calib=CalibrationConfig("c4-sample", 4, 64, seed=1))
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert all(torch.equal(wa[k] == 0, wb[k] == 0) for k in wa)
     assert not all(torch.equal(wa[k] == 0, wc[k] == 0) for k in wa)
@@ -89,7 +88,7 @@ def test_non_sequential_uses_dense_inputs_for_later_layers():
 
 
 def test_owl_layer_sparsities_average_to_target():
-    loaded, run = _run(method="wanda", sparsity=0.6, owl=True, owl_lambda=0.1)
+    loaded, run = _run(method="wanda", sparsity=0.6, owl={"lam": 0.1})
     targets = run.summary["owl_layer_sparsities"]
     assert sum(targets) / len(targets) == pytest.approx(0.6)
     assert max(targets) - min(targets) == pytest.approx(0.2)
@@ -106,8 +105,11 @@ def test_owl_rule_matches_reference_formula():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(sparsity=1.0), r"in \[0, 1\)"),
-    (dict(sparsity=-0.1), r"in \[0, 1\)"),
+    (dict(sparsity=1.0), r"WandaConfig.sparsity: Input should be less than 1"),
+    (dict(sparsity=-0.1), r"WandaConfig.sparsity: Input should be greater than or equal to 0"),
+    (dict(sparsity="abc"), r"WandaConfig.sparsity: Input should be a valid number"),
+    (dict(sparsity=0.5, ratio=0.2), r"WandaConfig.ratio: not a field of this method"),
+    (dict(sparsity=0.5, sparsty=0.2), r"WandaConfig.sparsty: not a field of this method"),
     (dict(nm="3:2"), "0 < N < M"),
     (dict(nm="two:four"), "whole numbers"),
     (dict(nm="2:5"), "does not divide"),

@@ -93,13 +93,13 @@ def test_flex_saves_and_loads_without_secateur(tmp_path):
 # -- llm-pruner on tiny models ----------------------------------------------------------------
 def _prune_tiny(tiny_dir, family: str = "llama", ratio: float = 0.3, importance: str = "l2",
                 **extra):
-    from secateur.api import CalibrationSpec, prune
-    from secateur.methods import PruneOptions
+    from secateur.api import CalibrationConfig, prune
     from secateur.models.loading import load
+    from tests.tiny_models import make_step
 
     loaded = load(tiny_dir(family))
-    options = PruneOptions(method="llm-pruner", ratio=ratio, importance=importance, extra=extra)
-    run = prune(loaded, options, CalibrationSpec("c4-sample", 4, 32, 0), progress=False)
+    options = make_step(method="llm-pruner", ratio=ratio, importance=importance, **extra)
+    run = prune(loaded, options, CalibrationConfig("c4-sample", 4, 32, 0), progress=False)
     return loaded, run
 
 
@@ -196,12 +196,13 @@ def test_gemma3_uniform_width(tiny_dir):
 
 
 @pytest.mark.parametrize("ratio,extra,message", [
-    (1.0, {}, "must be in"),
-    (0.0, {}, "must be in"),
+    (1.0, {}, "LLMPrunerConfig.ratio: Input should be less than 1"),
+    (0.0, {}, "LLMPrunerConfig.ratio: Input should be greater than 0"),
     (0.9, {}, "every"),
     (0.3, {"protect_first": 2, "protect_last": 1}, "leaves none"),
-    (0.3, {"gqa_mode": "mqa"}, "unknown --gqa-mode"),
-    (0.3, {"allocation": "owl"}, "unknown --allocation"),
+    (0.3, {"gqa_mode": "mqa"}, "LLMPrunerConfig.gqa_mode: Input should be 'kv' or 'query'"),
+    (0.3, {"allocation": "owl"}, "LLMPrunerConfig.allocation: Input should be"),
+    (0.3, {"importance": "bogus"}, "LLMPrunerConfig.importance: Input should be"),
 ])
 def test_bad_input_is_a_clear_error(tiny_dir, ratio, extra, message):
     from secateur.errors import SecateurError
@@ -237,19 +238,19 @@ def _wiki_ppl(loaded, windows: int = 4, seqlen: int = 256) -> float:
 @pytest.mark.slow
 def test_smollm2_taylor_beats_l2_and_random_at_20_percent(smollm2):
     """The paper's ordering; and the decoder shrinks by the asked share (in whole groups)."""
-    from secateur.api import CalibrationSpec, prune
-    from secateur.methods import PruneOptions
+    from secateur.api import CalibrationConfig, prune
     from secateur.methods.structured import decoder_parameters
     from secateur.models import adapter_for
     from secateur.models.loading import Loaded
+    from tests.tiny_models import make_step
 
     dense_decoder = decoder_parameters(smollm2.adapter)
     ppl = {}
     for importance in ("taylor", "l2", "random"):
         model = copy.deepcopy(smollm2.model)
         loaded = Loaded(model, smollm2.tokenizer, adapter_for(model), smollm2.name, smollm2.path)
-        run = prune(loaded, PruneOptions(method="llm-pruner", ratio=0.2, importance=importance),
-                    CalibrationSpec("c4-sample", 4, 128, 0), progress=False)
+        run = prune(loaded, make_step(method="llm-pruner", ratio=0.2, importance=importance),
+                    CalibrationConfig("c4-sample", 4, 128, 0), progress=False)
         removed = 1 - decoder_parameters(loaded.adapter) / dense_decoder
         # one MLP channel of SmolLM2 is 3 * 576 parameters per layer: that is the granularity
         assert abs(removed - 0.2) < 30 * 3 * 576 / dense_decoder

@@ -5,13 +5,13 @@ import json
 import pytest
 
 from secateur import sweep as sweep_mod
-from secateur.api import CalibrationSpec
+from secateur.api import CalibrationConfig
 from secateur.errors import SecateurError
 from secateur.eval.zeroshot import ZeroShotSpec
 from secateur.jobs import EvalSpec
 from secateur.sweep import SweepSpec, cell_id, cell_options, run_sweep
 
-CALIB = CalibrationSpec("c4-sample", nsamples=2, seqlen=32, seed=0)
+CALIB = CalibrationConfig("c4-sample", nsamples=2, seqlen=32, seed=0)
 
 
 @pytest.fixture
@@ -32,13 +32,23 @@ def spec_for(tmp_path_factory):
 def test_cell_values():
     assert cell_options("wanda", "0.5").sparsity == 0.5
     assert cell_options("wanda", "2:4").nm == "2:4"
-    assert cell_options("magnitude", "ratio=0.25").ratio == 0.25
-    assert cell_options("magnitude", "layers=4").layers == 4
+    assert cell_options("shortgpt", "ratio=0.25").ratio == 0.25
+    assert cell_options("sleb", "layers=4").layers == 4
     assert cell_id("wanda", "2:4") == "wanda-2of4"
     with pytest.raises(SecateurError, match="neither a sparsity"):
         cell_options("wanda", "half")
-    with pytest.raises(SecateurError, match="unknown sweep setting 'colour'"):
+    with pytest.raises(SecateurError, match="WandaConfig.colour: not a field"):
         cell_options("wanda", "colour=red")
+    # a field of another method is refused, not dropped
+    with pytest.raises(SecateurError, match="MagnitudeConfig.ratio: not a field"):
+        cell_options("magnitude", "ratio=0.25")
+    # text is parsed by the config: 'false' is False, not a truthy string
+    from secateur.methods import make_config
+
+    assert make_config({"method": "wanda", "sparsity": 0.5, "owl": "false"}).owl is None
+    assert make_config({"method": "wanda", "sparsity": 0.5, "sequential": "false"}
+                       ).sequential is False
+    assert cell_options("sleb", "layers=2").search_dtype == "bfloat16"
 
 
 def test_unknown_method_fails_before_any_work(tiny_dir, tmp_path, spec_for):

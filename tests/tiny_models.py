@@ -73,3 +73,10 @@ def save_tiny(family: str, path, seed: int = 0):
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def make_step(**fields):
+    """A method config from keyword fields: make_step(method="wanda", sparsity=0.5)."""
+    from secateur.methods import make_config
+
+    return make_config(fields)

@@ -43,6 +43,10 @@ class LayerwiseMethod(ABC):
         self.config = config
 
     @property
+    def name(self) -> str:
+        return self.config.method
+
+    @property
     def sequential(self) -> bool:
         """Feed each layer the already-compressed layers' outputs (the published default)."""
         return getattr(self.config, "sequential", True)
@@ -87,6 +91,10 @@ class ModelMethod(ABC):
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.method
 
     @abstractmethod
     def run(self, context: PruneContext) -> dict[str, Any]:

@@ -44,6 +44,8 @@ class SparsityConfig(MethodConfig):
     @classmethod
     def _owl_flag(cls, value: Any) -> Any:
         # `owl: true` in YAML (or --owl) means OWL with the paper's settings
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
         if value is True:
             return OWLConfig()
         return None if value is False else value

@@ -1,0 +1,290 @@
+"""Issue-12 benchmark: what quantization buys on this CPU, measured side by side in one run.
+
+    python bench/quantization.py                 # -> bench/results/quantization.json
+    python bench/quantization.py --quick         # a smoke run: short prompts, 1 round
+    python bench/quantization.py --method gptq   # int4/int8 models from GPTQ (default: rtn)
+    python bench/quantization.py --kernels       # the kernel microbenchmark only
+
+Models (smollm2-135m): dense fp32, dense bf16, 4-bit g128 on the int4 runtime, 8-bit per channel
+on the int8 runtime (weight-only) and W8A8 (int8 weights and per-token int8 activations) on
+the int8 runtime. Each quantized model is saved packed (compressed-tensors) and loaded back
+with `load_packed`, so its bytes on disk and its memory after loading are those a user gets.
+Speed comes from `secateur.bench.measure.benchmark`: interleaved rounds, order reversed every
+round, ratios per round against dense fp32 with min/median/max; the decode bound is memory
+bandwidth / weight bytes read per generated token (packed codes and scales for the runtimes).
+
+`--kernels`: one linear of each smollm2 shape (576 -> 1536 and 1536 -> 576) and its lm_head
+(576 -> 49152), batch 1 and 128, every kernel candidate timed in interleaved rounds; ratios are
+dense fp32 seconds / candidate seconds in the same round. torchao's CPU layouts are included
+when torchao is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results" / "quantization.json"
+KERNEL_RESULTS = Path(__file__).parent / "results" / "quantization_kernels.json"
+MODEL = "smollm2-135m"
+
+
+# -- kernels -------------------------------------------------------------------------------
+def _rtn_linear(linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True):
+    """Round to nearest on `bits` with groups of `group_size` columns (the last may be partial,
+    as in GPTQ's reference); the linear gets its dequantized weight and its `QuantState`."""
+    from secateur.quant.state import QuantState, set_quant_state
+
+    w = linear.weight.data
+    size = w.shape[1] if group_size == -1 else group_size
+    top = 2**bits - 1
+    scales, zeros = [], []
+    for start in range(0, w.shape[1], size):
+        g = w[:, start:start + size]
+        if symmetric:
+            scale = (g.abs().amax(1) * 2 / top).clamp_min(1e-8)
+            zero = torch.full_like(scale, (top + 1) / 2)
+        else:
+            lo, hi = g.amin(1).clamp(max=0), g.amax(1).clamp(min=0)
+            scale = ((hi - lo) / top).clamp_min(1e-8)
+            zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(g / scale[:, None] + zero[:, None]), 0, top)
+        g.copy_((q - zero[:, None]) * scale[:, None])
+        scales.append(scale)
+        zeros.append(zero)
+    state = QuantState(bits, group_size, symmetric, torch.stack(scales, 1), torch.stack(zeros, 1))
+    set_quant_state(linear, state)
+    return linear
+
+
+def _kernel_candidates(out_f: int, in_f: int) -> dict[str, Callable[[torch.Tensor], object]]:
+    import copy
+
+    from secateur.runtime import apply_runtime
+    from secateur.runtime.int8 import mark_w8a8
+
+    torch.manual_seed(0)
+    dense = nn.Linear(in_f, out_f, bias=False).eval()
+    cands: dict[str, Callable] = {"dense_fp32": dense}
+    bf16 = copy.deepcopy(dense).to(torch.bfloat16)
+    cands["dense_bf16"] = lambda x: bf16(x.to(torch.bfloat16))
+
+    def runtime(bits, group, kind, w8a8=False):
+        model = nn.Sequential(_rtn_linear(copy.deepcopy(dense), bits, group))
+        if w8a8:
+            mark_w8a8(model[0])
+        return apply_runtime(model, kind)
+
+    cands["aten_int4_g128"] = runtime(4, 128, "int4")
+    cands["aten_int8"] = runtime(8, -1, "int8")
+    cands["aten_w8a8_int_mm"] = runtime(8, -1, "int8", w8a8=True)
+    try:
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+    except ImportError:
+        return cands
+    for name, cfg in [("torchao_int4_g128", Int4WeightOnlyConfig(
+                          group_size=128, int4_packing_format="opaque")),
+                      ("torchao_int8", Int8WeightOnlyConfig()),
+                      ("torchao_w8a8", Int8DynamicActivationInt8WeightConfig())]:
+        m = nn.Sequential(copy.deepcopy(dense))
+        try:
+            quantize_(m, cfg)
+            m(torch.randn(1, in_f))
+            cands[name] = m
+        except Exception as err:  # a layout this build lacks: say so, keep measuring the rest
+            print(f"{name}: unavailable ({type(err).__name__}: {str(err)[:120]})")
+    return cands
+
+
+@torch.no_grad()
+def kernels(rounds: int, calls: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    shapes = {"576->1536": (1536, 576), "1536->576": (576, 1536), "lm_head 576->49152":
+              (49152, 576)}
+    out: dict = {"threads": threads, "rounds": rounds, "calls_per_timing": calls, "cases": {}}
+    for label, (out_f, in_f) in shapes.items():
+        cands = _kernel_candidates(out_f, in_f)
+        if label.startswith("lm_head"):  # the head stays 16/32-bit: only dense dtypes matter
+            cands = {k: v for k, v in cands.items() if k.startswith("dense")}
+        for batch in (1, 128):
+            x = torch.randn(batch, in_f)
+            names = list(cands)
+            secs: dict[str, list[float]] = {n: [] for n in names}
+            for r in range(rounds + 1):  # round 0 warms up and is dropped
+                for n in names if r % 2 else names[::-1]:
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        cands[n](x)
+                    if r:
+                        secs[n].append((time.perf_counter() - t) / calls)
+            base = secs["dense_fp32"]
+            out["cases"][f"{label} batch {batch}"] = {
+                n: {"median_us": statistics.median(s) * 1e6,
+                    "speedup_vs_fp32": _spread([b / v for b, v in zip(base, s, strict=True)])}
+                for n, s in secs.items()}
+            print(f"{label} batch {batch}: " + ", ".join(
+                f"{n} {statistics.median(s) * 1e6:.0f}us" for n, s in secs.items()), flush=True)
+    return out
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+# -- models --------------------------------------------------------------------------------
+def _quantize(loaded, method: str, bits: int, group: int, w8a8: bool, quick: bool) -> None:
+    """Quantize `loaded.model` in place: RTN/GPTQ weights, or W8A8 (SmoothQuant alpha 0.5)."""
+    if w8a8:
+        _run_method(loaded, {"method": "w8a8", "smoothquant_alpha": 0.5}, quick)
+        return
+    if method == "rtn-inline":
+        for layer in loaded.adapter.layers:
+            for proj in loaded.adapter.linears(layer).values():
+                _rtn_linear(proj.module, bits, group)
+        return
+    _run_method(loaded, {"method": method, "bits": bits, "group_size": group}, quick)
+
+
+def _run_method(loaded, step: dict, quick: bool) -> None:
+    from secateur.data.sources import load_text
+    from secateur.data.windows import calibration_windows
+    from secateur.engine.sequential import prune_layerwise
+    from secateur.methods import build_method, make_config
+
+    method = build_method(make_config(step))
+    windows = calibration_windows(loaded.tokenizer, load_text("c4-sample", split="train"),
+                                  4 if quick else 32, 128 if quick else 512, 0)
+    method.prepare(loaded.model, loaded.adapter, None)
+    prune_layerwise(loaded.model, loaded.adapter, method, windows, progress=True)
+
+
+def _peak_after_load(path: Path, runtime: str) -> dict:
+    """Load in a fresh process: resident memory after loading, and the tensors' own bytes."""
+    import subprocess
+
+    code = ("import json, resource, sys\n"
+            "from secateur.runtime import load_packed, runtime_weight_bytes\n"
+            "m = load_packed(sys.argv[1], sys.argv[2])\n"
+            "t = sum(b.numel() * b.element_size() for b in list(m.parameters()) + "
+            "list(m.buffers()))\n"
+            "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss / 1024, 'tensor_mib': t / 2**20, "
+            "'weight_bytes_per_token': runtime_weight_bytes(m)}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), runtime], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _baseline_rss() -> float:
+    """A process that imports what loading imports and loads nothing: the floor under the peaks."""
+    import subprocess
+
+    code = ("import resource, secateur.runtime, transformers, torch\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def models(method: str, quick: bool, out_dir: Path) -> dict:
+    from secateur.bench.measure import BenchSpec, Subject, benchmark, memory_bandwidth_gbs
+    from secateur.models.loading import load
+    from secateur.quant.pack import save_packed
+    from secateur.runtime import load_packed, runtime_weight_bytes
+    from secateur.surgery.save import dir_bytes, save_model
+
+    dense = load(MODEL)
+    fp32_dir = out_dir / "dense-fp32"
+    save_model(dense.model, dense.tokenizer, fp32_dir, overwrite=True)
+    variants = [("int4-g128", 4, 128, False, "int4"), ("int8", 8, -1, False, "int8"),
+                ("w8a8", 8, -1, True, "int8")]
+    packed: dict[str, dict] = {}
+    for name, bits, group, w8a8, runtime in variants:
+        loaded = load(MODEL)
+        t = time.perf_counter()
+        _quantize(loaded, method, bits, group, w8a8, quick)
+        seconds = time.perf_counter() - t
+        path = save_packed(loaded.model, loaded.tokenizer, out_dir / name, {"bench": name},
+                           overwrite=True)
+        packed[name] = {"path": str(path), "runtime": runtime, "quantize_seconds": seconds,
+                        "bytes_on_disk": dir_bytes(path)}
+        del loaded
+        gc.collect()
+    fp32_bytes = dir_bytes(fp32_dir)
+    floor = _baseline_rss()
+    memory = {"process_floor_rss_mib": floor}
+    for info in packed.values():
+        after = _peak_after_load(Path(info["path"]), info["runtime"])
+        info.update(after)
+        info["bytes_on_disk_vs_fp32"] = info["bytes_on_disk"] / fp32_bytes
+        info["tensor_bytes_vs_fp32"] = after["tensor_mib"] * 2**20 / fp32_bytes
+        info["peak_rss_above_floor_vs_fp32"] = ((after["peak_rss_mib"] - floor) * 2**20
+                                                / fp32_bytes)
+    bf16 = load(MODEL, dtype="bfloat16")
+    subjects = [Subject("dense-fp32", dense.model, dense.tokenizer, str(fp32_dir)),
+                Subject("dense-bf16", bf16.model, bf16.tokenizer, None)]
+    for name, info in packed.items():
+        model = load_packed(info["path"], info["runtime"])
+        subjects.append(Subject(f"{name}@{info['runtime']}", model, dense.tokenizer,
+                                info["path"]))
+    spec = (BenchSpec(prompt_lengths=(64,), decode_tokens=8, repeats=1, warmup=0) if quick
+            else BenchSpec(prompt_lengths=(128, 512), decode_tokens=32, repeats=5, warmup=1))
+    result = benchmark(subjects, spec)
+    bandwidth = result["memory_bandwidth_gbs"] or memory_bandwidth_gbs()
+    for s in subjects:  # the runtimes' packed buffers are not parameters: count them here
+        per_token = runtime_weight_bytes(s.model)
+        decode = result["models"][s.name]["decode"]
+        decode["weight_bytes_per_token"] = per_token
+        decode["bound_tokens_per_second"] = bandwidth * 1e9 / per_token
+        decode["fraction_of_bound"] = decode["tokens_per_second"] / decode[
+            "bound_tokens_per_second"]
+    return {"model": MODEL, "method": method, "quick": quick, "fp32_bytes_on_disk": fp32_bytes,
+            "packed": packed, "memory": memory, "bench": result,
+            "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "kept_unquantized": "embeddings (tied lm_head) in float16 on disk, norms and "
+                                "biases in the model dtype; float32 in memory"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run, not for numbers")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq", "rtn-inline"],
+                        help="weight quantizer for the int4/int8 models (rtn-inline: this "
+                             "script's own round-to-nearest, no method registry needed)")
+    parser.add_argument("--kernels", action="store_true", help="the kernel microbenchmark only")
+    parser.add_argument("--threads", type=int, default=1, help="threads for --kernels")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.kernels:
+        result = kernels(rounds=3 if args.quick else 9, calls=5 if args.quick else 50,
+                         threads=args.threads)
+        path = args.out or KERNEL_RESULTS
+    else:
+        with tempfile.TemporaryDirectory(prefix="secateur-bench-quant-") as tmp:
+            result = models(args.method, args.quick, Path(tmp))
+        path = args.out or RESULTS
+    result["command"] = " ".join(["python", *sys.argv])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

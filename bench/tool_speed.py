@@ -1,0 +1,377 @@
+"""Issue-14 benchmark: the tool's own speed, each phase in fp32 and on the fast path.
+
+    python bench/tool_speed.py            # smollm2-135m, the issue's settings
+    python bench/tool_speed.py --quick    # tiny settings: checks that every phase runs
+    python bench/tool_speed.py --threads 2 --skip zeroshot,cli
+
+Writes bench/results/tool_speed.json (--quick: tool_speed_quick.json, whose numbers mean
+nothing). One process, one run per variant, in this order: load; calibration (the sampler plus
+one dense statistics pass, Wanda's column norms); magnitude, Wanda and SparseGPT at 50% through
+`secateur.prune` (each on a fresh copy of the dense model, its perplexity measured after by the
+same fp32 evaluator so that only the prune differs); perplexity on wiki, 64 x 512; zero-shot
+arc_easy (full validation) in-process; the same through `secateur eval` and `lm_eval
+--batch_size 8` as subprocesses (wall time, model load and start-up included: what a user
+waits); one BlockPruner step (one block removed, every candidate scored) on 32 x 512.
+
+"float32" is each phase as it ran before issue 14 (perplexity and zero-shot one window / one
+request at a time); "fast" is bf16 compute and batching where secateur has it. A prune's fast
+variant passes compute_dtype="bfloat16" to whichever of CalibrationConfig and the method
+config has that field; a phase without a fast knob yet says so instead of timing it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+FAST = "bfloat16"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "smollm2-135m"
+    calib_source: str = "c4-sample"
+    calib_windows: int = 32
+    calib_seqlen: int = 512
+    eval_windows: int = 64
+    eval_seqlen: int = 512
+    eval_batch: int = 8
+    zeroshot_limit: int | None = None  # None: the full arc_easy validation split (570)
+    zeroshot_batch: int = 8
+    search_windows: int = 32
+    search_seqlen: int = 512
+    sparsity: float = 0.5
+
+
+QUICK = Settings(calib_windows=4, calib_seqlen=64, eval_windows=4, eval_seqlen=64,
+                 eval_batch=2, zeroshot_limit=4, search_windows=2,
+                 search_seqlen=64)
+PHASES = ("load", "calibration", "prune", "perplexity", "zeroshot", "cli", "depth")
+
+
+def timed(fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+    start = time.perf_counter()
+    extra = fn() or {}
+    return {"seconds": round(time.perf_counter() - start, 3), **extra}
+
+
+def speedups(variants: dict[str, dict[str, Any]], baseline: str) -> dict[str, float]:
+    """baseline seconds / variant seconds, for every timed variant but the baseline."""
+    base = variants.get(baseline, {}).get("seconds")
+    return {name: round(base / v["seconds"], 2) for name, v in variants.items()
+            if name != baseline and base and v.get("seconds")}
+
+
+def machine() -> dict[str, Any]:
+    from secateur.eval.protocol import library_versions
+
+    info: dict[str, Any] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                            "platform": platform.platform(), "versions": library_versions()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["bf16_flags"] = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+            break
+    # a load average well above the thread count makes every number here slower
+    with contextlib.suppress(OSError):
+        info["loadavg_1min"] = float(Path("/proc/loadavg").read_text().split()[0])
+    return info
+
+
+def fresh_copy(loaded):
+    from secateur.models import adapter_for
+    from secateur.models.loading import Loaded
+
+    model = copy.deepcopy(loaded.model)
+    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
+
+
+def has_field(config_cls: type, name: str) -> bool:
+    return name in getattr(config_cls, "model_fields", {})
+
+
+def calibration_config(s: Settings, fast: bool):
+    from secateur import CalibrationConfig
+
+    kw = {"compute_dtype": FAST} if fast and has_field(CalibrationConfig, "compute_dtype") else {}
+    return CalibrationConfig(s.calib_source, s.calib_windows, s.calib_seqlen, 0, **kw)
+
+
+def fast_knob(method_cls: type) -> str | None:
+    """Where the fast prune's compute dtype goes, or None when nothing takes one yet."""
+    from secateur import CalibrationConfig
+
+    if has_field(method_cls, "compute_dtype"):
+        return f"{method_cls.__name__}.compute_dtype"
+    if has_field(CalibrationConfig, "compute_dtype"):
+        return "CalibrationConfig.compute_dtype"
+    return None
+
+
+def eval_ppl(loaded, s: Settings, batch: int, compute: str | None, source) -> float:
+    from secateur.eval.api import evaluate
+    from secateur.eval.config import PerplexityConfig
+
+    config = PerplexityConfig(data="wiki", seqlen=s.eval_seqlen, max_windows=s.eval_windows,
+                              batch_size=batch, compute_dtype=compute)
+    return evaluate(loaded, config, progress=False, source=source).perplexity
+
+
+# -- phases ------------------------------------------------------------------------------------
+def phase_load(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    import secateur
+
+    def run() -> dict[str, Any]:
+        state["loaded"] = secateur.load(s.model)
+        return {"path": state["loaded"].path}
+
+    return {"variants": {"float32": timed(run)},
+            "note": "the first load of a packaged GGUF also dequantizes it into the cache"}
+
+
+def phase_calibration(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    from secateur.api import calibration_data
+    from secateur.engine.sequential import collect_layer_stats
+    from secateur.stats import ColumnSquares
+
+    loaded = state["loaded"]
+
+    def run(fast: bool) -> Callable[[], dict[str, Any]]:
+        def go() -> dict[str, Any]:
+            windows, _ = calibration_data(loaded, calibration_config(s, fast))
+            kw = {"compute_dtype": FAST} if fast else {}
+            collect_layer_stats(loaded.model, loaded.adapter, windows, (ColumnSquares,),
+                                lambda *a: None, False, **kw)
+            return {"windows": len(windows), "seqlen": windows[0].shape[1]}
+        return go
+
+    variants = {"float32": timed(run(False))}
+    if "compute_dtype" in inspect.signature(collect_layer_stats).parameters:
+        variants["fast"] = timed(run(True))
+    else:
+        variants["fast"] = {"skipped": "collect_layer_stats takes no compute_dtype yet"}
+    return {"variants": variants, "speedup": speedups(variants, "float32")}
+
+
+def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    import secateur
+
+    out: dict[str, Any] = {}
+    for name, cls in (("magnitude", secateur.MagnitudeConfig),
+                      ("wanda", secateur.WandaConfig),
+                      ("sparsegpt", secateur.SparseGPTConfig)):
+        variants: dict[str, dict[str, Any]] = {}
+        knob = fast_knob(cls)
+        for variant, fast in (("float32", False), ("fast", True)):
+            if fast and knob is None:
+                variants[variant] = {"skipped": "neither CalibrationConfig nor "
+                                                f"{cls.__name__} has compute_dtype yet"}
+                continue
+            target = fresh_copy(state["loaded"])
+            extra = {"compute_dtype": FAST} if fast and has_field(cls, "compute_dtype") else {}
+            config = cls(sparsity=s.sparsity, **extra)
+            data = calibration_config(s, fast)
+            holder: dict[str, Any] = {}
+
+            def run(target=target, config=config, data=data, holder=holder) -> dict[str, Any]:
+                holder["step"] = secateur.prune(target, config, data=data, progress=False)
+                return {"step_seconds": round(holder["step"].seconds, 3)}
+
+            row = timed(run)
+            row["sparsity"] = holder["step"].sparsity
+            row["perplexity"] = eval_ppl(target, s, s.eval_batch, None, state["wiki"])
+            if fast:
+                row["fast_knob"] = knob
+            variants[variant] = row
+            del target
+        out[name] = {"variants": variants, "speedup": speedups(variants, "float32")}
+    return out
+
+
+def phase_perplexity(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    loaded, wiki = state["loaded"], state["wiki"]
+    runs = {"float32": (1, None), "float32_batched": (s.eval_batch, None),
+            "fast": (s.eval_batch, FAST)}
+    variants = {name: timed(lambda b=b, c=c: {
+        "batch_size": b, "compute_dtype": c or "float32",
+        "perplexity": eval_ppl(loaded, s, b, c, wiki)}) for name, (b, c) in runs.items()}
+    return {"variants": variants, "speedup": speedups(variants, "float32"),
+            "windows": s.eval_windows, "seqlen": s.eval_seqlen}
+
+
+def _arc(loaded, s: Settings, batch: int, compute: str | None) -> dict[str, Any]:
+    from secateur.eval.api import evaluate
+    from secateur.eval.config import ZeroShotConfig
+
+    config = ZeroShotConfig(tasks=("arc_easy",), limit=s.zeroshot_limit, data="local",
+                            batch_size=batch, compute_dtype=compute)
+    arc = evaluate(loaded, config).tasks["arc_easy"]
+    return {"batch_size": batch, "compute_dtype": compute or "float32", "acc": arc["acc"],
+            "acc_norm": arc["acc_norm"], "samples": arc["samples"]}
+
+
+def phase_zeroshot(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    loaded = state["loaded"]
+    runs = {"float32": (1, None), "float32_batched": (s.zeroshot_batch, None),
+            "fast": (s.zeroshot_batch, FAST)}
+    variants = {name: timed(lambda b=b, c=c: _arc(loaded, s, b, c))
+                for name, (b, c) in runs.items()}
+    return {"variants": variants, "speedup": speedups(variants, "float32"),
+            "note": "in-process, model already loaded"}
+
+
+def _subprocess(cmd: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{cmd[:4]} failed: {' | '.join(tail)}")
+    return {}
+
+
+def phase_cli(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    """What a user waits for at the shell: both CLIs, start-up and model load included."""
+    from secateur.eval.zeroshot import local_tasks_dir
+
+    loaded = state["loaded"]
+    limit = [] if s.zeroshot_limit is None else ["--limit", str(s.zeroshot_limit)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_json = Path(tmp) / "secateur.json"
+        ours = [sys.executable, "-m", "secateur.cli", "eval", s.model, "--data", "none",
+                "--tasks", "arc_easy", "--task-data", "local", *limit, "--json", str(ours_json)]
+        theirs = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                  f"pretrained={loaded.path},dtype=float32", "--tasks", "arc_easy_local",
+                  "--include_path", str(local_tasks_dir()), "--device", "cpu",
+                  "--batch_size", str(s.zeroshot_batch), *limit, "--output_path", tmp]
+        variants = {"lm_eval_cli": timed(lambda: _subprocess(theirs)),
+                    "secateur_cli": timed(lambda: _subprocess(ours))}
+        (result_file,) = Path(tmp).rglob("results_*.json")
+        cli = json.loads(result_file.read_text())["results"]["arc_easy_local"]
+        ours_zs = json.loads(ours_json.read_text())["zeroshot"]
+    mine = ours_zs["tasks"]["arc_easy"]
+    variants["lm_eval_cli"].update(acc=cli["acc,none"], acc_norm=cli["acc_norm,none"],
+                                   batch_size=s.zeroshot_batch)
+    variants["secateur_cli"].update(acc=mine["acc"], acc_norm=mine["acc_norm"],
+                                    batch_size=ours_zs["protocol"]["batch_size"])
+    same = (cli["acc,none"], cli["acc_norm,none"]) == (mine["acc"], mine["acc_norm"])
+    return {"variants": variants, "speedup": speedups(variants, "lm_eval_cli"),
+            "same_numbers": same}
+
+
+def phase_depth(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    import secateur
+
+    variants: dict[str, dict[str, Any]] = {}
+    data = secateur.CalibrationConfig(s.calib_source, s.search_windows, s.search_seqlen, 0)
+    for variant, dtype in (("float32", "float32"), ("fast", FAST)):
+        target = fresh_copy(state["loaded"])
+        holder: dict[str, Any] = {}
+
+        def run(target=target, dtype=dtype, holder=holder) -> dict[str, Any]:
+            config = secateur.BlockPrunerConfig(blocks=1, search_dtype=dtype)
+            holder["step"] = secateur.prune(target, config, data=data, progress=False)
+            return {}
+
+        row = timed(run)
+        summary = holder["step"].summary
+        row.update(search_dtype=dtype, removed=summary.get("removed"),
+                   search=summary.get("search"))
+        variants[variant] = row
+    same = variants["float32"]["removed"] == variants["fast"]["removed"]
+    return {"variants": variants, "speedup": speedups(variants, "float32"),
+            "same_removal": same, "windows": s.search_windows, "seqlen": s.search_seqlen}
+
+
+RUNNERS = {"load": phase_load, "calibration": phase_calibration, "prune": phase_prune,
+           "perplexity": phase_perplexity, "zeroshot": phase_zeroshot, "cli": phase_cli,
+           "depth": phase_depth}
+
+
+def table(phases: dict[str, Any]) -> str:
+    """Markdown rows: phase, variant, seconds, speed-up over its baseline."""
+    lines = ["| phase | variant | seconds | speed-up |", "|---|---|---:|---:|"]
+
+    def rows(name: str, phase: dict[str, Any]) -> None:
+        if "variants" not in phase:
+            for sub, inner in phase.items():
+                rows(f"{name} {sub}", inner)
+            return
+        for variant, v in phase["variants"].items():
+            seconds = f"{v['seconds']:.1f}" if "seconds" in v else v.get("skipped", "-")
+            ratio = phase.get("speedup", {}).get(variant)
+            lines.append(f"| {name} | {variant} | {seconds} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+
+    for name, phase in phases.items():
+        rows(name, phase)
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny settings: a run check")
+    parser.add_argument("--model", help="model name or path (default smollm2-135m)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--skip", default="", help=f"comma-separated phases of {PHASES}")
+    parser.add_argument("--out", type=Path, help="result JSON path")
+    args = parser.parse_args()
+    skip = {p.strip() for p in args.skip.split(",") if p.strip()}
+    if skip - set(PHASES):
+        parser.error(f"--skip: unknown phase(s) {sorted(skip - set(PHASES))}; use {PHASES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else Settings()
+    if args.model:
+        settings = Settings(**{**asdict(settings), "model": args.model})
+    out = args.out or RESULTS / ("tool_speed_quick.json" if args.quick else "tool_speed.json")
+    torch.manual_seed(0)
+
+    from secateur.data.sources import load_text
+
+    state: dict[str, Any] = {"wiki": load_text("wiki", split="test")}
+    phases: dict[str, Any] = {}
+    for name in ("load", *(p for p in PHASES if p != "load" and p not in skip)):
+        print(f"-- {name}", flush=True)
+        phases[name] = RUNNERS[name](settings, state)
+        print(json.dumps(phases[name], default=str)[:400], flush=True)
+    result = {"settings": asdict(settings), "quick": args.quick, "machine": machine(),
+              "fast_dtype": FAST, "phases": phases}
+    write_atomic(out, result)
+    print(table(phases))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
