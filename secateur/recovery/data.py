@@ -16,7 +16,7 @@ import torch
 from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.errors import SecateurError
-from secateur.eval.perplexity import resolve_bos
+from secateur.eval.perplexity import context_length, resolve_bos
 
 
 @dataclass
@@ -52,6 +52,10 @@ def pack(model: torch.nn.Module, tokenizer: Any, data: str, seqlen: int, heldout
     """Cut `data` into windows of `seqlen` tokens; fails if it cannot fill one training window
     plus `heldout` evaluation windows. BOS follows the model's evaluation policy (each window
     starts with BOS for Gemma, which degrades badly without it)."""
+    context = context_length(model)
+    if context is not None and seqlen > context:
+        raise SecateurError(f"--seqlen {seqlen} is longer than the model's context of {context} "
+                            "tokens: give at most that")
     source = load_text(data, split="train")
     bos = resolve_bos(model, "auto")
     ids = tokenize_stream(tokenizer, source.joined(), bos)

@@ -23,6 +23,7 @@ from secateur.config import StepKind
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
 from secateur.recovery.data import TokenWindows, pack
+from secateur.recovery.jobs import evaluation_perplexity, recovery_loaded, save_like_input
 from secateur.recovery.training import TrainConfig, TrainResult, train
 from secateur.recovery.training import target_modules as target_modules  # re-exported
 
@@ -84,27 +85,6 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.lora-checkpoint")
 
 
-def _perplexity(loaded: Loaded, evaluation: Any, source: Any, progress: bool) -> dict[str, Any]:
-    from secateur.eval.perplexity import perplexity
-
-    return perplexity(loaded.model, loaded.tokenizer, source, evaluation.seqlen,
-                      evaluation.max_windows, evaluation.protocol, evaluation.bos,
-                      progress).to_dict()
-
-
-def save_like_input(loaded: Loaded, model_dir: str, out: Path, result: dict[str, Any],
-                    overwrite: bool) -> None:
-    """A compact (bitmask) input is saved compact again, anything else as safetensors."""
-    from secateur.surgery.compact import is_compact, save_compact
-    from secateur.surgery.save import save_model
-
-    source = Path(model_dir)
-    if source.is_dir() and is_compact(source):
-        save_compact(loaded.model, loaded.tokenizer, out, result, overwrite)
-    else:
-        save_model(loaded.model, loaded.tokenizer, out, result, overwrite)
-
-
 def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any = None,
                 json_path: Path | None = None, overwrite: bool = False,
                 progress: bool = True,
@@ -125,13 +105,13 @@ def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any =
     loaded = load(model_dir)
     result: dict[str, Any] = {"model": str(model_dir), "recovery": "lora"}
     if evaluate:
-        result["perplexity_before"] = _perplexity(loaded, evaluation, eval_text,
+        result["perplexity_before"] = evaluation_perplexity(loaded, evaluation, eval_text,
                                                   progress)["perplexity"]
     ckpt = checkpoint_dir(out)
     run = train_lora(loaded, config, ckpt, progress, on_step)
     result["lora"] = run.to_dict()
     if evaluate:
-        after = _perplexity(loaded, evaluation, eval_text, progress)
+        after = evaluation_perplexity(loaded, evaluation, eval_text, progress)
         result["perplexity"] = after["perplexity"]
         result["protocol"] = after["protocol"]
     result["parameters"] = count_parameters(loaded.model)["parameters"]
@@ -143,13 +123,6 @@ def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any =
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
     return result
-
-
-def recovery_loaded(context: PruneContext) -> Loaded:
-    """The model a recovery step trains: the API's Loaded, or one built from the context."""
-    if context.loaded is not None:
-        return context.loaded
-    return Loaded(context.model, context.tokenizer, context.adapter, "", "")
 
 
 @register_method(LoRAConfig)

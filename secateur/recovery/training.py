@@ -173,19 +173,23 @@ def _load_trainable(model: nn.Module, mode: Mode, state: dict[str, torch.Tensor]
 STATE = "state.pt"
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """One file, replaced atomically: a checkpoint is either whole or the previous one."""
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE}.", dir=path)
+def save_tensor_file(path: Path, payload: dict[str, Any]) -> None:
+    """`torch.save`, replaced atomically: the file is either whole or the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path / STATE)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    save_tensor_file(path / STATE, payload)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
