@@ -39,8 +39,6 @@ from secateur.stats import Hessian, Statistic
 
 BLOCKSIZE = 128
 PERCDAMP = 0.01
-__all__ = ["SparseGPT", "SparseGPTConfig", "inverse_hessian_factor", "sparsegpt_prune",
-           "sparsegpt_prune_quantize"]
 
 
 @torch.no_grad()
@@ -53,8 +51,26 @@ def sparsegpt_prune(
     percdamp: float = PERCDAMP,
 ) -> torch.Tensor:
     """The pruned and updated weight (out, in); `weight` is left as it was."""
-    with _one_thread():
-        return _solve(weight, hessian, sparsity, nm, blocksize, percdamp)
+    with one_thread():
+        return _solve(weight, hessian, sparsity, nm, blocksize, percdamp)[0]
+
+
+@torch.no_grad()
+def sparsegpt_prune_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float | None,
+    nm: tuple[int, int] | None,
+    grid: Grid,
+    group_size: int = -1,
+    blocksize: int = BLOCKSIZE,
+    percdamp: float = PERCDAMP,
+) -> tuple[torch.Tensor, QuantState]:
+    """Pruned and quantized in one solve: the dequantized weight (out, in) and its grid."""
+    with one_thread():
+        w, state = _solve(weight, hessian, sparsity, nm, blocksize, percdamp, grid, group_size)
+    assert state is not None
+    return w, state
 
 
 def _solve(
@@ -64,13 +80,18 @@ def _solve(
     nm: tuple[int, int] | None,
     blocksize: int,
     percdamp: float,
-) -> torch.Tensor:
+    grid: Grid | None = None,
+    group_size: int = -1,
+) -> tuple[torch.Tensor, QuantState | None]:
     w = weight.detach().clone().float()
+    grids: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if grid is not None and group_size == -1:
+        grids.append(find_params(w, grid))  # the reference: from the dense weight, first
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    hinv = inverse_hessian_factor(h, percdamp)
+    hinv = inverse_hessian_factor(h, percdamp, "SparseGPT")
     cols = w.shape[1]
     if nm:
         # Blocks must hold whole N:M groups.
@@ -85,6 +106,11 @@ def _solve(
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         else:
             mask1 = lowest_per_matrix(w1**2 / d.unsqueeze(0) ** 2, sparsity)
+        if grid is not None:
+            _quantized_block(w, w1, err1, hinv1, mask1, i1, nm, grid, group_size, grids)
+            w[:, i1:i2] = w1
+            w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+            continue
         # err_i = (w_i - q_i) / d_i is w_i * mask_i / d_i; two ops per column keep the
         # Python loop cheap (it runs once per input column of every matrix).
         scale = mask1 / d.unsqueeze(0)
@@ -99,7 +125,35 @@ def _solve(
         # and zeros up to rounding, which the mask makes exact.
         w[:, i1:i2] = w1.masked_fill_(mask1, 0.0)
         w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
-    return w
+    if grid is None:
+        return w, None
+    state = QuantState(grid.bits, group_size, grid.symmetric,
+                       torch.cat([s for s, _ in grids], 1), torch.cat([z for _, z in grids], 1))
+    return w, state
+
+
+def _quantized_block(w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor,
+                     hinv1: torch.Tensor, mask1: torch.Tensor, i1: int,
+                     nm: tuple[int, int] | None, grid: Grid, group_size: int,
+                     grids: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One block of the joint solve; on return `w1` holds the block's quantized columns."""
+    d = torch.diag(hinv1)
+    for i in range(w1.shape[1]):
+        col = i1 + i
+        if nm and i % nm[1] == 0:
+            group = w1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]].unsqueeze(0) ** 2
+            mask1[:, i : i + nm[1]] = lowest_n_of_m(group, *nm)
+        if group_size != -1 and col % group_size == 0:
+            part = w[:, col:col + group_size].clone()
+            known = min(part.shape[1], w1.shape[1] - i)
+            part[:, :known].masked_fill_(mask1[:, i:i + known], 0.0)
+            grids.append(find_params(part, grid))
+        scale, zero = grids[-1]
+        q = quantize(w1[:, i:i + 1].masked_fill(mask1[:, i:i + 1], 0.0), scale, zero, grid.maxq)
+        q = q.flatten()
+        torch.div(w1[:, i] - q, d[i], out=err1[:, i])
+        w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
+        w1[:, i] = q
 
 
 class SparseGPTConfig(SparsityConfig):
@@ -110,6 +164,9 @@ class SparseGPTConfig(SparsityConfig):
     blocksize: int = Field(BLOCKSIZE, ge=1, description="Columns solved per lazy block.")
     percdamp: float = Field(PERCDAMP, gt=0, lt=1, description="Dampening: this share of the "
                                                               "mean Hessian diagonal.")
+    quantize: QuantGridConfig | None = Field(
+        None, description="Also quantize the kept weights in the same solve (the reference's "
+                          "wbits; it used per-channel asymmetric grids).")
 
 
 @register_method(SparseGPTConfig)
@@ -117,10 +174,47 @@ class SparseGPT(SparsityMethod):
     needs = (Hessian,)
     config: SparseGPTConfig
 
+    def __init__(self, config: SparseGPTConfig) -> None:
+        super().__init__(config)
+        self._errors: dict[str, dict[str, float]] = {}
+
+    def prepare(self, model: nn.Module, adapter: ModelAdapter,
+                context: PruneContext | None = None) -> None:
+        quant = self.config.quantize
+        if quant is not None:
+            refuse_quantized(model)
+            check_group_sizes(quant.group_size, {
+                f"layers.{i}.{name}": p.in_features for i, layer in enumerate(adapter.layers)
+                for name, p in adapter.linears(layer).items()})
+        super().prepare(model, adapter, context)
+
     def prune_matrix(self, proj: Projection, stats: dict[str, Statistic],
                      sparsity: float | None, nm: tuple[int, int] | None) -> None:
         hessian = stats[Hessian.name]
-        new = sparsegpt_prune(proj.weight, hessian.sum, sparsity, nm, self.config.blocksize,
-                              self.config.percdamp)
+        quant = self.config.quantize
+        if quant is None:
+            new = sparsegpt_prune(proj.weight, hessian.sum, sparsity, nm, self.config.blocksize,
+                                  self.config.percdamp)
+        else:
+            new, state = sparsegpt_prune_quantize(
+                proj.weight, hessian.sum, sparsity, nm, quant.grid(), quant.group_size,
+                self.config.blocksize, self.config.percdamp)
+            self._errors[proj.name] = {"output_error": output_error(proj.weight, new,
+                                                                    hessian.sum)}
+            set_quant_state(proj.module, state)
         proj.weight.copy_(new.to(proj.weight.dtype))
         hessian.sum = torch.empty(0)  # a Hessian per matrix adds up; free it as soon as used
+
+    def apply(self, index: int, projections: dict[str, Projection],
+              stats: dict[str, dict[str, Statistic]]) -> LayerReport:
+        report = super().apply(index, projections, stats)
+        for name, extra in self._errors.items():
+            report.matrices[name].update(extra)
+        self._errors.clear()
+        return report
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        if self.config.quantize is not None:
+            out["quantize"] = self.config.quantize.to_dict()
+        return out
