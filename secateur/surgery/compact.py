@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.surgery.save import atomic_dir, write_json_atomic
+from secateur.io import atomic_dir, write_json_atomic
 
 FORMAT = "secateur-bitmask-v1"
 WEIGHTS = "model.compact.safetensors"
@@ -89,7 +89,14 @@ def is_compact(path: Path) -> bool:
 def dense_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The dense view of a compact checkpoint's tensors."""
     path = Path(path)
-    index = json.loads((path / INDEX).read_text())
+    try:
+        index = json.loads((path / INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SecateurError(f"{path / INDEX} is unreadable ({err}): re-save the compact "
+                            "model") from None
+    if not isinstance(index, dict) or not isinstance(index.get("compressed"), dict):
+        raise SecateurError(f"{path / INDEX} is not a secateur compact index: re-save the "
+                            "compact model")
     if index.get("format") != FORMAT:
         raise SecateurError(f"{path / INDEX}: unknown compact format {index.get('format')!r}")
     raw = load_file(str(path / WEIGHTS))
