@@ -72,28 +72,60 @@ def _ptb(split: str) -> TextSource:
     return TextSource("ptb", list(rows), split, join=" ", origin="ptb_text_only")
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text, or a one-line error for binary data, bad encoding or no permission."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SecateurError(f"cannot read text file '{path}' ({err.strerror})") from None
+    # NUL never occurs in text, and decodes without complaint as UTF-8.
+    bad = data.find(b"\0")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start if bad < 0 else min(bad, err.start)
+    if bad >= 0:
+        raise SecateurError(f"'{path}' is not UTF-8 text (binary data at byte {bad:,}): give a "
+                            f"plain text, .jsonl or .parquet file")
+    return text
+
+
+def _parquet_docs(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SecateurError(f"'{path}' is not a readable parquet file ({first}): give an intact "
+                            ".parquet with a 'text' column") from None
+    if "text" not in table.column_names:
+        raise SecateurError(f"{path} has no 'text' column (columns: {table.column_names})")
+    return [str(t) for t in table.column("text").to_pylist() if t is not None]
+
+
 def _local_file(path: Path) -> TextSource:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise SecateurError(f"{path}:{n}: each line must be a JSON object with a "
                                     f"'text' field ({err})") from None
+            if not isinstance(text, str):
+                raise SecateurError(f"{path}:{n}: the 'text' field must be a string, not "
+                                    f"{type(text).__name__}")
+            docs.append(text)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise SecateurError(f"{path} has no 'text' column (columns: {table.column_names})")
-        docs = [str(t) for t in table.column("text").to_pylist() if t is not None]
+        docs = _parquet_docs(path)
     else:
         # Plain text: paragraphs separated by blank lines are the documents.
-        docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+        docs = re.split(r"\n\s*\n", read_utf8(path))
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
         raise SecateurError(f"{path} contains no text: give a file with some documents in it")

@@ -23,6 +23,39 @@ def tokenize_stream(tokenizer, text: str, bos: str = "default") -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class SeqlenChoice:
+    """The window length a run uses, and the one it was asked for when the model's context
+    was shorter: the capping is recorded and announced, never silent."""
+
+    used: int
+    requested: int
+    context: int | None  # the model's maximum positions, when its config says
+
+    @property
+    def capped(self) -> bool:
+        return self.used < self.requested
+
+    def warning(self, flag: str = "--seqlen") -> str | None:
+        """The line to show the user when the length was capped, else None."""
+        if not self.capped:
+            return None
+        return (f"{flag} {self.requested} is longer than the model's context ({self.context} "
+                f"tokens): using {self.used}")
+
+    def record(self) -> dict[str, int | bool | None]:
+        return {"seqlen": self.used, "seqlen_requested": self.requested,
+                "seqlen_capped_to_context": self.capped, "model_context": self.context}
+
+
+def fit_seqlen(requested: int, context: int | None, flag: str = "--seqlen") -> SeqlenChoice:
+    """The one place a window length meets the model's context: min(requested, context)."""
+    if requested < 2:
+        raise SecateurError(f"{flag} must be at least 2 tokens, got {requested}")
+    used = min(requested, context) if context else requested
+    return SeqlenChoice(used, requested, context)
+
+
+@dataclass(frozen=True)
 class EvalWindows:
     windows: list[torch.Tensor]  # each (1, seqlen)
     seqlen: int

