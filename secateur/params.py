@@ -18,6 +18,12 @@ def unique_parameters(modules: Iterable[nn.Module]) -> Iterator[nn.Parameter]:
                 yield p
 
 
+def parameter_count(modules: Iterable[nn.Module], trainable_only: bool = False) -> int:
+    """How many parameters the modules hold, each shared tensor once."""
+    return sum(p.numel() for p in unique_parameters(modules)
+               if p.requires_grad or not trainable_only)
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Unique parameters, how many of them are non-zero, and their bytes in memory."""
     total = nonzero = nbytes = 0

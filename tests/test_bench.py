@@ -3,15 +3,18 @@
 import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from secateur.bench import BenchSpec, Subject, benchmark, parse_lengths
 from secateur.bench.measure import weight_bytes_per_token
+from secateur.bench.memory import peak_tensor_bytes
 from secateur.errors import SecateurError
 from secateur.models import adapter_for
 from secateur.surgery.depth import remove_layers
-from tests.tiny_models import byte_tokenizer, tiny_model
+from tests.tiny_models import VOCAB, byte_tokenizer, tiny_model
 
 FAST = BenchSpec(prompt_lengths=(8, 16), decode_tokens=3, decode_prompt=4, repeats=2,
                  warmup=1, threads=1)
@@ -98,3 +101,45 @@ def test_bench_cli_writes_json(tiny_dir, tmp_path, monkeypatch, capsys):
     assert res["baseline"] == str(a) and str(b) in res["speedup_vs_baseline"]
     assert res["models"][str(a)]["bytes_on_disk"] > 0
     assert "decode" in capsys.readouterr().out
+
+
+def test_peak_tensor_bytes_counts_what_is_alive_at_once():
+    x = torch.ones(1000, 1000)
+
+    def two_alive():
+        a = x + 1  # 4 MB
+        b = a * 2  # 4 MB, both alive
+        del a
+        return (b + 1).sum()  # a was freed: the peak stays 8 MB
+
+    assert peak_tensor_bytes(two_alive) == pytest.approx(8_000_000, abs=1024)
+
+
+def test_peak_working_memory_is_measured_for_every_model():
+    # It used to be VmHWM - VmRSS around the rounds, which read 0 once the allocator reused
+    # the pages of earlier rounds.
+    spec = BenchSpec(prompt_lengths=(16, 128), decode_tokens=3, decode_prompt=4, repeats=2,
+                     warmup=1, threads=1)
+    tok = byte_tokenizer()
+    res = benchmark([Subject("a", tiny_model("llama"), tok),
+                     Subject("b", tiny_model("llama", seed=1), tok)], spec)
+    logits_mib = 128 * VOCAB * 4 / 2**20
+    for m in res["models"].values():
+        w = m["working_mib"]
+        assert set(w) == {"prefill_16", "prefill_128", "decode"}
+        assert w["prefill_128"] >= logits_mib and w["prefill_128"] > w["prefill_16"] > 0
+        assert m["peak_working_mib"] == max(w.values())
+    # same shapes, same allocations: the figure is exact, not a sample of a noisy machine
+    assert res["models"]["a"]["working_mib"] == res["models"]["b"]["working_mib"]
+    assert "profiler" in res["protocol"]["peak_working_mib"]
+
+
+def test_bad_json_path_fails_before_any_model_loads(tmp_path, monkeypatch):
+    from secateur.bench import bench_job
+    from secateur.models import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SecateurError, match="is a folder: give a file path"):
+        bench_job("smollm2-135m", [], FAST, json_path=tmp_path)
+    with pytest.raises(SecateurError, match="cannot write in"):
+        bench_job("smollm2-135m", [], FAST, json_path=Path("/sys/bench.json"))

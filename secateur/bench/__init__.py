@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from secateur.bench.measure import BenchSpec, Subject, benchmark
+from secateur.bench.memory import peak_rss_mib
 
-__all__ = ["BenchSpec", "Subject", "bench_job", "benchmark", "parse_lengths"]
+__all__ = ["BenchSpec", "Subject", "bench_job", "benchmark", "parse_lengths", "peak_rss_mib"]
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -28,9 +29,11 @@ def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32"
               json_path: Path | None = None,
               warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load MODEL and every --vs model in the same dtype and measure them interleaved."""
+    from secateur.io import check_output_file, write_json_atomic
     from secateur.models.loading import load
-    from secateur.surgery.save import write_json_atomic
 
+    if json_path is not None:  # a bad --json fails now, not after the measurement
+        check_output_file(Path(json_path), "--json", inputs=[model, *vs])
     subjects = []
     for name in [model, *vs]:
         loaded = load(name, dtype=dtype)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -23,9 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateur.bench.memory import peak_rss_mib, peak_tensor_mib
 from secateur.errors import SecateurError
 from secateur.eval.protocol import library_versions
-from secateur.params import count_parameters
+from secateur.io import dir_bytes
+from secateur.params import count_parameters, unique_parameters
 
 log = logging.getLogger(__name__)
 
@@ -73,44 +74,14 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and emb.weight is out.weight
     skip = set() if tied or emb is None else {id(emb.weight)}
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen or id(p) in skip:
-            continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size()
-    return total
+    return sum(p.numel() * p.element_size() for p in unique_parameters([model])
+               if id(p) not in skip)
 
 
 def bytes_on_disk(path: str | None) -> int | None:
-    if not path:
+    if not path or not Path(path).exists():
         return None
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return None
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux resets VmHWM when 5 is written to clear_refs; elsewhere peaks stay cumulative."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    return dir_bytes(Path(path))
 
 
 def prompt_ids(tokenizer, text: str, length: int) -> torch.Tensor:
@@ -212,20 +183,17 @@ def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str
         for s in subjects:
             one_round(s)
     rounds: dict[str, list[dict[str, float]]] = {s.name: [] for s in subjects}
-    peaks: dict[str, int | None] = {s.name: None for s in subjects}
     for r in tqdm(range(spec.repeats), desc="bench rounds"):
         order = subjects if r % 2 == 0 else subjects[::-1]
         for s in order:
-            before = _rss_kib("VmRSS")
-            reset = _reset_peak_rss()
             rounds[s.name].append(one_round(s))
-            hwm = _rss_kib("VmHWM")
-            if reset and hwm is not None and before is not None:
-                peaks[s.name] = max(peaks[s.name] or 0, hwm - before)
+    # Memory in its own untimed pass: the profiler's bookkeeping must not slow the timings.
+    working = {s.name: _working_mib(s, prompts[s.name], decode_prompt[s.name], spec)
+               for s in subjects}
     bandwidth = memory_bandwidth_gbs()
     models = {}
     for s in subjects:
-        models[s.name] = _model_result(s, rounds[s.name], peaks[s.name], spec, bandwidth)
+        models[s.name] = _model_result(s, rounds[s.name], working[s.name], spec, bandwidth)
     base = subjects[0].name
     ratios = {}
     for s in subjects[1:]:
@@ -236,7 +204,7 @@ def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str
         "speedup_vs_baseline": ratios,
         "memory_bandwidth_gbs": bandwidth,
         # all models resident at once, so this bounds their sum, not any one of them
-        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_peak_rss_mib": peak_rss_mib(),
         "warnings": warnings,
         "protocol": {
             **asdict(spec),
@@ -249,8 +217,7 @@ def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str
                        "round",
             "bandwidth": "best of 5 sums over a 256 MiB float32 buffer",
             "decode_bound": "memory bandwidth / bytes of weights read per token",
-            "peak_working_mib": "VmHWM during this model's rounds minus VmRSS before them "
-                                "(all models stay resident; their weights are not counted)",
+            "peak_working_mib": WORKING_PROTOCOL,
             "machine": platform.machine(),
             "processor": platform.processor() or None,
             "versions": library_versions(),
@@ -258,8 +225,30 @@ def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str
     }
 
 
-def _model_result(s: Subject, rows: list[dict[str, float]], peak_kib: int | None,
-                  spec: BenchSpec, bandwidth: float) -> dict[str, Any]:
+WORKING_PROTOCOL = ("peak bytes of CPU tensors alive during one prefill (each length) and "
+                    "one decode run, beyond those alive before (activations, logits, KV "
+                    "cache; weights excluded), from torch's profiler allocation events")
+
+
+@torch.no_grad()
+def _working_mib(s: Subject, prompts: dict[int, torch.Tensor], decode_prompt: torch.Tensor,
+                 spec: BenchSpec) -> dict[str, float] | None:
+    """Peak working memory of each measured pass; None when it cannot be measured here."""
+    passes = {f"prefill_{n}": (lambda ids=ids: prefill_seconds(s.model, ids))
+              for n, ids in prompts.items()}
+    passes["decode"] = lambda: decode_seconds(s.model, decode_prompt, spec.decode_tokens)
+    out = {}
+    for key, run in passes.items():
+        mib = peak_tensor_mib(run)
+        if mib is None:
+            return None
+        out[key] = mib
+    return out
+
+
+def _model_result(s: Subject, rows: list[dict[str, float]],
+                  working: dict[str, float] | None, spec: BenchSpec,
+                  bandwidth: float) -> dict[str, Any]:
     prefill = {}
     for n in spec.prompt_lengths:
         secs = [r[f"prefill_{n}"] for r in rows]
@@ -279,7 +268,8 @@ def _model_result(s: Subject, rows: list[dict[str, float]], peak_kib: int | None
         "decode": {"seconds_per_token": _stats(decode), "tokens_per_second": tps,
                    "weight_bytes_per_token": per_token, "bound_tokens_per_second": bound,
                    "fraction_of_bound": tps / bound},
-        "peak_working_mib": None if peak_kib is None else peak_kib / 1024,
+        "peak_working_mib": None if working is None else max(working.values()),
+        "working_mib": working,
     }
 
 
