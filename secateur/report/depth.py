@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from secateur.io import write_atomic
+
 
 def is_depth_summary(summary: dict[str, Any]) -> bool:
     return "removed" in summary and "calibration_perplexity" in summary
@@ -62,7 +64,6 @@ def plot_removals(result: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))  # the temp name keeps .png
     plt.close(fig)
     return path

@@ -3,84 +3,46 @@
 Reads the JSON that `prune --json`, `eval --json`, `bench --json` and `sweep` write. Every
 number in a table carries a protocol tag [P1], [Z1], [B1] that the Protocols section spells
 out (dataset, seqlen, windows, BOS, dtype, harness, limit, threads, ...), because numbers
-measured under different protocols are not comparable.
+measured under different protocols are not comparable. Accuracies carry lm-eval's standard
+error, and a difference from the dense model within it is marked (see `accuracy`). A result
+that cannot be read, or lacks a field a table needs, is listed under Warnings and returned to
+the caller, never skipped silently.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secateur.errors import SecateurError
+from secateur.io import check_output_folder, write_bytes_atomic, write_text_atomic
+from secateur.report import accuracy
+from secateur.report.collect import Collected, Run, collect, why
+from secateur.report.plots import plots as draw_plots
+from secateur.report.runs import parameters, sparsity, target
 
-SKIP = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json", "sweep.json", "model.safetensors.index.json"}
+log = logging.getLogger(__name__)
 
-
-@dataclass
-class Run:
-    """One prune/eval result (a sweep cell is one) under a display name."""
-
-    name: str
-    data: dict[str, Any]
+# (title, columns, rows, note under the table or None)
+Table = tuple[str, list[str], list[list[str]], str | None]
 
 
 @dataclass
-class Collected:
-    runs: list[Run] = field(default_factory=list)
-    benches: list[Run] = field(default_factory=list)
+class Report:
+    """The written page, its Markdown twin, and what could not be shown; unpacks as
+    `html, md = build_report(...)`."""
 
+    html: Path
+    md: Path
+    warnings: list[str]
 
-def _kind(data: Any) -> str | None:
-    if not isinstance(data, dict):
-        return None
-    if "speedup_vs_baseline" in data and "models" in data:
-        return "bench"
-    if "perplexity" in data or "zeroshot" in data or "options" in data:
-        return "run"
-    return None
-
-
-def _candidates(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise SecateurError(f"'{path}' does not exist: give run directories or result .json "
-                            "files")
-    files = sorted((path / "results").glob("*.json")) + sorted(path.glob("*.json"))
-    return [f for f in files if f.name not in SKIP]
-
-
-def collect(paths: list[Path]) -> Collected:
-    if not paths:
-        raise SecateurError("give at least one run directory or result .json file")
-    out = Collected()
-    for path in map(Path, paths):
-        found = 0
-        for f in _candidates(path):
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                if path.is_file():
-                    raise SecateurError(f"{f} is not readable JSON ({err})") from None
-                continue
-            kind = _kind(data)
-            if kind is None:
-                continue
-            found += 1
-            label = data.get("cell") or (f.stem if path.is_dir() else f.stem)
-            name = f"{path.name}/{label}" if path.is_dir() and len(paths) > 1 else label
-            (out.benches if kind == "bench" else out.runs).append(Run(name, data))
-        if not found:
-            raise SecateurError(
-                f"no results in '{path}': expected results/*.json (from `secateur sweep`) or "
-                "the .json written by `secateur prune/eval/bench --json`")
-    return out
+    def __iter__(self) -> Iterator[Path]:
+        return iter((self.html, self.md))
 
 
 class Protocols:
@@ -107,188 +69,130 @@ def _f(x: float | None, digits: int = 3, tag: str = "") -> str:
     return f"{x:.{digits}f}" + (f" [{tag}]" if tag else "")
 
 
-def _pct(x: float | None, tag: str = "") -> str:
-    return "-" if x is None else f"{100 * x:.2f}" + (f" [{tag}]" if tag else "")
+def _tagged(text: str, tag: str) -> str:
+    return text if text == "-" or not tag else f"{text} [{tag}]"
 
 
-def _target(d: dict[str, Any]) -> str:
-    o = d.get("options") or {}
-    if d.get("method") == "dense":
-        return "dense"
-    for key, fmt in (("nm", "{}"), ("sparsity", "{:.2f}"), ("ratio", "ratio {}"),
-                     ("blocks", "{} blocks"), ("layers", "{} layers")):
-        if o.get(key) is not None:
-            return fmt.format(o[key])
-    return "-"
-
-
-def _params(d: dict[str, Any]) -> tuple[int | None, int | None]:
-    p = d.get("parameters")
-    if isinstance(p, dict):
-        pruned = p.get("pruned") or {}
-        return pruned.get("parameters"), pruned.get("nonzero")
-    if isinstance(p, int):
-        return p, p
-    return None, None
-
-
-def _series(d: dict[str, Any]) -> str:
-    o = d.get("options") or {}
-    name = d.get("method", "?")
-    if o.get("nm"):
-        name += f" {o['nm']}"
-    if o.get("owl"):
-        name += " +OWL"
-    return name
-
-
-def _sparsity(d: dict[str, Any]) -> float | None:
-    if d.get("method") == "dense":
-        return 0.0
-    return d.get("sparsity")
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _plots(c: Collected) -> dict[str, tuple[str, bytes]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots: dict[str, tuple[str, bytes]] = {}
-    runs = [r for r in c.runs if r.data.get("perplexity") is not None]
-    dense = [r for r in runs if r.data.get("method") == "dense"]
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in runs:
-        if r.data.get("method") == "dense" or _sparsity(r.data) is None:
-            continue
-        series.setdefault(_series(r.data), []).append((_sparsity(r.data), r.data["perplexity"]))
-    if series:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for name, pts in sorted(series.items()):
-            pts = sorted(pts)
-            if dense:
-                pts = [(0.0, dense[0].data["perplexity"]), *pts]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_xlabel("achieved sparsity (share of zero weights in pruned matrices)")
-        ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title("Perplexity vs sparsity")
-        plots["perplexity_vs_sparsity"] = ("Perplexity vs sparsity per method", _png(fig))
-    acc = [(r, _params(r.data)[1], r.data["zeroshot"]["average"]) for r in c.runs
-           if r.data.get("zeroshot") and r.data["zeroshot"].get("average") is not None]
-    if acc:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for r, nonzero, avg in acc:
-            ax.scatter(nonzero / 1e6, 100 * avg)
-            ax.annotate(r.name, (nonzero / 1e6, 100 * avg), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("non-zero parameters (millions)")
-        ax.set_ylabel("zero-shot average accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.set_title("Accuracy vs parameters")
-        plots["accuracy_vs_parameters"] = ("Zero-shot accuracy vs non-zero parameters",
-                                           _png(fig))
-    speed = [(f"{b.name}:{name}", m) for b in c.benches for name, m in b.data["models"].items()]
-    if speed:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for label, m in speed:
-            x = m["nonzero"] / 1e6
-            ax.scatter(x, m["decode"]["tokens_per_second"], marker="o", color="tab:blue")
-            ax.scatter(x, m["decode"]["bound_tokens_per_second"], marker="_", s=200,
-                       color="tab:red")
-            ax.annotate(label.split(":", 1)[1][-28:], (x, m["decode"]["tokens_per_second"]),
-                        fontsize=7, xytext=(4, -10), textcoords="offset points")
-        ax.set_xlabel("non-zero parameters (millions)")
-        ax.set_ylabel("batch-1 decode tokens/s")
-        ax.set_yscale("log")  # the bound can sit far above what a loaded machine reaches
-        ax.scatter([], [], marker="o", color="tab:blue", label="measured")
-        ax.scatter([], [], marker="_", s=200, color="tab:red", label="bandwidth bound")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        ax.set_title("Decode speed vs parameters")
-        plots["speed_vs_parameters"] = ("Decode speed vs non-zero parameters (red: memory "
-                                        "bandwidth bound)", _png(fig))
-    layered = [r for r in c.runs if r.data.get("layers")]
-    if layered:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for r in layered:
-            xs, ys = [], []
-            for layer in r.data["layers"]:
-                mats = layer["matrices"].values()
-                total = sum(m["numel"] for m in mats)
-                xs.append(layer["index"])
-                ys.append(sum(m["sparsity"] * m["numel"] for m in mats) / total if total else 0)
-            ax.plot(xs, ys, marker=".", label=r.name)
-        ax.set_xlabel("decoder layer")
-        ax.set_ylabel("sparsity")
-        ax.set_ylim(0, 1)  # uniform 0.5 otherwise gets an unreadable offset axis
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title("Per-layer sparsity")
-        plots["per_layer_sparsity"] = ("Per-layer sparsity", _png(fig))
-    return plots
-
-
-def _tables(c: Collected, protos: Protocols) -> list[tuple[str, list[str], list[list[str]]]]:
-    tables = []
+def _rows(c: Collected, items: list[Run], build: Callable[[Run], list[list[str]]],
+          table: str) -> list[list[str]]:
+    """Rows of every item; one whose result lacks a field becomes a warning, not a crash."""
     rows = []
+    for item in items:
+        try:
+            rows.extend(build(item))
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
+            c.warnings.append(f"{item.name}: left out of the {table} table (a field is missing "
+                              f"or malformed: {type(err).__name__} {why(err)})")
+    return rows
+
+
+def _protocol_key(zs: dict[str, Any]) -> str:
+    return json.dumps(zs.get("protocol"), sort_keys=True, default=str)
+
+
+def _dense_zeroshot(c: Collected) -> dict[str, dict[str, Any]]:
+    """The dense model's zero-shot result per protocol: what pruned runs are compared with."""
+    dense: dict[str, dict[str, Any]] = {}
     for r in c.runs:
+        zs = r.data.get("zeroshot")
+        if r.data.get("method") == "dense" and isinstance(zs, dict):
+            dense.setdefault(_protocol_key(zs), zs)
+    return dense
+
+
+def _average_cell(zs: dict[str, Any], ref: dict[str, Any] | None, key: str) -> str:
+    se = accuracy.average_stderr(zs, key)
+    mark = None if ref is None or ref is zs else accuracy.within(
+        zs.get(key), se, ref.get(key), accuracy.average_stderr(ref, key))
+    return accuracy.fmt(zs.get(key), se, mark)
+
+
+def _task_cell(task: dict[str, Any] | None, ref_task: dict[str, Any] | None) -> str:
+    if task is None:
+        return "-"
+    parts = []
+    for metric in ("acc", "acc_norm"):
+        se = accuracy.stderr(task, metric)
+        mark = None if ref_task is None or ref_task is task else accuracy.within(
+            task.get(metric), se, ref_task.get(metric), accuracy.stderr(ref_task, metric))
+        parts.append(accuracy.fmt(task.get(metric), se, mark))
+    return " / ".join(parts) + ("*" if task["average_metric"] == "acc_norm" else "")
+
+
+def _runs_table(c: Collected, protos: Protocols, dense: dict[str, dict]) -> Table | None:
+    def build(r: Run) -> list[list[str]]:
         d = r.data
-        total, nonzero = _params(d)
+        total, nonzero = parameters(d)
         ptag = protos.tag("P", d.get("protocol"))
         zs = d.get("zeroshot") or {}
         ztag = protos.tag("Z", zs.get("protocol"))
+        ref = dense.get(_protocol_key(zs)) if zs else None
         cal = d.get("calibration") or {}
-        rows.append([
-            r.name, d.get("method", "-"), _target(d), _f(_sparsity(d), 4),
+        return [[
+            r.name, d.get("method", "-"), target(d), _f(sparsity(d), 4),
             "-" if total is None else f"{total:,}", "-" if nonzero is None else f"{nonzero:,}",
             _f(d.get("perplexity"), 3, ptag), _f(d.get("dense_perplexity"), 3, ptag),
-            _pct(zs.get("average"), ztag),
+            _tagged(_average_cell(zs, ref, "average"), ztag) if zs else "-",
             "-" if not d.get("bytes_on_disk") else f"{d['bytes_on_disk'] / 2**20:.1f}",
             "-" if not cal else f"{cal.get('source')} {cal.get('nsamples')}x{cal.get('seqlen')}"
                                 f" seed {cal.get('seed')}",
-        ])
-    if rows:
-        tables.append(("Runs", ["run", "method", "target", "sparsity", "parameters",
-                                "non-zero", "perplexity", "dense ppl", "zero-shot avg %",
-                                "MiB on disk", "calibration"], rows))
+        ]]
+
+    rows = _rows(c, c.runs, build, "Runs")
+    if not rows:
+        return None
+    return ("Runs", ["run", "method", "target", "sparsity", "parameters", "non-zero",
+                     "perplexity", "dense ppl", "zero-shot avg % ±se", "MiB on disk",
+                     "calibration"], rows, accuracy.NOTE if dense else None)
+
+
+def _zeroshot_table(c: Collected, protos: Protocols, dense: dict[str, dict]) -> Table | None:
     zs_runs = [r for r in c.runs if r.data.get("zeroshot")]
-    if zs_runs:
-        names = list(dict.fromkeys(t for r in zs_runs for t in r.data["zeroshot"]["tasks"]))
-        zrows = []
-        for r in zs_runs:
-            z = r.data["zeroshot"]
-            tag = protos.tag("Z", z["protocol"])
-            row = [r.name]
-            for t in names:
-                v = z["tasks"].get(t)
-                row.append("-" if v is None else
-                           f"{_pct(v['acc'])} / {_pct(v['acc_norm'])}"
-                           + ("*" if v["average_metric"] == "acc_norm" else ""))
-            row += [_pct(z["average"], tag), _pct(z["average_acc"], tag)]
-            zrows.append(row)
-        tables.append(("Zero-shot accuracy (acc / acc_norm %, * = acc_norm used in the "
-                       "average)", ["run", *names, "average", "mean acc"], zrows))
-    brows = []
-    for b in c.benches:
+    if not zs_runs:
+        return None
+    names: list[str] = []
+    for r in zs_runs:
+        tasks = r.data["zeroshot"].get("tasks")
+        names += [t for t in tasks if t not in names] if isinstance(tasks, dict) else []
+
+    def build(r: Run) -> list[list[str]]:
+        z = r.data["zeroshot"]
+        tag = protos.tag("Z", z["protocol"])
+        ref = dense.get(_protocol_key(z))
+        ref_tasks = (ref or {}).get("tasks", {})
+        row = [r.name] + [_task_cell(z["tasks"].get(t), ref_tasks.get(t) if ref else None)
+                          for t in names]
+        return [row + [_tagged(_average_cell(z, ref, "average"), tag),
+                       _tagged(_average_cell(z, ref, "average_acc"), tag)]]
+
+    rows = _rows(c, zs_runs, build, "zero-shot")
+    if not rows:
+        return None
+    note = ("±: lm-eval's standard error; the averages' is sqrt(sum se^2) / tasks. "
+            + (accuracy.NOTE if dense else "No dense run with the same protocol to compare "
+               "with, so no difference is marked."))
+    return ("Zero-shot accuracy (acc / acc_norm %, * = acc_norm used in the average)",
+            ["run", *names, "average", "mean acc"], rows, note)
+
+
+def _peak_working(m: dict[str, Any]) -> str:
+    # Results before `working_mib` measured VmHWM - VmRSS, which read 0 once pages were
+    # reused: not a figure to show.
+    if m.get("working_mib") is None or m.get("peak_working_mib") is None:
+        return "-"
+    return f"{m['peak_working_mib']:.1f}"
+
+
+def _speed_table(c: Collected, protos: Protocols) -> Table | None:
+    def build(b: Run) -> list[list[str]]:
         tag = protos.tag("B", {**b.data["protocol"],
                                "memory_bandwidth_gbs": b.data["memory_bandwidth_gbs"]})
         lengths = b.data["protocol"]["prompt_lengths"]
+        rows = []
         for name, m in b.data["models"].items():
             sp = b.data["speedup_vs_baseline"].get(name, {})
             dec = m["decode"]
-            brows.append([
+            rows.append([
                 name, m["dtype"], f"{m['parameters']:,}", f"{m['nonzero']:,}",
                 "-" if m["bytes_on_disk"] is None else f"{m['bytes_on_disk'] / 2**20:.1f}",
                 ", ".join(f"{m['prefill'][str(n)]['tokens_per_second']:.0f}" for n in lengths)
@@ -298,20 +202,35 @@ def _tables(c: Collected, protos: Protocols) -> list[tuple[str, list[str], list[
                 "baseline" if not sp else
                 f"{sp['decode']['median']:.2f}x [{sp['decode']['min']:.2f}-"
                 f"{sp['decode']['max']:.2f}]",
-                "-" if m["peak_working_mib"] is None else f"{m['peak_working_mib']:.0f}",
+                _peak_working(m),
             ])
-    if brows:
-        tables.append(("Speed and memory", ["model", "dtype", "parameters", "non-zero",
-                                            "MiB on disk", "prefill tok/s (per length)",
-                                            "decode tok/s", "decode bound tok/s", "of bound",
-                                            "decode speedup (median [min-max])",
-                                            "peak working MiB"], brows))
-    depth = [r for r in c.runs if (r.data.get("summary") or {}).get("removed")]
+        return rows
+
+    rows = _rows(c, c.benches, build, "speed")
+    if not rows:
+        return None
+    note = None
+    if any(row[-1] == "-" for row in rows):
+        note = ("peak working MiB '-': not measured (results from before secateur measured it "
+                "from tensor allocations; their figure read 0 and is not shown)")
+    return ("Speed and memory", ["model", "dtype", "parameters", "non-zero", "MiB on disk",
+                                 "prefill tok/s (per length)", "decode tok/s",
+                                 "decode bound tok/s", "of bound",
+                                 "decode speedup (median [min-max])", "peak working MiB"],
+            rows, note)
+
+
+def _tables(c: Collected, protos: Protocols) -> list[Table]:
+    dense = _dense_zeroshot(c)
+    tables = [_runs_table(c, protos, dense), _zeroshot_table(c, protos, dense),
+              _speed_table(c, protos)]
+    depth = [r for r in c.runs if isinstance(r.data.get("summary"), dict)
+             and r.data["summary"].get("removed")]
     if depth:
         tables.append(("Removed blocks (in removal order)", ["run", "removed"],
                        [[r.name, ", ".join(map(str, r.data["summary"]["removed"]))]
-                        for r in depth]))
-    return tables
+                        for r in depth], None))
+    return [t for t in tables if t is not None]
 
 
 def _protocol_text(tag: str, p: dict[str, Any]) -> str:
@@ -339,35 +258,30 @@ def _versions(p: dict[str, Any]) -> str:
     return ", ".join(f"{k} {x}" for k, x in v.items())
 
 
-def build_report(paths: list[Path], out: Path, title: str = "secateur report") -> list[Path]:
-    """Write out/report.html (self-contained) and out/report.md with out/plots/*.png."""
-    collected = collect(paths)
-    protos = Protocols()
-    tables = _tables(collected, protos)
-    plots = _plots(collected)
-    out = Path(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    for key, (_, png) in plots.items():
-        (out / "plots" / f"{key}.png").write_bytes(png)
-    sources = ", ".join(map(str, paths))
+def _render(title: str, sources: str, tables: list[Table], plots: dict[str, tuple[str, bytes]],
+            protos: Protocols, warnings: list[str]) -> tuple[str, str]:
     md = [f"# {title}", "", f"From: {sources}", ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
          "</title><style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
          "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
          "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
-         "td:first-child,th{text-align:left}th{background:#eee}"
+         "td:first-child,th{text-align:left}th{background:#eee}.warn{color:#a40}"
          "img{max-width:48%;margin:4px;border:1px solid #ddd}</style></head><body>",
          f"<h1>{html.escape(title)}</h1><p>From: {html.escape(sources)}</p>"]
-    for name, cols, rows in tables:
+    if warnings:
+        md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+        h.append("<h2>Warnings</h2><ul class='warn'>"
+                 + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
+    for name, cols, rows, note in tables:
         md += [f"## {name}", "", "| " + " | ".join(cols) + " |",
                "|" + "---|" * len(cols)]
         md += ["| " + " | ".join(row) + " |" for row in rows]
-        md.append("")
+        md += ["", note, ""] if note else [""]
         h.append(f"<h2>{html.escape(name)}</h2><table><tr>"
                  + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
         h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>"
               for row in rows]
-        h.append("</table>")
+        h.append("</table>" + (f"<p>{html.escape(note)}</p>" if note else ""))
     if plots:
         md += ["## Plots", ""]
         h.append("<h2>Plots</h2><div>")
@@ -384,6 +298,27 @@ def build_report(paths: list[Path], out: Path, title: str = "secateur report") -
         md.append(f"- **[{tag}]** {text}")
         h.append(f"<li><b>[{tag}]</b> {html.escape(text)}</li>")
     h.append("</ul></body></html>")
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text("\n".join(h))
-    return [out / "report.html", out / "report.md"]
+    return "\n".join(h), "\n".join(md) + "\n"
+
+
+def build_report(paths: list[Path], out: Path, title: str = "secateur report",
+                 warn: Callable[[str], None] | None = None) -> Report:
+    """Write out/report.html (self-contained) and out/report.md with out/plots/*.png.
+
+    Each warning (a result left out, wholly or from one table) is listed in the page, passed
+    to `warn` (default: logging) and returned in `Report.warnings`."""
+    out = Path(out)
+    check_output_folder(out)
+    collected = collect(paths)
+    protos = Protocols()
+    tables = _tables(collected, protos)
+    plots = draw_plots(collected)
+    page, md = _render(title, ", ".join(map(str, paths)), tables, plots, protos,
+                       collected.warnings)
+    for key, (_, png) in plots.items():
+        write_bytes_atomic(out / "plots" / f"{key}.png", png)
+    write_text_atomic(out / "report.md", md)
+    write_text_atomic(out / "report.html", page)
+    for w in collected.warnings:
+        (warn or log.warning)(w)
+    return Report(out / "report.html", out / "report.md", list(collected.warnings))

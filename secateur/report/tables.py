@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from secateur.report.accuracy import average_stderr, fmt, stderr
+
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
@@ -16,14 +18,17 @@ def print_zeroshot(console: Console, zs: dict[str, Any]) -> None:
     p = zs["protocol"]
     limit = "all documents" if p["limit"] is None else f"first {p['limit']} documents"
     table = Table(title=f"zero-shot, {p['harness']}, {limit}, task data: {p['data']}")
-    for col in ("task", "acc %", "acc_norm %", "averaged", "docs", "data"):
+    for col in ("task", "acc % ±se", "acc_norm % ±se", "averaged", "docs", "data"):
         table.add_column(col)
     for name, t in zs["tasks"].items():
-        table.add_row(name, _pct(t["acc"]), _pct(t["acc_norm"]), t["average_metric"],
+        table.add_row(name, fmt(t["acc"], stderr(t, "acc")),
+                      fmt(t["acc_norm"], stderr(t, "acc_norm")), t["average_metric"],
                       f"{t['samples']}/{t['samples_available']}", t["data"])
-    table.add_row("average", _pct(zs["average_acc"]), "", _pct(zs["average"]), "", "")
+    table.add_row("average", fmt(zs["average_acc"], average_stderr(zs, "average_acc")), "",
+                  fmt(zs["average"], average_stderr(zs)), "", "")
     console.print(table)
-    console.print("average: " + p["average"])
+    console.print("average: " + p["average"] + "; ±: lm-eval's standard error (the averages': "
+                  "sqrt(sum se^2) / tasks)")
 
 
 def print_bench(console: Console, res: dict[str, Any]) -> None:
@@ -37,7 +42,7 @@ def print_bench(console: Console, res: dict[str, Any]) -> None:
     for name, m in res["models"].items():
         disk = "-" if m["bytes_on_disk"] is None else f"{m['bytes_on_disk'] / 2**20:.0f}"
         d = m["decode"]
-        peak = "-" if m["peak_working_mib"] is None else f"{m['peak_working_mib']:.0f}"
+        peak = "-" if m.get("working_mib") is None else f"{m['peak_working_mib']:.1f}"
         table.add_row(name, f"{m['parameters']:,}", disk,
                       *[f"{m['prefill'][str(n)]['tokens_per_second']:.1f}"
                         for n in p["prompt_lengths"]],
