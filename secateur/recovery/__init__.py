@@ -1,1 +1,6 @@
-"""Recovery after pruning: LoRA fine-tuning (peft), merged back into the weights."""
+"""Recovery after pruning: LoRA on the LM loss (`lora`) and knowledge distillation from the
+dense teacher (`distill`), both on one training loop that keeps pruning masks exactly zero.
+
+Importing `secateur.recovery.lora` and `secateur.recovery.distill` registers the `lora` and
+`distill` recover steps.
+"""

@@ -118,6 +118,9 @@ def check_models(student: Loaded, teacher: Loaded, config: DistillConfig) -> Non
                             f"{t_vocab} vs {s_vocab}"
                             f"{'' if same_tokens else ', different tokenizers'}): distill from "
                             "the model the student was pruned from")
+    if config.teacher_cache == "topk" and config.topk >= t_vocab:
+        raise SecateurError(f"--topk {config.topk} keeps the whole vocabulary of {t_vocab}: "
+                            "use a smaller --topk or --teacher-cache full")
     if config.hidden_weight > 0:
         s_h = student.model.get_input_embeddings().weight.shape[1]
         t_h = teacher.model.get_input_embeddings().weight.shape[1]

@@ -218,31 +218,20 @@ def _evaluate(model: nn.Module, objective: Objective, step: int, tokens: int,
     return record
 
 
-def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: TokenWindows,
-          mode: Mode, checkpoint: Path | None = None, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None, desc: str = "training",
-          fingerprint_extra: dict[str, Any] | None = None) -> TrainResult:
-    """Train `loaded.model` on `objective`; LoRA is merged in and masks re-applied at the end,
-    so `loaded.model` is the finished model (the same object unless peft replaced it)."""
-    model_for_masks = loaded.model
-    masks = record_masks(model_for_masks, loaded.adapter) if config.keep_masks else Masks()
-    torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
-    model, params = _wrap(loaded, config, mode)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
-    fingerprint = config.fingerprint({"mode": mode, "shapes": shapes, **(fingerprint_extra or {})})
+def _loop(config: TrainConfig, objective: Objective, data: TokenWindows, mode: Mode,
+          model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+          masks: Masks, result: TrainResult, fingerprint: str, checkpoint: Path | None,
+          progress: bool, on_step: Callable[[int, float], None] | None, desc: str) -> None:
+    """The steps from the checkpoint (if any) to the end; fills `result` in place."""
     per_step = config.batch_size * config.grad_accum
-    result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
-                         steps=config.steps, resumed_from=0, tokens=0,
-                         trainable_parameters=sum(p.numel() for p in params),
-                         masks=masks.summary(), data=data.record)
     state = load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
     if state is not None:
         _load_trainable(model, mode, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        result = TrainResult.from_dict(state["result"])
-        result.resumed_from = state["step"]
+        saved = TrainResult.from_dict(state["result"])
+        saved.resumed_from = state["step"]
+        result.__dict__.update(saved.__dict__)
     start = result.resumed_from
     model.train()
     if start == 0 and config.heldout_windows:
@@ -295,6 +284,33 @@ def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: Token
     if config.heldout_windows:
         result.evals.append(_evaluate(model, objective, config.steps, result.tokens,
                                       config.bf16))
+
+
+def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: TokenWindows,
+          mode: Mode, checkpoint: Path | None = None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None, desc: str = "training",
+          fingerprint_extra: dict[str, Any] | None = None) -> TrainResult:
+    """Train `loaded.model` on `objective`; LoRA is merged in and masks re-applied at the end,
+    so `loaded.model` is the finished model (the same object unless peft replaced it)."""
+    masks = record_masks(loaded.model, loaded.adapter) if config.keep_masks else Masks()
+    torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
+    model, params = _wrap(loaded, config, mode)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
+    fingerprint = config.fingerprint({"mode": mode, "shapes": shapes, **(fingerprint_extra or {})})
+    result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
+                         steps=config.steps, resumed_from=0, tokens=0,
+                         trainable_parameters=sum(p.numel() for p in params),
+                         masks=masks.summary(), data=data.record)
+    try:
+        _loop(config, objective, data, mode, model, params, optimizer, masks, result,
+              fingerprint, checkpoint, progress, on_step, desc)
+    except BaseException:
+        if mode == "lora":  # leave the model without adapters, as it came
+            model.unload()
+        for p in loaded.model.parameters():
+            p.requires_grad_(False)
+        raise
     result.tokens_per_second = result.tokens / result.seconds if result.seconds else 0.0
     _unwrap(loaded, model, mode, masks)
     return result
