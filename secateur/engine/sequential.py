@@ -3,20 +3,25 @@
 Per layer: run it on its inputs with hooks gathering exactly the statistics the method
 declares (these dense outputs are also the reference for the reconstruction error), let the
 method act, re-run the layer, and hand its outputs on. Only one layer's activations are
-resident; with `device`, only the current layer moves to the accelerator.
+resident; with `device`, only the current layer moves to the accelerator. A checkpoint
+folder makes a killed run resumable (`secateur.engine.checkpoint`); a `StreamedWeights`
+keeps only the current layer's weights in memory (`secateur.models.streaming`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.engine.capture import CapturedInputs, LayerCall, call_layer, capture_layer_inputs
+from secateur.engine.checkpoint import LayerCheckpoint, fingerprint
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.base import ModelAdapter, Projection
+from secateur.models.streaming import StreamedWeights
 from secateur.stats import Statistic
 
 LayerStats = dict[str, dict[str, Statistic]]
@@ -91,19 +96,42 @@ def walk_layers(
     progress: bool = True,
     device: torch.device | None = None,
     captured: CapturedInputs | None = None,
+    *,
+    start: int = 0,
+    hidden: list[torch.Tensor] | None = None,
+    after: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
+    stream: StreamedWeights | None = None,
 ) -> None:
     """Capture layer 0's inputs, then for each layer call `visit`, whose return value becomes
-    the next layer's inputs."""
+    the next layer's inputs.
+
+    `start` and `hidden` continue an interrupted walk (layer `start` gets `hidden`). `after`
+    sees each layer once it is back on the CPU, with its outputs. With `stream`, a layer is
+    read from disk just before its visit and freed after `after`.
+    """
     captured = captured or capture_layer_inputs(model, adapter, calibration)
-    hidden = _to(captured.hidden, device)
+    hidden = _to(captured.hidden if hidden is None else hidden, device)
     layers = adapter.layers
-    for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
+    bar = tqdm(range(start, len(layers)), desc=desc, disable=not progress, initial=start,
+               total=len(layers))
+    for index in bar:
         layer = layers[index]
+        if stream is not None:
+            stream.load_layer(index)
         if device is not None:
             layer.to(device)
         hidden = visit(index, layer, hidden, _call_to(captured.calls[index], device))
         if device is not None:
             layer.to("cpu")
+        if after is not None:
+            after(index, layer, hidden)
+        if stream is not None:
+            stream.unload_layer(index)
+
+
+def _method_name(method: LayerwiseMethod) -> str:
+    config = getattr(method, "config", None)
+    return getattr(config, "method", None) or type(method).__name__
 
 
 def prune_layerwise(
@@ -111,16 +139,50 @@ def prune_layerwise(
     adapter: ModelAdapter,
     method: LayerwiseMethod,
     calibration: list[torch.Tensor],
-    sequential: bool = True,
+    sequential: bool | None = None,
     progress: bool = True,
     device: torch.device | None = None,
+    checkpoint: Path | None = None,
+    *,
+    stream: StreamedWeights | None = None,
+    keep_checkpoint: bool = False,
+    on_layer_done: Callable[[int], None] | None = None,
 ) -> list[LayerReport]:
     """Run a layer-wise method over every decoder layer; one report per layer.
 
     `sequential=False` feeds every layer the dense model's activations (the Wanda paper's
-    variant) instead of the already-pruned layers' outputs.
+    variant) instead of the already-pruned layers' outputs; None takes the method's own.
+
+    `checkpoint`: a folder where each finished layer is saved with the next layer's inputs; a
+    rerun with the same folder, model, method and calibration continues after the last
+    finished layer and ends with bit-identical weights. Call `method.prepare()` before, as for
+    a fresh run. The folder is deleted on success unless `keep_checkpoint`.
+
+    `stream`: the model came from `secateur.models.streaming.load_streamed`; each layer is
+    read just before it is processed and written to `stream`'s output folder after (call
+    `stream.begin(folder)` first and `stream.finish(tokenizer)` after).
+
+    `on_layer_done(index)` runs once layer `index` is finished (and checkpointed).
     """
+    if sequential is None:
+        sequential = getattr(method, "sequential", True)
+    ckpt: LayerCheckpoint | None = None
+    resumed = None
+    if checkpoint is not None:
+        ckpt = LayerCheckpoint(checkpoint, fingerprint(model, method, calibration, sequential,
+                                                       device, stream), adapter.layers_path)
+        resumed = ckpt.resume()
     reports: list[LayerReport] = []
+    start, hidden = 0, None
+    if resumed is not None:
+        assert ckpt is not None
+        for index in range(resumed.done):
+            if stream is not None:
+                stream.adopt_layer(index, ckpt.layer_file(index))
+            else:
+                ckpt.restore_layer(index, adapter.layers[index])
+        reports, start, hidden = resumed.reports, resumed.done, resumed.hidden
+        torch.set_rng_state(resumed.rng)
 
     def visit(index, layer, inputs, call):
         projections = adapter.linears(layer)
@@ -132,7 +194,20 @@ def prune_layerwise(
         reports.append(report)
         return pruned if sequential else dense
 
-    walk_layers(model, adapter, calibration, visit, f"{method.name} layers", progress, device)
+    def after(index, layer, outputs):
+        saved = ckpt.save(index, layer, outputs, reports) if ckpt is not None else None
+        if stream is not None:
+            if saved is not None:
+                stream.adopt_layer(index, saved)
+            else:
+                stream.write_layer(index)
+        if on_layer_done is not None:
+            on_layer_done(index)
+
+    walk_layers(model, adapter, calibration, visit, f"{_method_name(method)} layers", progress,
+                device, start=start, hidden=hidden, after=after, stream=stream)
+    if ckpt is not None and not keep_checkpoint:
+        ckpt.remove()
     return reports
 
 
@@ -143,8 +218,10 @@ def collect_layer_stats(
     needs: tuple[type[Statistic], ...],
     on_layer: Callable[[int, dict[str, Projection], LayerStats], None],
     progress: bool = True,
+    stream: StreamedWeights | None = None,
 ) -> None:
-    """A dense pass that hands each layer's statistics to `on_layer` and prunes nothing."""
+    """A dense pass that hands each layer's statistics to `on_layer` and prunes nothing;
+    with `stream`, each layer is read from disk for its turn and freed after."""
 
     def visit(index, layer, inputs, call):
         projections = adapter.linears(layer)
@@ -152,4 +229,4 @@ def collect_layer_stats(
         on_layer(index, projections, stats)
         return outputs
 
-    walk_layers(model, adapter, calibration, visit, "statistics", progress)
+    walk_layers(model, adapter, calibration, visit, "statistics", progress, stream=stream)

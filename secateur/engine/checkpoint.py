@@ -1,0 +1,223 @@
+"""Resuming a layer-wise run: after each finished layer, what the next one needs, on disk.
+
+The checkpoint folder holds
+
+    checkpoint.json           the commit point: fingerprint, finished layers, their reports
+    layer-00003.safetensors   layer 3 after the method, tensors named as in the whole model
+    quant-00003.safetensors   its quantization grids, when a quantize method left any
+    hidden-00004.safetensors  layer 4's inputs (one tensor per window) and the RNG state
+
+Each file is written under a partial name, flushed and renamed (`secateur.io`), and
+checkpoint.json is replaced last, so a kill at any instant leaves the previous state or the
+new one. Only the newest hidden-*.safetensors is kept: the checkpoint is the finished layers
+plus one set of activations.
+
+A checkpoint written with another model, method setting, calibration set or device is
+refused with one line naming what differs, rather than overwritten: it may be hours of work
+that a mistyped flag would otherwise delete. What a method measures before the layer loop
+(OWL's outlier ratios) is recomputed by the caller's `prepare()` on the same dense model and
+calibration, then checked against the saved summary, so a measurement that came out
+differently is refused too instead of silently mixing two sets of layer targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateur.errors import SecateurError
+from secateur.io import check_output_folder, write_atomic, write_json_atomic
+from secateur.methods.base import LayerReport, LayerwiseMethod
+from secateur.models.streaming import StreamedWeights, read_header, read_tensors, write_tensors
+from secateur.quant.state import QuantState, quant_state, set_quant_state
+
+VERSION = 1
+STATE = "checkpoint.json"
+_SAMPLE = 4096  # values hashed per tensor: tells models apart without reading every weight
+
+_PARTS = {"model": "model", "method": "method settings", "calibration": "calibration data",
+          "run": "device or engine version"}
+
+
+def _tensor_digest(h: Any, name: str, t: torch.Tensor) -> None:
+    h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    if t.is_meta or t.numel() == 0:
+        return
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].cpu().contiguous()
+    h.update(sample.view(torch.uint8).numpy().tobytes())
+
+
+def _settings(method: LayerwiseMethod) -> Any:
+    config = getattr(method, "config", None)
+    return config.settings() if hasattr(config, "settings") else repr(config)
+
+
+def fingerprint(model: nn.Module, method: LayerwiseMethod, calibration: list[torch.Tensor],
+                sequential: bool, device: torch.device | None,
+                stream: StreamedWeights | None = None) -> dict[str, str]:
+    """Hashes of what decides the result; call it on the dense model, after `prepare()`."""
+    m = hashlib.sha256(model.config.to_json_string().encode())
+    for name, t in model.state_dict().items():
+        _tensor_digest(m, name, t)
+    if stream is not None:  # the layers are not in memory: their source files stand for them
+        m.update(stream.source.fingerprint().encode())
+    c = hashlib.sha256()
+    for w in calibration:
+        c.update(f"{tuple(w.shape)}:{w.dtype}".encode())
+        c.update(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    method_part = json.dumps({"class": type(method).__qualname__, "settings": _settings(method),
+                              "sequential": sequential}, sort_keys=True, default=str)
+    prepared = json.dumps(method.summary(), sort_keys=True, default=str)
+    run = {"version": VERSION, "device": str(torch.device(device).type if device else "cpu")}
+    return {"model": m.hexdigest(), "calibration": c.hexdigest(),
+            "method": hashlib.sha256(method_part.encode()).hexdigest(),
+            "run": hashlib.sha256(json.dumps(run).encode()).hexdigest(),
+            "prepared": hashlib.sha256(prepared.encode()).hexdigest()}
+
+
+@dataclass
+class Resumed:
+    """Where an interrupted run stopped: layers [0, done) are finished."""
+
+    done: int
+    reports: list[LayerReport]
+    hidden: list[torch.Tensor]
+    rng: torch.Tensor
+
+
+def _quant_tensors(layer: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for path, module in layer.named_modules():
+        state = quant_state(module)
+        if state is None:
+            continue
+        scalars[path] = {}
+        for f in fields(state):
+            value = getattr(state, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{path}.{f.name}"] = value
+            else:
+                scalars[path][f.name] = value
+    return tensors, scalars
+
+
+class LayerCheckpoint:
+    """Save after each finished layer; on a rerun, say where to continue."""
+
+    def __init__(self, folder: Path, fingerprint: dict[str, str], layers_path: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.layers_path = layers_path
+        check_output_folder(self.folder, flag="checkpoint")
+
+    def layer_file(self, index: int) -> Path:
+        return self.folder / f"layer-{index:05d}.safetensors"
+
+    def _quant_file(self, index: int) -> Path:
+        return self.folder / f"quant-{index:05d}.safetensors"
+
+    def _hidden_file(self, index: int) -> Path:
+        return self.folder / f"hidden-{index:05d}.safetensors"
+
+    def _prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}."
+
+    # -- reading -----------------------------------------------------------------------------
+    def resume(self) -> Resumed | None:
+        """The saved state, None for a fresh start; refuses a checkpoint of other settings."""
+        path = self.folder / STATE
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            saved = state["fingerprint"]
+            done = int(state["done"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SecateurError(f"checkpoint '{self.folder}' is unreadable ({err}): delete it "
+                                "to start over") from None
+        if state.get("version") != VERSION:
+            raise SecateurError(f"checkpoint '{self.folder}' was written by another secateur "
+                                "version: delete it to start over")
+        differ = [label for key, label in _PARTS.items() if saved.get(key) !=
+                  self.fingerprint[key]]
+        if differ:
+            raise SecateurError(f"checkpoint '{self.folder}' was written by a run with a "
+                                f"different {', '.join(differ)}: rerun with the same settings, "
+                                "or delete it to start over")
+        if saved.get("prepared") != self.fingerprint["prepared"]:
+            raise SecateurError(f"checkpoint '{self.folder}': the method's measurement before "
+                                "the layer loop (e.g. OWL ratios) came out differently this "
+                                "time; delete the checkpoint to start over")
+        needed = [self.layer_file(i) for i in range(done)] + [self.folder / state["hidden"]]
+        missing = [p.name for p in needed if not p.is_file()]
+        if missing:
+            raise SecateurError(f"checkpoint '{self.folder}' is incomplete (no {missing[0]}): "
+                                "delete it to start over")
+        tensors = read_tensors(self.folder / state["hidden"],
+                               [f"window-{i:05d}" for i in range(state["windows"])] + ["rng"])
+        hidden = [tensors[f"window-{i:05d}"] for i in range(state["windows"])]
+        reports = [LayerReport(**r) for r in state["reports"]]
+        return Resumed(done, reports, hidden, tensors["rng"])
+
+    def restore_layer(self, index: int, layer: nn.Module) -> None:
+        """Put a finished layer's saved weights (and grids) back into the in-memory model."""
+        prefix = self._prefix(index)
+        path = self.layer_file(index)
+        header, _ = read_header(path)
+        tensors = read_tensors(path, [k for k in header if k != "__metadata__"])
+        layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True)
+        qpath = self._quant_file(index)
+        if not qpath.is_file():
+            return
+        header, _ = read_header(qpath)
+        qtensors = read_tensors(qpath, [k for k in header if k != "__metadata__"])
+        for path_in_layer, scalars in json.loads(header["__metadata__"]["grids"]).items():
+            module = layer.get_submodule(path_in_layer) if path_in_layer else layer
+            key = f"{prefix}{path_in_layer}."
+            values = {k[len(key):]: v for k, v in qtensors.items() if k.startswith(key)}
+            set_quant_state(module, QuantState(**scalars, **values))
+
+    # -- writing -----------------------------------------------------------------------------
+    def save(self, index: int, layer: nn.Module, hidden: list[torch.Tensor],
+             reports: list[LayerReport]) -> Path:
+        """Commit layer `index` as finished, with the inputs of layer `index + 1`."""
+        prefix = self._prefix(index)
+        layer_path = self.layer_file(index)
+        tensors = {prefix + k: v for k, v in layer.state_dict().items()}
+        write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors))
+        qtensors, scalars = _quant_tensors(layer, prefix)
+        if scalars:
+            write_atomic(self._quant_file(index), lambda tmp: write_tensors(
+                tmp, qtensors, {"grids": json.dumps(scalars)}))
+        else:
+            self._quant_file(index).unlink(missing_ok=True)
+        hidden_path = self._hidden_file(index + 1)
+        saved = {f"window-{i:05d}": h for i, h in enumerate(hidden)}
+        saved["rng"] = torch.get_rng_state()
+        write_atomic(hidden_path, lambda tmp: write_tensors(tmp, saved))
+        write_json_atomic(self.folder / STATE, {
+            "version": VERSION, "fingerprint": self.fingerprint, "done": index + 1,
+            "hidden": hidden_path.name, "windows": len(hidden),
+            "reports": [asdict(r) for r in reports]})
+        for old in self.folder.glob("hidden-*.safetensors"):
+            if old != hidden_path:
+                old.unlink(missing_ok=True)
+        return layer_path
+
+    def remove(self) -> None:
+        """Delete this checkpoint's files (the state first), and the folder if left empty."""
+        (self.folder / STATE).unlink(missing_ok=True)
+        for pattern in ("layer-*.safetensors", "quant-*.safetensors", "hidden-*.safetensors"):
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # it holds something else of the user's: leave it
+            self.folder.rmdir()

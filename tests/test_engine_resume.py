@@ -1,0 +1,203 @@
+"""A layer-wise run killed after any layer resumes from its checkpoint to bit-identical weights.
+
+Run as a module (`python -m tests.test_engine_resume MODEL_DIR CKPT OUT.json [KILL_AFTER]`) it
+is the worker the SIGKILL test starts: it prunes, optionally SIGKILLs itself once layer
+KILL_AFTER is checkpointed, and writes the sha256 of every tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from secateur.engine.sequential import collect_layer_stats, prune_layerwise
+from secateur.errors import SecateurError
+from secateur.methods import PruneContext, SparseGPTConfig, WandaConfig, build_method
+from secateur.methods.gptq import GPTQConfig
+from secateur.methods.sparsity import OWLConfig
+from secateur.models import adapter_for
+from secateur.quant.state import quant_state
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = 6
+
+
+def tiny_deep(seed: int = 0):
+    """The tiny Llama with six layers, so a kill can land on several interior layers."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import configs
+
+    cfg = configs()["llama"]
+    cfg.num_hidden_layers = LAYERS
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def windows(n: int = 4, seqlen: int = 32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def run(model, config, calib, checkpoint=None, **kw):
+    """What the API does for a layer-wise step: prepare (OWL measures here), then the loop."""
+    adapter = adapter_for(model)
+    method = build_method(config)
+    context = PruneContext(
+        model=model, tokenizer=None, adapter=adapter, calibration=calib, seed=0, progress=False,
+        layerwise_stats=lambda needs, on_layer: collect_layer_stats(
+            model, adapter, calib, needs, on_layer, False))
+    method.prepare(model, adapter, context)
+    reports = prune_layerwise(model, adapter, method, calib, progress=False,
+                              checkpoint=checkpoint, **kw)
+    return reports, method
+
+
+def hashes(model) -> dict[str, str]:
+    return {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in model.state_dict().items()}
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(k: int):
+    def hook(index: int) -> None:
+        if index == k:
+            raise Stop
+
+    return hook
+
+
+CONFIGS = {
+    "wanda-owl": WandaConfig(sparsity=0.6, owl=OWLConfig(m=3.0, lam=0.08)),
+    "sparsegpt-2:4": SparseGPTConfig(nm="2:4"),
+    "gptq-4bit": GPTQConfig(bits=4, group_size=32),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_interrupted_run_resumes_bit_identical(name, tmp_path):
+    config, calib = CONFIGS[name], windows()
+    reference = tiny_deep()
+    ref_reports, ref_method = run(reference, config, calib)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        run(tiny_deep(), config, calib, ckpt, on_layer_done=stop_after(2))
+    saved = json.loads((ckpt / "checkpoint.json").read_text())
+    assert saved["done"] == 3
+    # Only what the next layer needs: finished layers plus one set of activations.
+    assert sorted(p.name for p in ckpt.glob("hidden-*")) == ["hidden-00003.safetensors"]
+
+    resumed = tiny_deep()
+    seen: list[int] = []
+    reports, method = run(resumed, config, calib, ckpt, on_layer_done=seen.append)
+    assert seen == [3, 4, 5]  # the finished layers were not redone
+    assert hashes(resumed) == hashes(reference)
+    assert [asdict(r) for r in reports] == [asdict(r) for r in ref_reports]
+    assert method.summary() == ref_method.summary()
+    if name.startswith("gptq"):  # the grids of the layers done before the interrupt came back
+        for a, b in zip(adapter_for(resumed).layers, adapter_for(reference).layers, strict=True):
+            qa, qb = quant_state(a.self_attn.q_proj), quant_state(b.self_attn.q_proj)
+            assert torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
+    assert not ckpt.exists()  # removed after success
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    calib, ckpt = windows(), tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        run(tiny_deep(), WandaConfig(sparsity=0.5), calib, ckpt, on_layer_done=stop_after(0))
+    with pytest.raises(SecateurError, match="different method settings") as err:
+        run(tiny_deep(), WandaConfig(sparsity=0.6), calib, ckpt)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SecateurError, match="different calibration data"):
+        run(tiny_deep(), WandaConfig(sparsity=0.5), windows(seqlen=16), ckpt)
+    with pytest.raises(SecateurError, match="different model"):
+        run(tiny_deep(seed=1), WandaConfig(sparsity=0.5), calib, ckpt)
+    assert (ckpt / "checkpoint.json").is_file()  # refused, not overwritten
+    reports, _ = run(tiny_deep(), WandaConfig(sparsity=0.5), calib, ckpt)
+    assert len(reports) == LAYERS
+
+
+def test_kept_checkpoint_and_debris_of_a_killed_write(tmp_path):
+    calib, ckpt = windows(), tmp_path / "ckpt"
+    config = WandaConfig(sparsity=0.5)
+    reference = tiny_deep()
+    run(reference, config, calib)
+    with pytest.raises(Stop):
+        run(tiny_deep(), config, calib, ckpt, on_layer_done=stop_after(1))
+    # A kill while layer 2 was being written leaves its partial and maybe its renamed file,
+    # but checkpoint.json still says two layers are done.
+    (ckpt / ".layer-00002.safetensors.partial-999999-1-deadbeef.safetensors").write_bytes(b"x")
+    (ckpt / "layer-00002.safetensors").write_bytes(b"garbage")
+    resumed = tiny_deep()
+    run(resumed, config, calib, ckpt, keep_checkpoint=True)
+    assert hashes(resumed) == hashes(reference)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["done"] == LAYERS
+    assert not list(ckpt.glob(".*partial*"))  # the dead process's partial was cleaned up
+
+
+def test_sigkill_at_a_random_layer_resumes_bit_identical(tmp_path):
+    """The real thing: a separate process killed with SIGKILL, then rerun."""
+    kill_after = random.Random(16).randrange(LAYERS - 1)
+    print(f"killing after layer {kill_after}")
+    model_dir = tmp_path / "model"
+    tiny_deep().save_pretrained(model_dir)
+    ckpt = tmp_path / "ckpt"
+
+    def worker(out: str, *extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [sys.executable, "-m", "tests.test_engine_resume", str(model_dir), str(ckpt),
+             str(tmp_path / out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=300)
+
+    killed = worker("killed.json", str(kill_after))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert json.loads((ckpt / "checkpoint.json").read_text())["done"] == kill_after + 1
+    resumed = worker("resumed.json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    uninterrupted = worker("uninterrupted.json")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    a = json.loads((tmp_path / "resumed.json").read_text())
+    b = json.loads((tmp_path / "uninterrupted.json").read_text())
+    assert a["first_layer_run"] == kill_after + 1 and b["first_layer_run"] == 0
+    assert a["hashes"] == b["hashes"]
+    assert a["reports"] == b["reports"]
+    assert not ckpt.exists()
+
+
+def _worker(model_dir: str, ckpt: str, out: str, kill_after: str | None = None) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ran: list[int] = []
+
+    def done(index: int) -> None:
+        ran.append(index)
+        if kill_after is not None and index == int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    config = SparseGPTConfig(sparsity=0.6, owl=OWLConfig(m=3.0, lam=0.08))
+    # Only an uninterrupted run goes without a checkpoint: the resumed one must match it.
+    use_ckpt = Path(ckpt) if kill_after is not None or Path(ckpt).exists() else None
+    reports, _ = run(model, config, windows(), use_ckpt, on_layer_done=done)
+    Path(out).write_text(json.dumps({"hashes": hashes(model), "first_layer_run": ran[0],
+                                     "reports": [asdict(r) for r in reports]}))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])

@@ -1,0 +1,190 @@
+"""Streaming a model from safetensors with one decoder layer resident gives the same prune.
+
+Run as a module (`python -m tests.test_streaming MODEL_DIR OUT RESULT.json CAP_BYTES`) it is
+the worker of the memory test: it caps its own data segment (RLIMIT_DATA: private writable
+memory, which torch's tensors live in) below the model's size, streams a Wanda prune, and
+writes the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+
+
+def _windows(n: int = 4, seqlen: int = 32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def _in_memory(model_dir: Path, config, calib):
+    """The reference: the same method on the whole model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    from secateur.engine.sequential import collect_layer_stats, prune_layerwise
+    from secateur.methods import PruneContext, build_method
+    from secateur.models import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    adapter, method = adapter_for(model), build_method(config)
+    context = PruneContext(
+        model=model, tokenizer=None, adapter=adapter, calibration=calib, seed=0, progress=False,
+        layerwise_stats=lambda needs, on_layer: collect_layer_stats(
+            model, adapter, calib, needs, on_layer, False))
+    method.prepare(model, adapter, context)
+    reports = prune_layerwise(model, adapter, method, calib, progress=False)
+    return model, reports, method
+
+
+def _streamed(model_dir: Path, out: Path, config, calib, **kw):
+    from secateur.engine.streamed import prune_streamed
+    from secateur.methods import build_method
+    from secateur.models.streaming import load_streamed
+
+    loaded, weights = load_streamed(model_dir)
+    return prune_streamed(loaded, weights, build_method(config), calib, out, progress=False,
+                          **kw)
+
+
+def _same_weights(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt", "gpt2", "gpt_neox"])
+def test_streamed_prune_equals_in_memory_prune(family, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from secateur.methods import WandaConfig
+    from secateur.methods.sparsity import OWLConfig
+
+    model_dir = tiny_dir(family)
+    config, calib = WandaConfig(sparsity=0.5, owl=OWLConfig(m=3.0)), _windows()
+    reference, ref_reports, ref_method = _in_memory(model_dir, config, calib)
+    out = tmp_path / "pruned"
+    result = _streamed(model_dir, out, config, calib)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    _same_weights(reloaded, reference)  # masks, kept weights, embeddings, a tied head
+    assert result.layers == [asdict(r) for r in ref_reports]
+    assert result.summary == ref_method.summary()  # OWL's ratios came from a streamed pass
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".pruned*"))
+    ids = calib[0]
+    assert torch.equal(reloaded(ids).logits, reference(ids).logits)
+
+
+def test_streamed_prune_resumes_from_a_checkpoint(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from secateur.methods import SparseGPTConfig
+
+    model_dir, calib = tiny_dir("llama"), _windows()
+    config = SparseGPTConfig(sparsity=0.5)
+    reference, _, _ = _in_memory(model_dir, config, calib)
+    out, ckpt = tmp_path / "pruned", tmp_path / "ckpt"
+
+    def stop(index: int) -> None:
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _streamed(model_dir, out, config, calib, checkpoint=ckpt, on_layer_done=stop)
+    assert not out.exists() and (ckpt / "checkpoint.json").is_file()
+    ran: list[int] = []
+    _streamed(model_dir, out, config, calib, checkpoint=ckpt, on_layer_done=ran.append)
+    assert ran == [2]  # layers 0 and 1 came from the checkpoint
+    _same_weights(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), reference)
+    assert not ckpt.exists()
+
+
+def test_streaming_refuses_what_it_cannot_read(tiny_dir, tmp_path):
+    from secateur.errors import SecateurError
+    from secateur.models.streaming import load_streamed
+
+    with pytest.raises(SecateurError, match="not a local model folder"):
+        load_streamed(tmp_path)
+    model_dir = tiny_dir("llama")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(SecateurError, match="not a readable safetensors file"):
+        load_streamed(model_dir)
+    weights.unlink()
+    with pytest.raises(SecateurError, match="no safetensors weights"):
+        load_streamed(model_dir)
+
+
+# -- bigger than the memory the process may use ------------------------------------------------
+
+BIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10,
+           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256)
+
+
+def _big_model_dir(path: Path) -> Path:
+    """A Llama of about 600 MB in fp32, nearly all of it in ten 60 MB decoder layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.tiny_models import _common, byte_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**_common(**BIG)), dtype=torch.float32)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_prune_a_model_bigger_than_the_process_memory_cap(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from secateur.methods import WandaConfig
+
+    model_dir = _big_model_dir(tmp_path / "big")
+    model_bytes = (model_dir / "model.safetensors").stat().st_size
+    cap = int(model_bytes * 0.75)
+    out, result_file = tmp_path / "pruned", tmp_path / "result.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.test_streaming", str(model_dir), str(out),
+         str(result_file), str(cap)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(result_file.read_text())
+    print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=1))
+    # The cap held (the worker reads it back) and the process never held the model.
+    assert result["rlimit_data"] == cap < model_bytes
+    assert result["peak_rss_mib"] * MIB < model_bytes
+    assert result["model_mib"] * MIB == pytest.approx(model_bytes, rel=0.01)
+
+    reference, _, _ = _in_memory(model_dir, WandaConfig(sparsity=0.5), _windows(2, 64))
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    masks = [(n, p) for n, p in pruned.named_parameters() if p.dim() == 2 and "layers" in n]
+    ref = dict(reference.named_parameters())
+    for name, p in masks:
+        assert torch.equal(p == 0, ref[name] == 0), name
+        assert torch.equal(p, ref[name]), name
+    assert len(masks) == 7 * BIG["num_hidden_layers"]
+
+
+def _worker(model_dir: str, out: str, result_file: str, cap: str) -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (int(cap), int(cap)))
+    torch.set_num_threads(1)
+    from secateur.methods import WandaConfig
+
+    result = _streamed(Path(model_dir), Path(out), WandaConfig(sparsity=0.5), _windows(2, 64))
+    record = result.to_dict()
+    record["rlimit_data"] = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    Path(result_file).write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
