@@ -2,8 +2,9 @@
 
 Every file and folder secateur writes is first built as a hidden sibling named
 `.NAME.partial-<pid>-<unix time>-<8 hex>` (files keep NAME's suffix at the end, for writers
-that pick a format from it), flushed to disk, then renamed onto NAME in one step. Partials
-are created with the ordinary modes (0666/0777 less the umask), so the output gets the same
+that pick a format from it), flushed to disk, then renamed onto NAME in one step. Before the
+rename everything in it gets the ordinary modes (0666/0777 less the umask), since temporary
+folders and some writers (safetensors) are private (0700/0600), so the output gets the same
 permissions as any file the user writes. Before writing into a folder, partials there whose
 process has died or that are older than `STALE_SECONDS` are removed; nothing else is.
 
@@ -19,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -89,6 +91,31 @@ def clean_stale_partials(folder: Path, max_age: float = STALE_SECONDS) -> list[P
     return removed
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _give_umask(path: Path, umask: int) -> None:
+    """The mode `path` would have had if created plainly: some writers (safetensors, mkstemp)
+    create private 0600 files, which a rename would carry into the output."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return
+    # Folders 0777, files 0666 plus any execute bits they had; less the umask.
+    wanted = (0o777 if stat.S_ISDIR(st.st_mode) else 0o666 | (st.st_mode & 0o111)) & ~umask
+    if stat.S_IMODE(st.st_mode) != wanted:
+        os.chmod(path, wanted)
+
+
 def _fsync_path(path: Path) -> None:
     """fsync a file or folder by path; folders need O_RDONLY, which works for files too."""
     try:
@@ -103,10 +130,14 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _finish_tree(root: Path) -> None:
+    """Give every file and folder under root the umask's mode, and flush them to disk."""
+    umask = current_umask()
     for folder, _, files in os.walk(root):
         for f in files:
+            _give_umask(Path(folder) / f, umask)
             _fsync_path(Path(folder) / f)
+        _give_umask(Path(folder), umask)
         _fsync_path(Path(folder))
 
 
@@ -124,6 +155,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # umask applies
     try:
         yield tmp
+        _give_umask(tmp, current_umask())  # the writer may have replaced it privately
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -164,7 +196,7 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[str | Path] 
     tmp.mkdir(0o777)  # umask applies, unlike mkdtemp's 0700
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         if out.exists():
             # Two renames, not one: rename() cannot replace a non-empty folder. The old one
             # carries a partial name so that a kill between the renames leaves only debris.

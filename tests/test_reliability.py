@@ -72,12 +72,16 @@ def test_saved_model_and_json_get_the_umask_not_private_modes(tmp_path, umask):
     out = save_model(tiny_model("llama"), byte_tokenizer(), tmp_path / "m", {"a": 1})
     assert mode(out) == 0o755  # mkdtemp gave 0700
     assert mode(out / "secateur.json") == 0o644  # mkstemp gave 0600
-    assert mode(out / "config.json") == 0o644
+    assert mode(out / "model.safetensors") == 0o644  # safetensors writes 0600 itself
+    assert {f.name: mode(f) for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
     assert mode(write_json_atomic(tmp_path / "r.json", {"x": 1})) == 0o644
     umask(0o077)  # a private umask is the user's to choose, and is kept too
     assert mode(write_json_atomic(tmp_path / "p.json", {})) == 0o600
     out = save_model(tiny_model("llama"), None, tmp_path / "private")
-    assert mode(out) == 0o700 and mode(out / "config.json") == 0o600
+    assert mode(out) == 0o700 and {mode(f) for f in out.iterdir()} == {0o600}
+    umask(0o022)
+    private = write_atomic(tmp_path / "w.bin", lambda tmp: (tmp.unlink(), tmp.touch(0o600)))
+    assert mode(private) == 0o644  # a writer that recreates the file privately
 
 
 def test_interrupted_writes_leave_the_old_output_and_no_partial(tmp_path):
