@@ -142,17 +142,6 @@ def _wrap(loaded: Loaded, config: TrainConfig, mode: Mode) -> tuple[nn.Module, l
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def _unwrap(loaded: Loaded, model: nn.Module, mode: Mode, masks: Masks) -> None:
-    if mode == "lora":
-        model = model.merge_and_unload()
-    masks.apply(model)  # the LoRA delta is dense: the merge wrote into pruned weights
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if model is not loaded.model:
-        loaded.model, loaded.adapter = model, adapter_for(model)
-
-
 def _trainable_state(model: nn.Module, mode: Mode) -> dict[str, torch.Tensor]:
     if mode == "lora":
         from peft import get_peft_model_state_dict
@@ -208,46 +197,66 @@ def _autocast(model: nn.Module, enabled: bool):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _evaluate(model: nn.Module, objective: Objective, step: int, tokens: int,
-              bf16: bool) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), _autocast(model, bf16):
-        record = {"step": step, "tokens": tokens, **objective.evaluate(model)}
-    model.train(was_training)
-    return record
+class _Run:
+    """One training run's moving parts: the wrapped model, optimizer, masks and result."""
 
+    def __init__(self, loaded: Loaded, config: TrainConfig, objective: Objective,
+                 data: TokenWindows, mode: Mode, fingerprint_extra: dict[str, Any]) -> None:
+        self.loaded, self.config, self.objective, self.data, self.mode = (
+            loaded, config, objective, data, mode)
+        self.masks = record_masks(loaded.model, loaded.adapter) if config.keep_masks \
+            else Masks()
+        torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
+        self.model, self.params = _wrap(loaded, config, mode)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
+        self.fingerprint = config.fingerprint({"mode": mode, "shapes": shapes,
+                                               **fingerprint_extra})
+        self.result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
+                                  steps=config.steps, resumed_from=0, tokens=0,
+                                  trainable_parameters=sum(p.numel() for p in self.params),
+                                  masks=self.masks.summary(), data=data.record)
 
-def _loop(config: TrainConfig, objective: Objective, data: TokenWindows, mode: Mode,
-          model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-          masks: Masks, result: TrainResult, fingerprint: str, checkpoint: Path | None,
-          progress: bool, on_step: Callable[[int, float], None] | None, desc: str) -> None:
-    """The steps from the checkpoint (if any) to the end; fills `result` in place."""
-    per_step = config.batch_size * config.grad_accum
-    state = load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
-    if state is not None:
-        _load_trainable(model, mode, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+    def resume(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.fingerprint)
+        if state is None:
+            return
+        _load_trainable(self.model, self.mode, state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        saved = TrainResult.from_dict(state["result"])
-        saved.resumed_from = state["step"]
-        result.__dict__.update(saved.__dict__)
-    start = result.resumed_from
-    model.train()
-    if start == 0 and config.heldout_windows:
-        result.evals.append(_evaluate(model, objective, 0, 0, config.bf16))
-    begin, seconds_before, tokens_now = time.perf_counter(), result.seconds, 0
-    bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, initial=start,
-               total=config.steps, unit="step")
-    for step in bar:
-        for group in optimizer.param_groups:
+        self.result = TrainResult.from_dict(state["result"])
+        self.result.resumed_from = state["step"]
+
+    def save(self, checkpoint: Path, done: int) -> None:
+        save_checkpoint(checkpoint, {
+            "fingerprint": self.fingerprint, "settings": self.config.settings(), "step": done,
+            "trainable": _trainable_state(self.model, self.mode),
+            "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "result": self.result.to_dict()})
+
+    def evaluate(self, step: int) -> None:
+        model, config = self.model, self.config
+        if not config.heldout_windows:
+            return
+        model.eval()
+        with torch.no_grad(), _autocast(model, config.bf16):
+            record = {"step": step, "tokens": self.result.tokens,
+                      **self.objective.evaluate(model)}
+        model.train()
+        self.result.evals.append(record)
+
+    def step(self, step: int) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
+        config, model = self.config, self.model
+        for group in self.optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, config)
         total, parts = 0.0, {}
         for micro in range(config.grad_accum):
             sample = (step * config.grad_accum + micro) * config.batch_size
-            index = data.indices(sample, config.batch_size)
+            index = self.data.indices(sample, config.batch_size)
             with _autocast(model, config.bf16):
-                loss, terms = objective.loss(model, index, sample)
+                loss, terms = self.objective.loss(model, index, sample)
             if not math.isfinite(loss.item()):
                 raise SecateurError(f"the training loss became {loss.item()} at step {step}: "
                                     "lower --lr")
@@ -255,35 +264,62 @@ def _loop(config: TrainConfig, objective: Objective, data: TokenWindows, mode: M
             total += loss.item() / config.grad_accum
             for k, v in terms.items():
                 parts[k] = parts.get(k, 0.0) + v / config.grad_accum
-        masks.mask_grads(model)
+        self.masks.mask_grads(model)
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if mode == "full":
-            masks.apply(model)  # weight decay and Adam keep zeros at zero; this makes it exact
-        done = step + 1
-        tokens_now += per_step * config.seqlen
-        result.tokens = done * per_step * config.seqlen
-        result.losses.append(total)
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "full":
+            self.masks.apply(model)  # AdamW keeps masked zeros at zero; this makes it exact
+        self.result.losses.append(total)
         for k, v in parts.items():
-            result.parts.setdefault(k, []).append(v)
-        elapsed = time.perf_counter() - begin
-        result.seconds = seconds_before + elapsed
-        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tokens_now / max(elapsed, 1e-9):.0f}")
-        if config.heldout_windows and config.heldout_every and done % config.heldout_every == 0 \
-                and done < config.steps:
-            result.evals.append(_evaluate(model, objective, done, result.tokens, config.bf16))
-        if checkpoint is not None and done % config.save_every == 0 and done < config.steps:
-            save_checkpoint(checkpoint, {
-                "fingerprint": fingerprint, "settings": config.settings(), "step": done,
-                "trainable": _trainable_state(model, mode), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "result": result.to_dict()})
-        if on_step is not None:
-            on_step(done, total)
-    if config.heldout_windows:
-        result.evals.append(_evaluate(model, objective, config.steps, result.tokens,
-                                      config.bf16))
+            self.result.parts.setdefault(k, []).append(v)
+        return total
+
+    def loop(self, checkpoint: Path | None, progress: bool,
+             on_step: Callable[[int, float], None] | None, desc: str) -> None:
+        config, result = self.config, self.result
+        start = result.resumed_from
+        self.model.train()
+        if start == 0:
+            self.evaluate(0)
+        per_step = config.batch_size * config.grad_accum * config.seqlen
+        begin, seconds_before = time.perf_counter(), result.seconds
+        bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, initial=start,
+                   total=config.steps, unit="step")
+        for step in bar:
+            loss = self.step(step)
+            done = step + 1
+            result.tokens = done * per_step
+            elapsed = time.perf_counter() - begin
+            result.seconds = seconds_before + elapsed
+            bar.set_postfix(loss=f"{loss:.4f}",
+                            tok_s=f"{(done - start) * per_step / max(elapsed, 1e-9):.0f}")
+            if config.heldout_every and done % config.heldout_every == 0 and done < config.steps:
+                self.evaluate(done)
+            if checkpoint is not None and done % config.save_every == 0 and done < config.steps:
+                self.save(checkpoint, done)
+            if on_step is not None:
+                on_step(done, loss)
+        self.evaluate(config.steps)
+        result.tokens_per_second = result.tokens / result.seconds if result.seconds else 0.0
+
+    def finish(self) -> None:
+        """Merge LoRA, put the masks back, freeze; `loaded` then holds the trained model."""
+        model = self.model.merge_and_unload() if self.mode == "lora" else self.model
+        self.masks.apply(model)  # the LoRA delta is dense: the merge wrote into pruned weights
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if model is not self.loaded.model:
+            self.loaded.model, self.loaded.adapter = model, adapter_for(model)
+
+    def abandon(self) -> None:
+        """After an error: no adapters left in the model, nothing trainable."""
+        if self.mode == "lora":
+            self.model.unload()
+        for p in self.loaded.model.parameters():
+            p.requires_grad_(False)
 
 
 def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: TokenWindows,
@@ -291,26 +327,16 @@ def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: Token
           on_step: Callable[[int, float], None] | None = None, desc: str = "training",
           fingerprint_extra: dict[str, Any] | None = None) -> TrainResult:
     """Train `loaded.model` on `objective`; LoRA is merged in and masks re-applied at the end,
-    so `loaded.model` is the finished model (the same object unless peft replaced it)."""
-    masks = record_masks(loaded.model, loaded.adapter) if config.keep_masks else Masks()
-    torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
-    model, params = _wrap(loaded, config, mode)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
-    fingerprint = config.fingerprint({"mode": mode, "shapes": shapes, **(fingerprint_extra or {})})
-    result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
-                         steps=config.steps, resumed_from=0, tokens=0,
-                         trainable_parameters=sum(p.numel() for p in params),
-                         masks=masks.summary(), data=data.record)
+    so `loaded.model` is the finished model (the same object unless peft replaced it).
+    `checkpoint` (a folder) makes the run resumable; `on_step(step, loss)` runs after each
+    step and its checkpoint."""
+    run = _Run(loaded, config, objective, data, mode, fingerprint_extra or {})
     try:
-        _loop(config, objective, data, mode, model, params, optimizer, masks, result,
-              fingerprint, checkpoint, progress, on_step, desc)
+        if checkpoint is not None:
+            run.resume(checkpoint)
+        run.loop(checkpoint, progress, on_step, desc)
     except BaseException:
-        if mode == "lora":  # leave the model without adapters, as it came
-            model.unload()
-        for p in loaded.model.parameters():
-            p.requires_grad_(False)
+        run.abandon()
         raise
-    result.tokens_per_second = result.tokens / result.seconds if result.seconds else 0.0
-    _unwrap(loaded, model, mode, masks)
-    return result
+    run.finish()
+    return run.result
