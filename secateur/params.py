@@ -32,3 +32,14 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         nonzero += int(torch.count_nonzero(p).item())
         nbytes += p.numel() * p.element_size()
     return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": nbytes}
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step reads: every parameter once (dense kernels read
+    zeros too), except an untied input embedding, of which one row is read."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and out is not None and emb.weight is out.weight
+    skip = set() if tied or emb is None else {id(emb.weight)}
+    return sum(p.numel() * p.element_size() for p in unique_parameters([model])
+               if id(p) not in skip)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from secateur.bench import BenchSpec, Subject, benchmark, parse_lengths
-from secateur.bench.measure import weight_bytes_per_token
 from secateur.bench.memory import peak_tensor_bytes
 from secateur.errors import SecateurError
 from secateur.models import adapter_for
+from secateur.params import weight_bytes_per_token
 from secateur.surgery.depth import remove_layers
 from tests.tiny_models import VOCAB, byte_tokenizer, tiny_model
 

@@ -26,7 +26,7 @@ from secateur.bench.memory import peak_rss_mib, peak_tensor_mib
 from secateur.errors import SecateurError
 from secateur.eval.protocol import library_versions
 from secateur.io import dir_bytes
-from secateur.params import count_parameters, unique_parameters
+from secateur.params import count_parameters, weight_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,6 @@ def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
-
-
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights a batch-1 decode step reads: every parameter once (dense kernels read
-    zeros too), except an untied input embedding, of which one row is read."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and out is not None and emb.weight is out.weight
-    skip = set() if tied or emb is None else {id(emb.weight)}
-    return sum(p.numel() * p.element_size() for p in unique_parameters([model])
-               if id(p) not in skip)
 
 
 def bytes_on_disk(path: str | None) -> int | None:
