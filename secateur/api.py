@@ -26,7 +26,6 @@ from secateur.config import Config, MethodConfig, StepKind
 from secateur.data.sources import load_text
 from secateur.data.windows import calibration_windows
 from secateur.engine.block_search import BlockSearch
-from secateur.engine.capture import capture_layer_inputs
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import context_length
@@ -175,7 +174,6 @@ def run_step(
     context = PruneContext(
         model=m, tokenizer=loaded.tokenizer, adapter=adapter, calibration=windows, seed=seed,
         progress=progress, loaded=loaded,
-        capture=lambda: capture_layer_inputs(m, adapter, windows),
         layerwise_stats=lambda needs, on_layer: collect_layer_stats(
             m, adapter, windows, needs, on_layer, progress),
         block_search=lambda subset=None, batch_size=8, dtype=None: BlockSearch(

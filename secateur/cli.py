@@ -219,53 +219,150 @@ def bench_cmd(
     print_bench(out_console, result)
 
 
-@app.command("recover")
+@app.command("quantize", cls=QuantizeCommand)
+def quantize_cmd(
+    ctx: typer.Context,
+    model: Model,
+    method: Annotated[str, typer.Option(help="The quantization method; its flags appear with "
+                                             "--method NAME --help.")],
+    calib: Calib = "c4-sample",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    seed: Seed = 0,
+    eval_data: EvalData = "wiki",
+    eval_windows: EvalWindows = None,
+    eval_seqlen: EvalSeqLen = None,
+    out: Out = None,
+    overwrite: Overwrite = False,
+    dtype: Dtype = "float32",
+    json: Json = None,
+) -> None:
+    """Quantize a model (GPTQ, RTN, W8A8); saves compressed-tensors pack-quantized."""
+    _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
+              out, overwrite, False, dtype, json)
+
+
+def _evaluation(eval_data: str | None, eval_seqlen: int | None, eval_windows: int | None):
+    from secateur.jobs import EvalSpec
+
+    return EvalSpec(None if eval_data in (None, "none") else eval_data, eval_seqlen,
+                    eval_windows)
+
+
+@app.command("recover", cls=RecoverCommand)
 def recover_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="A pruned model directory (or any model).")],
-    lora: Annotated[bool, typer.Option("--lora", help="Recover with LoRA fine-tuning (peft), "
-                                                      "merged into the weights.")] = False,
-    data: Annotated[str, typer.Option(help="Training text: c4-sample, wiki, c4, a local "
-                                           ".txt/.jsonl/.parquet path.")] = "c4-sample",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (a rerun resumes "
-                                                 "from the last one).")] = 50,
-    seed: Annotated[int, typer.Option(help="Picks the training windows.")] = 0,
+    method: Annotated[str | None, typer.Option(help="Recovery method (lora); its flags "
+                                                    "appear with --method NAME --help.")]
+    = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Same as --method lora.")] = False,
     eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation text before and "
                                                                  "after; 'none' skips.")] = "wiki",
-    eval_windows: Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
-    = None,
+    eval_windows: EvalWindows = None,
     eval_seqlen: Annotated[int | None, typer.Option(help="Eval window length.")] = None,
     out: Annotated[Path | None, typer.Option(help="Save the merged model here (default: "
                                                   "DIR-lora).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
     json: Json = None,
 ) -> None:
     """Recover a pruned model's quality by LoRA fine-tuning; saves the merged model."""
-    from secateur.jobs import EvalSpec
-    from secateur.recovery.lora import LoraSpec, recover_job
+    from secateur.recovery.lora import recover_job
 
-    if not lora:
-        raise SecateurError("say how to recover: --lora (LoRA fine-tuning) is the method "
-                            "available")
-    spec = LoraSpec(data=data, steps=steps, seqlen=seqlen, batch_size=batch_size, lr=lr,
-                    rank=rank, alpha=alpha, dropout=lora_dropout, save_every=save_every,
-                    seed=seed)
-    evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data, eval_seqlen,
-                          eval_windows)
+    if ctx.meta.get("secateur_method") is None:
+        raise SecateurError("say how to recover: --method lora (or --lora); distillation is "
+                            "`secateur distill`")
+    config = _config_from_flags(ctx)
+    if config.method != "lora":
+        raise SecateurError(f"secateur recover runs lora; for {config.method} use "
+                            f"`secateur {config.method}`")
     target = out or Path(str(model).rstrip("/") + "-lora")
-    result = recover_job(model, target, spec, evaluation, json, overwrite)
-    table = Table(title=f"{model}: LoRA recovery, {steps} steps of {batch_size}x{seqlen} tokens")
+    result = recover_job(model, target, config, _evaluation(eval_data, eval_seqlen,
+                                                            eval_windows), json, overwrite)
+    table = Table(title=f"{model}: LoRA recovery")
     for col in ("perplexity before", "perplexity after", "parameters", "saved"):
         table.add_column(col)
     table.add_row(_fmt(result.get("perplexity_before")), _fmt(result.get("perplexity")),
                   f"{result['parameters']:,}", str(result["out"]))
     out_console.print(table)
+
+
+class DistillCommand(MethodCommand):
+    kind = "recover"
+    fixed_method = "distill"
+
+
+@app.command("distill", cls=DistillCommand)
+def distill_cmd(
+    ctx: typer.Context,
+    student: Annotated[str, typer.Argument(help="The pruned model to train.")],
+    teacher: Annotated[str, typer.Option(help="The dense model it learns from (same "
+                                              "tokenizer).")],
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation text before and "
+                                                                 "after; 'none' skips.")] = "wiki",
+    eval_windows: EvalWindows = None,
+    eval_seqlen: Annotated[int | None, typer.Option(help="Eval window length.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Save the distilled student here (default: "
+                                                  "STUDENT-kd).")] = None,
+    overwrite: Overwrite = False,
+    json: Json = None,
+) -> None:
+    """Knowledge distillation: train a pruned student on its dense teacher's distribution."""
+    from secateur.recovery.distill import distill_job
+
+    config = _config_from_flags(ctx)
+    target = out or Path(str(student).rstrip("/") + "-kd")
+    result = distill_job(student, teacher, target, config,
+                         _evaluation(eval_data, eval_seqlen, eval_windows), json, overwrite)
+    out_console.print_json(data={k: result[k] for k in result
+                                 if k in ("perplexity_before", "perplexity",
+                                          "teacher_perplexity", "gap_recovered", "out")})
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe: model, calibration, steps, "
+                                                "evaluate (see recipes/).")],
+    out: Annotated[Path, typer.Option(help="Output folder: model/, result.json, recipe.yaml; "
+                                           "a rerun resumes from the last finished step.")],
+    overwrite: Overwrite = False,
+    json: Json = None,
+) -> None:
+    """Run a recipe: every step in order on one model, checkpointed after each."""
+    from secateur.recipe import Recipe, run_recipe
+    from secateur.surgery.save import write_json_atomic
+
+    parsed = Recipe.load(recipe)  # a bad recipe fails before the model loads
+    result = run_recipe(parsed, out, overwrite,
+                        say=lambda m: console.print(m, highlight=False))
+    if json is not None:
+        write_json_atomic(json, result.to_dict())
+    _print_recipe(result.to_dict())
+
+
+def _print_recipe(result: dict) -> None:
+    table = Table(title=f"{result['recipe']['model']}: recipe")
+    for col in ("", "perplexity", "parameters", "non-zero", "seconds"):
+        table.add_column(col)
+
+    def ppl(evaluated: dict) -> float | None:
+        first = evaluated.get("perplexity") or [None]
+        return first[0]["perplexity"] if first[0] else None
+
+    dense = result["dense"]
+    table.add_row("dense", _fmt(ppl(dense)), f"{dense['parameters']['parameters']:,}",
+                  f"{dense['parameters']['nonzero']:,}", "")
+    for i, step in enumerate(result["steps"], 1):
+        after = step["parameters"]["after"]
+        table.add_row(f"{i}. {step['method']}", _fmt(step.get("perplexity")),
+                      f"{after['parameters']:,}", f"{after['nonzero']:,}",
+                      f"{step['seconds']:.1f}")
+    final = result["final"]
+    table.add_row("final", _fmt(ppl(final)), f"{final['parameters']['parameters']:,}",
+                  f"{final['parameters']['nonzero']:,}", f"{result['seconds']:.1f}")
+    out_console.print(table)
+    out_console.print(f"saved {final['format']} to {result['out']} "
+                      f"({final['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
 
 
 @app.command("sweep")

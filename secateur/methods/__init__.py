@@ -2,10 +2,13 @@
 
 from secateur.methods import (  # noqa: F401
     blocks,  # depth pruning: BlockPruner
+    gptq,  # quantization
     layers,  # depth pruning: ShortGPT, SLEB
     magnitude,
+    rtn,  # quantization: round to nearest
     sparsegpt,
     structured,  # width pruning
+    w8a8,  # int8 weights and activations
     wanda,
 )
 from secateur.methods.base import (
@@ -26,6 +29,10 @@ from secateur.methods.sparsegpt import SparseGPTConfig
 from secateur.methods.sparsity import OWLConfig
 from secateur.methods.structured import LLMPrunerConfig
 from secateur.methods.wanda import WandaConfig
+
+# Recovery steps live beside their training loops; importing them registers them too.
+from secateur.recovery import distill as _distill  # noqa: E402, F401
+from secateur.recovery import lora as _lora  # noqa: E402, F401
 
 __all__ = [
     "BlockPrunerConfig",

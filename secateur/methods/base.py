@@ -5,8 +5,8 @@ the method's own file: `@register_method(WandaConfig)` on the handler class. Two
 handler exist. A `LayerwiseMethod` acts on one decoder layer at a time inside the sequential
 engine (magnitude, Wanda, SparseGPT, GPTQ): it declares the statistics it needs, the engine
 gathers exactly those, and `apply` decides. A `ModelMethod` needs the whole model (width,
-block and layer pruning, recovery); it receives a `PruneContext` whose callables (capture,
-statistics, block search, teacher) the API injects, so methods never import the engine.
+block and layer pruning, recovery); it receives a `PruneContext` whose callables
+(statistics, block search, teacher) the API injects, so methods never import the engine.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class PruneContext:
     seed: int
     progress: bool = True
     loaded: Any = None  # secateur.models.loading.Loaded of `model`
-    capture: Callable[..., Any] | None = None
     layerwise_stats: Callable[..., Any] | None = None
     # block_search(subset=None, batch_size=8, dtype=None) -> engine.block_search.BlockSearch:
     # cheap calibration loss with candidate blocks/layers removed (depth pruning)

@@ -27,10 +27,8 @@ from secateur.methods.layers import (
     start_search,
 )
 from secateur.surgery.depth import (
-    FLEX_MODEL_TYPES,
     Block,
     block_parameters,
-    can_save_branch_removals,
     has_branch,
     total_parameters,
 )
@@ -52,11 +50,11 @@ class BlockPruner(ModelMethod):
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         model, adapter = context.model, context.adapter
-        if not can_save_branch_removals(model):
+        if not adapter.saves_heterogeneous:
             raise SecateurError(
                 f"blockpruner removes single attention/MLP blocks, which secateur can save only "
-                f"for {', '.join(FLEX_MODEL_TYPES[:-1])} models, not "
-                f"'{model.config.model_type}': use --method shortgpt or sleb")
+                f"for Llama models, not '{model.config.model_type}': use --method shortgpt or "
+                "sleb")
         n = adapter.num_layers
         total = total_parameters(model)
         # a model pruned before (secateur's own class) may already lack some branches

@@ -34,7 +34,7 @@ from secateur.errors import SecateurError
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.base import GroupSet, ModelAdapter, Projection
 from secateur.stats import ColumnSquares
-from secateur.surgery.width import FLEX_FAMILIES, rewrite_config, shrink_layer
+from secateur.surgery.width import rewrite_config, shrink_layer
 
 Importance = Literal["taylor", "l2", "activation", "random"]
 
@@ -313,12 +313,12 @@ class LLMPruner(ModelMethod):
             raise SecateurError(f"llm-pruner has no group rules for "
                                 f"'{model.config.model_type}': it supports Llama-family models "
                                 "(Llama, Mistral, Qwen2/3, SmolLM, Gemma 3)")
-        if cfg.allocation != "uniform" and model.config.model_type not in FLEX_FAMILIES:
+        flex = adapter.saves_heterogeneous
+        if cfg.allocation != "uniform" and not flex:
             raise SecateurError(f"--allocation {cfg.allocation} gives per-layer widths, which "
                                 f"secateur can save for Llama models only, not "
                                 f"'{model.config.model_type}': use --allocation uniform")
         n = adapter.num_layers
-        flex = model.config.model_type in FLEX_FAMILIES
         first, last = cfg.protected(n, flex)
         if not flex and (first or last):
             raise SecateurError(f"protected layers give per-layer widths, which secateur can "

@@ -1,6 +1,7 @@
 """Architecture adapters and model loading."""
 
-from secateur.models import families as _families  # noqa: F401  (registers the adapters)
+# One file per family; importing each registers its adapter.
+from secateur.models import gemma3, gpt2, gpt_neox, llama, opt  # noqa: F401
 from secateur.models.base import (
     AttentionShape,
     ModelAdapter,

@@ -6,7 +6,6 @@ Methods and the engine only see decoder layers as opaque modules plus `Projectio
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -101,6 +100,16 @@ class ModelAdapter:
     mlp_norm: ClassVar[str]  # the norm feeding the MLP block
     transposed_weights: ClassVar[bool] = False
     num_layers_key: ClassVar[str] = "num_hidden_layers"
+    # capabilities the rest of secateur asks about instead of checking model types
+    width_surgery: ClassVar[bool] = False  # knows its head/channel groups (width pruning)
+    bos_policy: ClassVar[str] = "default"  # "each": BOS starts every evaluation window
+    # model types that secateur's own class can save with per-layer widths or removed branches
+    heterogeneous_types: ClassVar[tuple[str, ...]] = ()
+    heterogeneous_class: ClassVar[bool] = False  # this IS secateur's own class
+
+    @property
+    def saves_heterogeneous(self) -> bool:
+        return self.config.model_type in self.heterogeneous_types
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -116,10 +125,6 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-    @property
-    def embeddings(self) -> nn.Module:
-        return self.model.get_submodule(self.embed_path)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -174,7 +179,6 @@ class ModelAdapter:
         return proj, rows
 
     # -- width pruning groups ------------------------------------------------------------
-    width_surgery: ClassVar[bool] = False  # can secateur.surgery.width shrink this family?
 
     def layer_attention_shape(self, index: int) -> AttentionShape:
         """Layer `index`'s heads (the same for every layer unless a family says otherwise)."""
@@ -248,4 +252,3 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     return cls(model)
 
 
-AdapterFactory = Callable[[nn.Module], ModelAdapter]

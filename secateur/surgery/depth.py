@@ -212,12 +212,6 @@ def remove_branches(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bl
         swap_branch(adapter, layer, b.part)
 
 
-# Families whose branch removals secateur's own model class can save (surgery.flexmodel).
-FLEX_MODEL_TYPES = ("llama", "secateur_llama")
-
-
-def can_save_branch_removals(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", None) in FLEX_MODEL_TYPES
 
 
 def _convert_to_flex(model: nn.Module, adapter: ModelAdapter, branches: list[Block]) -> None:
@@ -244,15 +238,15 @@ def remove_blocks(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bloc
     """
     blocks = check_blocks(adapter, blocks)
     whole, branches = normalize_blocks(blocks)
-    if branches and not in_memory_only and not can_save_branch_removals(model):
+    if branches and not in_memory_only and not adapter.saves_heterogeneous:
         raise SecateurError(
             f"removing single attention/MLP blocks from a '{model.config.model_type}' model "
-            f"cannot be saved (secateur's own class covers {', '.join(FLEX_MODEL_TYPES[:-1])}): "
-            "remove whole layers instead (--method shortgpt or sleb)")
+            f"cannot be saved (secateur's own class covers Llama models): remove whole layers "
+            "instead (--method shortgpt or sleb)")
     keep = remove_layers(model, adapter, whole) if whole else list(range(adapter.num_layers))
     position = {old: new for new, old in enumerate(keep)}
     renamed = [Block(position[b.layer], b.part) for b in branches]
-    if renamed and can_save_branch_removals(model):
+    if renamed and adapter.saves_heterogeneous:
         _convert_to_flex(model, adapter, renamed)
         kind = model.config.model_type
     else:

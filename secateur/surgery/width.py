@@ -20,7 +20,6 @@ from secateur.models.base import GroupSet, ModelAdapter, Projection
 
 # Families secateur's per-layer-width class reproduces exactly (Mistral's sliding window and
 # Qwen2's q/k/v biases would need their own variants).
-FLEX_FAMILIES = ("llama", "secateur_llama")
 
 
 @dataclass(frozen=True)
@@ -127,14 +126,14 @@ def rewrite_config(model: nn.Module, adapter: ModelAdapter) -> str:
     """Make the config describe the shrunk tensors. Returns 'stock' or 'secateur_llama'."""
     widths = current_widths(adapter)
     cfg = model.config
-    if len(set(widths)) == 1 and cfg.model_type != "secateur_llama":
+    if len(set(widths)) == 1 and not adapter.heterogeneous_class:
         w = widths[0]
         cfg.head_dim = adapter.attention_shape().head_dim  # no longer hidden / heads
         cfg.num_attention_heads = w.num_heads
         cfg.num_key_value_heads = w.num_kv_heads
         cfg.intermediate_size = w.intermediate_size
         return "stock"
-    if cfg.model_type not in FLEX_FAMILIES:
+    if not adapter.saves_heterogeneous:
         raise SecateurError(f"per-layer widths need secateur's own model class, which exists "
                             f"for Llama but not "
                             f"'{cfg.model_type}': use --allocation uniform")

@@ -1,0 +1,266 @@
+"""Recipes: a model, its calibration, a list of steps and the evaluations, as data.
+
+    model: smollm2-135m
+    calibration: {source: c4-sample, nsamples: 32, seqlen: 512, seed: 0}
+    steps:
+      - {method: llm-pruner, ratio: 0.2}
+      - {method: lora, steps: 200}
+      - {method: wanda, sparsity: 0.5}
+    evaluate:
+      perplexity: [{data: wiki, seqlen: 512, max_windows: 64}]
+      after_each_step: true
+
+`run_recipe` runs the steps in order on one model in memory. After every step the model and
+the results so far are checkpointed in the output folder, so an interrupted run resumes from
+the last finished step when started again with the same recipe. The result JSON holds the
+recipe itself, every step's record and the evaluation protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import Field, field_validator
+
+from secateur.api import CalibrationConfig, StepResult, peak_rss_mib, run_step
+from secateur.config import Config, ConfigError, MethodConfig
+from secateur.errors import SecateurError
+from secateur.eval.config import PerplexityConfig, ZeroShotConfig
+from secateur.methods import make_config
+from secateur.models.loading import DTYPES, Loaded, load
+from secateur.params import count_parameters
+from secateur.surgery.save import atomic_dir, check_output_dir, dir_bytes, write_json_atomic
+
+SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask"]
+
+
+class Evaluation(Config):
+    """What to measure on the dense model and after the recipe (and after each step)."""
+
+    perplexity: list[PerplexityConfig] = Field(default_factory=list)
+    zeroshot: ZeroShotConfig | None = None
+    after_each_step: bool = Field(False, description="Perplexity (first text) after every "
+                                                     "step, recorded with the step.")
+
+
+class Recipe(Config):
+    model: str = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    steps: list[MethodConfig] = Field(min_length=1)
+    evaluate: Evaluation = Field(default_factory=Evaluation)
+    # auto: compressed-tensors pack-quantized when a step quantized, else safetensors
+    save_format: SaveFormat = "auto"
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _calibration(cls, value: Any) -> Any:
+        return CalibrationConfig(**value) if isinstance(value, dict) else value
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        steps = []
+        for i, step in enumerate(value):
+            if isinstance(step, MethodConfig):
+                steps.append(step)
+                continue
+            try:
+                steps.append(make_config(step))
+            except SecateurError as err:
+                raise ValueError(f"step {i + 1}: {err}") from None
+        return steps
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"steps"}, exclude_defaults=True)
+        data["model"] = self.model
+        data["steps"] = [s.to_dict() for s in self.steps]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SecateurError(f"not a YAML recipe: {' '.join(str(err).split())}") from None
+        if not isinstance(data, dict):
+            raise SecateurError("a recipe is a YAML mapping with model, steps (and optionally "
+                                "calibration, evaluate, dtype, save_format)")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise SecateurError(f"recipe '{path}' does not exist or is not a file")
+        return cls.from_yaml(path.read_text())
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass
+class RecipeResult:
+    recipe: dict[str, Any]
+    dense: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipeResult:
+        return cls(**data)
+
+
+CHECKPOINT = ".checkpoint"
+STATE = "secateur.json"  # the name output checks recognise as secateur's
+
+
+def _checkpoint(out: Path) -> Path:
+    return out / CHECKPOINT
+
+
+def _save_checkpoint(out: Path, loaded: Loaded, result: RecipeResult) -> None:
+    # A whole-module pickle: any class a step produced (per-layer widths, removed blocks,
+    # quantization state on linears) comes back exactly; it never leaves this folder.
+    with atomic_dir(_checkpoint(out), overwrite=True) as tmp:
+        torch.save(loaded.model, tmp / "model.pt")
+        write_json_atomic(tmp / STATE, result.to_dict())
+
+
+def _load_checkpoint(out: Path, recipe: Recipe) -> tuple[Any, RecipeResult] | None:
+    path = _checkpoint(out)
+    if not (path / STATE).is_file():
+        return None
+    state = RecipeResult.from_dict(json.loads((path / STATE).read_text()))
+    if json.dumps(state.recipe, sort_keys=True) != recipe.fingerprint():
+        raise SecateurError(f"'{out}' holds a checkpoint of a different recipe: use another "
+                            "--out, or --overwrite to start afresh")
+    model = torch.load(path / "model.pt", weights_only=False)
+    return model, state
+
+
+def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool) -> dict[str, Any]:
+    from secateur.eval.api import evaluate
+
+    return evaluate(loaded, config, progress=progress).to_dict()
+
+
+def _evaluate(loaded: Loaded, evaluation: Evaluation, progress: bool) -> dict[str, Any]:
+    from secateur.eval.api import evaluate
+
+    out: dict[str, Any] = {"perplexity": [_perplexity(loaded, p, progress)
+                                          for p in evaluation.perplexity]}
+    if evaluation.zeroshot is not None:
+        out["zeroshot"] = evaluate(loaded, evaluation.zeroshot, progress=progress).to_dict()
+    out["parameters"] = count_parameters(loaded.model)
+    return out
+
+
+def _teacher_loader(recipe: Recipe) -> Any:
+    cache: dict[str, Loaded] = {}
+
+    def teacher() -> Loaded:
+        if "t" not in cache:
+            cache["t"] = load(recipe.model, dtype=recipe.dtype)
+        return cache["t"]
+
+    return teacher
+
+
+def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]) -> str:
+    from secateur.quant.state import is_quantized
+
+    fmt = recipe.save_format
+    quantized = is_quantized(loaded.model)
+    if fmt == "auto":
+        fmt = "compressed-tensors" if quantized else "safetensors"
+    if quantized and fmt != "compressed-tensors":
+        raise SecateurError(f"save_format {fmt} cannot hold quantized weights: use "
+                            "compressed-tensors (or auto)")
+    if fmt == "compressed-tensors":
+        if not quantized:
+            raise SecateurError("save_format compressed-tensors needs a quantization step; use "
+                                "auto or safetensors")
+        from secateur.quant.pack import save_packed
+
+        save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
+    elif fmt == "bitmask":
+        from secateur.surgery.compact import save_compact
+
+        save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
+    else:
+        from secateur.surgery.save import save_model
+
+        save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
+    return fmt
+
+
+def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: bool = True,
+               say: Any = print) -> RecipeResult:
+    """Run every step in order, checkpointing after each; resume from a checkpoint in `out`."""
+    out = Path(out)
+    if recipe.dtype not in DTYPES:
+        raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
+    resumable = (_checkpoint(out) / STATE).is_file()
+    if out.exists() and (overwrite or not resumable):
+        # a recipe's own earlier output (recipe.yaml beside it) may be replaced whole
+        if not (overwrite and (out / "recipe.yaml").is_file()):
+            check_output_dir(out, overwrite)
+        if overwrite:
+            shutil.rmtree(out)
+            resumable = False
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    restored = _load_checkpoint(out, recipe) if resumable else None
+    loaded = load(recipe.model, dtype=recipe.dtype)
+    if restored is not None:
+        loaded.model, result = restored
+        from secateur.models.base import adapter_for
+
+        loaded.adapter = adapter_for(loaded.model)
+        result.resumed_from_step = len(result.steps)
+        say(f"resuming after step {len(result.steps)} of {len(recipe.steps)}")
+    else:
+        result = RecipeResult(recipe=recipe.to_dict())
+        result.dense = _evaluate(loaded, recipe.evaluate, progress)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    teacher = _teacher_loader(recipe)
+    first_ppl = recipe.evaluate.perplexity[0] if recipe.evaluate.perplexity else None
+    for i in range(len(result.steps), len(recipe.steps)):
+        step = recipe.steps[i]
+        say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
+        record: StepResult = run_step(loaded, step, recipe.calibration, teacher=teacher,
+                                      progress=progress)
+        if recipe.evaluate.after_each_step and first_ppl is not None:
+            record.perplexity = _perplexity(loaded, first_ppl, progress)["perplexity"]
+        result.steps.append(record.to_dict())
+        _save_checkpoint(out, loaded, result)
+    result.final = _evaluate(loaded, recipe.evaluate, progress)
+    result.out = str(out / "model")
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_mib = peak_rss_mib()
+    fmt = _save(loaded, recipe, out / "model", result.to_dict())
+    result.final["format"] = fmt
+    result.final["bytes_on_disk"] = dir_bytes(out / "model")
+    write_json_atomic(out / "result.json", result.to_dict())
+    shutil.rmtree(_checkpoint(out), ignore_errors=True)
+    return result
