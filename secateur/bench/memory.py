@@ -17,10 +17,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 
-def peak_rss_mib() -> float:
+def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_rss_mib() -> float:
+    return peak_rss_bytes() / 2**20
 
 
 @contextlib.contextmanager
