@@ -12,8 +12,8 @@ tensors).
 
 from __future__ import annotations
 
-import resource
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from secateur.bench.memory import peak_rss_mib
 from secateur.config import Config, MethodConfig, StepKind
 from secateur.data.sources import load_text
-from secateur.data.windows import calibration_windows
+from secateur.data.windows import calibration_windows, fit_seqlen
 from secateur.engine.block_search import BlockSearch
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
@@ -86,22 +87,18 @@ class StepResult:
         return zeros / total if total else None
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def calibration_data(loaded: Loaded, spec: CalibrationConfig
                      ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    ctx = context_length(loaded.model)
-    seqlen = min(spec.seqlen, ctx) if ctx else spec.seqlen
+    fit = fit_seqlen(spec.seqlen, context_length(loaded.model))
+    seqlen = fit.used
+    if fit.capped:
+        warnings.warn(fit.warning(), stacklevel=2)
     source = load_text(spec.source, split="train")
     windows = calibration_windows(loaded.tokenizer, source, spec.nsamples, seqlen, spec.seed)
     record = {"source": source.name, "origin": source.origin, "nsamples": spec.nsamples,
               "seqlen": seqlen, "seed": spec.seed,
               "sampler": "random document longer than seqlen, random start (SparseGPT/Wanda)"}
-    if seqlen != spec.seqlen:
-        record["seqlen_capped_from"] = spec.seqlen
+    record.update(fit.record())
     return windows, record
 
 

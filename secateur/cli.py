@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -423,7 +424,8 @@ def report_cmd(
     """One HTML page and a Markdown file with tables and plots from runs' JSON results."""
     from secateur.report.page import build_report
 
-    paths = build_report(runs, out, title)
+    paths = build_report(runs, out, title,
+                         warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     for p in paths:
         out_console.print(str(p))
 
@@ -460,6 +462,8 @@ def main() -> None:
     # Errors users can fix get one line, never a traceback; SECATEUR_DEBUG=1 shows it anyway.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    # secateur's warnings (a capped --seqlen, a student as large as its teacher) as one line
+    warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
 
     def fail(message: str, code: int) -> None:
         console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)

@@ -14,10 +14,11 @@ from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
+from secateur.io import check_output_dir, check_output_file
 from secateur.methods import build_method
 from secateur.models.loading import load
 from secateur.report.depth import is_depth_summary, plot_removals
-from secateur.surgery.save import check_output_dir, dir_bytes, save_model, write_json_atomic
+from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
 
 
 @dataclass
@@ -55,7 +56,9 @@ def prune_job(
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval."""
     build_method(config)  # not a method config: fail before the model loads
     if out is not None:
-        check_output_dir(Path(out), overwrite)
+        check_output_dir(Path(out), overwrite, inputs=[model_name])
+    if json_path is not None:
+        check_output_file(Path(json_path), "--json", inputs=[model_name])
     # Loaded once, before the model: a missing eval text fails before any pruning.
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     loaded = load(model_name, dtype=dtype)
@@ -118,6 +121,8 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     if zeroshot is not None:  # unknown task names fail before the model loads
         check_tasks(zeroshot.tasks, resolve_data(zeroshot.data))
+    if json_path is not None:
+        check_output_file(Path(json_path), "--json", inputs=[model_name])
     loaded = load(model_name, dtype=dtype)
     result: dict[str, Any] = {"model": model_name}
     if evaluation.data is not None:

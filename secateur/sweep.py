@@ -22,6 +22,7 @@ from secateur.api import CalibrationConfig
 from secateur.config import MethodConfig
 from secateur.errors import SecateurError
 from secateur.eval.zeroshot import ZeroShotSpec
+from secateur.io import check_output_folder
 from secateur.jobs import EvalSpec, eval_job, prune_job
 from secateur.methods import make_config
 from secateur.surgery.save import write_json_atomic
@@ -112,6 +113,7 @@ def run_sweep(spec: SweepSpec, out: Path, progress: bool = True,
     cells = grid(spec)
     if spec.evaluation.data is None and spec.zeroshot is None:
         raise SecateurError("a sweep needs something to measure: --eval or --tasks")
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_identity(out, spec)
     done = finished(out)
