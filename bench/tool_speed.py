@@ -82,7 +82,10 @@ def machine() -> dict[str, Any]:
     from secateur.eval.protocol import library_versions
 
     info: dict[str, Any] = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                            "platform": platform.platform(), "versions": library_versions()}
+                            "platform": platform.platform(), "versions": library_versions(),
+                            # without AVX-512 BF16 / AMX, bf16 matmuls are emulated and slower
+                            # than fp32 (an AVX2-only machine: 2-5x slower in --quick)
+                            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
