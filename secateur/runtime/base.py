@@ -1,0 +1,68 @@
+"""What every runtime linear shares: its shape, its bias, and the bytes it reads per call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from secateur.errors import SecateurError
+from secateur.quant.state import QuantState
+
+
+class RuntimeLinear(nn.Module):
+    """A linear whose weight lives in a kernel's own integer layout (buffers, not parameters)."""
+
+    def __init__(self, in_features: int, out_features: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def weight_bytes(self) -> int:
+        """Bytes a call reads for the weight: every buffer (packed codes, scales, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+def runtime_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step reads with runtime linears in place: every
+    parameter (embeddings, norms) once, an untied input embedding as one row (so: not counted),
+    plus every runtime linear's buffers."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and out is not None and emb.weight is out.weight
+    skip = set() if tied or emb is None else {id(emb.weight)}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in skip:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total + sum(m.weight_bytes() for m in model.modules() if isinstance(m, RuntimeLinear))
+
+
+def codes_on_grid(name: str, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """The integer codes of a quantized weight, refusing a weight that left its grid (edited
+    after quantization): rounding it back would silently change the model."""
+    codes = state.codes(weight)
+    error = (state.dequantize(codes) - weight.float()).abs()
+    g = state.groups_of_columns(weight.shape[1])
+    tolerance = 1e-3 * state.scale[:, g].abs() + 1e-6
+    if bool((error > tolerance).any()):
+        raise SecateurError(f"'{name}' is no longer on its {state.bits}-bit grid (its weight "
+                            "changed after quantizing): quantize it again before packing")
+    return codes
+
+
+def check_bits(name: str, state: QuantState) -> None:
+    if not 1 <= state.bits <= 8:
+        raise SecateurError(f"'{name}' has {state.bits}-bit weights: integer formats and "
+                            "kernels take 1 to 8 bits")
+    zero = state.zero
+    if bool(((zero != zero.round()) | (zero < 0) | (zero > 2**state.bits - 1)).any()):
+        raise SecateurError(f"'{name}' has zero points off the integer range [0, "
+                            f"{2**state.bits - 1}]: quantize it with secateur's grid")

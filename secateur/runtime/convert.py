@@ -1,0 +1,89 @@
+"""Swapping quantized `nn.Linear`s for runtime linears (int4 / int8 kernels)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from secateur.errors import SecateurError
+from secateur.quant.state import QuantState, quant_state
+from secateur.runtime.base import RuntimeLinear, check_bits, codes_on_grid
+from secateur.runtime.int4 import Int4Linear
+from secateur.runtime.int8 import INT8_TOKEN, Int8Linear, W8A8Linear, activation_quant
+
+Runtime = Literal["int4", "int8"]
+RUNTIMES: tuple[str, ...] = ("int4", "int8")
+RUNTIME_ATTR = "secateur_runtime"  # on the model: which runtime its linears were swapped for
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise SecateurError(f"unknown runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
+
+
+def runtime_linear(runtime: str, name: str, codes: torch.Tensor, state: QuantState,
+                   bias: torch.Tensor | None, act: str | None = None) -> RuntimeLinear:
+    """One runtime linear from a weight's codes and grid (`state.scale`, `state.zero`)."""
+    if act is not None:
+        if runtime != "int8" or act != INT8_TOKEN:
+            raise SecateurError(f"'{name}' quantizes its activations to int8 (W8A8): load it "
+                                "with runtime='int8'")
+        return W8A8Linear.from_codes(codes, state.scale, state.zero, state.bits, bias, name)
+    if runtime == "int4":
+        if state.bits > 4:
+            raise SecateurError(f"'{name}' has {state.bits}-bit weights: the int4 runtime takes "
+                                "at most 4 bits; use runtime='int8'")
+        return Int4Linear.from_codes(codes, state.scale, state.zero, state.group_size,
+                                     state.g_idx, bias, name)
+    return Int8Linear.from_codes(codes, state.scale, state.zero, state.bits, bias, name)
+
+
+def _quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module, QuantState]]:
+    found = []
+    for name, module in model.named_modules():
+        state = quant_state(module)
+        if state is None:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise SecateurError(f"'{name}' is a {type(module).__name__}: the runtimes replace "
+                                "nn.Linear only (GPT-2's Conv1D is not supported)")
+        check_bits(name, state)
+        found.append((name, module, state))
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Swap every linear carrying a `QuantState` for an int4/int8 kernel linear, in place.
+
+    Linears without a state stay as they are (the lm_head, anything left unquantized); a model
+    with no quantized linear at all is refused rather than quantized here, so the runtime never
+    silently changes what the model computes.
+    """
+    check_runtime(runtime)
+    targets = _quantized_linears(model)
+    if not targets:
+        raise SecateurError(f"the model has no quantized linears for the {runtime} runtime: "
+                            "quantize it first (gptq, rtn or w8a8) or load a packed directory")
+    # every check first, so a refusal leaves the model untouched
+    for name, module, state in targets:
+        if runtime == "int4" and state.bits > 4 and activation_quant(module) is None:
+            raise SecateurError(f"'{name}' has {state.bits}-bit weights: the int4 runtime takes "
+                                "at most 4 bits; use runtime='int8'")
+        if runtime == "int8" and state.scale.shape[1] != 1:
+            raise SecateurError(f"'{name}' has {state.scale.shape[1]} groups per row: the int8 "
+                                "runtime takes per-channel weights; use runtime='int4'")
+    for name, module, state in targets:
+        codes = codes_on_grid(name, module.weight, state)
+        new = runtime_linear(runtime, name, codes, state, module.bias,
+                             activation_quant(module))
+        replace_module(model, name, new.to(module.weight.dtype))
+    setattr(model, RUNTIME_ATTR, runtime)
+    return model
