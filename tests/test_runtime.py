@@ -1,0 +1,207 @@
+"""The int4/int8 CPU runtimes compute what the dequantized linears compute; W8A8 stays close."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from secateur.engine.sequential import prune_layerwise
+from secateur.errors import SecateurError
+from secateur.methods.w8a8 import W8A8, W8A8Config, smoothing_scales
+from secateur.models import adapter_for
+from secateur.quant.pack import round_kept_tensors, save_packed
+from secateur.runtime import (
+    Int4Linear,
+    Int8Linear,
+    W8A8Linear,
+    apply_runtime,
+    load_packed,
+    runtime_weight_bytes,
+)
+from secateur.runtime.int8 import fake_quantize_tokens
+from tests.test_packed import IDS, logits, quantize_tiny, rtn, scattered_g_idx
+from tests.tiny_models import tiny_model
+
+# fp32 kernels against fp32 dequantized matmuls: only summation order differs
+ATOL = 1e-4
+
+
+def one_linear(out_f: int, in_f: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f, bias=bias)
+
+
+@pytest.mark.parametrize("bits,group,sym,runtime,cls", [
+    (4, 32, True, "int4", Int4Linear),
+    (4, 64, False, "int4", Int4Linear),
+    (4, 96, False, "int4", Int4Linear),  # runs as kernel groups of 32
+    (4, 128, True, "int4", Int4Linear),  # 192 = 128 + a partial group of 64
+    (3, -1, False, "int4", Int4Linear),  # per channel, 3 bits on the 4-bit kernel
+    (8, -1, True, "int8", Int8Linear),
+    (8, -1, False, "int8", Int8Linear),  # zero points off 128: the x.sum() correction
+    (4, -1, False, "int8", Int8Linear),
+])
+def test_runtime_linear_matches_dequantized(bits, group, sym, runtime, cls):
+    lin = one_linear(40, 192)  # 40 rows: the int4 packer pads to a multiple of 16
+    rtn(lin, bits, group, sym)
+    x = torch.randn(3, 5, 192)
+    want = lin(x)
+    model = apply_runtime(torch.nn.Sequential(lin), runtime)
+    assert type(model[0]) is cls
+    got = model(x)
+    assert got.shape == want.shape and (got - want).abs().max() < ATOL
+
+
+def test_int4_runs_scattered_act_order_by_gathering_columns():
+    lin = one_linear(32, 128)
+    rtn(lin, 4, 32, False, scattered_g_idx(128, 32), actorder="group")
+    x = torch.randn(4, 128)
+    want = lin(x)
+    model = apply_runtime(torch.nn.Sequential(lin), "int4")
+    assert model[0].perm is not None
+    assert (model(x) - want).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("runtime,bits,group", [("int4", 4, 32), ("int8", 8, -1)])
+def test_runtime_model_logits_match(runtime, bits, group):
+    model = quantize_tiny(bits, group, symmetric=False)
+    want = logits(model)
+    apply_runtime(model, runtime)
+    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
+    assert (logits(model) - want).abs().max() < ATOL
+    out = model.generate(torch.tensor(IDS), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, len(IDS[0]) + 4)
+
+
+@pytest.mark.parametrize("runtime,bits,group", [("int4", 4, 32), ("int8", 8, -1)])
+def test_load_packed_builds_the_runtime_model_from_disk(tmp_path, runtime, bits, group):
+    model = quantize_tiny(bits, group, symmetric=False)
+    save_packed(model, None, tmp_path / "m")
+    round_kept_tensors(model)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    loaded = load_packed(tmp_path / "m", runtime)
+    assert (logits(loaded) - logits(model)).abs().max() < ATOL
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    layer = loaded.model.layers[0]
+    assert type(layer.mlp.down_proj) is (Int4Linear if runtime == "int4" else Int8Linear)
+    # tiny widths: the two fp32 embedding matrices are 23% of this model
+    assert runtime_weight_bytes(loaded) < (0.5 if runtime == "int4" else 0.6) * fp32_bytes
+
+
+def test_w8a8_logits_close_to_fp32_and_int8_runtime_exact():
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model)
+    method = W8A8(W8A8Config(smoothquant_alpha=0.5))
+    method.prepare(model, adapter, None)
+    torch.manual_seed(0)
+    calibration = [torch.randint(0, 256, (1, 32)) for _ in range(4)]
+    reports = prune_layerwise(model, adapter, method, calibration, progress=False)
+    assert len(reports) == 3 and all(r.relative_error < 0.05 for r in reports)
+    want, got = logits(dense), logits(model)
+    rel = (got - want).abs().max() / want.abs().max()
+    assert 0 < rel < 0.05  # quantized, and close
+    apply_runtime(model, "int8")
+    assert type(model.model.layers[0].self_attn.q_proj) is W8A8Linear
+    diff = (logits(model) - got).abs()  # see test_w8a8_saves_int_quantized_and_loads_on_int8
+    assert diff.max() < 3e-3 and diff.median() < 1e-5
+
+
+def test_smoothquant_alone_keeps_the_function():
+    """Smoothing (scales folded into the norms) before any rounding changes nothing."""
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model)
+    method = W8A8(W8A8Config(smoothquant_alpha=0.8))
+    method.prepare(model, adapter, None)
+    from secateur.stats.absmax import ColumnAbsMax
+
+    layer = adapter.layers[0]
+    stats = {}
+    for p in adapter.linears(layer).values():
+        s = ColumnAbsMax(p.in_features)
+        s.add(torch.rand(10, p.in_features) * 5)
+        stats[p.name] = {ColumnAbsMax.name: s}
+    method._smooth(layer, 0, stats)
+    assert method.smoothing[0]["max_scale"] != 1.0
+    assert (logits(model) - logits(dense)).abs().max() < 1e-4
+
+
+def test_w8a8_saves_int_quantized_and_loads_on_int8(tmp_path):
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    method = W8A8(W8A8Config(smoothquant_alpha=None))
+    method.prepare(model, adapter, None)
+    prune_layerwise(model, adapter, method, [torch.randint(0, 256, (1, 16))], progress=False)
+    save_packed(model, None, tmp_path / "w8a8")
+    round_kept_tensors(model)
+    loaded = load_packed(tmp_path / "w8a8", "int8")
+    assert type(loaded.model.layers[2].mlp.up_proj) is W8A8Linear
+    diff = (logits(loaded) - logits(model)).abs()
+    # per-token rounding is discontinuous: where float summation order differs, a value on a
+    # rounding boundary lands one int8 step apart, so a few logits move by ~1e-3; most agree
+    assert diff.max() < 3e-3 and diff.median() < 1e-5
+    with pytest.raises(SecateurError, match="W8A8.*runtime='int8'"):
+        load_packed(tmp_path / "w8a8", "int4")
+
+
+def test_fake_quantized_tokens_sit_on_their_int8_grid():
+    x = torch.randn(3, 7, 64) * torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
+    q = fake_quantize_tokens(x)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    codes = q / scale
+    assert (codes - codes.round()).abs().max() < 1e-3 and codes.abs().max() <= 127.001
+    assert ((q - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_smoothing_scales_leave_dead_columns_alone():
+    act = torch.tensor([4.0, 0.0, 1.0])
+    w = torch.tensor([[1.0, 2.0, 0.0]])
+    s = smoothing_scales(act, [w], 0.5)
+    assert s.tolist() == pytest.approx([2.0, 1.0, 1.0])
+
+
+# -- bad inputs --------------------------------------------------------------------------
+def test_runtime_for_unquantized_model_is_refused():
+    with pytest.raises(SecateurError, match="no quantized linears for the int4 runtime"):
+        apply_runtime(tiny_model("llama"), "int4")
+
+
+def test_unknown_runtime_is_refused():
+    with pytest.raises(SecateurError, match="unknown runtime 'int3'"):
+        apply_runtime(quantize_tiny(4, 32), "int3")
+
+
+def test_int4_runtime_refuses_8_bit_weights_untouched():
+    model = quantize_tiny(8, -1)
+    with pytest.raises(SecateurError, match="8-bit weights.*runtime='int8'") as err:
+        apply_runtime(model, "int4")
+    assert "\n" not in str(err.value)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # nothing swapped
+
+
+def test_int8_runtime_refuses_grouped_weights():
+    with pytest.raises(SecateurError, match="groups per row.*runtime='int4'"):
+        apply_runtime(quantize_tiny(4, 32), "int8")
+
+
+def test_load_packed_of_a_plain_model_is_refused(tmp_path, tiny_dir):
+    with pytest.raises(SecateurError, match="holds no quantized weights"):
+        load_packed(tiny_dir("llama"), "int4")
+
+
+def test_w8a8_refuses_an_already_quantized_model():
+    model = quantize_tiny(4, 32)
+    with pytest.raises(SecateurError, match="already quantized"):
+        W8A8(W8A8Config()).prepare(model, adapter_for(model), None)
+
+
+def test_w8a8_config_is_typed():
+    from secateur.config import ConfigError
+
+    assert W8A8Config.method == "w8a8" and W8A8Config.kind == "quantize"
+    assert W8A8Config(smoothquant_alpha=None).smoothquant_alpha is None
+    with pytest.raises(ConfigError, match="smoothquant_alpha"):
+        W8A8Config(smoothquant_alpha=1.5)
