@@ -338,3 +338,24 @@ def test_distill_is_a_registered_recovery_step(teacher_dir, text):
     assert step.summary["steps"] == 2 and step.summary["mode"] == "full"
     with pytest.raises(SecateurError, match="needs a teacher"):
         recover(_depth_student(teacher), config, progress=False)
+
+
+def test_distill_cli(teacher_dir, text, tmp_path):
+    from typer.testing import CliRunner
+
+    from secateur.cli import app
+
+    student = _depth_student(load(teacher_dir))
+    student.model.save_pretrained(tmp_path / "student")
+    student.tokenizer.save_pretrained(tmp_path / "student")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["distill", str(tmp_path / "student"), "--teacher",
+                                   str(teacher_dir), "--data", text, "--steps", "2",
+                                   "--seqlen", "32", "--loss", "jsd", "--eval", "none",
+                                   "--out", str(out), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").is_file()
+    import json
+
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["distill"]["settings"]["loss"] == "jsd" and saved["distill"]["steps"] == 2

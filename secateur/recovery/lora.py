@@ -27,8 +27,6 @@ from secateur.recovery.jobs import evaluation_perplexity, recovery_loaded, save_
 from secateur.recovery.training import TrainConfig, TrainResult, train
 from secateur.recovery.training import target_modules as target_modules  # re-exported
 
-LoraResult = TrainResult  # the name older callers import
-
 
 class LoRAConfig(TrainConfig):
     """LoRA on the LM loss; defaults follow LLM-Pruner's recovery (rank 8, alpha 16, dropout
@@ -38,7 +36,7 @@ class LoRAConfig(TrainConfig):
     kind: ClassVar[StepKind] = "recover"
 
 
-LoraSpec = LoRAConfig  # the name `secateur recover` imports until it builds LoRAConfig itself
+LoraSpec = LoRAConfig  # the old name, still imported by bench/width_pruning.py
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
