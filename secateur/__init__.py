@@ -11,6 +11,10 @@ from secateur.api import (
 )
 from secateur.config import ConfigError, MethodConfig
 from secateur.errors import SecateurError
+from secateur.eval.api import evaluate
+from secateur.eval.config import PerplexityConfig, ZeroShotConfig
+from secateur.eval.perplexity import PerplexityResult
+from secateur.eval.zeroshot import ZeroShotResult
 from secateur.methods import (
     BlockPrunerConfig,
     LLMPrunerConfig,
@@ -32,6 +36,11 @@ __all__ = [
     "MagnitudeConfig",
     "MethodConfig",
     "OWLConfig",
+    "PerplexityConfig",
+    "PerplexityResult",
+    "ZeroShotConfig",
+    "ZeroShotResult",
+    "evaluate",
     "SLEBConfig",
     "SecateurError",
     "ShortGPTConfig",

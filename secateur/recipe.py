@@ -19,6 +19,7 @@ recipe itself, every step's record and the evaluation protocol.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,27 @@ from secateur.params import count_parameters
 from secateur.surgery.save import atomic_dir, check_output_dir, dir_bytes, write_json_atomic
 
 SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: `nm: 2:4` must stay "2:4", not become 124."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*"
+               r"[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+               r"|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 class Evaluation(Config):
@@ -92,7 +114,7 @@ class Recipe(Config):
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as err:
             raise SecateurError(f"not a YAML recipe: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):

@@ -33,6 +33,14 @@ def shrink(path: Path, model: str) -> Recipe:
     return Recipe(**data)
 
 
+def test_yaml_keeps_nm_patterns_and_numbers_as_written():
+    recipe = Recipe.from_yaml("model: m\nsteps:\n  - {method: wanda, nm: 2:4}\n"
+                              "  - {method: lora, lr: 1e-4, steps: 3}\n")
+    assert recipe.steps[0].nm == "2:4"  # YAML 1.1 would read 2:4 as the base-60 number 124
+    assert recipe.steps[1].lr == 1e-4 and recipe.steps[1].steps == 3
+    assert Recipe.from_yaml(recipe.to_yaml()).steps[0].nm == "2:4"
+
+
 def test_every_shipped_recipe_round_trips_through_yaml():
     assert len(RECIPES) >= 5
     for path in RECIPES:
@@ -80,8 +88,11 @@ def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_pa
                                                                 monkeypatch):
     import secateur.recipe as recipe_mod
 
-    recipe = shrink(Path("recipes/iterative-wanda-lora.yaml").resolve(),
-                    str(tiny_dir("llama")))
+    recipe = Recipe(model=str(tiny_dir("llama")), calibration=SMALL_CALIB,
+                    steps=[{"method": "magnitude", "sparsity": 0.3},
+                           {"method": "lora", "steps": 2, "seqlen": 32},
+                           {"method": "wanda", "sparsity": 0.5}],
+                    evaluate={"perplexity": [{"data": "wiki", "seqlen": 32, "max_windows": 2}]})
     whole = run_recipe(recipe, tmp_path / "whole", progress=False, say=lambda _: None)
 
     real = recipe_mod.run_step
@@ -101,7 +112,7 @@ def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_pa
     monkeypatch.setattr(recipe_mod, "run_step", real)
     resumed = run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
     assert resumed.resumed_from_step == 2
-    assert [s["method"] for s in resumed.steps] == ["wanda", "lora", "wanda", "lora"]
+    assert [s["method"] for s in resumed.steps] == ["magnitude", "lora", "wanda"]
     a = json.loads((tmp_path / "whole" / "result.json").read_text())
     b = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert a["final"]["perplexity"][0]["perplexity"] == b["final"]["perplexity"][0]["perplexity"]
