@@ -28,9 +28,16 @@ MIB = 2**20
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """This process's peak resident set so far.
+
+    Linux's VmHWM, not ru_maxrss: a process started by fork or vfork then exec inherits its
+    parent's ru_maxrss (a test or job runner holding a model would be reported as ours)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass
