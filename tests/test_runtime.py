@@ -17,6 +17,7 @@ from secateur.runtime import (
     Int8Linear,
     W8A8Linear,
     apply_runtime,
+    avx2,
     load_packed,
     runtime_weight_bytes,
 )
@@ -26,6 +27,16 @@ from tests.tiny_models import tiny_model
 
 # fp32 kernels against fp32 dequantized matmuls: only summation order differs
 ATOL = 1e-4
+
+
+@pytest.fixture(params=["avx2", "aten"])
+def backend(request, monkeypatch):
+    """Every runtime test runs on secateur's AVX2 kernels and on torch's own."""
+    if request.param == "aten":
+        monkeypatch.setattr(avx2, "kernels", lambda: None)
+    elif avx2.kernels() is None:
+        pytest.skip("no AVX2 kernels on this machine")
+    return request.param
 
 
 def one_linear(out_f: int, in_f: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
@@ -43,18 +54,21 @@ def one_linear(out_f: int, in_f: int, bias: bool = True, seed: int = 0) -> torch
     (8, -1, False, "int8", Int8Linear),  # zero points off 128: the x.sum() correction
     (4, -1, False, "int8", Int8Linear),
 ])
-def test_runtime_linear_matches_dequantized(bits, group, sym, runtime, cls):
-    lin = one_linear(40, 192)  # 40 rows: the int4 packer pads to a multiple of 16
+def test_runtime_linear_matches_dequantized(bits, group, sym, runtime, cls, backend):
+    lin = one_linear(40, 192)  # 40 rows: torch's int4 packer pads to a multiple of 16
     rtn(lin, bits, group, sym)
-    x = torch.randn(3, 5, 192)
-    want = lin(x)
+    batches = [torch.randn(1, 192), torch.randn(3, 192), torch.randn(3, 5, 192)]  # 15 > 8 rows
+    want = [lin(x) for x in batches]
     model = apply_runtime(torch.nn.Sequential(lin), runtime)
     assert type(model[0]) is cls
-    got = model(x)
-    assert got.shape == want.shape and (got - want).abs().max() < ATOL
+    if cls is Int4Linear:
+        assert model[0].backend == backend
+    for x, w in zip(batches, want, strict=True):
+        got = model(x)
+        assert got.shape == w.shape and (got - w).abs().max() < ATOL
 
 
-def test_int4_runs_scattered_act_order_by_gathering_columns():
+def test_int4_runs_scattered_act_order_by_gathering_columns(backend):
     lin = one_linear(32, 128)
     rtn(lin, 4, 32, False, scattered_g_idx(128, 32), actorder="group")
     x = torch.randn(4, 128)
@@ -65,7 +79,7 @@ def test_int4_runs_scattered_act_order_by_gathering_columns():
 
 
 @pytest.mark.parametrize("runtime,bits,group", [("int4", 4, 32), ("int8", 8, -1)])
-def test_runtime_model_logits_match(runtime, bits, group):
+def test_runtime_model_logits_match(runtime, bits, group, backend):
     model = quantize_tiny(bits, group, symmetric=False)
     want = logits(model)
     apply_runtime(model, runtime)
@@ -76,7 +90,8 @@ def test_runtime_model_logits_match(runtime, bits, group):
 
 
 @pytest.mark.parametrize("runtime,bits,group", [("int4", 4, 32), ("int8", 8, -1)])
-def test_load_packed_builds_the_runtime_model_from_disk(tmp_path, runtime, bits, group):
+def test_load_packed_builds_the_runtime_model_from_disk(tmp_path, runtime, bits, group,
+                                                       backend):
     model = quantize_tiny(bits, group, symmetric=False)
     save_packed(model, None, tmp_path / "m")
     round_kept_tensors(model)

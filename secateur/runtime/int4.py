@@ -17,6 +17,7 @@ import math
 import torch
 
 from secateur.errors import SecateurError
+from secateur.runtime import avx2
 from secateur.runtime.base import RuntimeLinear
 
 KERNEL_GROUPS = (256, 128, 64, 32)
@@ -43,11 +44,16 @@ def act_order_permutation(g_idx: torch.Tensor | None, size: int) -> torch.Tensor
 
 
 class Int4Linear(RuntimeLinear):
+    """`backend` "avx2": secateur's AVX2 kernels (`secateur.runtime.avx2`, codes in their own
+    layout, `scale_zeros` holding [scale, zero * scale] per kernel group); "aten": torch's
+    int4pack kernel (its layout, [scale, (8 - zero) * scale])."""
+
     def __init__(self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int,
                  in_features: int, out_features: int, perm: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, backend: str = "aten") -> None:
         super().__init__(in_features, out_features, bias)
         self.group = group
+        self.backend = backend
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zeros", scale_zeros)
         self.register_buffer("perm", perm)
@@ -73,7 +79,12 @@ class Int4Linear(RuntimeLinear):
             codes = codes[:, perm]
         index = torch.arange(in_features // group) * group // size
         scale = scale.float()[:, index]
-        zero = (8 - zero.float()[:, index]) * scale
+        zero = zero.float()[:, index]
+        if avx2.kernels() is not None:
+            scale_zeros = torch.stack([scale, zero * scale]).contiguous()
+            return cls(avx2.pack_int4(codes), scale_zeros, group, in_features, out_features,
+                       perm, bias, backend="avx2")
+        zero = (8 - zero) * scale
         pad = -out_features % ROW_MULTIPLE
         if pad:
             codes = torch.cat([codes, codes.new_full((pad, in_features), 8)])
@@ -83,16 +94,27 @@ class Int4Linear(RuntimeLinear):
         scale_zeros = torch.stack([scale.t(), zero.t()], -1).contiguous()
         return cls(packed, scale_zeros, group, in_features, out_features, perm, bias)
 
+    def _avx2(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = avx2.kernels()
+        x = x.float().contiguous()
+        scale, zs = self.scale_zeros.float()
+        if x.shape[0] <= avx2.GEMV_ROWS:
+            return kernels.int4_mm(x, self.packed, scale, zs, self.group)
+        return x @ kernels.int4_dequantize(self.packed, scale, zs, self.group).t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        x = x.to(self.scale_zeros.dtype).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
-                                                       self.scale_zeros)
-        if y.shape[1] != self.out_features:
-            y = y[:, :self.out_features]
+        if self.backend == "avx2":
+            y = self._avx2(x)
+        else:
+            x = x.to(self.scale_zeros.dtype).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
+                                                           self.scale_zeros)
+            if y.shape[1] != self.out_features:
+                y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype).reshape(*shape[:-1], self.out_features)

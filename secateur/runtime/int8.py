@@ -1,4 +1,5 @@
-"""8-bit linears on CPU: weight-only (`aten._weight_int8pack_mm`) and W8A8 (`torch._int_mm`).
+"""8-bit linears on CPU: weight-only (secateur's AVX2 kernel, else `aten._weight_int8pack_mm`)
+and W8A8 (`torch._int_mm`).
 
 Weight-only: int8 weights, one scale per output row, float activations. secateur's grid is
 w = (q - z) * s; the kernel computes x @ (w8 * s)^T, so the weight is stored as w8 = q - o
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.runtime import avx2
 from secateur.runtime.base import RuntimeLinear
 
 ACT_ATTR = "secateur_act_quant"  # on a linear: its inputs are quantized at run time
@@ -80,10 +82,19 @@ class Int8Linear(RuntimeLinear):
         keep = bool(correction.abs().max() > 0)
         return cls(weight.contiguous(), scale, correction if keep else None, bias)
 
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = avx2.kernels()
+        if kernels is None or self.in_features % 32:
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scale)
+        x, scale = x.float().contiguous(), self.scale.float()
+        if x.shape[0] <= avx2.GEMV_ROWS:
+            return kernels.int8_mm(x, self.weight_int8, scale)
+        return x @ (self.weight_int8.float() * scale[:, None]).t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).to(self.scale.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scale)
+        y = self._matmul(x)
         if self.correction is not None:
             y = y + x.sum(-1, keepdim=True) * self.correction
         if self.bias is not None:
