@@ -13,10 +13,13 @@ Speed comes from `secateur.bench.measure.benchmark`: interleaved rounds, order r
 round, ratios per round against dense fp32 with min/median/max; the decode bound is memory
 bandwidth / weight bytes read per generated token (packed codes and scales for the runtimes).
 
-`--kernels`: one linear of each smollm2 shape (576 -> 1536 and 1536 -> 576) and its lm_head
-(576 -> 49152), batch 1 and 128, every kernel candidate timed in interleaved rounds; ratios are
-dense fp32 seconds / candidate seconds in the same round. torchao's CPU layouts are included
-when torchao is installed.
+`--kernels`: one linear of each smollm2 shape (576 -> 1536 and 1536 -> 576) at batch 1 and
+128, every kernel candidate (dense fp32/bf16, secateur's AVX2 int4/int8, torch's int4pack,
+int8pack and _int_mm) timed in interleaved rounds; ratios are dense fp32 seconds / candidate
+seconds in the same round. At batch 1 each candidate cycles through copies of its layer
+totalling 256 MiB of float32, so weights come from memory as in decode. torchao 0.18 is not a
+candidate: its CPU int4 layout calls the same `_weight_int4pack_mm_for_cpu`, its int8
+weight-only layout dequantizes and runs a float matmul, and its W8A8 path ends in `_int_mm`.
 """
 
 from __future__ import annotations
@@ -68,71 +71,69 @@ def _rtn_linear(linear: nn.Linear, bits: int, group_size: int, symmetric: bool =
     return linear
 
 
-def _kernel_candidates(out_f: int, in_f: int) -> dict[str, Callable[[torch.Tensor], object]]:
+def _kernel_candidates(out_f: int, in_f: int, copies: int
+                       ) -> dict[str, list[Callable[[torch.Tensor], object]]]:
+    """Each candidate as `copies` distinct layers (so that cycling through them reads the
+    weights from memory, as a decode step through 30 layers does, not from cache)."""
     import copy
 
-    from secateur.runtime import apply_runtime
+    from secateur.runtime import apply_runtime, avx2
     from secateur.runtime.int8 import mark_w8a8
 
     torch.manual_seed(0)
-    dense = nn.Linear(in_f, out_f, bias=False).eval()
-    cands: dict[str, Callable] = {"dense_fp32": dense}
-    bf16 = copy.deepcopy(dense).to(torch.bfloat16)
-    cands["dense_bf16"] = lambda x: bf16(x.to(torch.bfloat16))
+    dense = [nn.Linear(in_f, out_f, bias=False).eval() for _ in range(copies)]
+    cands: dict[str, list] = {"dense_fp32": dense}
+    bf16 = [copy.deepcopy(d).to(torch.bfloat16) for d in dense]
+    cands["dense_bf16"] = [lambda x, m=m: m(x.to(torch.bfloat16)) for m in bf16]
 
     def runtime(bits, group, kind, w8a8=False):
-        model = nn.Sequential(_rtn_linear(copy.deepcopy(dense), bits, group))
-        if w8a8:
-            mark_w8a8(model[0])
-        return apply_runtime(model, kind)
+        out = []
+        for d in dense:
+            model = nn.Sequential(_rtn_linear(copy.deepcopy(d), bits, group))
+            if w8a8:
+                mark_w8a8(model[0])
+            out.append(apply_runtime(model, kind))
+        return out
 
-    cands["aten_int4_g128"] = runtime(4, 128, "int4")
-    cands["aten_int8"] = runtime(8, -1, "int8")
-    cands["aten_w8a8_int_mm"] = runtime(8, -1, "int8", w8a8=True)
+    if avx2.kernels() is not None:
+        cands["avx2_int4_g128"] = runtime(4, 128, "int4")
+        cands["avx2_int8"] = runtime(8, -1, "int8")
+    kernels = avx2.kernels
+    avx2.kernels = lambda: None  # torch's own kernels for the rest
     try:
-        from torchao.quantization import (
-            Int4WeightOnlyConfig,
-            Int8DynamicActivationInt8WeightConfig,
-            Int8WeightOnlyConfig,
-            quantize_,
-        )
-    except ImportError:
-        return cands
-    for name, cfg in [("torchao_int4_g128", Int4WeightOnlyConfig(
-                          group_size=128, int4_packing_format="opaque")),
-                      ("torchao_int8", Int8WeightOnlyConfig()),
-                      ("torchao_w8a8", Int8DynamicActivationInt8WeightConfig())]:
-        m = nn.Sequential(copy.deepcopy(dense))
-        try:
-            quantize_(m, cfg)
-            m(torch.randn(1, in_f))
-            cands[name] = m
-        except Exception as err:  # a layout this build lacks: say so, keep measuring the rest
-            print(f"{name}: unavailable ({type(err).__name__}: {str(err)[:120]})")
+        cands["aten_int4_g128"] = runtime(4, 128, "int4")
+        cands["aten_int8"] = runtime(8, -1, "int8")
+        cands["aten_w8a8_int_mm"] = runtime(8, -1, "int8", w8a8=True)
+    finally:
+        avx2.kernels = kernels
     return cands
 
 
 @torch.no_grad()
-def kernels(rounds: int, calls: int, threads: int) -> dict:
+def kernels(rounds: int, calls: int, threads: int, memory_mib: int = 256) -> dict:
+    """Seconds per call of each kernel candidate, interleaved rounds; for batch 1 the weights
+    cycle through enough copies to exceed `memory_mib` of float32 (cache-cold, like decode)."""
     torch.set_num_threads(threads)
-    shapes = {"576->1536": (1536, 576), "1536->576": (576, 1536), "lm_head 576->49152":
-              (49152, 576)}
-    out: dict = {"threads": threads, "rounds": rounds, "calls_per_timing": calls, "cases": {}}
+    shapes = {"576->1536": (1536, 576), "1536->576": (576, 1536)}
+    out: dict = {"threads": threads, "rounds": rounds, "calls_per_timing": calls,
+                 "cache_cold_mib": memory_mib, "cases": {},
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for label, (out_f, in_f) in shapes.items():
-        cands = _kernel_candidates(out_f, in_f)
-        if label.startswith("lm_head"):  # the head stays 16/32-bit: only dense dtypes matter
-            cands = {k: v for k, v in cands.items() if k.startswith("dense")}
+        copies = -(-memory_mib * 2**20 // (out_f * in_f * 4))
+        cands = _kernel_candidates(out_f, in_f, copies)
         for batch in (1, 128):
             x = torch.randn(batch, in_f)
+            n_calls = calls if batch == 1 else max(1, calls // 16)
             names = list(cands)
             secs: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds + 1):  # round 0 warms up and is dropped
                 for n in names if r % 2 else names[::-1]:
+                    layers = cands[n]
                     t = time.perf_counter()
-                    for _ in range(calls):
-                        cands[n](x)
+                    for i in range(n_calls):
+                        layers[i % len(layers)](x)
                     if r:
-                        secs[n].append((time.perf_counter() - t) / calls)
+                        secs[n].append((time.perf_counter() - t) / n_calls)
             base = secs["dense_fp32"]
             out["cases"][f"{label} batch {batch}"] = {
                 n: {"median_us": statistics.median(s) * 1e6,
@@ -162,6 +163,7 @@ def _quantize(loaded, method: str, bits: int, group: int, w8a8: bool, quick: boo
 
 
 def _run_method(loaded, step: dict, quick: bool) -> None:
+    import secateur.methods.w8a8  # noqa: F401 (registers w8a8 until methods/__init__ does)
     from secateur.data.sources import load_text
     from secateur.data.windows import calibration_windows
     from secateur.engine.sequential import prune_layerwise
@@ -273,8 +275,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.kernels:
-        result = kernels(rounds=3 if args.quick else 9, calls=5 if args.quick else 50,
-                         threads=args.threads)
+        result = kernels(rounds=2 if args.quick else 7, calls=8 if args.quick else 64,
+                         threads=args.threads, memory_mib=32 if args.quick else 256)
         path = args.out or KERNEL_RESULTS
     else:
         with tempfile.TemporaryDirectory(prefix="secateur-bench-quant-") as tmp:

@@ -21,6 +21,7 @@ from secateur.runtime import (
     load_packed,
     runtime_weight_bytes,
 )
+from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.int8 import fake_quantize_tokens
 from tests.test_packed import IDS, logits, quantize_tiny, rtn, scattered_g_idx
 from tests.tiny_models import tiny_model
@@ -101,6 +102,9 @@ def test_load_packed_builds_the_runtime_model_from_disk(tmp_path, runtime, bits,
     assert not any(p.device.type == "meta" for p in loaded.parameters())
     layer = loaded.model.layers[0]
     assert type(layer.mlp.down_proj) is (Int4Linear if runtime == "int4" else Int8Linear)
+    if float16_gemm_available():  # the float16 head and embedding stay float16
+        assert type(loaded.lm_head) is Float16Linear
+        assert type(loaded.model.embed_tokens) is Float16Embedding
     # tiny widths: the two fp32 embedding matrices are 23% of this model
     assert runtime_weight_bytes(loaded) < (0.5 if runtime == "int4" else 0.6) * fp32_bytes
 
@@ -220,3 +224,26 @@ def test_w8a8_config_is_typed():
     assert W8A8Config(smoothquant_alpha=None).smoothquant_alpha is None
     with pytest.raises(ConfigError, match="smoothquant_alpha"):
         W8A8Config(smoothquant_alpha=1.5)
+
+
+@pytest.mark.slow
+def test_smollm2_int4_g128_packed_size_and_runtime(smollm2_copy, tmp_path):
+    """The issue's numbers on the real model: 4-bit g128 (576 = 4 x 128 + 64) on disk <= 30%
+    of fp32, runtime weights <= 35%, and the runtime's logits those of the saved model."""
+    model = smollm2_copy.model
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    for layer in smollm2_copy.adapter.layers:
+        for proj in smollm2_copy.adapter.linears(layer).values():
+            rtn(proj.module, 4, 128, symmetric=True)
+    out = save_packed(model, smollm2_copy.tokenizer, tmp_path / "w4")
+    on_disk = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    assert on_disk <= 0.30 * fp32_bytes
+    round_kept_tensors(model)
+    ids = smollm2_copy.tokenizer("The quick brown fox jumps over the lazy dog",
+                                 return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits
+        loaded = load_packed(out, "int4")
+        got = loaded(ids).logits
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    assert runtime_weight_bytes(loaded) <= 0.35 * fp32_bytes

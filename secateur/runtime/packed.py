@@ -2,7 +2,8 @@
 
 The model skeleton is made with its parameters on the meta device (no memory), every quantized
 linear is built from its packed tensors one at a time (unpacked codes of one matrix are the only
-transient), and the rest (embeddings, norms, biases) is read in the compute dtype. The dense
+transient), the embedding and lm_head stored in float16 stay float16 (`runtime.half`) for
+float32 compute, and the rest (norms, biases) is read in the compute dtype. The dense
 float weights of the quantized linears never exist, so memory after loading is the packed
 weights plus the unquantized tensors.
 """
@@ -27,6 +28,7 @@ from secateur.runtime.convert import (
     replace_module,
     runtime_linear,
 )
+from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.int8 import INT8_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,6 +101,34 @@ def _state_and_codes(prefix: str, get, keys: set[str], group: dict
     return codes, state, act
 
 
+def _float16_embeddings(model: nn.Module, get, keys: set[str], dtype: torch.dtype) -> set[str]:
+    """Swap the embedding and lm_head stored in float16 for float16 runtime modules; the keys
+    they consumed. Only for float32 compute, plain nn.Embedding (Gemma's scaled embedding
+    keeps its own class), and where fbgemm's float16 GEMM exists."""
+    if dtype != torch.float32 or not float16_gemm_available():
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    used: set[str] = set()
+    emb_key = f"{names.get(id(emb))}.weight"
+    table = get(emb_key) if emb_key in keys else None
+    if type(emb) is nn.Embedding and table is not None and table.dtype == torch.float16:
+        replace_module(model, names[id(emb)], Float16Embedding(table, dtype, emb.padding_idx))
+        used.add(emb_key)
+    if type(out) is not nn.Linear:
+        return used
+    out_key = f"{names[id(out)]}.weight"
+    head = get(out_key) if out_key in keys else None
+    if head is None and getattr(model.config, "tie_word_embeddings", False) and emb_key in used:
+        head = table
+    if head is not None and head.dtype == torch.float16:
+        bias_key = f"{names[id(out)]}.bias"
+        bias = get(bias_key) if bias_key in keys else None
+        replace_module(model, names[id(out)], Float16Linear(head, bias))
+        used |= {out_key, bias_key} & keys
+    return used
+
+
 def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -144,12 +174,15 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> n
         used |= {k for k in keys if k.rsplit(".", 1)[0] == prefix}
     if not prefixes:
         raise SecateurError(f"'{path}' has no packed linears: save it with save_packed")
+    used |= _float16_embeddings(model, get, keys, torch_dtype)
     for key in sorted(keys - used):
         tensor = get(key)
         if tensor.is_floating_point():
             tensor = tensor.to(torch_dtype)
         set_module_tensor_to_device(model, key, "cpu", value=tensor)
-    if getattr(model.config, "tie_word_embeddings", False):
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and not isinstance(head,
+                                                                            Float16Linear):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
