@@ -107,9 +107,15 @@ def walk_layers(
 
     `start` and `hidden` continue an interrupted walk (layer `start` gets `hidden`). `after`
     sees each layer once it is back on the CPU, with its outputs. With `stream`, a layer is
-    read from disk just before its visit and freed after `after`.
+    read from disk just before its visit and freed after `after`, and the embeddings and head
+    are resident only while layer 0's inputs are captured.
     """
-    captured = captured or capture_layer_inputs(model, adapter, calibration)
+    if captured is None:
+        if stream is not None:
+            stream.load_rest()
+        captured = capture_layer_inputs(model, adapter, calibration)
+        if stream is not None:  # only decoder layers run from here on
+            stream.unload_rest()
     hidden = _to(captured.hidden if hidden is None else hidden, device)
     layers = adapter.layers
     bar = tqdm(range(start, len(layers)), desc=desc, disable=not progress, initial=start,

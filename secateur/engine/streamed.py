@@ -49,7 +49,7 @@ class StreamedPrune:
     summary: dict[str, Any] = field(default_factory=dict)  # the method's
     model_mib: float = 0.0  # all weights at the loaded dtype (a tied head counted once)
     largest_layer_mib: float = 0.0
-    rest_mib: float = 0.0  # embeddings, head, norms: resident throughout
+    rest_mib: float = 0.0  # embeddings, head, norms (file-mapped when their dtype is kept)
     peak_rss_mib: float = 0.0  # the whole process's peak, imports included
     seconds: float = 0.0
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +94,32 @@ def read_tensors(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor],
+@dataclass(frozen=True)
+class FileRange:
+    """A tensor's bytes inside a safetensors file, copied to another without loading them."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: str  # safetensors code, e.g. F32
+    shape: tuple[int, ...]
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor | FileRange],
                   metadata: Mapping[str, str] | None = None) -> int:
     """Write a safetensors file (not atomically: see `secateur.io.atomic_file`); its size."""
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    flat = {k: v if isinstance(v, FileRange) else v.detach().cpu().contiguous()
+            for k, v in tensors.items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for key, t in flat.items():
-        if t.dtype not in _CODES:
+        if isinstance(t, FileRange):
+            code, shape, nbytes = t.dtype, list(t.shape), t.nbytes
+        elif t.dtype in _CODES:
+            code, shape, nbytes = _CODES[t.dtype], list(t.shape), t.numel() * t.element_size()
+        else:
             raise SecateurError(f"cannot write tensor {key} of dtype {t.dtype} to safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": _CODES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data to 8 bytes
@@ -110,9 +127,23 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor],
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in flat.values():
-            if t.numel():
+            if isinstance(t, FileRange):
+                _copy_range(t, f)
+            elif t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return 8 + len(raw) + offset
+
+
+def _copy_range(src: FileRange, out: Any, chunk: int = 1 << 20) -> None:
+    with open(src.path, "rb") as f:
+        f.seek(src.offset)
+        left = src.nbytes
+        while left:
+            data = f.read(min(chunk, left))
+            if not data:
+                raise SecateurError(f"'{src.path}' ended early: re-save the model")
+            out.write(data)
+            left -= len(data)
 
 
 # -- the source checkpoint -------------------------------------------------------------------
@@ -136,7 +167,40 @@ class SafetensorsSource:
             raise SecateurError(f"'{self.folder}' has no safetensors weights ({SINGLE} or "
                                 f"{INDEX}): streaming reads safetensors only; re-save the "
                                 "model with save_pretrained")
-        self.headers = {p: read_header(p)[0] for p in sorted(set(self.files.values()))}
+        read = {p: read_header(p) for p in sorted(set(self.files.values()))}
+        self.headers = {p: h for p, (h, _) in read.items()}
+        self.starts = {p: start for p, (_, start) in read.items()}
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def range(self, key: str) -> FileRange:
+        path = self.files[key]
+        info = self.headers[path][key]
+        begin, end = info["data_offsets"]
+        return FileRange(path, self.starts[path] + begin, end - begin, info["dtype"],
+                         tuple(info["shape"]))
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """A read-only tensor over the file's pages. Its memory is the page cache: only the
+        pages touched become resident, and none count as this process's private memory."""
+        r = self.range(key)
+        if r.dtype not in _DTYPES:
+            raise SecateurError(f"'{r.path}': tensor {key} has dtype {r.dtype}, which "
+                                "secateur cannot stream; load the model normally")
+        dtype = _DTYPES[r.dtype]
+        if r.nbytes == 0:
+            return torch.empty(r.shape, dtype=dtype)
+        if r.path not in self._maps:
+            with open(r.path, "rb") as f:
+                self._maps[r.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # read-only on purpose: nothing writes these tensors
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._maps[r.path], dtype=dtype,
+                                    count=r.nbytes // dtype.itemsize, offset=r.offset)
+        return flat.view(r.shape)
+
+    def release_maps(self) -> None:
+        """Forget the mappings; each closes once no tensor uses it any more."""
+        self._maps.clear()
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -225,6 +289,7 @@ class StreamedWeights:
         self.num_layers = adapter.num_layers
         self.work: Path | None = None
         self.written: dict[int, Path] = {}
+        self.rest_loaded = False
         state = model.state_dict(keep_vars=True)
         self.model_bytes = sum(t.numel() * t.element_size()
                                for t in {id(t): t for t in state.values()}.values())
@@ -251,18 +316,37 @@ class StreamedWeights:
                 for n in names}
 
     # -- the non-layer tensors -------------------------------------------------------------
-    def load_rest(self) -> None:
-        """Everything outside the decoder layers; tied tensors are read once and stay tied."""
+    def _rest_parameters(self) -> list[list[str]]:
+        """Names of the parameters outside the decoder layers, tied ones grouped."""
         layers = f"{self.adapter.layers_path}."
         groups: dict[int, list[str]] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if not name.startswith(layers):
                 groups.setdefault(id(p), []).append(name)
-        for names in groups.values():
+        return list(groups.values())
+
+    def _same_dtype(self, name: str) -> bool:
+        return name in self.names and \
+            _DTYPES.get(self.source.range(self.names[name]).dtype) == self.dtype
+
+    def _rest_tensor(self, name: str) -> torch.Tensor:
+        """Mapped from the file when no conversion is needed: a 262k-token vocabulary's
+        embeddings then cost only the rows the calibration windows touch."""
+        if self._same_dtype(name):
+            return self.source.mapped(self.names[name])
+        return self._read([name])[name]
+
+    def load_rest(self) -> None:
+        """Everything outside the decoder layers; tied tensors are read once and stay tied.
+        A no-op while they are loaded."""
+        if self.rest_loaded:
+            return
+        for names in self._rest_parameters():
             key = next((n for n in names if n in self.names), names[0])
-            value = nn.Parameter(self._read([key])[key], requires_grad=False)
+            value = nn.Parameter(self._rest_tensor(key), requires_grad=False)
             for name in names:
                 _set_tensor(self.model, name, value)
+        layers = f"{self.adapter.layers_path}."
         for name, module in self.model.named_modules():
             if name == self.adapter.layers_path or name.startswith(layers):
                 continue
@@ -271,6 +355,19 @@ class StreamedWeights:
                 if buf is not None and leaf not in module._non_persistent_buffers_set \
                         and key in self.names:
                     module._buffers[leaf] = self._read([key])[key]
+        self.rest_loaded = True
+
+    def unload_rest(self) -> None:
+        """Free the embeddings and head while only decoder layers run: a large vocabulary's
+        embeddings can outweigh a layer many times over. `load_rest` reads them again."""
+        for names in self._rest_parameters():
+            p = self.model.get_parameter(names[0])
+            empty = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                 requires_grad=False)
+            for name in names:
+                _set_tensor(self.model, name, empty)
+        self.source.release_maps()
+        self.rest_loaded = False
 
     # -- one layer ---------------------------------------------------------------------------
     def load_layer(self, index: int) -> None:
@@ -325,20 +422,26 @@ class StreamedWeights:
         return path
 
     def finish(self, tokenizer: Any = None) -> Path:
-        """The non-layer tensors, the index, config, generation config and tokenizer."""
+        """The non-layer tensors (copied from the source file when their dtype is kept), the
+        index, config, generation config and tokenizer."""
         work = self._need_work()
         missing = [i for i in range(self.num_layers) if i not in self.written]
         if missing:
             raise SecateurError(f"layers {missing} were never written; the prune did not "
                                 "finish")
         layers = f"{self.adapter.layers_path}."
-        rest: dict[str, torch.Tensor] = {}
+        rest: dict[str, torch.Tensor | FileRange] = {}
         seen: set[int] = set()
         for key, t in self.model.state_dict(keep_vars=True).items():
             if key.startswith(layers) or id(t) in seen:
                 continue  # a tied head is saved once, under the embeddings' name
             seen.add(id(t))
-            rest[key] = t.detach()
+            if self._same_dtype(key):  # layer-wise methods leave these alone: copy the bytes
+                rest[key] = self.source.range(self.names[key])
+            elif t.is_meta:
+                rest[key] = self._read([key])[key]
+            else:
+                rest[key] = t.detach()
         weight_map = {k: self._shard(1) for k in rest}
         write_tensors(work / self._shard(1), rest)
         for _, path in sorted(self.written.items()):
