@@ -164,6 +164,9 @@ def test_w8a8_saves_int_quantized_and_loads_on_int8(tmp_path):
     assert diff.max() < 3e-3 and diff.median() < 1e-5
     with pytest.raises(SecateurError, match="W8A8.*runtime='int8'"):
         load_packed(tmp_path / "w8a8", "int4")
+    with pytest.raises(SecateurError, match="W8A8.*runtime='int8'"):
+        apply_runtime(model, "int4")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # nothing swapped
 
 
 def test_fake_quantized_tokens_sit_on_their_int8_grid():

@@ -176,7 +176,7 @@ def storage_dtype(tensor: torch.Tensor, keep_dtype: torch.dtype) -> torch.dtype:
     return keep_dtype
 
 
-def _embedding_names(model: nn.Module) -> set[int]:
+def _embedding_ids(model: nn.Module) -> set[int]:
     """ids of the embedding matrices (input, and output when it is not a quantized linear)."""
     ids = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -256,7 +256,7 @@ def packed_state_dict(model: nn.Module, keep_dtype: torch.dtype | None = torch.f
         raise SecateurError("linears with different grids, some asymmetric, cannot be loaded by "
                             "transformers (its dequantizing load applies one grid to all): "
                             "quantize every linear alike, or symmetric")
-    embeddings = _embedding_names(model)
+    embeddings = _embedding_ids(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():

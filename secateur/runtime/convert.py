@@ -74,7 +74,10 @@ def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
                             "quantize it first (gptq, rtn or w8a8) or load a packed directory")
     # every check first, so a refusal leaves the model untouched
     for name, module, state in targets:
-        if runtime == "int4" and state.bits > 4 and activation_quant(module) is None:
+        if activation_quant(module) is not None and runtime != "int8":
+            raise SecateurError(f"'{name}' quantizes its activations to int8 (W8A8): use "
+                                "runtime='int8'")
+        if runtime == "int4" and state.bits > 4:
             raise SecateurError(f"'{name}' has {state.bits}-bit weights: the int4 runtime takes "
                                 "at most 4 bits; use runtime='int8'")
         if runtime == "int8" and state.scale.shape[1] != 1:
