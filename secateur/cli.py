@@ -418,7 +418,7 @@ def sweep_cmd(
     dtype: Dtype = "float32",
 ) -> None:
     """Prune a grid of methods x sparsities; each finished cell is saved, reruns resume."""
-    from secateur.api import CalibrationSpec
+    from secateur.api import CalibrationConfig
     from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
     from secateur.jobs import EvalSpec
     from secateur.report.tables import print_sweep
@@ -427,7 +427,7 @@ def sweep_cmd(
     split = [m.strip() for m in methods.split(",") if m.strip()]
     values = [v.strip() for v in sparsities.split(",") if v.strip()]
     zs = None if tasks is None else ZeroShotSpec(parse_tasks(tasks), limit)
-    spec = SweepSpec(model, tuple(split), tuple(values), CalibrationSpec(calib, nsamples, seqlen,
+    spec = SweepSpec(model, tuple(split), tuple(values), CalibrationConfig(calib, nsamples, seqlen,
                                                                           seed),
                      EvalSpec(None if eval_data == "none" else eval_data,
                               eval_seqlen or seqlen, eval_windows), zs, dtype, compact,
@@ -502,7 +502,8 @@ def main() -> None:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         then = ("resume with the same command" if command in RESUMABLE
                 else "outputs are written only when complete; nothing half-written was left")
-        console.print(f"[red]interrupted[/red] ({sig.name}); {then}", highlight=False)
+        console.print(f"[red]interrupted[/red] ({sig.name}); {then}", highlight=False,
+                      soft_wrap=True)
         sys.exit(sig.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)
