@@ -44,12 +44,11 @@ from secateur.api import CalibrationConfig, prune
 from secateur.data.sources import TextSource, load_text
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
+from secateur.io import write_json_atomic
 from secateur.methods import make_config
-from secateur.models import adapter_for
 from secateur.models.loading import Loaded, load
 from secateur.params import count_parameters
 from secateur.recovery.distill import DistillConfig, distill
-from secateur.surgery.save import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "recovery.json"
 MODEL = "smollm2-135m"
@@ -75,11 +74,6 @@ def second_text() -> TextSource:
     source = load_text(str(path))
     return TextSource("tiny-stories", source.documents, "all", source.join,
                       origin=f"exllamav3 tiny.utf8 (TinyStories-style), {path.name}")
-
-
-def copy_loaded(loaded: Loaded) -> Loaded:
-    model = copy.deepcopy(loaded.model)
-    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
 
 
 def evaluate(loaded: Loaded, texts: dict[str, TextSource], args: argparse.Namespace
@@ -126,7 +120,7 @@ def build_students(dense: Loaded, names: list[str], args: argparse.Namespace
                    ) -> dict[str, tuple[Loaded, dict[str, Any]]]:
     students = {}
     for name in names:
-        student = copy_loaded(dense)
+        student = copy.deepcopy(dense)
         begin = time.perf_counter()
         step = prune(student, make_config(STUDENTS[name], kind="prune"),
                      CalibrationConfig("c4-sample", args.calib_samples, 512, args.seed),
@@ -232,7 +226,7 @@ def main() -> None:
         for recovery in recoveries:
             if (name, recovery) in done:
                 continue
-            trainee = copy_loaded(student)
+            trainee = copy.deepcopy(student)
             zeros_before = zeros(trainee.model)
             config = recovery_config(recovery, args, steps)
             begin = time.perf_counter()

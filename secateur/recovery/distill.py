@@ -15,7 +15,6 @@ autocast, masks, resumable checkpoints) is `secateur.recovery.training`.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 import warnings
@@ -27,14 +26,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from secateur.bench.measure import same_tokenizer
 from secateur.config import StepKind
 from secateur.errors import SecateurError
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters
+from secateur.recovery import jobs
 from secateur.recovery.data import TokenWindows, pack
 from secateur.recovery.generation import complete
-from secateur.recovery.jobs import evaluation_perplexity, recovery_loaded, save_like_input
 from secateur.recovery.kd_loss import Divergence, TeacherTargets, kd_loss, teacher_targets
 from secateur.recovery.layer_map import layer_map
 from secateur.recovery.lora import heldout_perplexity, lm_loss
@@ -112,7 +112,7 @@ def check_models(student: Loaded, teacher: Loaded, config: DistillConfig) -> Non
         raise SecateurError("the teacher is the student itself: distill from the model the "
                             "student was pruned from")
     s_vocab, t_vocab = _vocab_rows(student.model), _vocab_rows(teacher.model)
-    same_tokens = _same_vocab(student.tokenizer, teacher.tokenizer)
+    same_tokens = same_tokenizer(student.tokenizer, teacher.tokenizer)
     if s_vocab != t_vocab or not same_tokens:
         raise SecateurError(f"the teacher's vocabulary differs from the student's (logits "
                             f"{t_vocab} vs {s_vocab}"
@@ -133,13 +133,6 @@ def check_models(student: Loaded, teacher: Loaded, config: DistillConfig) -> Non
         warnings.warn(f"the student ({s_n:,} non-zero parameters) is not smaller than the "
                       f"teacher ({t_n:,}): distillation will run, but check the models",
                       stacklevel=2)
-
-
-def _same_vocab(a: Any, b: Any) -> bool:
-    try:
-        return a.get_vocab() == b.get_vocab()
-    except AttributeError:
-        return type(a) is type(b)
 
 
 def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
@@ -318,8 +311,7 @@ def distill(student: Loaded, teacher: Loaded, config: DistillConfig,
 
 
 def checkpoint_dir(out: Path) -> Path:
-    out = Path(out)
-    return out.with_name(f".{out.name}.distill-checkpoint")
+    return jobs.checkpoint_dir(out, "distill")
 
 
 def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig,
@@ -330,44 +322,12 @@ def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig
 
     `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity). The result holds
     the dense-to-pruned perplexity gap and the share of it recovered."""
-    from secateur.api import peak_rss_mib
-    from secateur.data.sources import load_text
-    from secateur.models.loading import load
-    from secateur.surgery.save import check_output_dir, dir_bytes, write_json_atomic
-
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    evaluate = evaluation is not None and evaluation.data is not None
-    eval_text = load_text(evaluation.data, split="test") if evaluate else None
-    student = load(student_dir)
-    t_loaded = load(teacher)
-    check_models(student, t_loaded, config)
-    result: dict[str, Any] = {"model": str(student_dir), "teacher": str(teacher),
-                              "recovery": "distill"}
-    if evaluate:
-        result["teacher_perplexity"] = evaluation_perplexity(t_loaded, evaluation, eval_text,
-                                                   progress)["perplexity"]
-        result["perplexity_before"] = evaluation_perplexity(student, evaluation, eval_text,
-                                                  progress)["perplexity"]
-    ckpt = checkpoint_dir(out)
-    run = distill(student, t_loaded, config, ckpt, progress, on_step)
-    result["distill"] = run.to_dict()
-    if evaluate:
-        after = evaluation_perplexity(student, evaluation, eval_text, progress)
-        result["perplexity"] = after["perplexity"]
-        result["protocol"] = after["protocol"]
-        gap = result["perplexity_before"] - result["teacher_perplexity"]
-        if gap > 0:
-            result["gap_recovered"] = (result["perplexity_before"] - after["perplexity"]) / gap
-    result["parameters"] = count_parameters(student.model)["parameters"]
-    result["peak_rss_mib"] = peak_rss_mib()
-    save_like_input(student, student_dir, out, result, overwrite)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    result["out"] = str(out)
-    result["bytes_on_disk"] = dir_bytes(out)
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result)
-    return result
+    return jobs.recovery_job(
+        "distill", student_dir, out,
+        lambda student, reference, ckpt: distill(student, reference, config, ckpt, progress,
+                                                 on_step),
+        evaluation, json_path, overwrite, progress, teacher=teacher,
+        check=lambda student, reference: check_models(student, reference, config))
 
 
 @register_method(DistillConfig)
@@ -378,5 +338,5 @@ class Distill(ModelMethod):
         if context.teacher is None:
             raise SecateurError("distillation needs a teacher: run it as a recipe step after "
                                 "a prune, or call secateur.recovery.distill.distill")
-        return distill(recovery_loaded(context), context.teacher(), self.config, None,
+        return distill(jobs.recovery_loaded(context), context.teacher(), self.config, None,
                        context.progress).to_dict()

@@ -1,22 +1,19 @@
-"""What the recovery jobs share: evaluation, saving like the input, the model a step trains."""
+"""The end-to-end recovery job behind `secateur recover` and `secateur distill`, and what the
+recovery steps share: saving like the input, the model a step trains, the checkpoint folder."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from secateur.methods.base import PruneContext
 from secateur.models.loading import Loaded
+from secateur.recovery.training import TrainResult
 
-
-def evaluation_perplexity(loaded: Loaded, evaluation: Any, source: Any,
-                          progress: bool) -> dict[str, Any]:
-    """Perplexity under a `secateur.jobs.EvalSpec` of a text already loaded."""
-    from secateur.eval.perplexity import perplexity
-
-    return perplexity(loaded.model, loaded.tokenizer, source, evaluation.seqlen,
-                      evaluation.max_windows, evaluation.protocol, evaluation.bos,
-                      progress).to_dict()
+# train(student, teacher or None, checkpoint folder) -> the run's result
+Trainer = Callable[[Loaded, Loaded | None, Path], TrainResult]
 
 
 def save_like_input(loaded: Loaded, model_dir: str, out: Path, result: dict[str, Any],
@@ -37,3 +34,64 @@ def recovery_loaded(context: PruneContext) -> Loaded:
     if context.loaded is not None:
         return context.loaded
     return Loaded(context.model, context.tokenizer, context.adapter, "", "")
+
+
+def checkpoint_dir(out: Path, name: str) -> Path:
+    """`.OUT.NAME-checkpoint` beside the output: a rerun of the same command resumes from it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.{name}-checkpoint")
+
+
+def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluation: Any = None,
+                 json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
+                 teacher: str | None = None,
+                 check: Callable[[Loaded, Loaded | None], None] | None = None) -> dict[str, Any]:
+    """Check outputs, load (and `check`) the model and any teacher, evaluate, train with a
+    checkpoint beside `out`, evaluate again, save, write the JSON. With a teacher the result
+    also holds its perplexity and the share of the perplexity gap recovered."""
+    from secateur.bench.memory import peak_rss_mib
+    from secateur.data.sources import load_text
+    from secateur.io import check_output_dir, check_output_file, dir_bytes, write_json_atomic
+    from secateur.jobs import evaluate_perplexity
+    from secateur.models.loading import load
+    from secateur.params import count_parameters
+
+    out = Path(out)
+    inputs = [model_dir] + ([teacher] if teacher else [])
+    check_output_dir(out, overwrite, inputs=inputs)
+    if json_path is not None:
+        check_output_file(Path(json_path), "--json", inputs=inputs)
+    evaluate = evaluation is not None and evaluation.data is not None
+    eval_text = load_text(evaluation.data, split="test") if evaluate else None
+    student = load(model_dir)
+    reference = load(teacher) if teacher else None
+    if check is not None:
+        check(student, reference)
+    result: dict[str, Any] = {"model": str(model_dir), "recovery": name}
+    if teacher:
+        result["teacher"] = str(teacher)
+    if evaluate and reference is not None:
+        result["teacher_perplexity"] = evaluate_perplexity(reference, evaluation, progress,
+                                                           eval_text)["perplexity"]
+    if evaluate:
+        result["perplexity_before"] = evaluate_perplexity(student, evaluation, progress,
+                                                          eval_text)["perplexity"]
+    ckpt = checkpoint_dir(out, name)
+    result[name] = train(student, reference, ckpt).to_dict()
+    if evaluate:
+        after = evaluate_perplexity(student, evaluation, progress, eval_text)
+        result["perplexity"], result["protocol"] = after["perplexity"], after["protocol"]
+        if reference is not None:
+            gap = result["perplexity_before"] - result["teacher_perplexity"]
+            # 1 is all the way back to the teacher; absent when the student was not worse
+            if gap > 0:
+                result["gap_recovered"] = (result["perplexity_before"] - after["perplexity"]) / gap
+    result["parameters"] = count_parameters(student.model)["parameters"]
+    result["peak_rss_mib"] = peak_rss_mib()
+    save_like_input(student, model_dir, out, result, overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    result["out"] = str(out)
+    result["bytes_on_disk"] = dir_bytes(out)
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result

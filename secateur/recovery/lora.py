@@ -10,7 +10,7 @@ keeps its `auto_map`.
 
 from __future__ import annotations
 
-import shutil
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,8 +22,8 @@ from torch import nn
 from secateur.config import StepKind
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
+from secateur.recovery import jobs
 from secateur.recovery.data import TokenWindows, pack
-from secateur.recovery.jobs import evaluation_perplexity, recovery_loaded, save_like_input
 from secateur.recovery.training import TrainConfig, TrainResult, train
 from secateur.recovery.training import target_modules as target_modules  # re-exported
 
@@ -62,10 +62,12 @@ class LanguageModeling:
 
 
 def heldout_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over the held-out windows, each scored as evaluation does."""
+    from secateur.eval.perplexity import batch_nll
+
     device = next(model.parameters()).device
-    nll = [lm_loss(model(input_ids=w[None].to(device), use_cache=False).logits, w[None].to(device))
-           for w in windows]
-    return float(torch.stack(nll).mean().exp())
+    nll = sum(float(batch_nll(model, w[None].to(device))) for w in windows)
+    return math.exp(nll / (len(windows) * (windows.shape[1] - 1)))
 
 
 def train_lora(loaded: Loaded, config: LoRAConfig, checkpoint: Path | None = None,
@@ -79,8 +81,7 @@ def train_lora(loaded: Loaded, config: LoRAConfig, checkpoint: Path | None = Non
 
 
 def checkpoint_dir(out: Path) -> Path:
-    out = Path(out)
-    return out.with_name(f".{out.name}.lora-checkpoint")
+    return jobs.checkpoint_dir(out, "lora")
 
 
 def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any = None,
@@ -90,37 +91,10 @@ def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any =
     """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save.
 
     `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity)."""
-    from secateur.api import peak_rss_mib
-    from secateur.data.sources import load_text
-    from secateur.models.loading import load
-    from secateur.params import count_parameters
-    from secateur.surgery.save import check_output_dir, dir_bytes, write_json_atomic
-
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    evaluate = evaluation is not None and evaluation.data is not None
-    eval_text = load_text(evaluation.data, split="test") if evaluate else None
-    loaded = load(model_dir)
-    result: dict[str, Any] = {"model": str(model_dir), "recovery": "lora"}
-    if evaluate:
-        result["perplexity_before"] = evaluation_perplexity(loaded, evaluation, eval_text,
-                                                  progress)["perplexity"]
-    ckpt = checkpoint_dir(out)
-    run = train_lora(loaded, config, ckpt, progress, on_step)
-    result["lora"] = run.to_dict()
-    if evaluate:
-        after = evaluation_perplexity(loaded, evaluation, eval_text, progress)
-        result["perplexity"] = after["perplexity"]
-        result["protocol"] = after["protocol"]
-    result["parameters"] = count_parameters(loaded.model)["parameters"]
-    result["peak_rss_mib"] = peak_rss_mib()
-    save_like_input(loaded, model_dir, out, result, overwrite)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    result["out"] = str(out)
-    result["bytes_on_disk"] = dir_bytes(out)
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result)
-    return result
+    return jobs.recovery_job(
+        "lora", model_dir, out,
+        lambda student, _, ckpt: train_lora(student, config, ckpt, progress, on_step),
+        evaluation, json_path, overwrite, progress)
 
 
 @register_method(LoRAConfig)
@@ -128,5 +102,5 @@ class LoRA(ModelMethod):
     needs_calibration = False
 
     def run(self, context: PruneContext) -> dict[str, Any]:
-        return train_lora(recovery_loaded(context), self.config, None,
+        return train_lora(jobs.recovery_loaded(context), self.config, None,
                           context.progress).to_dict()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateur.io import write_json_atomic
 from secateur.recovery.kd_loss import TeacherTargets, teacher_targets
 
 META = "meta.json"
@@ -82,8 +83,8 @@ class TeacherCache:
             index.flush()
         del logp, index
         self.seconds = time.perf_counter() - begin
-        meta.write_text(json.dumps({"fingerprint": fingerprint, "kind": self.kind,
-                                    "windows": len(wanted), "seconds": self.seconds}))
+        write_json_atomic(meta, {"fingerprint": fingerprint, "kind": self.kind,
+                                 "windows": len(wanted), "seconds": self.seconds})
         self._open(wanted)
 
     def get(self, index: torch.Tensor, device: torch.device) -> TeacherTargets:
