@@ -230,3 +230,47 @@ def test_existing_output_needs_overwrite(tmp_path):
         save_packed(quantize_tiny(4, 32), None, tmp_path / "out")
     save_packed(quantize_tiny(4, 32), None, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / WEIGHTS).is_file()
+
+
+def run_method(model, config) -> None:
+    from secateur.engine.sequential import prune_layerwise
+    from secateur.methods import build_method
+
+    adapter = adapter_for(model)
+    method = build_method(config)
+    method.prepare(model, adapter, None)
+    torch.manual_seed(0)
+    prune_layerwise(model, adapter, method, [torch.randint(0, 256, (1, 32)) for _ in range(4)],
+                    progress=False)
+
+
+def test_secateur_rtn_and_gptq_outputs_pack_and_reload(tmp_path):
+    """The real quantizers' grids (not this file's RTN) survive packing."""
+    from secateur.methods.gptq import GPTQConfig
+    from secateur.methods.rtn import RTNConfig
+
+    configs = {"rtn-w4-g32-asym": RTNConfig(bits=4, group_size=32, symmetric=False),
+               "gptq-w4-g32-static-actorder": GPTQConfig(bits=4, group_size=32, act_order=True,
+                                                        static_groups=True),
+               "gptq-w8-channel": GPTQConfig(bits=8, group_size=-1)}
+    dirs, expected = [], []
+    for name, config in configs.items():
+        model = tiny_model("llama")
+        run_method(model, config)
+        save_packed(model, None, tmp_path / name)
+        round_kept_tensors(model)
+        expected.append(logits(model))
+        dirs.append(tmp_path / name)
+    for d, want, got in zip(dirs, expected, reload_without_secateur(dirs, tmp_path),
+                            strict=True):
+        assert (got - want).abs().max() < 1e-3, d.name
+
+
+def test_gptq_scattered_act_order_is_refused(tmp_path):
+    from secateur.methods.gptq import GPTQConfig
+
+    model = tiny_model("llama")
+    run_method(model, GPTQConfig(bits=4, group_size=32, act_order=True))
+    with pytest.raises(SecateurError, match="act-order with scattered groups"):
+        save_packed(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -250,3 +250,15 @@ def test_smollm2_int4_g128_packed_size_and_runtime(smollm2_copy, tmp_path):
         got = loaded(ids).logits
     assert (got - want).abs().max() < 1e-3 * want.abs().max()
     assert runtime_weight_bytes(loaded) <= 0.35 * fp32_bytes
+
+
+def test_gptq_scattered_act_order_runs_on_int4(backend):
+    from secateur.methods.gptq import GPTQConfig
+    from tests.test_packed import run_method
+
+    model = tiny_model("llama")
+    run_method(model, GPTQConfig(bits=4, group_size=32, act_order=True))
+    want = logits(model)
+    apply_runtime(model, "int4")
+    assert model.model.layers[0].mlp.up_proj.perm is not None
+    assert (logits(model) - want).abs().max() < ATOL
