@@ -85,10 +85,11 @@ def test_streamed_prune_equals_in_memory_prune(family, tiny_dir, tmp_path):
     assert torch.equal(reloaded(ids).logits, reference(ids).logits)
 
 
-def test_streamed_prune_resumes_from_a_checkpoint(tiny_dir, tmp_path):
+def test_streamed_prune_resumes_from_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from secateur.methods import SparseGPTConfig
+    from secateur.models.streaming import StreamedWeights
 
     model_dir, calib = tiny_dir("llama"), _windows()
     config = SparseGPTConfig(sparsity=0.5)
@@ -103,8 +104,18 @@ def test_streamed_prune_resumes_from_a_checkpoint(tiny_dir, tmp_path):
         _streamed(model_dir, out, config, calib, checkpoint=ckpt, on_layer_done=stop)
     assert not out.exists() and (ckpt / "checkpoint.json").is_file()
     ran: list[int] = []
-    _streamed(model_dir, out, config, calib, checkpoint=ckpt, on_layer_done=ran.append)
+
+    def interrupted(self, tokenizer=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # then interrupted while assembling the output
+        m.setattr(StreamedWeights, "finish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _streamed(model_dir, out, config, calib, checkpoint=ckpt, on_layer_done=ran.append)
     assert ran == [2]  # layers 0 and 1 came from the checkpoint
+    assert not out.exists() and json.loads((ckpt / "checkpoint.json").read_text())["done"] == 3
+    _streamed(model_dir, out, config, calib, checkpoint=ckpt, on_layer_done=ran.append)
+    assert ran == [2]  # nothing left to prune: the output is assembled from the checkpoint
     _same_weights(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), reference)
     assert not ckpt.exists()
 

@@ -46,9 +46,9 @@ _PARTS = {"model": "model", "method": "method settings", "calibration": "calibra
           "run": "device or engine version"}
 
 
-def _tensor_digest(h: Any, name: str, t: torch.Tensor) -> None:
+def _tensor_digest(h: Any, name: str, t: torch.Tensor, values: bool = True) -> None:
     h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-    if t.is_meta or t.numel() == 0:
+    if not values or t.is_meta or t.numel() == 0:
         return
     flat = t.detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].cpu().contiguous()
@@ -66,8 +66,9 @@ def fingerprint(model: nn.Module, method: LayerwiseMethod, calibration: list[tor
     """Hashes of what decides the result; call it on the dense model, after `prepare()`."""
     m = hashlib.sha256(model.config.to_json_string().encode())
     for name, t in model.state_dict().items():
-        _tensor_digest(m, name, t)
-    if stream is not None:  # the layers are not in memory: their source files stand for them
+        # Streamed tensors come and go (meta or not); their source files stand for them.
+        _tensor_digest(m, name, t, values=stream is None)
+    if stream is not None:
         m.update(stream.source.fingerprint().encode())
     c = hashlib.sha256()
     for w in calibration:
@@ -214,10 +215,16 @@ class LayerCheckpoint:
         return layer_path
 
     def remove(self) -> None:
-        """Delete this checkpoint's files (the state first), and the folder if left empty."""
-        (self.folder / STATE).unlink(missing_ok=True)
-        for pattern in ("layer-*.safetensors", "quant-*.safetensors", "hidden-*.safetensors"):
-            for path in self.folder.glob(pattern):
-                path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # it holds something else of the user's: leave it
-            self.folder.rmdir()
+        remove_checkpoint(self.folder)
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint's files (the state first, so a kill midway leaves no state pointing
+    at missing files), and the folder if nothing else is in it."""
+    folder = Path(folder)
+    (folder / STATE).unlink(missing_ok=True)
+    for pattern in ("layer-*.safetensors", "quant-*.safetensors", "hidden-*.safetensors"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # it holds something else of the user's: leave it
+        folder.rmdir()

@@ -162,7 +162,9 @@ def prune_layerwise(
     `checkpoint`: a folder where each finished layer is saved with the next layer's inputs; a
     rerun with the same folder, model, method and calibration continues after the last
     finished layer and ends with bit-identical weights. Call `method.prepare()` before, as for
-    a fresh run. The folder is deleted on success unless `keep_checkpoint`.
+    a fresh run. The folder is deleted on success unless `keep_checkpoint`: a caller that
+    saves the model afterwards keeps it and calls `checkpoint.remove_checkpoint(folder)` once
+    the output is in place, so that a kill while saving still resumes.
 
     `stream`: the model came from `secateur.models.streaming.load_streamed`; each layer is
     read just before it is processed and written to `stream`'s output folder after (call

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from secateur.engine.checkpoint import remove_checkpoint
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
 from secateur.io import atomic_dir, write_json_atomic
@@ -103,7 +104,7 @@ def prune_streamed(
         method.prepare(model, adapter, context)
         reports: list[LayerReport] = prune_layerwise(
             model, adapter, method, calibration, None, progress, device, checkpoint,
-            stream=weights, on_layer_done=on_layer_done)
+            stream=weights, keep_checkpoint=True, on_layer_done=on_layer_done)
         weights.finish(loaded.tokenizer)
         result.layers = [asdict(r) for r in reports]
         result.summary = method.summary()
@@ -111,4 +112,6 @@ def prune_streamed(
         result.peak_rss_mib = peak_rss_bytes() / MIB
         if metadata is not None:
             write_json_atomic(tmp / "secateur.json", metadata(result))
+    if checkpoint is not None:  # only now: a kill before the rename must still resume
+        remove_checkpoint(checkpoint)
     return result
