@@ -6,9 +6,10 @@
     python bench/quantization.py --kernels       # the kernel microbenchmark only
 
 Models (smollm2-135m): dense fp32, dense bf16, 4-bit g128 on the int4 runtime, 8-bit per channel
-on the int8 runtime (weight-only) and W8A8 (int8 weights and per-token int8 activations) on
-the int8 runtime. Each quantized model is saved packed (compressed-tensors) and loaded back
-with `load_packed`, so its bytes on disk and its memory after loading are those a user gets.
+on the int8 runtime (weight-only) and, with --w8a8 (default only on AVX-512 machines), W8A8
+(int8 weights and per-token int8 activations, SmoothQuant 0.5) on the int8 runtime. Each
+quantized model is saved packed (compressed-tensors) and loaded back with `load_packed`, so its
+bytes on disk and its memory after loading are those a user gets.
 Speed comes from `secateur.bench.measure.benchmark`: interleaved rounds, order reversed every
 round, ratios per round against dense fp32 with min/median/max; the decode bound is memory
 bandwidth / weight bytes read per generated token (packed codes and scales for the runtimes).
@@ -204,7 +205,7 @@ def _baseline_rss() -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def models(method: str, quick: bool, out_dir: Path) -> dict:
+def models(method: str, quick: bool, out_dir: Path, group: int, w8a8: bool) -> dict:
     from secateur.bench.measure import BenchSpec, Subject, benchmark, memory_bandwidth_gbs
     from secateur.models.loading import load
     from secateur.quant.pack import save_packed
@@ -214,8 +215,9 @@ def models(method: str, quick: bool, out_dir: Path) -> dict:
     dense = load(MODEL)
     fp32_dir = out_dir / "dense-fp32"
     save_model(dense.model, dense.tokenizer, fp32_dir, overwrite=True)
-    variants = [("int4-g128", 4, 128, False, "int4"), ("int8", 8, -1, False, "int8"),
-                ("w8a8", 8, -1, True, "int8")]
+    variants = [(f"int4-g{group}", 4, group, False, "int4"), ("int8", 8, -1, False, "int8")]
+    if w8a8:
+        variants.append(("w8a8", 8, -1, True, "int8"))
     packed: dict[str, dict] = {}
     for name, bits, group, w8a8, runtime in variants:
         loaded = load(MODEL)
@@ -256,7 +258,9 @@ def models(method: str, quick: bool, out_dir: Path) -> dict:
         decode["bound_tokens_per_second"] = bandwidth * 1e9 / per_token
         decode["fraction_of_bound"] = decode["tokens_per_second"] / decode[
             "bound_tokens_per_second"]
-    return {"model": MODEL, "method": method, "quick": quick, "fp32_bytes_on_disk": fp32_bytes,
+    return {"model": MODEL, "method": method, "quick": quick, "group_size": group,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "fp32_bytes_on_disk": fp32_bytes,
             "packed": packed, "memory": memory, "bench": result,
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "kept_unquantized": "embeddings (tied lm_head) in float16 on disk, norms and "
@@ -270,6 +274,14 @@ def main() -> None:
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq", "rtn-inline"],
                         help="weight quantizer for the int4/int8 models (rtn-inline: this "
                              "script's own round-to-nearest, no method registry needed)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="int4 group size (smollm2's 576-wide inputs hold 4.5 groups of 128: "
+                             "a method that refuses partial groups needs 64)")
+    parser.add_argument("--w8a8", action=argparse.BooleanOptionalAction,
+                        default=torch.backends.cpu.get_cpu_capability() == "AVX512",
+                        help="include W8A8 (torch._int_mm); default only with AVX-512, since "
+                             "without it _int_mm runs ~40x slower than fp32 and a full run "
+                             "would take hours")
     parser.add_argument("--kernels", action="store_true", help="the kernel microbenchmark only")
     parser.add_argument("--threads", type=int, default=1, help="threads for --kernels")
     parser.add_argument("--out", type=Path, default=None)
@@ -280,7 +292,7 @@ def main() -> None:
         path = args.out or KERNEL_RESULTS
     else:
         with tempfile.TemporaryDirectory(prefix="secateur-bench-quant-") as tmp:
-            result = models(args.method, args.quick, Path(tmp))
+            result = models(args.method, args.quick, Path(tmp), args.group_size, args.w8a8)
         path = args.out or RESULTS
     result["command"] = " ".join(["python", *sys.argv])
     path.parent.mkdir(parents=True, exist_ok=True)
