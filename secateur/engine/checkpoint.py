@@ -4,7 +4,7 @@ The checkpoint folder holds
 
     checkpoint.json           the commit point: fingerprint, finished layers, their reports
     layer-00003.safetensors   layer 3 after the method, tensors named as in the whole model
-    quant-00003.safetensors   its quantization grids, when a quantize method left any
+    quant-00003.safetensors   its quantization grids and W8A8 marks, when a method left any
     hidden-00004.safetensors  layer 4's inputs (one tensor per window) and the RNG state
 
 Each file is written under a partial name, flushed and renamed (`secateur.io`), and
@@ -95,20 +95,44 @@ class Resumed:
 
 
 def _quant_tensors(layer: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """What quantize methods leave on a layer's linears outside its state_dict: the grid
+    (`secateur.quant.state`) and a run-time activation quantization mark (W8A8)."""
+    from secateur.runtime.int8 import activation_quant
+
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
+    marks: dict[str, dict[str, Any]] = {}
     for path, module in layer.named_modules():
-        state = quant_state(module)
-        if state is None:
+        state, act = quant_state(module), activation_quant(module)
+        if state is None and act is None:
             continue
-        scalars[path] = {}
-        for f in fields(state):
-            value = getattr(state, f.name)
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}{path}.{f.name}"] = value
-            else:
-                scalars[path][f.name] = value
-    return tensors, scalars
+        grid: dict[str, Any] | None = None
+        if state is not None:
+            grid = {}
+            for f in fields(state):
+                value = getattr(state, f.name)
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{prefix}{path}.{f.name}"] = value
+                else:
+                    grid[f.name] = value
+        marks[path] = {"grid": grid, "act": act}
+    return tensors, marks
+
+
+def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
+                   marks: dict[str, dict[str, Any]]) -> None:
+    from secateur.runtime.int8 import INT8_TOKEN, mark_w8a8
+
+    for path, mark in marks.items():
+        module = layer.get_submodule(path) if path else layer
+        if mark["grid"] is not None:
+            key = f"{prefix}{path}."
+            values = {k[len(key):]: v for k, v in tensors.items() if k.startswith(key)}
+            set_quant_state(module, QuantState(**mark["grid"], **values))
+        if mark["act"] == INT8_TOKEN:
+            mark_w8a8(module)
+        elif mark["act"] is not None:
+            raise SecateurError(f"checkpoint holds activation quantization '{mark['act']}', "
+                                "which this secateur cannot restore: delete it to start over")
 
 
 class LayerCheckpoint:
@@ -181,11 +205,7 @@ class LayerCheckpoint:
             return
         header, _ = read_header(qpath)
         qtensors = read_tensors(qpath, [k for k in header if k != "__metadata__"])
-        for path_in_layer, scalars in json.loads(header["__metadata__"]["grids"]).items():
-            module = layer.get_submodule(path_in_layer) if path_in_layer else layer
-            key = f"{prefix}{path_in_layer}."
-            values = {k[len(key):]: v for k, v in qtensors.items() if k.startswith(key)}
-            set_quant_state(module, QuantState(**scalars, **values))
+        _restore_quant(layer, prefix, qtensors, json.loads(header["__metadata__"]["marks"]))
 
     # -- writing -----------------------------------------------------------------------------
     def save(self, index: int, layer: nn.Module, hidden: list[torch.Tensor],
@@ -195,10 +215,10 @@ class LayerCheckpoint:
         layer_path = self.layer_file(index)
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
         write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors))
-        qtensors, scalars = _quant_tensors(layer, prefix)
-        if scalars:
+        qtensors, marks = _quant_tensors(layer, prefix)
+        if marks:
             write_atomic(self._quant_file(index), lambda tmp: write_tensors(
-                tmp, qtensors, {"grids": json.dumps(scalars)}))
+                tmp, qtensors, {"marks": json.dumps(marks)}))
         else:
             self._quant_file(index).unlink(missing_ok=True)
         hidden_path = self._hidden_file(index + 1)
