@@ -15,6 +15,7 @@ autocast, masks, resumable checkpoints) is `secateur.recovery.training`.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import warnings
@@ -37,9 +38,16 @@ from secateur.recovery.data import TokenWindows, pack
 from secateur.recovery.generation import complete
 from secateur.recovery.kd_loss import Divergence, TeacherTargets, kd_loss, teacher_targets
 from secateur.recovery.layer_map import layer_map
-from secateur.recovery.lora import heldout_perplexity, lm_loss
+from secateur.recovery.lora import lm_loss
 from secateur.recovery.teacher_cache import TeacherCache
-from secateur.recovery.training import TrainConfig, TrainResult, save_tensor_file, train
+from secateur.recovery.training import (
+    TrainConfig,
+    TrainResult,
+    load_checkpoint,
+    run_fingerprint,
+    save_tensor_file,
+    train,
+)
 
 DistillResult = TrainResult  # one result type for every recovery; `extra` holds KD's details
 
@@ -93,10 +101,6 @@ class DistillConfig(TrainConfig):
         return self
 
     @property
-    def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.hidden_weight > 0 or self.data_mode != "text"
-
-    @property
     def loss_start(self) -> int:
         """First position whose prediction is trained: the last prompt token when generated."""
         return 0 if self.data_mode == "text" else self.prompt_tokens - 1
@@ -132,7 +136,7 @@ def check_models(student: Loaded, teacher: Loaded, config: DistillConfig) -> Non
     if s_n >= t_n:
         warnings.warn(f"the student ({s_n:,} non-zero parameters) is not smaller than the "
                       f"teacher ({t_n:,}): distillation will run, but check the models",
-                      stacklevel=2)
+                      stacklevel=1)  # one place, so a job that checks twice warns once
 
 
 def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
@@ -214,14 +218,15 @@ class Distillation:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out perplexity and mean forward KL(teacher || student) at T = 1, per token."""
         device = next(model.parameters()).device
-        kls = []
+        kls, nlls = [], []
         for window in self.data.heldout:
             ids = window[None].to(device)
-            s_logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            s_logits = model(input_ids=ids, use_cache=False).logits
             t_logits = self.teacher(input_ids=ids.to(next(self.teacher.parameters()).device),
                                     use_cache=False).logits[:, :-1].to(device)
-            kls.append(_kl_to_teacher(s_logits, t_logits))
-        return {"heldout_ppl": heldout_perplexity(model, self.data.heldout),
+            kls.append(_kl_to_teacher(s_logits[:, :-1], t_logits))
+            nlls.append(float(lm_loss(s_logits, ids)))
+        return {"heldout_ppl": math.exp(sum(nlls) / len(nlls)),
                 "heldout_kl": sum(kls) / len(kls)}
 
 
@@ -285,6 +290,9 @@ def distill(student: Loaded, teacher: Loaded, config: DistillConfig,
         scratch = tempfile.TemporaryDirectory(prefix="secateur-distill-")
         folder = Path(scratch.name)
     fingerprint = config.fingerprint({"teacher": extra["teacher"]})
+    if checkpoint is not None:  # another run's checkpoint fails before any generation
+        load_checkpoint(checkpoint, run_fingerprint(student, config, config.train,
+                                                    {"teacher": extra["teacher"]}))
     try:
         sequences = None
         if config.data_mode == "teacher_generated":

@@ -172,10 +172,19 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     save_tensor_file(path / STATE, payload)
 
 
+def run_fingerprint(loaded: Loaded, config: TrainConfig, mode: Mode,
+                    extra: dict[str, Any] | None = None) -> str:
+    """What a checkpoint must match: the settings, the mode and the model's shapes."""
+    shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
+    return config.fingerprint({"mode": mode, "shapes": shapes, **(extra or {})})
+
+
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The state saved in `path`, or None; another run's state is an error. Memory-mapped, so
+    checking a checkpoint early costs no read of its tensors."""
     if not (path / STATE).is_file():
         return None
-    state = torch.load(path / STATE, weights_only=False)
+    state = torch.load(path / STATE, weights_only=False, mmap=True)
     if state.get("fingerprint") != fingerprint:
         raise SecateurError(f"the checkpoint in '{path}' was made with other settings "
                             f"({state.get('settings')}): rerun with those, or delete it to "
@@ -197,13 +206,11 @@ class _Run:
             loaded, config, objective, data, mode)
         self.masks = record_masks(loaded.model, loaded.adapter) if config.keep_masks \
             else Masks()
+        self.fingerprint = run_fingerprint(loaded, config, mode, fingerprint_extra)
         torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
         self.model, self.params = _wrap(loaded, config, mode)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                            weight_decay=config.weight_decay)
-        shapes = {n: list(p.shape) for n, p in loaded.model.named_parameters()}
-        self.fingerprint = config.fingerprint({"mode": mode, "shapes": shapes,
-                                               **fingerprint_extra})
         self.result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
                                   steps=config.steps, resumed_from=0, tokens=0,
                                   trainable_parameters=sum(p.numel() for p in self.params),
