@@ -58,16 +58,11 @@ class LanguageModeling:
         return loss, {"ce": loss.item()}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {"heldout_ppl": heldout_perplexity(model, self.data.heldout)}
-
-
-def heldout_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    """exp(mean next-token NLL) over the held-out windows, each scored as evaluation does."""
-    from secateur.eval.perplexity import batch_nll
-
-    device = next(model.parameters()).device
-    nll = sum(float(batch_nll(model, w[None].to(device))) for w in windows)
-    return math.exp(nll / (len(windows) * (windows.shape[1] - 1)))
+        """exp(mean next-token NLL) of the held-out windows (all the same length)."""
+        device = next(model.parameters()).device
+        nll = [float(lm_loss(model(input_ids=w[None].to(device), use_cache=False).logits,
+                             w[None].to(device))) for w in self.data.heldout]
+        return {"heldout_ppl": math.exp(sum(nll) / len(nll))}
 
 
 def train_lora(loaded: Loaded, config: LoRAConfig, checkpoint: Path | None = None,
