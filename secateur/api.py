@@ -152,8 +152,13 @@ def run_step(
     teacher: Any = None,
     progress: bool = True,
     device: torch.device | None = None,
+    checkpoint: Path | None = None,
 ) -> StepResult:
-    """Carry out one method on the model in place (a recovery may replace `loaded.model`)."""
+    """Carry out one method on the model in place (a recovery may replace `loaded.model`).
+
+    `checkpoint`: a folder where a layer-wise method records every finished layer; a rerun
+    with the same settings continues from it bit-identically. The caller removes it
+    (`secateur.engine.checkpoint.remove_checkpoint`) once the result is safely saved."""
     method = build_method(config)  # refuses anything that is not a registered config
     if kind is not None and config.kind != kind:
         raise SecateurError(f"{config.method} is a {config.kind} method, not a {kind} one: "
@@ -182,7 +187,7 @@ def run_step(
     if isinstance(method, LayerwiseMethod):
         method.prepare(m, adapter, context)
         reports = prune_layerwise(m, adapter, method, windows, method.sequential, progress,
-                                  device)
+                                  device, checkpoint, keep_checkpoint=checkpoint is not None)
         result.layers = [asdict(r) for r in reports]
         result.summary = method.summary()
     else:

@@ -133,6 +133,8 @@ EvalWindows = Annotated[int | None, typer.Option(help="Evaluate the first N wind
 EvalSeqLen = Annotated[int | None, typer.Option(help="Eval window (default: --seqlen).")]
 Out = Annotated[Path | None, typer.Option(help="Save the compressed model here.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out.")]
+Resume = Annotated[bool, typer.Option(help="Layer-wise methods: continue an interrupted run "
+                                           "from its last finished layer (same settings).")]
 
 
 def _config_from_flags(ctx: typer.Context) -> MethodConfig:
@@ -143,16 +145,29 @@ def _config_from_flags(ctx: typer.Context) -> MethodConfig:
 def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen: int,
               seed: int, eval_data: str | None, eval_windows: int | None,
               eval_seqlen: int | None, out: Path | None, overwrite: bool, compact: bool,
-              dtype: str, json: Path | None) -> None:
+              dtype: str, json: Path | None, resume: bool = False, stream: bool = False
+              ) -> None:
     from secateur.api import CalibrationConfig
-    from secateur.jobs import EvalSpec, prune_job
+    from secateur.jobs import EvalSpec, prune_job, prune_streamed_job
 
     config = _config_from_flags(ctx)
     calibration = CalibrationConfig(calib, nsamples, seqlen, seed)
+    if stream:
+        if out is None:
+            raise SecateurError("--stream writes the model as it goes: give --out")
+        if compact or eval_data not in (None, "none", "wiki"):
+            raise SecateurError("--stream saves plain safetensors and evaluates nothing in "
+                                "memory: drop --compact/--eval and run `secateur eval OUT`")
+        result = prune_streamed_job(model, config, calibration, out, json, overwrite, dtype,
+                                    resume=resume)
+        out_console.print(f"streamed {config.method} into {out}: peak RSS "
+                          f"{result['peak_rss_mib']:.0f} MiB for {result['model_mib']:.0f} MiB "
+                          "of weights")
+        return
     evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
                           eval_seqlen or seqlen, eval_windows)
     result = prune_job(model, config, calibration, evaluation, out, json, overwrite, dtype,
-                       compact=compact)
+                       compact=compact, resume=resume)
     _print_prune(result)
 
 
@@ -173,12 +188,16 @@ def prune_cmd(
     overwrite: Overwrite = False,
     compact: Annotated[bool, typer.Option(help="Store masks as bitmasks (secateur's compact "
                                                "format; dense view on load).")] = False,
+    resume: Resume = False,
+    stream: Annotated[bool, typer.Option(help="Layer-wise methods: hold one decoder layer in "
+                                              "memory at a time (models bigger than RAM; "
+                                              "needs --out, evaluates nothing).")] = False,
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
     """Prune a model, compare dense and pruned perplexity, save a reloadable model."""
     _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
-              out, overwrite, compact, dtype, json)
+              out, overwrite, compact, dtype, json, resume, stream)
 
 
 def _print_prune(result: dict) -> None:
@@ -258,12 +277,13 @@ def quantize_cmd(
     eval_seqlen: EvalSeqLen = None,
     out: Out = None,
     overwrite: Overwrite = False,
+    resume: Resume = False,
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
     """Quantize a model (GPTQ, RTN, W8A8); saves compressed-tensors pack-quantized."""
     _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
-              out, overwrite, False, dtype, json)
+              out, overwrite, False, dtype, json, resume)
 
 
 def _evaluation(eval_data: str | None, eval_seqlen: int | None, eval_windows: int | None):

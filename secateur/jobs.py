@@ -10,6 +10,7 @@ from typing import Any
 from secateur.api import CalibrationConfig, count_parameters, peak_rss_mib, run_step
 from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
+from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
@@ -53,6 +54,7 @@ def prune_job(
     progress: bool = True,
     compact: bool = False,
     dense_perplexity: float | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict.
 
@@ -76,7 +78,11 @@ def prune_job(
         dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
         timings["dense_eval_seconds"] = time.perf_counter() - t
         result["dense_perplexity"] = dense["perplexity"]
-    run = run_step(loaded, config, calibration, progress=progress)
+    # beside --out, so a rerun of the same command finds it; kept until the output is saved
+    checkpoint = None if out is None else Path(out).parent / f".{Path(out).name}.checkpoint"
+    if checkpoint is not None and not resume:
+        remove_checkpoint(checkpoint)
+    run = run_step(loaded, config, calibration, progress=progress, checkpoint=checkpoint)
     timings["prune_seconds"] = run.seconds
     if evaluation.data is not None:
         t = time.perf_counter()
@@ -97,7 +103,13 @@ def prune_job(
         "layers": run.layers,
     })
     if out is not None:
-        if compact:
+        from secateur.quant.state import is_quantized
+
+        if is_quantized(loaded.model):  # compressed-tensors pack-quantized, as vLLM loads
+            from secateur.quant.pack import save_packed
+
+            save_packed(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
+        elif compact:
             from secateur.surgery.compact import save_compact
 
             save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite,
@@ -106,6 +118,8 @@ def prune_job(
             save_model(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
         result["out"] = str(out)
         result["bytes_on_disk"] = dir_bytes(Path(out))
+    if checkpoint is not None:
+        remove_checkpoint(checkpoint)
     if is_depth_summary(run.summary):
         plots = [p for p in (json_path and Path(json_path).with_suffix(".png"),
                              out and Path(out) / "removals.png") if p is not None]
@@ -133,6 +147,40 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
     if zeroshot is not None:
         result["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype)
     result["parameters"] = count_parameters(loaded.model)["parameters"]
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result
+
+
+def prune_streamed_job(model_name: str, config: MethodConfig, calibration: CalibrationConfig,
+                       out: Path, json_path: Path | None = None, overwrite: bool = False,
+                       dtype: str = "float32", progress: bool = True,
+                       resume: bool = False) -> dict[str, Any]:
+    """A layer-wise prune with one decoder layer in memory at a time, written to `out`.
+
+    The model never exists whole in memory, so it is evaluated by loading `out` afterwards
+    (`secateur eval OUT`); the result records peak RSS against the model's size."""
+    from secateur.api import resolve_data
+    from secateur.engine.streamed import prune_streamed
+    from secateur.models.streaming import load_streamed
+
+    method = build_method(config)
+    check_output_dir(Path(out), overwrite, inputs=[model_name])
+    if json_path is not None:
+        check_output_file(Path(json_path), "--json", inputs=[model_name])
+    loaded, weights = load_streamed(model_name, dtype=dtype)
+    windows, calib_record = resolve_data(loaded, calibration, calibration.seed)
+    checkpoint = Path(out).parent / f".{Path(out).name}.checkpoint"
+    if not resume:
+        remove_checkpoint(checkpoint)
+    result: dict[str, Any] = {"model": model_name, "method": config.method,
+                              "options": config.settings(), "calibration": calib_record,
+                              "streamed": True}
+    run = prune_streamed(loaded, weights, method, windows, Path(out), overwrite=overwrite,
+                         checkpoint=checkpoint, progress=progress,
+                         metadata=lambda r: {**result, **r.to_dict()})
+    result.update(run.to_dict())
+    result["bytes_on_disk"] = dir_bytes(Path(out))
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
     return result
