@@ -30,7 +30,7 @@ from secateur.methods import make_config
 from secateur.methods.structured import decoder_parameters
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded, load
-from secateur.recovery.lora import LoraSpec, train_lora
+from secateur.recovery.lora import LoRAConfig, train_lora
 from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "width_pruning.json"
@@ -103,8 +103,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     dense = load("smollm2-135m")
     calib = CalibrationConfig("c4-sample", args.nsamples, args.seqlen, args.seed)
-    lora = LoraSpec(data="c4-sample", steps=args.lora_steps, seqlen=args.lora_seqlen,
-                    lr=args.lora_lr, warmup_steps=min(5, args.lora_steps), seed=args.seed)
+    lora = LoRAConfig(data="c4-sample", steps=args.lora_steps, seqlen=args.lora_seqlen,
+                      lr=args.lora_lr, warmup_steps=min(5, args.lora_steps), seed=args.seed)
     result: dict[str, Any] = {
         "model": "smollm2-135m",
         "protocol": {

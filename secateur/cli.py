@@ -248,6 +248,9 @@ def bench_cmd(
     warmup: Annotated[int, typer.Option(help="Unmeasured rounds first.")] = 1,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")]
     = None,
+    runtime: Annotated[str | None, typer.Option(
+        help="Run pack-quantized --vs models on secateur's CPU kernels: int4 or int8 "
+             "(default: dequantized by transformers).")] = None,
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
@@ -257,7 +260,9 @@ def bench_cmd(
 
     spec = BenchSpec(parse_lengths(lengths), decode_tokens, repeats=repeats, warmup=warmup,
                      threads=threads)
-    result = bench_job(model, vs or [], spec, dtype, json,
+    if runtime is not None and runtime not in ("int4", "int8"):
+        raise SecateurError(f"--runtime is int4 or int8, got '{runtime}'")
+    result = bench_job(model, vs or [], spec, dtype, json, runtime=runtime,
                        warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     print_bench(out_console, result)
 
@@ -407,6 +412,40 @@ def _print_recipe(result: dict) -> None:
     out_console.print(table)
     out_console.print(f"saved {final['format']} to {result['out']} "
                       f"({final['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
+    if final.get("bench"):
+        _print_side_by_side(ppl(dense), ppl(final), final["bench"])
+
+
+def _print_side_by_side(dense_ppl: float | None, final_ppl: float | None, bench: dict) -> None:
+    """Dense vs compressed: what it cost (perplexity) and what it bought (size, speed)."""
+    base, other = bench["models"][bench["baseline"]], None
+    for name, row in bench["models"].items():
+        if name != bench["baseline"]:
+            other = row
+    table = Table(title=f"dense vs compressed (runtime {bench['runtime']}, "
+                        f"{bench['protocol']['threads_used']} threads)")
+    for col in ("", "perplexity", "MiB on disk", "weight MiB read / token", "decode tok/s",
+                "prefill tok/s", "peak working MiB"):
+        table.add_column(col)
+
+    def row(label: str, ppl_: float | None, r: dict) -> None:
+        prefill = next(iter(r["prefill"].values()))["tokens_per_second"]
+        working = r.get("peak_working_mib")
+        table.add_row(label, _fmt(ppl_), _fmt((r["bytes_on_disk"] or 0) / 2**20, 1),
+                      _fmt(r["decode"]["weight_bytes_per_token"] / 2**20, 1),
+                      _fmt(r["decode"]["tokens_per_second"], 1), _fmt(prefill, 0),
+                      "-" if working is None else _fmt(working, 1))
+
+    row("dense", dense_ppl, base)
+    row("compressed", final_ppl, other)
+    ratio = bench["speedup_vs_baseline"][next(k for k in bench["models"]
+                                              if k != bench["baseline"])]
+    out_console.print(table)
+    decode = ratio["decode"]
+    out_console.print(f"decode speed-up {decode['median']:.2f}x (min {decode['min']:.2f}, max "
+                      f"{decode['max']:.2f} over interleaved rounds); "
+                      f"{ratio.get('bytes_on_disk', float('nan')):.3f} of the dense bytes on "
+                      "disk")
 
 
 @app.command("sweep")

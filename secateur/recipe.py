@@ -72,6 +72,17 @@ class Evaluation(Config):
                                                      "step, recorded with the step.")
 
 
+class BenchSettings(Config):
+    """Dense vs the saved output, measured interleaved after the recipe (secateur.bench)."""
+
+    lengths: tuple[int, ...] = Field((128,), min_length=1, description="Prefill lengths.")
+    decode_tokens: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+    threads: int | None = Field(None, ge=1)
+    # auto: int4 for a 4-bit output, int8 for 8-bit, else the weights as transformers loads them
+    runtime: Literal["auto", "int4", "int8", "none"] = "auto"
+
+
 class Recipe(Config):
     model: str = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -80,6 +91,12 @@ class Recipe(Config):
     evaluate: Evaluation = Field(default_factory=Evaluation)
     # auto: compressed-tensors pack-quantized when a step quantized, else safetensors
     save_format: SaveFormat = "auto"
+    bench: BenchSettings | None = None
+
+    @field_validator("bench", mode="before")
+    @classmethod
+    def _bench(cls, value: Any) -> Any:
+        return BenchSettings() if value is True else None if value is False else value
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -283,6 +300,26 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
     fmt = _save(loaded, recipe, out / "model", result.to_dict())
     result.final["format"] = fmt
     result.final["bytes_on_disk"] = dir_bytes(out / "model")
+    if recipe.bench is not None:
+        bits = {getattr(m.secateur_quant, "bits", None) for m in loaded.model.modules()
+                if hasattr(m, "secateur_quant")}
+        del loaded  # the bench loads both models afresh, side by side
+        result.final["bench"] = _bench(recipe, out / "model", bits)
     write_json_atomic(out / "result.json", result.to_dict())
     shutil.rmtree(_checkpoint(out), ignore_errors=True)
     return result
+
+
+def _bench(recipe: Recipe, saved: Path, bits: set[int | None]) -> dict[str, Any]:
+    from secateur.bench import BenchSpec, bench_job
+
+    settings = recipe.bench
+    runtime = settings.runtime
+    if runtime == "auto":
+        runtime = "int4" if bits == {4} else "int8" if bits == {8} else "none"
+    spec = BenchSpec(prompt_lengths=settings.lengths, decode_tokens=settings.decode_tokens,
+                     repeats=settings.repeats, threads=settings.threads)
+    out = bench_job(recipe.model, [str(saved)], spec, recipe.dtype,
+                    runtime=None if runtime == "none" else runtime)
+    out["runtime"] = runtime
+    return out

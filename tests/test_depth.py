@@ -382,3 +382,14 @@ def test_prune_job_saves_reloadable_model_json_and_plot(tiny_dir, tmp_path, meth
     assert ("auto_map" not in config) == stock
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not stock)
     assert total_parameters(reloaded) == result["parameters"]["pruned"]["parameters"]
+
+
+def test_auto_search_dtype_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    import secateur.methods.layers as layers
+
+    monkeypatch.setattr(layers, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert layers.search_dtype("auto") == torch.float32
+    monkeypatch.setattr(layers, "cpu_has_bf16", lambda: True)
+    assert layers.search_dtype("auto") == torch.bfloat16
+    assert layers.search_dtype("float32") == torch.float32

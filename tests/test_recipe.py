@@ -187,3 +187,18 @@ def test_run_command_end_to_end_and_bad_recipe_exit_2(tiny_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not combine" in proc.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_recipe_bench_compares_dense_and_the_packed_output_on_the_int4_runtime(tiny_dir,
+                                                                               tmp_path):
+    recipe = Recipe(model=str(tiny_dir("llama")), calibration=SMALL_CALIB,
+                    steps=[{"method": "wanda", "sparsity": 0.5},
+                           {"method": "rtn", "bits": 4, "group_size": 32}],
+                    evaluate={"perplexity": [{"data": "wiki", "seqlen": 32, "max_windows": 2}]},
+                    bench={"lengths": [16], "decode_tokens": 4, "repeats": 1, "threads": 1})
+    result = run_recipe(recipe, tmp_path / "o", progress=False, say=lambda _: None)
+    bench = result.final["bench"]
+    assert result.final["format"] == "compressed-tensors" and bench["runtime"] == "int4"
+    dense, packed = (bench["models"][k] for k in (recipe.model, str(tmp_path / "o" / "model")))
+    assert packed["bytes_on_disk"] < 0.5 * dense["bytes_on_disk"]
+    assert packed["decode"]["weight_bytes_per_token"] < dense["decode"]["weight_bytes_per_token"]

@@ -48,7 +48,7 @@ def test_cell_values():
     assert make_config({"method": "wanda", "sparsity": 0.5, "owl": "false"}).owl is None
     assert make_config({"method": "wanda", "sparsity": 0.5, "sequential": "false"}
                        ).sequential is False
-    assert cell_options("sleb", "layers=2").search_dtype == "bfloat16"
+    assert cell_options("sleb", "layers=2").search_dtype == "auto"
 
 
 def test_unknown_method_fails_before_any_work(tiny_dir, tmp_path, spec_for):

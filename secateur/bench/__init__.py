@@ -25,10 +25,23 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return lengths
 
 
+def _is_packed(name: str) -> bool:
+    import json
+
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "compressed-tensors"
+
+
 def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32",
               json_path: Path | None = None,
-              warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Load MODEL and every --vs model in the same dtype and measure them interleaved."""
+              warn: Callable[[str], None] | None = None,
+              runtime: str | None = None) -> dict[str, Any]:
+    """Load MODEL and every --vs model in the same dtype and measure them interleaved.
+
+    `runtime` runs the --vs models that are pack-quantized on that CPU runtime (int4/int8)."""
     from secateur.io import check_output_file, write_json_atomic
     from secateur.models.loading import load
 
@@ -36,7 +49,8 @@ def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32"
         check_output_file(Path(json_path), "--json", inputs=[model, *vs])
     subjects = []
     for name in [model, *vs]:
-        loaded = load(name, dtype=dtype)
+        packed = runtime is not None and _is_packed(name)
+        loaded = load(name, dtype=dtype, runtime=runtime if packed else None)
         subjects.append(Subject(name, loaded.model, loaded.tokenizer, loaded.path))
     result = benchmark(subjects, spec, warn)
     if json_path is not None:

@@ -248,8 +248,12 @@ def load(
     name_or_path: str | Path,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    runtime: str | None = None,
 ) -> Loaded:
-    """Load a causal LM with its tokenizer and architecture adapter."""
+    """Load a causal LM with its tokenizer and architecture adapter.
+
+    `runtime` ("int4", "int8") runs a compressed-tensors pack-quantized folder on secateur's
+    CPU integer kernels instead of dequantizing it to `dtype` as transformers does."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -299,7 +303,11 @@ def load(
     # checks cannot see (a corrupt tensor, an unreadable tokenizer): one line, not a traceback.
     where = "local files" if local else "Hub files"
     try:
-        if path.is_dir() and is_compact(path):
+        if runtime is not None:
+            from secateur.runtime import load_packed
+
+            model = load_packed(path, runtime, dtype)
+        elif path.is_dir() and is_compact(path):
             model = load_compact(path, DTYPES[dtype], trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(

@@ -36,7 +36,6 @@ class LoRAConfig(TrainConfig):
     kind: ClassVar[StepKind] = "recover"
 
 
-LoraSpec = LoRAConfig  # the old name, still imported by bench/width_pruning.py
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
