@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from secateur.methods.base import LayerReport, PruneContext, register_method
@@ -167,6 +167,14 @@ class SparseGPTConfig(SparsityConfig):
     quantize: QuantGridConfig | None = Field(
         None, description="Also quantize the kept weights in the same solve (the reference's "
                           "wbits; it used per-channel asymmetric grids).")
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_flag(cls, value: Any) -> Any:
+        # `quantize: true` in YAML (or a bare --quantize) means the default grid
+        if value is True:
+            return QuantGridConfig()
+        return None if value is False else value
 
 
 @register_method(SparseGPTConfig)

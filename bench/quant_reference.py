@@ -1,0 +1,311 @@
+"""Issue-12 check: secateur's GPTQ, RTN and SparseGPT+quantization against the reference code.
+
+    git clone https://github.com/IST-DASLab/gptq /tmp/ref/gptq
+    git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref/sparsegpt
+    python bench/quant_reference.py --gptq-ref /tmp/ref/gptq --sparsegpt-ref /tmp/ref/sparsegpt
+    python bench/quant_reference.py ... --quick            # 8x256 calibration, 8 eval windows
+    python bench/quant_reference.py ... --runs gptq-w4-g64 rtn-w4-g64
+
+Nothing of the reference is copied into secateur: its `gptq.py` / `sparsegpt.py` / `quant.py`
+(the solvers, the Hessian accumulation `add_batch`, the `Quantizer`) are imported from the
+directories given. What drives them layer by layer is reimplemented below, minimally
+(`reference_*`, marked REFERENCE LOOP): it is the reference's `llama_sequential` with
+true_sequential off (its default) and `--nearest` for RTN, except that the decoder layers are
+called through secateur's capture (the reference's `Catcher` predates the rotary
+`position_embeddings` argument current transformers pass to every layer).
+
+Protocol (issue 12): smollm2-135m, calibration c4-sample 32 windows x 512 tokens seed 0 (the
+same windows for both implementations), perplexity on wiki, the first 64 windows of 512.
+smollm2's linears are 576 or 1536 wide; 128 does not divide 576, and secateur refuses a group
+size that does not divide every input width (packed formats and int4 kernels need whole
+groups), so the issue's "g128" runs use groups of 64 here. Its weights come from a 4-bit
+group-32 GGUF grid (Q4_1), so asymmetric 4-bit g32 RTN is lossless; 64-wide groups,
+per-channel and 3-bit are the real tests. GPTQ must match the reference within 3% of
+perplexity, RTN within 1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import importlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+RESULTS = Path(__file__).parent / "results" / "quant_reference.json"
+MODEL = "smollm2-135m"
+TOLERANCE = {"gptq": 0.03, "sparsegpt": 0.03, "rtn": 0.01}
+
+# name -> method, settings (grid fields as secateur names them; reference defaults: asym)
+RUNS: dict[str, dict[str, Any]] = {
+    "gptq-w4-g64": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False},
+    "gptq-w4-channel": {"method": "gptq", "bits": 4, "group_size": -1, "symmetric": False},
+    "gptq-w3-g64": {"method": "gptq", "bits": 3, "group_size": 64, "symmetric": False},
+    "gptq-w4-g64-actorder": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False,
+                             "act_order": True},
+    "gptq-w4-g64-sym": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True},
+    "rtn-w4-g64": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+    "rtn-w4-channel": {"method": "rtn", "bits": 4, "group_size": -1, "symmetric": False},
+    "rtn-w3-g64": {"method": "rtn", "bits": 3, "group_size": 64, "symmetric": False},
+    # the reference's sparsegpt --wbits: per-channel asymmetric
+    "sparsegpt50-w4": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": -1,
+                       "symmetric": False},
+}
+
+
+# -- the reference, imported from its own checkout ------------------------------------------
+
+def _import_reference(directory: Path, module: str) -> tuple[Any, Any]:
+    """`module` and the `quant` next to it, each checkout with its own `quant.py`."""
+    for name in (f"{module}.py", "quant.py"):
+        if not (directory / name).is_file():
+            raise SystemExit(f"{directory} has no {name}: pass the reference checkout")
+    torch.cuda.synchronize = lambda *a, **k: None  # the reference times its solve on CUDA
+    saved = {n: sys.modules.pop(n) for n in ("quant", module) if n in sys.modules}
+    sys.path.insert(0, str(directory))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # "CUDA extension not installed."
+            quant = importlib.import_module("quant")
+            mod = importlib.import_module(module)
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop("quant", None)
+        sys.modules.pop(module, None)
+        sys.modules.update(saved)
+    return mod, quant
+
+
+def _digest(directory: Path, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: hashlib.sha256((directory / n).read_bytes()).hexdigest()[:16] for n in names}
+
+
+# REFERENCE LOOP: llama_sequential (gptq/llama.py, sparsegpt/llama.py), true_sequential off.
+@torch.no_grad()
+def reference_sequential(loaded, windows: list[torch.Tensor], make, solve) -> None:
+    from secateur.engine.capture import call_layer, capture_layer_inputs
+    from secateur.quant.gptq import one_thread
+
+    adapter = loaded.adapter
+    captured = capture_layer_inputs(loaded.model, adapter, windows)
+    hidden = captured.hidden
+    for index, layer in enumerate(tqdm(adapter.layers, desc="reference layers", leave=False)):
+        call = captured.calls[index]
+        solvers = {name: make(p.module) for name, p in adapter.linears(layer).items()}
+        handles = [p.module.register_forward_hook(
+            lambda _m, inp, out, s=solvers[name]: s.add_batch(inp[0].data, out.data))
+            for name, p in adapter.linears(layer).items()]
+        for x in hidden:
+            call_layer(layer, x, call)
+        for h in handles:
+            h.remove()
+        for solver in solvers.values():
+            # one thread as secateur's solve (same numbers; on a shared CPU threads only add
+            # sync cost to thousands of tiny column ops); silence per-matrix time/error prints
+            with one_thread(), contextlib.redirect_stdout(io.StringIO()):
+                solve(solver)
+            solver.free()
+        hidden = [call_layer(layer, x, call) for x in hidden]
+
+
+def reference_gptq(loaded, windows, ref: dict[str, Any], run: dict[str, Any]) -> None:
+    gptq, quant = ref["gptq"]
+
+    def make(module):
+        solver = gptq.GPTQ(module)
+        solver.quantizer = quant.Quantizer()
+        solver.quantizer.configure(run["bits"], perchannel=True, sym=run["symmetric"],
+                                   mse=False)
+        return solver
+
+    reference_sequential(loaded, windows, make, lambda s: s.fasterquant(
+        percdamp=0.01, groupsize=run["group_size"], actorder=run.get("act_order", False),
+        static_groups=run.get("static_groups", False)))
+
+
+def reference_sparsegpt(loaded, windows, ref: dict[str, Any], run: dict[str, Any]) -> None:
+    sparsegpt, quant = ref["sparsegpt"]
+
+    def make(module):
+        solver = sparsegpt.SparseGPT(module)
+        solver.quantizer = quant.Quantizer()
+        solver.quantizer.configure(run["bits"], perchannel=True, sym=False, mse=False)
+        return solver
+
+    reference_sequential(loaded, windows, make, lambda s: s.fasterprune(
+        run["sparsity"], prunen=0, prunem=0, percdamp=0.01, blocksize=128))
+
+
+# REFERENCE LOOP: llama_eval --nearest (per channel); groups: the same Quantizer per slice.
+@torch.no_grad()
+def reference_rtn(loaded, windows, ref: dict[str, Any], run: dict[str, Any]) -> None:
+    _, quant = ref["gptq"]
+    for layer in loaded.adapter.layers:
+        for p in loaded.adapter.linears(layer).values():
+            w = p.module.weight.data
+            size = w.shape[1] if run["group_size"] == -1 else run["group_size"]
+            for start in range(0, w.shape[1], size):
+                part = w[:, start:start + size]
+                quantizer = quant.Quantizer()
+                quantizer.configure(run["bits"], perchannel=True, sym=run["symmetric"],
+                                    mse=False)
+                quantizer.find_params(part, weight=True)
+                w[:, start:start + size] = quant.quantize(part, quantizer.scale, quantizer.zero,
+                                                          quantizer.maxq)
+
+
+# -- secateur -------------------------------------------------------------------------------
+
+def secateur_run(loaded, windows, run: dict[str, Any]) -> None:
+    import secateur.methods.gptq  # noqa: F401  registers gptq / rtn
+    import secateur.methods.rtn  # noqa: F401
+    from secateur.api import prune, quantize
+    from secateur.methods.gptq import GPTQConfig
+    from secateur.methods.rtn import RTNConfig
+    from secateur.methods.sparsegpt import SparseGPTConfig
+
+    grid = {k: run[k] for k in ("bits", "group_size", "symmetric")}
+    if run["method"] == "gptq":
+        extra = {k: run[k] for k in ("act_order", "static_groups") if k in run}
+        quantize(loaded, GPTQConfig(**grid, **extra), data=windows, progress=False)
+    elif run["method"] == "rtn":
+        # RTN reads no statistics; one window only feeds the per-layer error report
+        quantize(loaded, RTNConfig(**grid), data=windows[:1], progress=False)
+    else:
+        prune(loaded, SparseGPTConfig(sparsity=run["sparsity"], quantize=grid), data=windows,
+              progress=False)
+
+
+# -- the comparison -------------------------------------------------------------------------
+
+def _linear_weights(loaded) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p.weight.detach().clone()
+            for i, layer in enumerate(loaded.adapter.layers)
+            for n, p in loaded.adapter.linears(layer).items()}
+
+
+def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    differ = sum((a[k] != b[k]).sum().item() for k in a)
+    total = sum(v.numel() for v in a.values())
+    zeros = sum((v == 0).sum().item() for v in a.values())
+    return {"weights_differing": differ / total,
+            "max_abs_weight_diff": max((a[k] - b[k]).abs().max().item() for k in a),
+            "sparsity": zeros / total}
+
+
+def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any]) -> dict[str, Any]:
+    from secateur.models import adapter_for
+    from secateur.models.loading import Loaded
+
+    run = RUNS[name]
+    out: dict[str, Any] = {"name": name, "settings": run}
+    weights = {}
+    for impl in ("secateur", "reference"):
+        model = copy.deepcopy(dense.model)
+        loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+        start = time.perf_counter()
+        if impl == "secateur":
+            secateur_run(loaded, windows, run)
+        else:
+            {"gptq": reference_gptq, "rtn": reference_rtn,
+             "sparsegpt": reference_sparsegpt}[run["method"]](loaded, windows, ref, run)
+        seconds = time.perf_counter() - start
+        out[impl] = {"perplexity": evaluate_ppl(loaded), "seconds": round(seconds, 1)}
+        weights[impl] = _linear_weights(loaded)
+        del loaded
+    out.update(_agreement(weights["secateur"], weights["reference"]))
+    s, r = out["secateur"]["perplexity"], out["reference"]["perplexity"]
+    out["relative_difference"] = abs(s - r) / r
+    out["tolerance"] = TOLERANCE[run["method"]]
+    out["within_tolerance"] = out["relative_difference"] <= out["tolerance"]
+    return out
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gptq-ref", type=Path, required=True,
+                        help="checkout of IST-DASLab/gptq (gptq.py, quant.py)")
+    parser.add_argument("--sparsegpt-ref", type=Path, required=True,
+                        help="checkout of IST-DASLab/sparsegpt (sparsegpt.py, quant.py)")
+    parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    parser.add_argument("--quick", action="store_true",
+                        help="8 calibration windows of 256 tokens, 8 evaluation windows")
+    parser.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
+    parser.add_argument("--seqlen", type=int, help="calibration tokens per window (512)")
+    parser.add_argument("--eval-windows", type=int, help="wiki windows of 512 (64)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from secateur.api import CalibrationConfig, calibration_data
+    from secateur.data.sources import load_text
+    from secateur.eval.api import evaluate
+    from secateur.eval.config import PerplexityConfig
+    from secateur.models.loading import load
+
+    nsamples = args.nsamples or (8 if args.quick else 32)
+    seqlen = args.seqlen or (256 if args.quick else 512)
+    eval_windows = args.eval_windows or (8 if args.quick else 64)
+    ref = {"gptq": _import_reference(args.gptq_ref, "gptq"),
+           "sparsegpt": _import_reference(args.sparsegpt_ref, "sparsegpt")}
+    torch.manual_seed(0)
+    dense = load(MODEL)
+    windows, calib = calibration_data(dense, CalibrationConfig("c4-sample", nsamples, seqlen, 0))
+    wiki = load_text("wiki", split="test")
+    ppl_config = PerplexityConfig(data="wiki", seqlen=512, max_windows=eval_windows)
+
+    def evaluate_ppl(loaded) -> float:
+        return evaluate(loaded, ppl_config, progress=False, source=wiki).perplexity
+
+    dense_result = evaluate(dense, ppl_config, progress=False, source=wiki)
+    results: dict[str, Any] = {
+        "model": MODEL,
+        "quick": args.quick,
+        "calibration": calib,
+        "evaluation": dense_result.protocol.to_dict(),
+        "dense_perplexity": dense_result.perplexity,
+        "reference": {"gptq": {"path": str(args.gptq_ref),
+                               "sha256": _digest(args.gptq_ref, ("gptq.py", "quant.py"))},
+                      "sparsegpt": {"path": str(args.sparsegpt_ref),
+                                    "sha256": _digest(args.sparsegpt_ref,
+                                                      ("sparsegpt.py", "quant.py"))}},
+        "notes": ["groups of 64 stand for the issue's 128: 128 does not divide smollm2's 576-wide "
+                  "inputs, and secateur refuses groups that do not divide every input width",
+                  "secateur GPTQ keeps exactly-zero weights at zero (keep_zeros, default on); "
+                  "smollm2 has ~0.04% such weights, the reference lets them move",
+                  "secateur's Hessian is the sum of x x^T, the reference's its 2/n-scaled mean: "
+                  "the same solve up to float rounding, so a few codes flip and propagate",
+                  "SparseGPT masks: secateur prunes exactly floor(numel * s) per block, the "
+                  "reference every weight at or below the threshold (ties included)"],
+        "runs": [],
+    }
+    for name in tqdm(args.runs, desc="runs"):
+        row = one_run(name, dense, windows, evaluate_ppl, ref)
+        results["runs"].append(row)
+        tqdm.write(f"{name:>22}  secateur {row['secateur']['perplexity']:8.3f}  reference "
+                   f"{row['reference']['perplexity']:8.3f}  diff {row['relative_difference']:6.2%}"
+                   f"  ({'ok' if row['within_tolerance'] else 'OUT OF TOLERANCE'})")
+        _write_atomic(args.out, results)  # partial results survive an interrupted run
+    print(f"dense ppl {results['dense_perplexity']:.3f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
