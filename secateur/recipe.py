@@ -203,11 +203,14 @@ def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool) -> dic
     return evaluate(loaded, config, progress=progress).to_dict()
 
 
-def _evaluate(loaded: Loaded, evaluation: Evaluation, progress: bool) -> dict[str, Any]:
+def _evaluate(loaded: Loaded, evaluation: Evaluation, progress: bool,
+              first: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`first`: the first text's result when it was just measured on this very model."""
     from secateur.eval.api import evaluate
 
-    out: dict[str, Any] = {"perplexity": [_perplexity(loaded, p, progress)
-                                          for p in evaluation.perplexity]}
+    out: dict[str, Any] = {"perplexity": [
+        first if i == 0 and first is not None else _perplexity(loaded, p, progress)
+        for i, p in enumerate(evaluation.perplexity)]}
     if evaluation.zeroshot is not None:
         out["zeroshot"] = evaluate(loaded, evaluation.zeroshot, progress=progress).to_dict()
     out["parameters"] = count_parameters(loaded.model)
@@ -284,16 +287,20 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
         (out / "recipe.yaml").write_text(recipe.to_yaml())
     teacher = _teacher_loader(recipe)
     first_ppl = recipe.evaluate.perplexity[0] if recipe.evaluate.perplexity else None
+    last: dict[str, Any] | None = None  # the first text's result after the latest step
     for i in range(len(result.steps), len(recipe.steps)):
         step = recipe.steps[i]
         say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
         record: StepResult = run_step(loaded, step, recipe.calibration, teacher=teacher,
                                       progress=progress)
+        last = None
         if recipe.evaluate.after_each_step and first_ppl is not None:
-            record.perplexity = _perplexity(loaded, first_ppl, progress)["perplexity"]
+            last = _perplexity(loaded, first_ppl, progress)
+            record.perplexity = last["perplexity"]
         result.steps.append(record.to_dict())
         _save_checkpoint(out, loaded, result)
-    result.final = _evaluate(loaded, recipe.evaluate, progress)
+    # the last step's perplexity is the final model's: not measured twice
+    result.final = _evaluate(loaded, recipe.evaluate, progress, last)
     result.out = str(out / "model")
     result.seconds = time.perf_counter() - start
     result.peak_rss_mib = peak_rss_mib()
