@@ -128,7 +128,8 @@ def _solve(
     if grid is None:
         return w, None
     state = QuantState(grid.bits, group_size, grid.symmetric,
-                       torch.cat([s for s, _ in grids], 1), torch.cat([z for _, z in grids], 1))
+                       torch.cat([s for s, _ in grids], 1).cpu(),
+                       torch.cat([z for _, z in grids], 1).cpu())
     return w, state
 
 

@@ -34,7 +34,7 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float, who: str = "the sol
                            ) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*I)^-1, dampening raised tenfold if H is singular."""
     damp = percdamp * torch.mean(torch.diag(h))
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(4):
         try:
             lower = torch.linalg.cholesky(h + damp * eye)
@@ -157,12 +157,13 @@ def _solve(
         if act_order:
             # column perm[j] was visited j-th, in group j // group_size
             g_idx = torch.empty(cols, dtype=torch.int32)
-            g_idx[perm] = (torch.arange(cols) // group_size).to(torch.int32)
+            g_idx[perm.cpu()] = (torch.arange(cols) // group_size).to(torch.int32)
             actorder = "group"
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    state = QuantState(grid.bits, group_size, grid.symmetric, scales.contiguous(),
-                       zeros.contiguous(), g_idx, actorder)
+    # the grid lives on the CPU, where the engine leaves every layer
+    state = QuantState(grid.bits, group_size, grid.symmetric, scales.cpu().contiguous(),
+                       zeros.cpu().contiguous(), g_idx, actorder)
     return q, state
 
 

@@ -52,7 +52,7 @@ def find_params(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor
     """Scale and zero point (each (rows, 1), float32) of every row of `x` (rows, cols)."""
     x = x.float()
     maxq = grid.maxq
-    zeros = torch.zeros(x.shape[0], dtype=x.dtype)
+    zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.min(1).values, zeros)
     xmax = torch.maximum(x.max(1).values, zeros)
     if grid.symmetric:
@@ -68,7 +68,7 @@ def find_params(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor
     zero = (torch.full_like(scale, (maxq + 1) / 2) if grid.symmetric
             else torch.round(-xmin / scale))
     if grid.mse:
-        best = torch.full([x.shape[0]], float("inf"))
+        best = torch.full([x.shape[0]], float("inf"), device=x.device)
         for i in range(int(grid.maxshrink * grid.steps)):
             p = 1 - i / grid.steps
             scale1 = (p * xmax - p * xmin) / maxq
@@ -100,8 +100,8 @@ def rtn(weight: torch.Tensor, grid: Grid, group_size: int = -1
         parts.append(quantize(block, scale, zero, grid.maxq))
         scales.append(scale)
         zeros.append(zero)
-    state = QuantState(grid.bits, group_size, grid.symmetric, torch.cat(scales, 1),
-                       torch.cat(zeros, 1))
+    state = QuantState(grid.bits, group_size, grid.symmetric, torch.cat(scales, 1).cpu(),
+                       torch.cat(zeros, 1).cpu())
     return torch.cat(parts, 1), state
 
 
