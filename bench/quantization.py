@@ -177,17 +177,26 @@ def _run_method(loaded, step: dict, quick: bool) -> None:
     prune_layerwise(loaded.model, loaded.adapter, method, windows, progress=True)
 
 
+def _vm_hwm_mib_code() -> str:
+    # VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts from its parent's peak
+    return ("def hwm():\n"
+            "    for line in open('/proc/self/status'):\n"
+            "        if line.startswith('VmHWM:'):\n"
+            "            return int(line.split()[1]) / 1024\n")
+
+
 def _peak_after_load(path: Path, runtime: str) -> dict:
-    """Load in a fresh process: resident memory after loading, and the tensors' own bytes."""
+    """Load in a fresh process: its peak resident memory, and the tensors' own bytes."""
     import subprocess
 
-    code = ("import json, resource, sys\n"
+    code = (_vm_hwm_mib_code() +
+            "import json, sys\n"
             "from secateur.runtime import load_packed, runtime_weight_bytes\n"
             "m = load_packed(sys.argv[1], sys.argv[2])\n"
             "t = sum(b.numel() * b.element_size() for b in list(m.parameters()) + "
             "list(m.buffers()))\n"
-            "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF)"
-            ".ru_maxrss / 1024, 'tensor_mib': t / 2**20, "
+            "t += sum(getattr(x, '_bytes', 0) for x in m.modules())  # fbgemm-packed heads\n"
+            "print(json.dumps({'peak_rss_mib': hwm(), 'tensor_mib': t / 2**20, "
             "'weight_bytes_per_token': runtime_weight_bytes(m)}))\n")
     out = subprocess.run([sys.executable, "-c", code, str(path), runtime], check=True,
                          capture_output=True, text=True).stdout
@@ -198,8 +207,10 @@ def _baseline_rss() -> float:
     """A process that imports what loading imports and loads nothing: the floor under the peaks."""
     import subprocess
 
-    code = ("import resource, secateur.runtime, transformers, torch\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    code = (_vm_hwm_mib_code() +
+            "import accelerate, compressed_tensors, secateur.runtime.packed, torch, "
+            "transformers\n"
+            "print(hwm())\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -251,13 +262,20 @@ def models(method: str, quick: bool, out_dir: Path, group: int, w8a8: bool) -> d
             else BenchSpec(prompt_lengths=(128, 512), decode_tokens=32, repeats=5, warmup=1))
     result = benchmark(subjects, spec)
     bandwidth = result["memory_bandwidth_gbs"] or memory_bandwidth_gbs()
-    for s in subjects:  # the runtimes' packed buffers are not parameters: count them here
+    # the runtimes' packed weights are buffers, not parameters: count bytes here, and drop the
+    # parameter ratios measure.py derives from parameters alone
+    base_bytes = runtime_weight_bytes(subjects[0].model)
+    for s in subjects:
         per_token = runtime_weight_bytes(s.model)
         decode = result["models"][s.name]["decode"]
         decode["weight_bytes_per_token"] = per_token
         decode["bound_tokens_per_second"] = bandwidth * 1e9 / per_token
         decode["fraction_of_bound"] = decode["tokens_per_second"] / decode[
             "bound_tokens_per_second"]
+        ratios = result["speedup_vs_baseline"].get(s.name)
+        if ratios is not None:
+            ratios.pop("parameters", None)
+            ratios["weight_bytes_per_token"] = per_token / base_bytes
     return {"model": MODEL, "method": method, "quick": quick, "group_size": group,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "fp32_bytes_on_disk": fp32_bytes,
