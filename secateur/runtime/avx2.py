@@ -8,9 +8,10 @@ to float in registers and accumulate with FMA against float32 activations: the w
 the memory bus at 0.5 (or 1) byte each, which is what batch-1 decode is bound by. Results equal
 the dequantized matmul up to float summation order.
 
-Layout (int4): per output row, each block of 32 columns is 16 bytes; byte j holds the code of
-column j in its low nibble and of column j + 16 in its high nibble, so the two halves of a block
-unpack into contiguous runs of 16 columns. Dequantization per group g: w = q * s - zs with
+Layout (int4): per output row, each block of 16 columns is 8 bytes; byte j holds the code of
+column j in its low nibble and of column j + 8 in its high nibble, so one widening instruction
+and an and / a shift give two runs of 8 contiguous columns (the shuffle port, the bottleneck of
+splitting bytes first, is used once per 16 codes). Dequantization per group g: w = q * s - zs with
 zs = z * s; the zero-point term is applied once per group from the activations' group sums.
 
 For more than a few rows of activations (prefill) the weight is dequantized to float32 and
@@ -46,15 +47,17 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 32 codes from 16 bytes: each 8-byte half widens to eight int32 lanes in one shuffle-port
+// instruction, and each lane's two nibbles (columns j and j + 8) split with an and / a shift.
 static inline void unpack32(const uint8_t* p, __m256& w0, __m256& w1, __m256& w2, __m256& w3) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(b, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-  w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i v1 = _mm256_cvtepu8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+  w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  w2 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+  w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
 }
 
 static inline __m256 widen8(const int8_t* p) {
@@ -95,6 +98,41 @@ torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tens
   return w;
 }
 
+// One activation row against rows n and n + 1 of the packed weight: eight independent FMA
+// chains (four per row) so the loop runs at FMA throughput rather than FMA latency; each
+// group's dot is scaled into a vector accumulator, reduced once per row.
+static inline void int4_rows2(const float* x, const float* xs, const uint8_t* q0,
+                              const uint8_t* q1, const float* s0, const float* s1,
+                              const float* z0, const float* z1, int64_t G, int64_t group,
+                              float* y0, float* y1) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  float zero0 = 0.f, zero1 = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
+           b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      const __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+      __m256 w0, w1, w2, w3;
+      unpack32(q0 + k / 2, w0, w1, w2, w3);
+      a0 = _mm256_fmadd_ps(w0, x0, a0); a1 = _mm256_fmadd_ps(w1, x1, a1);
+      a2 = _mm256_fmadd_ps(w2, x2, a2); a3 = _mm256_fmadd_ps(w3, x3, a3);
+      unpack32(q1 + k / 2, w0, w1, w2, w3);
+      b0 = _mm256_fmadd_ps(w0, x0, b0); b1 = _mm256_fmadd_ps(w1, x1, b1);
+      b2 = _mm256_fmadd_ps(w2, x2, b2); b3 = _mm256_fmadd_ps(w3, x3, b3);
+    }
+    acc0 = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                           _mm256_set1_ps(s0[g]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)),
+                           _mm256_set1_ps(s1[g]), acc1);
+    zero0 += z0[g] * xs[g];
+    zero1 += z1[g] * xs[g];
+  }
+  *y0 = hsum(acc0) - zero0;
+  *y1 = hsum(acc1) - zero1;
+}
+
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor zs,
                       int64_t group) {
   const int64_t M = x.size(0), N = q.size(0), K = q.size(1) * 2, G = scales.size(1);
@@ -108,31 +146,15 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
   const float* S = scales.data_ptr<float>();
   const float* Z = zs.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* qn = Q + n * (K / 2);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t g = 0; g < G; ++g) {
-          __m256 d[4][2];
-          for (int i = 0; i < 4; ++i) d[i][0] = d[i][1] = _mm256_setzero_ps();
-          for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            __m256 w0, w1, w2, w3;
-            unpack32(qn + k / 2, w0, w1, w2, w3);
-            for (int64_t i = 0; i < mb; ++i) {
-              const float* xp = X + (m0 + i) * K + k;
-              d[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), d[i][0]);
-              d[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), d[i][1]);
-              d[i][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), d[i][0]);
-              d[i][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), d[i][1]);
-            }
-          }
-          const float s = S[n * G + g], z = Z[n * G + g];
-          for (int64_t i = 0; i < mb; ++i)
-            acc[i] += s * hsum(_mm256_add_ps(d[i][0], d[i][1])) - z * XS[(m0 + i) * G + g];
-        }
-        for (int64_t i = 0; i < mb; ++i) Y[(m0 + i) * N + n] = acc[i];
+  const int64_t pairs = (N + 1) / 2;
+  at::parallel_for(0, pairs, 8, [&](int64_t p0, int64_t p1) {
+    float spare;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = 2 * p, n1 = std::min(n + 1, N - 1);  // an odd last row pairs itself
+      for (int64_t m = 0; m < M; ++m) {
+        int4_rows2(X + m * K, XS + m * G, Q + n * (K / 2), Q + n1 * (K / 2), S + n * G,
+                   S + n1 * G, Z + n * G, Z + n1 * G, G, group, Y + m * N + n,
+                   n1 == n ? &spare : Y + m * N + n1);
       }
     }
   });
@@ -151,23 +173,17 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* wn = W + n * K;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        __m256 d[4][2];
-        for (int i = 0; i < 4; ++i) d[i][0] = d[i][1] = _mm256_setzero_ps();
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = X + m * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k += 32) {
-          const __m256 w0 = widen8(wn + k), w1 = widen8(wn + k + 8);
-          const __m256 w2 = widen8(wn + k + 16), w3 = widen8(wn + k + 24);
-          for (int64_t i = 0; i < mb; ++i) {
-            const float* xp = X + (m0 + i) * K + k;
-            d[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), d[i][0]);
-            d[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + 8), d[i][1]);
-            d[i][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + 16), d[i][0]);
-            d[i][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + 24), d[i][1]);
-          }
+          a0 = _mm256_fmadd_ps(widen8(wn + k), _mm256_loadu_ps(xm + k), a0);
+          a1 = _mm256_fmadd_ps(widen8(wn + k + 8), _mm256_loadu_ps(xm + k + 8), a1);
+          a2 = _mm256_fmadd_ps(widen8(wn + k + 16), _mm256_loadu_ps(xm + k + 16), a2);
+          a3 = _mm256_fmadd_ps(widen8(wn + k + 24), _mm256_loadu_ps(xm + k + 24), a3);
         }
-        for (int64_t i = 0; i < mb; ++i)
-          Y[(m0 + i) * N + n] = S[n] * hsum(_mm256_add_ps(d[i][0], d[i][1]));
+        Y[m * N + n] = S[n] * hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       }
     }
   });
@@ -197,7 +213,7 @@ def kernels():
         from torch.utils.cpp_extension import load_inline
 
         _kernels = load_inline(
-            name="secateur_avx2_v1", cpp_sources=[SOURCE],
+            name="secateur_avx2_v3", cpp_sources=[SOURCE],
             functions=["int4_mm", "int4_dequantize", "int8_mm"],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
@@ -212,5 +228,5 @@ def kernels():
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes in [0, 15], K a multiple of 32 -> (N, K / 2) uint8 in the layout above."""
     n, k = codes.shape
-    blocks = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    blocks = codes.to(torch.uint8).reshape(n, k // 16, 2, 8)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
