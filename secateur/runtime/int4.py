@@ -96,11 +96,14 @@ class Int4Linear(RuntimeLinear):
 
     def _avx2(self, x: torch.Tensor) -> torch.Tensor:
         kernels = avx2.kernels()
-        x = x.float().contiguous()
-        scale, zs = self.scale_zeros.float()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        sz = self.scale_zeros
+        if sz.dtype != torch.float32:
+            sz = sz.float()
         if x.shape[0] <= avx2.GEMV_ROWS:
-            return kernels.int4_mm(x, self.packed, scale, zs, self.group)
-        return x @ kernels.int4_dequantize(self.packed, scale, zs, self.group).t()
+            return kernels.int4_mm(x, self.packed, sz[0], sz[1], self.group)
+        return x @ kernels.int4_dequantize(self.packed, sz[0], sz[1], self.group).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
