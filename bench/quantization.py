@@ -281,8 +281,9 @@ def models(method: str, quick: bool, out_dir: Path, group: int, w8a8: bool) -> d
             "fp32_bytes_on_disk": fp32_bytes,
             "packed": packed, "memory": memory, "bench": result,
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "kept_unquantized": "embeddings (tied lm_head) in float16 on disk, norms and "
-                                "biases in the model dtype; float32 in memory"}
+            "kept_unquantized": "embeddings and lm_head (tied here) in float16, on disk and "
+                                "in the runtime (fbgemm float16 GEMM for the head); norms and "
+                                "biases in float32"}
 
 
 def main() -> None:
