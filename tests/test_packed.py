@@ -224,6 +224,13 @@ def test_weight_moved_off_its_grid_is_refused(tmp_path):
         save_packed(model, None, tmp_path / "out")
 
 
+def test_bfloat16_model_packs_its_rounded_grid(tmp_path):
+    model = quantize_tiny(4, 32, symmetric=False).to(torch.bfloat16)
+    save_packed(model, None, tmp_path / "bf16")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(SecateurError, match="already exists"):

@@ -49,9 +49,12 @@ def codes_on_grid(name: str, weight: torch.Tensor, state: QuantState) -> torch.T
     """The integer codes of a quantized weight, refusing a weight that left its grid (edited
     after quantization): rounding it back would silently change the model."""
     codes = state.codes(weight)
-    error = (state.dequantize(codes) - weight.float()).abs()
+    dequantized = state.dequantize(codes)
+    error = (dequantized - weight.float()).abs()
     g = state.groups_of_columns(weight.shape[1])
-    tolerance = 1e-3 * state.scale[:, g].abs() + 1e-6
+    # a 16-bit model holds the grid's values rounded to its dtype
+    tolerance = (1e-3 * state.scale[:, g].abs() + 1e-6
+                 + 2 * torch.finfo(weight.dtype).eps * dequantized.abs())
     if bool((error > tolerance).any()):
         raise SecateurError(f"'{name}' is no longer on its {state.bits}-bit grid (its weight "
                             "changed after quantizing): quantize it again before packing")
