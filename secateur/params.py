@@ -36,10 +36,13 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights a batch-1 decode step reads: every parameter once (dense kernels read
-    zeros too), except an untied input embedding, of which one row is read."""
+    zeros too), except an untied input embedding, of which one row is read; plus the packed
+    buffers of modules that report their own (`weight_bytes()`: secateur's runtime linears)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and emb.weight is out.weight
     skip = set() if tied or emb is None else {id(emb.weight)}
-    return sum(p.numel() * p.element_size() for p in unique_parameters([model])
-               if id(p) not in skip)
+    packed = sum(m.weight_bytes() for m in model.modules()
+                 if callable(getattr(m, "weight_bytes", None)))
+    return packed + sum(p.numel() * p.element_size() for p in unique_parameters([model])
+                        if id(p) not in skip)

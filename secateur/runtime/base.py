@@ -29,20 +29,11 @@ class RuntimeLinear(nn.Module):
 
 
 def runtime_weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights a batch-1 decode step reads with runtime linears in place: every
-    parameter (embeddings, norms) once, an untied input embedding as one row (so: not counted),
-    plus every runtime linear's buffers."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and out is not None and emb.weight is out.weight
-    skip = set() if tied or emb is None else {id(emb.weight)}
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen and id(p) not in skip:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total + sum(m.weight_bytes() for m in model.modules() if isinstance(m, RuntimeLinear))
+    """Bytes of weights a batch-1 decode step reads with runtime linears in place (their
+    packed buffers included): `secateur.params.weight_bytes_per_token`."""
+    from secateur.params import weight_bytes_per_token
+
+    return weight_bytes_per_token(model)
 
 
 def codes_on_grid(name: str, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
