@@ -47,7 +47,7 @@ def test_unsupported_architecture(tmp_path, monkeypatch, capsys):
 def test_seqlen_zero_and_empty_text(tiny_dir, tmp_path, monkeypatch, capsys):
     path = tiny_dir("llama")
     code, _, err = run_cli(monkeypatch, capsys, "eval", path, "--seqlen", 0)
-    assert code == 2 and "at least 2" in err
+    assert code == 2 and "PerplexityConfig.seqlen: Input should be greater than or equal" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     out_json = tmp_path / "r.json"
