@@ -197,35 +197,52 @@ def _linear_weights(loaded) -> dict[str, torch.Tensor]:
 def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
     differ = sum((a[k] != b[k]).sum().item() for k in a)
     total = sum(v.numel() for v in a.values())
-    zeros = sum((v == 0).sum().item() for v in a.values())
     return {"weights_differing": differ / total,
-            "max_abs_weight_diff": max((a[k] - b[k]).abs().max().item() for k in a),
-            "sparsity": zeros / total}
+            "max_abs_weight_diff": max((a[k] - b[k]).abs().max().item() for k in a)}
 
 
-def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any]) -> dict[str, Any]:
+def _sparsity(weights: dict[str, torch.Tensor]) -> float:
+    return (sum((v == 0).sum().item() for v in weights.values())
+            / sum(v.numel() for v in weights.values()))
+
+
+def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise: bool
+            ) -> dict[str, Any]:
+    """Both implementations on copies of the dense model; with `noise`, the reference again
+    on the same windows in reverse order (only float summation order changes), which measures
+    how far float noise alone moves the perplexity of this configuration."""
     from secateur.models import adapter_for
     from secateur.models.loading import Loaded
+    from secateur.quant.pack import round_kept_tensors
 
     run = RUNS[name]
     out: dict[str, Any] = {"name": name, "settings": run}
     weights = {}
-    for impl in ("secateur", "reference"):
+    arms = ["secateur", "reference"] + (["reference_reordered"] if noise else [])
+    for arm in arms:
         model = copy.deepcopy(dense.model)
         loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
         start = time.perf_counter()
-        if impl == "secateur":
+        if arm == "secateur":
             secateur_run(loaded, windows, run)
         else:
+            data = windows[::-1] if arm == "reference_reordered" else windows
             {"gptq": reference_gptq, "rtn": reference_rtn,
-             "sparsegpt": reference_sparsegpt}[run["method"]](loaded, windows, ref, run)
+             "sparsegpt": reference_sparsegpt}[run["method"]](loaded, data, ref, run)
         seconds = time.perf_counter() - start
-        out[impl] = {"perplexity": evaluate_ppl(loaded), "seconds": round(seconds, 1)}
-        weights[impl] = _linear_weights(loaded)
+        # secateur's quantize step stores embeddings in float16 as the packed file will;
+        # every arm gets the same, so only the solvers differ
+        with torch.no_grad():
+            round_kept_tensors(loaded.model)
+        weights[arm] = _linear_weights(loaded)
+        out[arm] = {"perplexity": evaluate_ppl(loaded), "seconds": round(seconds, 1),
+                    "sparsity": _sparsity(weights[arm])}
         del loaded
     out.update(_agreement(weights["secateur"], weights["reference"]))
     s, r = out["secateur"]["perplexity"], out["reference"]["perplexity"]
     out["relative_difference"] = abs(s - r) / r
+    if noise:
+        out["noise_floor"] = abs(out["reference_reordered"]["perplexity"] - r) / r
     out["tolerance"] = TOLERANCE[run["method"]]
     out["within_tolerance"] = out["relative_difference"] <= out["tolerance"]
     return out
@@ -252,6 +269,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
     parser.add_argument("--seqlen", type=int, help="calibration tokens per window (512)")
     parser.add_argument("--eval-windows", type=int, help="wiki windows of 512 (64)")
+    parser.add_argument("--noise", action="store_true",
+                        help="also run the reference on the windows in reverse order")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -294,15 +313,18 @@ def main() -> None:
                   "secateur's Hessian is the sum of x x^T, the reference's its 2/n-scaled mean: "
                   "the same solve up to float rounding, so a few codes flip and propagate",
                   "SparseGPT masks: secateur prunes exactly floor(numel * s) per block, the "
-                  "reference every weight at or below the threshold (ties included)"],
+                  "reference every weight at or below the threshold (ties included)",
+                  "every arm's embeddings and head are rounded to float16 after quantization, "
+                  "as secateur's quantize step does for the packed file"],
         "runs": [],
     }
     for name in tqdm(args.runs, desc="runs"):
-        row = one_run(name, dense, windows, evaluate_ppl, ref)
+        row = one_run(name, dense, windows, evaluate_ppl, ref, args.noise)
         results["runs"].append(row)
+        noise = f"  noise {row['noise_floor']:6.2%}" if args.noise else ""
         tqdm.write(f"{name:>22}  secateur {row['secateur']['perplexity']:8.3f}  reference "
                    f"{row['reference']['perplexity']:8.3f}  diff {row['relative_difference']:6.2%}"
-                   f"  ({'ok' if row['within_tolerance'] else 'OUT OF TOLERANCE'})")
+                   f"{noise}  ({'ok' if row['within_tolerance'] else 'OUT OF TOLERANCE'})")
         _write_atomic(args.out, results)  # partial results survive an interrupted run
     print(f"dense ppl {results['dense_perplexity']:.3f}; wrote {args.out}")
 
