@@ -64,12 +64,13 @@ def resolve_seqlen(model: nn.Module, seqlen: int | None, protocol: str) -> int:
 
 
 def resolve_bos(model: nn.Module, bos: str) -> str:
-    """`auto`: BOS on every window for Gemma (its perplexity triples without it: 15.2 vs 49.7
-    on wiki at 256 tokens), else the SparseGPT/Wanda stream as the tokenizer makes it."""
+    """`auto`: the family's policy (Gemma: BOS on every window), else the SparseGPT/Wanda
+    stream as the tokenizer makes it."""
     if bos != "auto":
         return bos
-    model_type = getattr(model.config, "model_type", "") or ""
-    return "each" if model_type.startswith("gemma") else "default"
+    from secateur.models import adapter_for
+
+    return adapter_for(model).bos_policy
 
 
 def _bos_each(tokenizer) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.io import atomic_dir, write_json_atomic
+from secateur.models import adapter_for
 
 FORMAT = "secateur-bitmask-v1"
 WEIGHTS = "model.compact.safetensors"
@@ -62,9 +63,12 @@ def save_compact(model: nn.Module, tokenizer: Any, out: Path, metadata: dict | N
                  overwrite: bool = False, nm: str | None = None) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, Any] = {"format": FORMAT, "nm": nm, "compressed": {}}
+    # only decoder projections carry masks; embeddings and head stay as they are
+    adapter = adapter_for(model)
+    layers = adapter.layers_path + "."
     for name, tensor in _unique_state(model).items():
         if tensor.dim() == 2 and name.endswith(".weight") and (tensor == 0).any() \
-                and "embed" not in name and "lm_head" not in name:
+                and name.startswith(layers):
             bits, values = pack(tensor)
             tensors[f"{name}::bitmask"], tensors[f"{name}::values"] = bits, values
             index["compressed"][name] = {"shape": list(tensor.shape),
