@@ -50,8 +50,11 @@ class ZeroShotConfig(Config):
     compute_dtype: ComputeDtype | None = Field(
         None, description="dtype of the forward's matmuls (default: the weights'); "
                           "log-softmax stays fp32.")
-    bootstrap_iters: int = Field(1000, ge=0, description="Bootstrap resamples for non-mean "
-                                                         "metrics (LAMBADA perplexity).")
+    # 0 by default: lm-eval bootstraps in a forked multiprocessing.Pool, and a fork after
+    # torch's OpenMP threads ran can deadlock the child (seen: a test hung 12 min in futex)
+    bootstrap_iters: int = Field(0, ge=0, description="Bootstrap resamples for the stderr of "
+                                                      "non-mean metrics (LAMBADA perplexity); "
+                                                      "0 leaves it out.")
 
     @field_validator("tasks", mode="before")
     @classmethod

