@@ -322,7 +322,8 @@ def test_blockpruner_refuses_families_it_cannot_save():
 def test_smollm2_blockpruner_saves_smaller_and_reloads(smollm2_copy, tmp_path):
     loaded = smollm2_copy
     calib = CalibrationConfig("c4-sample", nsamples=1, seqlen=64, seed=0)
-    run = prune(loaded, make_step(method="blockpruner", blocks=1), calib, progress=False)
+    run = prune(loaded, make_step(method="blockpruner", blocks=1, search_dtype="bfloat16"),
+                calib, progress=False)
     assert len(run.summary["removed"]) == 1 and run.summary["search"]["candidates"] == 60
     assert run.summary["search"]["dtype"] == "bfloat16"
     curve = run.summary["calibration_perplexity"]
