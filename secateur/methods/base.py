@@ -35,8 +35,9 @@ class LayerReport:
     target: float | None = None
 
 
-class LayerwiseMethod(ABC):
-    needs: ClassVar[tuple[type[Statistic], ...]] = ()
+class Handler(ABC):
+    """What every handler holds: the config it carries out."""
+
     config_class: ClassVar[type[MethodConfig]]
 
     def __init__(self, config: MethodConfig) -> None:
@@ -45,6 +46,10 @@ class LayerwiseMethod(ABC):
     @property
     def name(self) -> str:
         return self.config.method
+
+
+class LayerwiseMethod(Handler):
+    needs: ClassVar[tuple[type[Statistic], ...]] = ()
 
     @property
     def sequential(self) -> bool:
@@ -83,31 +88,23 @@ class PruneContext:
     teacher: Callable[[], Any] | None = None
 
 
-class ModelMethod(ABC):
-    config_class: ClassVar[type[MethodConfig]]
+class ModelMethod(Handler):
     # Recovery trains on its own text; it needs no calibration windows.
     needs_calibration: ClassVar[bool] = True
-
-    def __init__(self, config: MethodConfig) -> None:
-        self.config = config
-
-    @property
-    def name(self) -> str:
-        return self.config.method
 
     @abstractmethod
     def run(self, context: PruneContext) -> dict[str, Any]:
         """Change the model in place (or replace modules); return a JSON-able summary."""
 
 
-Handler = type[LayerwiseMethod] | type[ModelMethod]
-_REGISTRY: dict[str, tuple[type[MethodConfig], Handler]] = {}
+HandlerClass = type[LayerwiseMethod] | type[ModelMethod]
+_REGISTRY: dict[str, tuple[type[MethodConfig], HandlerClass]] = {}
 
 
-def register_method(config_class: type[MethodConfig]) -> Callable[[Handler], Handler]:
+def register_method(config_class: type[MethodConfig]) -> Callable[[HandlerClass], HandlerClass]:
     """Class decorator: `config_class` is carried out by the decorated handler."""
 
-    def register(handler: Handler) -> Handler:
+    def register(handler: HandlerClass) -> HandlerClass:
         handler.config_class = config_class
         _REGISTRY[config_class.method] = (config_class, handler)
         return handler
