@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -522,7 +523,27 @@ class Interrupted(BaseException):
 
 
 def _interrupt(signum: int, _frame: object) -> None:
+    # A signal that lands inside a weakref callback or __del__ raises where Python ignores
+    # exceptions; the run would go on. So the first signal also arms a timer that ends the
+    # process after a grace period if the exception was swallowed (outputs appear only by
+    # rename, so nothing half-written is left; stale partials are cleaned by a later run).
+    if not _signalled:
+        _signalled.append(signum)
+        timer = threading.Timer(GRACE_SECONDS, _force_exit, args=(signum,))
+        timer.daemon = True
+        timer.start()
     raise Interrupted(signum)
+
+
+_signalled: list[int] = []
+GRACE_SECONDS = 10.0
+
+
+def _force_exit(signum: int) -> None:
+    sig = Interrupted(signum)
+    console.print(f"[red]interrupted[/red] ({sig.name}); outputs are written only when "
+                  "complete; nothing half-written was left", highlight=False, soft_wrap=True)
+    os._exit(sig.exit_code)
 
 
 # Commands that keep checkpoints and continue from them when run again.
