@@ -5,6 +5,8 @@
     python bench/quant_reference.py --gptq-ref /tmp/ref/gptq --sparsegpt-ref /tmp/ref/sparsegpt
     python bench/quant_reference.py ... --quick            # 8x256 calibration, 8 eval windows
     python bench/quant_reference.py ... --runs gptq-w4-g64 rtn-w4-g64
+    python bench/quant_reference.py ... --noise --mask-rule  # + reference on reversed windows,
+                                                             # + secateur with the ref's mask
 
 Nothing of the reference is copied into secateur: its `gptq.py` / `sparsegpt.py` / `quant.py`
 (the solvers, the Hessian accumulation `add_batch`, the `Quantizer`) are imported from the
@@ -44,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 RESULTS = Path(__file__).parent / "results" / "quant_reference.json"
+QUICK_RESULTS = RESULTS.with_name("quant_reference_quick.json")
 MODEL = "smollm2-135m"
 TOLERANCE = {"gptq": 0.03, "sparsegpt": 0.03, "rtn": 0.01}
 
@@ -206,11 +209,31 @@ def _sparsity(weights: dict[str, torch.Tensor]) -> float:
             / sum(v.numel() for v in weights.values()))
 
 
-def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise: bool
-            ) -> dict[str, Any]:
+def _reference_mask_rule(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The reference's SparseGPT mask: every score at or below the k-th smallest (k + 1
+    weights and any ties), where secateur prunes exactly k."""
+    thresh = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
+    return score <= thresh
+
+
+@contextlib.contextmanager
+def _secateur_with_reference_mask_rule():
+    import secateur.methods.sparsegpt as sparsegpt
+
+    original = sparsegpt.lowest_per_matrix
+    sparsegpt.lowest_per_matrix = _reference_mask_rule
+    try:
+        yield
+    finally:
+        sparsegpt.lowest_per_matrix = original
+
+
+def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise: bool,
+            mask_rule: bool = False) -> dict[str, Any]:
     """Both implementations on copies of the dense model; with `noise`, the reference again
     on the same windows in reverse order (only float summation order changes), which measures
-    how far float noise alone moves the perplexity of this configuration."""
+    how far float noise alone moves the perplexity of this configuration; with `mask_rule`
+    (SparseGPT runs), secateur again with the reference's mask rule patched in."""
     from secateur.models import adapter_for
     from secateur.models.loading import Loaded
     from secateur.quant.pack import round_kept_tensors
@@ -218,13 +241,19 @@ def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise:
     run = RUNS[name]
     out: dict[str, Any] = {"name": name, "settings": run}
     weights = {}
+    noise = noise and run["method"] != "rtn"  # RTN reads no windows
     arms = ["secateur", "reference"] + (["reference_reordered"] if noise else [])
+    if mask_rule and run["method"] == "sparsegpt":
+        arms.append("secateur_reference_mask_rule")
     for arm in arms:
         model = copy.deepcopy(dense.model)
         loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
         start = time.perf_counter()
         if arm == "secateur":
             secateur_run(loaded, windows, run)
+        elif arm == "secateur_reference_mask_rule":
+            with _secateur_with_reference_mask_rule():
+                secateur_run(loaded, windows, run)
         else:
             data = windows[::-1] if arm == "reference_reordered" else windows
             {"gptq": reference_gptq, "rtn": reference_rtn,
@@ -271,7 +300,10 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, help="wiki windows of 512 (64)")
     parser.add_argument("--noise", action="store_true",
                         help="also run the reference on the windows in reverse order")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--mask-rule", action="store_true",
+                        help="SparseGPT runs: also run secateur with the reference's mask rule")
+    parser.add_argument("--out", type=Path,
+                        help=f"default {RESULTS.name}, with --quick {QUICK_RESULTS.name}")
     args = parser.parse_args()
 
     from secateur.api import CalibrationConfig, calibration_data
@@ -280,6 +312,7 @@ def main() -> None:
     from secateur.eval.config import PerplexityConfig
     from secateur.models.loading import load
 
+    out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     nsamples = args.nsamples or (8 if args.quick else 32)
     seqlen = args.seqlen or (256 if args.quick else 512)
     eval_windows = args.eval_windows or (8 if args.quick else 64)
@@ -319,14 +352,14 @@ def main() -> None:
         "runs": [],
     }
     for name in tqdm(args.runs, desc="runs"):
-        row = one_run(name, dense, windows, evaluate_ppl, ref, args.noise)
+        row = one_run(name, dense, windows, evaluate_ppl, ref, args.noise, args.mask_rule)
         results["runs"].append(row)
-        noise = f"  noise {row['noise_floor']:6.2%}" if args.noise else ""
+        noise = f"  noise {row['noise_floor']:6.2%}" if "noise_floor" in row else ""
         tqdm.write(f"{name:>22}  secateur {row['secateur']['perplexity']:8.3f}  reference "
                    f"{row['reference']['perplexity']:8.3f}  diff {row['relative_difference']:6.2%}"
                    f"{noise}  ({'ok' if row['within_tolerance'] else 'OUT OF TOLERANCE'})")
-        _write_atomic(args.out, results)  # partial results survive an interrupted run
-    print(f"dense ppl {results['dense_perplexity']:.3f}; wrote {args.out}")
+        _write_atomic(out, results)  # partial results survive an interrupted run
+    print(f"dense ppl {results['dense_perplexity']:.3f}; wrote {out}")
 
 
 if __name__ == "__main__":
