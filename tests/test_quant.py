@@ -337,3 +337,26 @@ def test_an_already_quantized_model_is_refused(config):
 def test_true_sequential_is_refused_until_the_engine_regathers_statistics():
     _one_line_refusal(_loaded(), GPTQConfig(true_sequential=True, group_size=32),
                       "true_sequential")
+
+
+def test_partial_groups_must_be_asked_for_and_cut_like_the_reference():
+    """128 does not divide smollm2's 576-wide inputs: refused unless partial_groups is set,
+    then each row's last group is the narrower remainder with its own grid."""
+    from secateur.methods.rtn import RTN
+
+    model = tiny_model("llama")  # input widths 64 and 128
+    adapter = adapter_for(model)
+    with pytest.raises(SecateurError, match="does not divide the input width 64.*partial_groups"):
+        RTN(RTNConfig(bits=4, group_size=48)).prepare(model, adapter)
+    RTN(RTNConfig(bits=4, group_size=48, partial_groups=True)).prepare(model, adapter)
+    assert GPTQConfig(group_size=48, partial_groups=True).partial_groups
+
+    w = torch.randn(8, 64)
+    q, state = rtn(w, Grid(4, False), 48)
+    assert state.scale.shape == (8, 2)  # columns 0-47 and 48-63
+    scale, _ = find_params(w[:, 48:], Grid(4, False))
+    assert torch.equal(state.scale[:, 1:], scale)
+    assert torch.equal(q[:, :48], rtn(w[:, :48], Grid(4, False), 48)[0])
+    g, gstate = gptq_quantize(w, torch.eye(64), Grid(4, False), 48)
+    # with an identity Hessian GPTQ has nothing to compensate: it is RTN on the same groups
+    assert torch.allclose(g, q, atol=1e-6) and gstate.scale.shape == (8, 2)

@@ -51,7 +51,7 @@ class QuantizeMethod(LayerwiseMethod):
         refuse_quantized(model)
         check_group_sizes(self.config.group_size, {
             f"layers.{i}.{name}": p.in_features for i, layer in enumerate(adapter.layers)
-            for name, p in adapter.linears(layer).items()})
+            for name, p in adapter.linears(layer).items()}, self.config.partial_groups)
 
     @abstractmethod
     def quantize_matrix(self, proj: Projection, stats: dict[str, Statistic]
@@ -72,7 +72,8 @@ class QuantizeMethod(LayerwiseMethod):
 
     def summary(self) -> dict[str, Any]:
         return {"bits": self.config.bits, "group_size": self.config.group_size,
-                "symmetric": self.config.symmetric}
+                "symmetric": self.config.symmetric,
+                "partial_groups": self.config.partial_groups}
 
 
 @register_method(RTNConfig)

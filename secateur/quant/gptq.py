@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from secateur.errors import SecateurError
-from secateur.quant.grid import Grid, check_group_size, find_params, quantize
+from secateur.quant.grid import Grid, find_params, quantize
 from secateur.quant.state import QuantState
 
 BLOCKSIZE = 128
@@ -70,7 +70,6 @@ def gptq_quantize(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, QuantState]:
     """The dequantized weight (out, in) float32 and its grid; `weight` is left as it was."""
-    check_group_size(group_size, weight.shape[1], "this matrix")
     if static_groups and group_size == -1:
         raise SecateurError("static_groups fixes the grid of each group of columns; it needs "
                             "group_size > 0")

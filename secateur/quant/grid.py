@@ -92,7 +92,6 @@ def rtn(weight: torch.Tensor, grid: Grid, group_size: int = -1
     """Round to nearest: each group's grid from its own weights. Returns (dequantized, state)."""
     w = weight.detach().float()
     size = w.shape[1] if group_size == -1 else group_size
-    check_group_size(group_size, w.shape[1], "this matrix")
     scales, zeros, parts = [], [], []
     for start in group_starts(w.shape[1], group_size):
         block = w[:, start:start + size]
@@ -105,13 +104,6 @@ def rtn(weight: torch.Tensor, grid: Grid, group_size: int = -1
     return torch.cat(parts, 1), state
 
 
-def check_group_size(group_size: int, in_features: int, name: str) -> None:
-    if group_size != -1 and in_features % group_size:
-        raise SecateurError(f"group_size {group_size} does not divide the input width "
-                            f"{in_features} of {name}; use -1 (per channel) or a size that "
-                            f"divides every input width, e.g. {_divisor(in_features, group_size)}")
-
-
 def _divisor(width: int, group_size: int) -> int:
     """The largest power of two up to `group_size` that divides `width` (a suggestion)."""
     size = 1
@@ -120,17 +112,24 @@ def _divisor(width: int, group_size: int) -> int:
     return size
 
 
-def check_group_sizes(group_size: int, named_widths: dict[str, int]) -> None:
-    """Refuse, naming the first matrix, a group size that does not divide every input width."""
-    if group_size == -1:
+def check_group_sizes(group_size: int, named_widths: dict[str, int],
+                      partial: bool = False) -> None:
+    """Refuse, naming the first matrix, a group size that does not divide every input width.
+
+    The solvers themselves handle a narrower last group (GPTQ's reference cuts groups at
+    multiples of the size, whatever the width); refusing by default keeps a user who asked for
+    "groups of 128" from getting a grid they did not expect without saying so.
+    """
+    if group_size == -1 or partial:
         return
     bad = {n: w for n, w in named_widths.items() if w % group_size}
     if bad:
         name, width = next(iter(bad.items()))
         size = min(_divisor(w, group_size) for w in named_widths.values())
         raise SecateurError(f"group_size {group_size} does not divide the input width {width} "
-                            f"of {name}; use -1 (per channel) or a size that divides every "
-                            f"input width, e.g. {size}")
+                            f"of {name}; use -1 (per channel), a size that divides every "
+                            f"input width (e.g. {size}), or partial_groups=true for a "
+                            "narrower last group as GPTQ's reference makes it")
 
 
 def refuse_quantized(model: nn.Module) -> None:
@@ -151,6 +150,10 @@ class QuantGridConfig(Config):
                                               "instead of asymmetric (min/max).")
     mse: bool = Field(False, description="Shrink each group's range to minimise its rounding "
                                          "error (the reference's grid search).")
+    partial_groups: bool = Field(False, description="Accept a group size that does not divide "
+                                                    "an input width: the last group of each "
+                                                    "row is narrower, as in GPTQ's reference "
+                                                    "(saved in groups of gcd(size, width)).")
 
     @field_validator("group_size")
     @classmethod
