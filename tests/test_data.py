@@ -23,6 +23,13 @@ def test_c4_sample_has_one_document_per_line():
     assert all("\n" not in d for d in src.documents)
 
 
+def test_tiny_stories_are_the_blank_line_separated_stories():
+    src = load_text("tiny-stories")
+    assert len(src.documents) == 235
+    assert src.documents[0].startswith("One day, a little girl named Lily found a needle")
+    assert all("\n\n" not in d and d == d.strip() for d in src.documents)
+
+
 def test_local_txt_jsonl_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("first para\nstill first\n\nsecond para\n")
     assert load_text(str(tmp_path / "a.txt")).documents == ["first para\nstill first",

@@ -132,7 +132,15 @@ def _local_file(path: Path) -> TextSource:
     return TextSource(path.name, docs, "all", origin=str(path.resolve()))
 
 
-BUILTIN = {"wiki": _wiki, "c4-sample": _c4_sample}
+def _tiny_stories() -> TextSource:
+    text = _packaged("tiny.utf8").read_text(encoding="utf-8")
+    docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
+    return TextSource("tiny-stories", [d for d in docs if d], "all",
+                      origin="exllamav3 tiny.utf8 (TinyStories-style children's stories)")
+
+
+# wiki evaluates; c4-sample calibrates; tiny-stories is a second held-out text of another style
+BUILTIN = {"wiki": _wiki, "c4-sample": _c4_sample, "tiny-stories": _tiny_stories}
 HUB = {"wikitext2": _wikitext2, "c4": _c4, "ptb": _ptb}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
