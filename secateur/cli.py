@@ -513,6 +513,34 @@ def report_cmd(
         out_console.print(str(p))
 
 
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Argument(help="A saved (pruned) Llama-family model directory, "
+                                              "or any model name secateur loads.")],
+    fmt: Annotated[str, typer.Option("--format", help="nemotron-nas (DeciLM block_configs, "
+                                                      "for vLLM) or gguf (llama.cpp).")],
+    out: Annotated[Path, typer.Option(help="Output folder (nemotron-nas) or .gguf file.")],
+    outtype: Annotated[str | None, typer.Option(
+        help="Weights: f32 (nemotron-nas default), f16 (gguf default), bf16 (nemotron-nas), "
+             "q8_0 (gguf).")] = None,
+    overwrite: Overwrite = False,
+    json: Json = None,
+) -> None:
+    """Write a pruned model for another runtime: vLLM (Nemotron-NAS) or llama.cpp (GGUF)."""
+    from secateur.export import export
+    from secateur.io import check_output_file
+    from secateur.surgery.save import write_json_atomic
+
+    if json is not None:
+        check_output_file(json, "--json", inputs=[model])
+    result = export(model, fmt, out, overwrite, outtype)
+    if json is not None:
+        write_json_atomic(json, result)
+    out_console.print(f"wrote {result['format']} ({result['architecture']}, "
+                      f"{result['layers']} layers, {result['outtype']}) to {result['out']}: "
+                      f"{result['bytes'] / 2**20:.1f} MiB", highlight=False)
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM; a BaseException of our own so that no library swallows it."""
 

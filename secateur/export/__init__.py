@@ -1,0 +1,53 @@
+"""Exports to other runtimes' layouts: Nemotron-NAS (DeciLM, for vLLM) and GGUF (llama.cpp).
+
+`export(model, fmt, out)` loads a model secateur can load (a saved pruned folder, a Hub name,
+a built-in name), reads it as a Llama-shaped layout (`layout.read_layout`: refuses anything
+else in one line) and writes it; bad input is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from secateur.errors import SecateurError
+
+FORMATS = ("nemotron-nas", "gguf")
+DEFAULT_OUTTYPE = {"nemotron-nas": "f32", "gguf": "f16"}
+
+
+def export(model: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
+           outtype: str | None = None) -> dict[str, Any]:
+    """Write `model` in format `fmt` to `out` (a folder for nemotron-nas, a file for gguf)."""
+    from secateur.export.gguf import OUTTYPES, check_gguf_output, write_gguf
+    from secateur.export.layout import read_layout
+    from secateur.export.nemotron_nas import DTYPES, write_nemotron_nas
+    from secateur.io import check_output_dir, dir_bytes
+    from secateur.models.loading import load
+
+    if fmt not in FORMATS:
+        raise SecateurError(f"--format is one of {', '.join(FORMATS)}, got '{fmt}'")
+    outtype = outtype or DEFAULT_OUTTYPE[fmt]
+    allowed = OUTTYPES if fmt == "gguf" else tuple(DTYPES)
+    if outtype not in allowed:
+        raise SecateurError(f"--outtype for {fmt} is one of {', '.join(allowed)}, got "
+                            f"'{outtype}'")
+    out, inputs = Path(out), (str(model),)
+    if fmt == "gguf":
+        check_gguf_output(out, overwrite, inputs)
+    else:
+        check_output_dir(out, overwrite, inputs)
+    loaded = load(model)
+    layout = read_layout(loaded.model, str(model))
+    if fmt == "gguf":
+        written = write_gguf(layout, loaded.tokenizer, out, overwrite, outtype, inputs)
+    else:
+        write_nemotron_nas(layout, loaded.tokenizer, out, overwrite, outtype, inputs)
+        written = {"architecture": "DeciLMForCausalLM", "outtype": outtype,
+                   "layers": len(layout.layers)}
+    layers = layout.layers
+    return {"model": str(model), "format": fmt, "out": str(out), **written,
+            "bytes": dir_bytes(out),
+            "layers_without_attention": [i for i, s in enumerate(layers) if not s.has_attention],
+            "layers_without_mlp": [i for i, s in enumerate(layers) if not s.has_mlp],
+            "stock_shape": layout.is_stock}

@@ -1,0 +1,1 @@
+"""Files that travel with exported models (self-contained: they import only transformers)."""
