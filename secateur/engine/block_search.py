@@ -146,7 +146,8 @@ class BlockSearch:
         self.removed.append(block)
 
     def score(self, candidates: Sequence[Block], desc: str = "candidates",
-              shortlist: int | None = None) -> dict[Block, float]:
+              shortlist: int | None = None,
+              rank: Callable[[Block, float], float] | None = None) -> dict[Block, float]:
         """Mean NLL with each candidate removed on top of `removed`.
 
         Exact by default: every candidate on every window. With `shortlist=K` (and more than
@@ -154,7 +155,9 @@ class BlockSearch:
         batches, and only the K best screened are scored on all windows. Only scores over
         every window are returned (so a caller's min is over the finalists: a screening
         score is on other text and not comparable); the screening scores of the others are
-        in `screening`.
+        in `screening`. "Best" is the lowest NLL, or with `rank` the lowest
+        `rank(candidate, NLL increase over the current model on the screening windows)`, so
+        the screening keeps the finalists of the caller's own criterion.
         """
         t = time.perf_counter()
         batches = list(range(len(self.inputs)))
@@ -167,7 +170,13 @@ class BlockSearch:
             screen = batches[:max(1, len(batches) // 4)]
             rest = batches[len(screen):]
             first = self._scan(candidates, screen, f"{desc} (screen)")
-            ranked = sorted(candidates, key=lambda c: (first[c], -c.layer, c.part))
+            if rank is None:
+                ranked = sorted(candidates, key=lambda c: (first[c], -c.layer, c.part))
+            else:
+                now = self._walk_to_loss(0, [self.inputs[b] for b in screen], None, screen)
+                per_token = self._tokens(screen)
+                keys = {c: rank(c, (first[c] - now) / per_token) for c in candidates}
+                ranked = sorted(candidates, key=lambda c: (keys[c], -c.layer, c.part))
             finalists = ranked[:shortlist]
             second = self._scan(finalists, rest, f"{desc} (top {shortlist})")
             scores = {c: (first[c] + second[c]) / self.tokens for c in finalists}
