@@ -10,20 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from secateur.errors import SecateurError
 
 FORMATS = ("nemotron-nas", "gguf")
 DEFAULT_OUTTYPE = {"nemotron-nas": "f32", "gguf": "f16"}
 
 
-def export(model: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
-           outtype: str | None = None) -> dict[str, Any]:
-    """Write `model` in format `fmt` to `out` (a folder for nemotron-nas, a file for gguf)."""
-    from secateur.export.gguf import OUTTYPES, check_gguf_output, write_gguf
-    from secateur.export.layout import read_layout
-    from secateur.export.nemotron_nas import DTYPES, write_nemotron_nas
-    from secateur.io import check_output_dir, dir_bytes
-    from secateur.models.loading import load
+def _check(fmt: str, outtype: str | None, out: Path, overwrite: bool,
+           inputs: tuple[str, ...]) -> str:
+    """Validate everything about the output before any model is read; returns the outtype."""
+    from secateur.export.gguf import OUTTYPES, check_gguf_output
+    from secateur.export.nemotron_nas import DTYPES
+    from secateur.io import check_output_dir
 
     if fmt not in FORMATS:
         raise SecateurError(f"--format is one of {', '.join(FORMATS)}, got '{fmt}'")
@@ -32,22 +32,46 @@ def export(model: str | Path, fmt: str, out: str | Path, overwrite: bool = False
     if outtype not in allowed:
         raise SecateurError(f"--outtype for {fmt} is one of {', '.join(allowed)}, got "
                             f"'{outtype}'")
-    out, inputs = Path(out), (str(model),)
     if fmt == "gguf":
         check_gguf_output(out, overwrite, inputs)
     else:
         check_output_dir(out, overwrite, inputs)
-    loaded = load(model)
-    layout = read_layout(loaded.model, str(model))
+    return outtype
+
+
+def export_model(model: nn.Module, tokenizer: Any, fmt: str, out: str | Path,
+                 overwrite: bool = False, outtype: str | None = None, name: str = "model",
+                 inputs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Write an in-memory model (e.g. just pruned) in format `fmt` to `out`."""
+    from secateur.export.gguf import write_gguf
+    from secateur.export.layout import read_layout
+    from secateur.export.nemotron_nas import write_nemotron_nas
+    from secateur.io import dir_bytes
+
+    out = Path(out)
+    outtype = _check(fmt, outtype, out, overwrite, inputs)
+    layout = read_layout(model, name)
     if fmt == "gguf":
-        written = write_gguf(layout, loaded.tokenizer, out, overwrite, outtype, inputs)
+        written = write_gguf(layout, tokenizer, out, overwrite, outtype, inputs)
     else:
-        write_nemotron_nas(layout, loaded.tokenizer, out, overwrite, outtype, inputs)
+        write_nemotron_nas(layout, tokenizer, out, overwrite, outtype, inputs)
         written = {"architecture": "DeciLMForCausalLM", "outtype": outtype,
                    "layers": len(layout.layers)}
     layers = layout.layers
-    return {"model": str(model), "format": fmt, "out": str(out), **written,
-            "bytes": dir_bytes(out),
+    return {"model": name, "format": fmt, "out": str(out), **written, "bytes": dir_bytes(out),
             "layers_without_attention": [i for i, s in enumerate(layers) if not s.has_attention],
             "layers_without_mlp": [i for i, s in enumerate(layers) if not s.has_mlp],
             "stock_shape": layout.is_stock}
+
+
+def export(model: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
+           outtype: str | None = None) -> dict[str, Any]:
+    """Load `model` (a folder, Hub or built-in name) and write it in format `fmt` to `out`
+    (a folder for nemotron-nas, a file for gguf)."""
+    from secateur.models.loading import load
+
+    inputs = (str(model),)
+    _check(fmt, outtype, Path(out), overwrite, inputs)  # before the (slow) load
+    loaded = load(model)
+    return export_model(loaded.model, loaded.tokenizer, fmt, out, overwrite, outtype,
+                        str(model), inputs)
