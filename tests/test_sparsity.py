@@ -60,7 +60,8 @@ def test_nm_pattern(method, nm):
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     errors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        _, run = _run(method=method, sparsity=0.5, calib=CalibrationConfig("c4-sample", 8, 64, 0))
+        _, run = _run(method=method, sparsity=0.5, error_report=True,
+                      calib=CalibrationConfig("c4-sample", 8, 64, 0))
         errors[method] = run.layers[0]["relative_error"]
     assert errors["sparsegpt"] < errors["wanda"]
     assert errors["sparsegpt"] < errors["magnitude"]

@@ -32,6 +32,10 @@ def _run(layer: nn.Module, inputs: list[torch.Tensor], call: LayerCall) -> list[
     return [call_layer(layer, x, call) for x in inputs]
 
 
+class _Seen(Exception):
+    """Raised once every projection has seen its input, when the layer's output is unused."""
+
+
 @torch.no_grad()
 def run_with_stats(
     layer: nn.Module,
@@ -39,27 +43,57 @@ def run_with_stats(
     needs: tuple[type[Statistic], ...],
     inputs: list[torch.Tensor],
     call: LayerCall,
+    *,
+    share: bool = False,
+    outputs: bool = True,
 ) -> tuple[list[torch.Tensor], LayerStats]:
-    """The layer's outputs, and each projection's input statistics gathered on the way."""
+    """The layer's outputs, and each projection's input statistics gathered on the way.
+
+    `share`: projections called on the very tensor the projection before them got (q/k/v,
+    gate/up) share that projection's statistic objects, which see each token once.
+    `outputs=False`: each window stops as soon as the last projection has seen its input
+    (the rest of the layer, e.g. the down projection, is not computed); returns no outputs.
+    """
     stats: LayerStats = {
         name: {cls.name: cls(p.in_features) for cls in needs} for name, p in projections.items()
     }
-    handles = []
-    for name, proj in projections.items():
-        if not needs:
-            break
+    owner: dict[str, str] = {}  # name -> the projection whose statistics it shares
+    window = {"index": 0, "seen": 0, "last": None, "last_name": ""}
 
-        def hook(_mod, args, _name=name):
+    def hook(_mod, args, _name):
+        x = args[0]
+        same = share and window["last"] is x  # the live tensor, not an equal one
+        if window["index"] == 0 and same:
+            owner[_name] = owner.get(window["last_name"], window["last_name"])
+            stats[_name] = stats[owner[_name]]
+        elif (_name in owner) != same:
+            raise RuntimeError(f"{_name}: the projections sharing an input changed between "
+                               "calibration windows")
+        if not same:
             for stat in stats[_name].values():
-                stat.add(args[0].detach())
+                stat.add(x.detach())
+        window["last"], window["last_name"] = x, _name
+        window["seen"] += 1
+        if not outputs and window["seen"] == len(projections):
+            raise _Seen
 
-        handles.append(proj.module.register_forward_pre_hook(hook))
+    handles = [proj.module.register_forward_pre_hook(
+        lambda m, a, _name=name: hook(m, a, _name)) for name, proj in projections.items()]
+    result: list[torch.Tensor] = []
     try:
-        outputs = _run(layer, inputs, call)
+        for x in inputs:
+            window.update(seen=0, last=None, last_name="")
+            try:
+                out = call_layer(layer, x, call)
+                if outputs:
+                    result.append(out)
+            except _Seen:
+                pass
+            window["index"] += 1
     finally:
         for h in handles:
             h.remove()
-    return outputs, stats
+    return result, stats
 
 
 def relative_error(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
@@ -192,15 +226,29 @@ def prune_layerwise(
         reports, start, hidden = resumed.reports, resumed.done, resumed.hidden
         torch.set_rng_state(resumed.rng)
 
+    report_error = method.error_report
+    last = len(adapter.layers) - 1
+
     def visit(index, layer, inputs, call):
         projections = adapter.linears(layer)
-        dense, stats = run_with_stats(layer, projections, method.needs, inputs, call)
+        if not method.needs and not report_error:
+            # Masks from the weights alone (magnitude): no layer pass at all.
+            reports.append(method.apply(index, projections, {n: {} for n in projections}))
+            return inputs
+        # The dense outputs feed the next layer (non-sequential) or the error report.
+        dense_needed = report_error or not sequential
+        dense, stats = run_with_stats(layer, projections, method.needs, inputs, call,
+                                      share=method.shares_statistics, outputs=dense_needed)
         report = method.apply(index, projections, stats)
         del stats
-        pruned = _run(layer, inputs, call)
-        report.relative_error = relative_error(pruned, dense)
+        pruned = None
+        if report_error or (sequential and index < last):
+            pruned = _run(layer, inputs, call)
+        if report_error:
+            report.relative_error = relative_error(pruned, dense)
         reports.append(report)
-        return pruned if sequential else dense
+        out = pruned if sequential else dense
+        return inputs if out is None else out  # after the last layer nobody reads it
 
     def after(index, layer, outputs):
         saved = ckpt.save(index, layer, outputs, reports) if ckpt is not None else None

@@ -50,11 +50,21 @@ class Handler(ABC):
 
 class LayerwiseMethod(Handler):
     needs: ClassVar[tuple[type[Statistic], ...]] = ()
+    # True: projections fed the very same input tensor (q/k/v, gate/up) get one statistic
+    # object between them, gathered once; a method that frees a statistic after each matrix
+    # must leave it False.
+    shares_statistics: ClassVar[bool] = False
 
     @property
     def sequential(self) -> bool:
         """Feed each layer the already-compressed layers' outputs (the published default)."""
         return getattr(self.config, "sequential", True)
+
+    @property
+    def error_report(self) -> bool:
+        """Measure each layer's output error against the dense layer (costs the part of a
+        layer pass that only the report needs)."""
+        return getattr(self.config, "error_report", True)
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter,
                 context: PruneContext | None = None) -> None:

@@ -32,20 +32,45 @@ def check_nm_width(n: int, m: int, in_features: int, name: str) -> None:
 
 
 def lowest_per_matrix(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Mask (True = prune) of exactly floor(numel * sparsity) lowest scores in the matrix."""
+    """Mask (True = prune) of exactly floor(numel * sparsity) lowest scores in the matrix.
+
+    The same mask as the first k of a stable argsort (ties at the threshold go to the lowest
+    flat indices), found by selection instead of a full sort."""
     k = int(score.numel() * sparsity)
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
-    if k:
-        mask[torch.argsort(score.flatten(), stable=True)[:k]] = True
+    if not k:
+        return torch.zeros_like(score, dtype=torch.bool)
+    flat = score.reshape(-1)
+    threshold = flat.kthvalue(k).values
+    mask = flat < threshold
+    ties = flat == threshold
+    need = k - int(mask.sum())
+    if need == int(ties.sum()):
+        mask |= ties
+    else:
+        mask[ties.nonzero().squeeze(1)[:need]] = True
     return mask.view_as(score)
 
 
 def lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Mask of exactly floor(in_features * sparsity) lowest scores in every output row."""
+    """Mask of exactly floor(in_features * sparsity) lowest scores in every output row.
+
+    The same mask as the first k of a stable argsort of each row, found by selection."""
     k = int(score.shape[1] * sparsity)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        mask.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], True)
+    if not k:
+        return torch.zeros_like(score, dtype=torch.bool)
+    threshold = score.kthvalue(k, dim=1, keepdim=True).values
+    mask = score < threshold
+    ties = score == threshold
+    need = k - mask.sum(1, keepdim=True)
+    # Rows whose ties at the threshold are all needed (the usual case with real-valued
+    # scores) take them all; the others take their first `need` ties by column.
+    crowded = (ties.sum(1, keepdim=True) != need).squeeze(1).nonzero().squeeze(1)
+    mask |= ties
+    if crowded.numel():
+        rows = ties[crowded]
+        rank = rows.to(torch.int32).cumsum(1, dtype=torch.int32)
+        mask[crowded] = (score[crowded] < threshold[crowded]) | (
+            rows & (rank <= need[crowded].to(torch.int32)))
     return mask
 
 

@@ -15,6 +15,7 @@ GPTQ, from its current weights with the pruned ones of the current block set to 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ def sparsegpt_prune(
 ) -> torch.Tensor:
     """The pruned and updated weight (out, in); `weight` is left as it was."""
     with one_thread():
-        return _solve(weight, hessian, sparsity, nm, blocksize, percdamp)[0]
+        return _solve(weight, hessian_factor(hessian, percdamp), sparsity, nm, blocksize)[0]
 
 
 @torch.no_grad()
@@ -68,18 +69,34 @@ def sparsegpt_prune_quantize(
 ) -> tuple[torch.Tensor, QuantState]:
     """Pruned and quantized in one solve: the dequantized weight (out, in) and its grid."""
     with one_thread():
-        w, state = _solve(weight, hessian, sparsity, nm, blocksize, percdamp, grid, group_size)
+        w, state = _solve(weight, hessian_factor(hessian, percdamp), sparsity, nm, blocksize,
+                          grid, group_size)
     assert state is not None
     return w, state
 
 
+@dataclass
+class HessianFactor:
+    """What the solve needs of a Hessian, computed once for all matrices that share it."""
+
+    hinv: torch.Tensor  # upper Cholesky factor of the dampened H^-1
+    dead: torch.Tensor  # input columns that never saw a non-zero value
+
+
+@torch.no_grad()
+def hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP) -> HessianFactor:
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    return HessianFactor(inverse_hessian_factor(h, percdamp, "SparseGPT"), dead)
+
+
 def _solve(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    factor: HessianFactor,
     sparsity: float | None,
     nm: tuple[int, int] | None,
     blocksize: int,
-    percdamp: float,
     grid: Grid | None = None,
     group_size: int = -1,
 ) -> tuple[torch.Tensor, QuantState | None]:
@@ -87,11 +104,8 @@ def _solve(
     grids: list[tuple[torch.Tensor, torch.Tensor]] = []
     if grid is not None and group_size == -1:
         grids.append(find_params(w, grid))  # the reference: from the dense weight, first
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    hinv = inverse_hessian_factor(h, percdamp, "SparseGPT")
+    w[:, factor.dead] = 0
+    hinv = factor.hinv
     cols = w.shape[1]
     if nm:
         # Blocks must hold whole N:M groups.
@@ -186,6 +200,7 @@ class SparseGPT(SparsityMethod):
     def __init__(self, config: SparseGPTConfig) -> None:
         super().__init__(config)
         self._errors: dict[str, dict[str, float]] = {}
+        self._factors: dict[int, HessianFactor] = {}  # id(Hessian statistic) -> factor
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter,
                 context: PruneContext | None = None) -> None:
@@ -200,23 +215,28 @@ class SparseGPT(SparsityMethod):
     def prune_matrix(self, proj: Projection, stats: dict[str, Statistic],
                      sparsity: float | None, nm: tuple[int, int] | None) -> None:
         hessian = stats[Hessian.name]
-        quant = self.config.quantize
-        if quant is None:
-            new = sparsegpt_prune(proj.weight, hessian.sum, sparsity, nm, self.config.blocksize,
-                                  self.config.percdamp)
-        else:
-            new, state = sparsegpt_prune_quantize(
-                proj.weight, hessian.sum, sparsity, nm, quant.grid(), quant.group_size,
-                self.config.blocksize, self.config.percdamp)
+        cfg, quant = self.config, self.config.quantize
+        # q/k/v (and gate/up) share one Hessian object: factor it once for all of them
+        if id(hessian) not in self._factors:
+            with one_thread():
+                self._factors[id(hessian)] = hessian_factor(hessian.sum, cfg.percdamp)
+        factor = self._factors[id(hessian)]
+        with one_thread():
+            new, state = _solve(proj.weight, factor, sparsity, nm, cfg.blocksize,
+                                None if quant is None else quant.grid(),
+                                -1 if quant is None else quant.group_size)
+        if state is not None:
             self._errors[proj.name] = {"output_error": output_error(proj.weight, new,
                                                                     hessian.sum)}
             set_quant_state(proj.module, state)
         proj.weight.copy_(new.to(proj.weight.dtype))
-        hessian.sum = torch.empty(0)  # a Hessian per matrix adds up; free it as soon as used
 
     def apply(self, index: int, projections: dict[str, Projection],
               stats: dict[str, dict[str, Statistic]]) -> LayerReport:
-        report = super().apply(index, projections, stats)
+        try:
+            report = super().apply(index, projections, stats)
+        finally:
+            self._factors.clear()
         for name, extra in self._errors.items():
             report.matrices[name].update(extra)
         self._errors.clear()

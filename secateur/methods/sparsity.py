@@ -39,6 +39,10 @@ class SparsityConfig(MethodConfig):
     owl: OWLConfig | None = Field(None, description="OWL non-uniform layer sparsity.")
     sequential: bool = Field(True, description="Feed each layer the pruned layers' outputs "
                                                "(else the dense activations).")
+    error_report: bool = Field(False, description="Report each layer's relative output error "
+                                                  "against the dense layer (costs part of a "
+                                                  "layer pass; without it magnitude runs no "
+                                                  "layer at all).")
 
     @field_validator("owl", mode="before")
     @classmethod
@@ -79,6 +83,7 @@ class SparsityMethod(LayerwiseMethod):
     """Prunes each projection of a layer to a target sparsity or an N:M pattern."""
 
     config: SparsityConfig
+    shares_statistics = True  # statistics are read, never freed, until the layer is done
 
     def __init__(self, config: SparsityConfig) -> None:
         super().__init__(config)
