@@ -1,0 +1,196 @@
+"""Every fast path of the mask methods gives what the slow path gave (issue 14, item 2)."""
+
+import copy
+
+import pytest
+import torch
+
+from secateur.api import CalibrationConfig, prune
+from secateur.engine.capture import capture_layer_inputs
+from secateur.engine.sequential import run_with_stats
+from secateur.methods.masks import lowest_n_of_m, lowest_per_matrix, lowest_per_row
+from secateur.methods.sparsegpt import SparseGPT
+from secateur.models import adapter_for
+from secateur.models.loading import Loaded
+from secateur.stats import ColumnSquares, Hessian
+from tests.tiny_models import byte_tokenizer, make_step, tiny_model
+
+CALIB = CalibrationConfig("c4-sample", nsamples=4, seqlen=48, seed=0)
+SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.99)
+
+
+def _argsort_per_matrix(score, sparsity):
+    k = int(score.numel() * sparsity)
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.argsort(score.flatten(), stable=True)[:k]] = True
+    return mask.view_as(score)
+
+
+def _argsort_per_row(score, sparsity):
+    k = int(score.shape[1] * sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], True)
+
+
+def _scores(seed):
+    """Real-valued scores, scores on a small grid (ties everywhere), and all-equal ones
+    with signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.randint(1, 50, (2,), generator=g).tolist()
+    signed_zeros = torch.zeros(rows, cols)
+    signed_zeros[torch.rand(rows, cols, generator=g) < 0.5] = -0.0
+    return [torch.randn(rows, cols, generator=g).abs(),
+            torch.randint(0, 4, (rows, cols), generator=g).float(),
+            signed_zeros]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_selection_masks_equal_stable_argsort_masks(seed):
+    for score in _scores(seed):
+        for s in SPARSITIES:
+            per_matrix = lowest_per_matrix(score, s)
+            assert torch.equal(per_matrix, _argsort_per_matrix(score, s)), (score.shape, s)
+            assert per_matrix.sum().item() == int(score.numel() * s)
+            per_row = lowest_per_row(score, s)
+            assert torch.equal(per_row, _argsort_per_row(score, s)), (score.shape, s)
+            assert (per_row.sum(1) == int(score.shape[1] * s)).all()
+
+
+def test_per_row_mask_with_crowded_ties_in_some_rows_only():
+    score = torch.tensor([[1.0, 2.0, 2.0, 2.0, 3.0, 0.5],  # 3 ties at the threshold, 2 needed
+                          [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # no ties
+                          [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])  # all tied
+    mask = lowest_per_row(score, 0.5)
+    assert mask.tolist() == [[True, True, False, False, False, True],
+                             [True, True, True, False, False, False],
+                             [True, True, True, False, False, False]]
+    assert torch.equal(mask, _argsort_per_row(score, 0.5))
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_exact_pattern_and_lowest_in_every_group(n, m):
+    g = torch.Generator().manual_seed(n * 10 + m)
+    for score in (torch.randn(37, 8 * m, generator=g).abs(),
+                  torch.randint(0, 3, (37, 8 * m), generator=g).float()):
+        mask = lowest_n_of_m(score, n, m)
+        groups, pruned = score.reshape(37, -1, m), mask.reshape(37, -1, m)
+        assert (pruned.sum(-1) == m - n).all()
+        highest_pruned = groups.masked_fill(~pruned, float("-inf")).amax(-1)
+        lowest_kept = groups.masked_fill(pruned, float("inf")).amin(-1)
+        assert (highest_pruned <= lowest_kept).all()
+        if score.unique().numel() == score.numel():  # without ties the set is unique
+            stable = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]
+            assert torch.equal(pruned, torch.zeros_like(pruned).scatter_(-1, stable, True))
+
+
+@pytest.mark.parametrize("width", [64, 256, 600])
+def test_hessian_panels_equal_the_full_product(width):
+    g = torch.Generator().manual_seed(width)
+    chunks = [torch.randn(1, 40, width, generator=g) for _ in range(3)]
+    hessian = Hessian(width)
+    full = torch.zeros(width, width)
+    for x in chunks:
+        hessian.add(x)
+        full.addmm_(x[0].t(), x[0])
+    h = hessian.sum
+    assert torch.equal(h, h.t())
+    torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-4)
+    assert hessian.tokens == 120
+    hessian.sum = torch.empty(0)  # what a method does to free it
+    assert hessian.sum.numel() == 0
+
+
+def _loaded(family="llama"):
+    model = tiny_model(family)
+    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
+
+
+def _windows(count=3, seqlen=24):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(count)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt", "gpt2", "gpt_neox"])
+def test_shared_statistics_equal_separate_ones(family):
+    loaded = _loaded(family)
+    adapter = loaded.adapter
+    captured = capture_layer_inputs(loaded.model, adapter, _windows())
+    layer = adapter.layers[1]
+    projections = adapter.linears(layer)
+    needs = (ColumnSquares, Hessian)
+    outputs, separate = run_with_stats(layer, projections, needs, captured.hidden,
+                                       captured.calls[1])
+    same_outputs, shared = run_with_stats(layer, projections, needs, captured.hidden,
+                                          captured.calls[1], share=True)
+    no_outputs, early = run_with_stats(layer, projections, needs, captured.hidden,
+                                       captured.calls[1], share=True, outputs=False)
+    assert no_outputs == [] and len(outputs) == 3
+    assert all(torch.equal(a, b) for a, b in zip(outputs, same_outputs, strict=True))
+    for name in projections:
+        for stat in (ColumnSquares.name, Hessian.name):
+            assert torch.equal(shared[name][stat].sum, separate[name][stat].sum), name
+            assert torch.equal(early[name][stat].sum, separate[name][stat].sum), name
+            assert shared[name][stat].tokens == separate[name][stat].tokens == 72
+    groups = {id(shared[name]) for name in projections}
+    if family in ("llama", "gemma3_text"):
+        q, k, v, o = (shared[f"self_attn.{p}_proj"] for p in "qkvo")
+        assert q is k is v and o is not q
+        assert shared["mlp.gate_proj"] is shared["mlp.up_proj"]
+        assert len(groups) == 4  # q/k/v, o, gate/up, down
+    elif family == "opt":
+        assert len(groups) == 4  # q/k/v, out, fc1, fc2
+    else:
+        assert len(groups) == len(projections)  # fused q/k/v: nothing to share
+
+
+def _prune(loaded, **options):
+    return prune(loaded, make_step(**options), CALIB, progress=False)
+
+
+def _weights(loaded):
+    return {(i, n): p.weight.detach().clone() for i, layer in enumerate(loaded.adapter.layers)
+            for n, p in loaded.adapter.linears(layer).items()}
+
+
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"nm": "2:4"}])
+def test_shared_hessian_sparsegpt_equals_per_matrix_sparsegpt(monkeypatch, target):
+    shared = _loaded()
+    _prune(shared, method="sparsegpt", **target)
+    monkeypatch.setattr(SparseGPT, "shares_statistics", False)
+    separate = _loaded()
+    _prune(separate, method="sparsegpt", **target)
+    a, b = _weights(shared), _weights(separate)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any((a[k] == 0).any() for k in a)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_without_error_report_same_weights(method, sequential):
+    loaded = {}
+    runs = {}
+    for report in (True, False):
+        loaded[report] = _loaded()
+        runs[report] = _prune(loaded[report], method=method, sparsity=0.5,
+                              sequential=sequential, error_report=report)
+    a, b = _weights(loaded[True]), _weights(loaded[False])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(0 < layer["relative_error"] < 1 for layer in runs[True].layers)
+    assert all(layer["relative_error"] is None for layer in runs[False].layers)
+
+
+def test_magnitude_runs_no_layer_without_error_report():
+    calls = []
+    loaded = _loaded()
+    before = copy.deepcopy(loaded.model)
+    for layer in loaded.adapter.layers:
+        layer.register_forward_hook(lambda *a: calls.append(1))
+    _prune(loaded, method="magnitude", sparsity=0.5)
+    assert calls == []
+    # the same masks as magnitude from the weights alone (ties to the lowest index)
+    adapter = adapter_for(before)
+    for i, layer in enumerate(adapter.layers):
+        for name, p in adapter.linears(layer).items():
+            mask = _argsort_per_matrix(p.weight.abs(), 0.5)
+            assert torch.equal(loaded.adapter.linears(loaded.adapter.layers[i])[name].weight,
+                               p.weight.masked_fill(mask, 0.0))
