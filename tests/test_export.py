@@ -10,6 +10,7 @@ equal secateur's own model's.
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 
@@ -359,6 +360,32 @@ def test_nemotron_nas_block_configs_weights_and_logits(deci_dir, tmp_path):
     assert remote.block_configs[2].attention.no_op
     assert remote.block_configs[1].ffn.ffn_mult == 6.0
     assert remote.block_configs[3].attention.n_heads_in_group == 2
+
+
+def test_nemotron_nas_folder_loads_in_transformers(tmp_path):
+    """The folder vLLM reads also runs in transformers through the code saved in it."""
+    model = tiny_llama(5)
+    remove_blocks(model, adapter_for(model), [Block(0, "attn"), Block(2, "mlp")])
+    src = save(model, tmp_path / "src")
+    out = tmp_path / "nas"
+    export(src, "nemotron-nas", out)
+    for name in ("configuration_decilm.py", "modeling_decilm.py"):  # travels without secateur
+        tree = ast.parse((out / name).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                    for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        assert imported <= {"__future__", "dataclasses", "typing", "torch", "transformers"}
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(remote).__name__ == "DeciLMForCausalLM"
+    assert remote.model.layers[0].self_attn is None and remote.model.layers[2].mlp is None
+    with torch.no_grad():
+        assert (remote(IDS).logits[0] - secateur_logits(src)).abs().max() < 1e-4
+        gen = remote.generate(IDS, max_new_tokens=5, do_sample=False)
+        x = IDS
+        for _ in range(5):  # layer 0 has no attention: the KV cache must still be right
+            x = torch.cat([x, remote(x, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(gen, x)
 
 
 def test_stock_nemotron_nas_and_tied_embeddings(tmp_path):

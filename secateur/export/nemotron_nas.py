@@ -1,7 +1,9 @@
 """Write a Llama-shaped model in the DeciLM / Nemotron-NAS layout that vLLM's `nemotron_nas`
 model reads: `model_type: nemotron-nas`, one `block_configs` entry per layer, Llama weight names.
 
-The layout has less freedom than secateur's own class, and the export refuses (one line,
+The folder also carries `configuration_decilm.py` / `modeling_decilm.py` (`auto_map`), so
+transformers loads it with `trust_remote_code=True` too. The layout has less freedom than
+secateur's own class, and the export refuses (one line,
 nothing written) what it cannot say exactly:
 - one query-head count for every attention layer (`num_attention_heads`); a layer's KV heads
   are `num_attention_heads // n_heads_in_group`, so they must divide it;
@@ -23,7 +25,8 @@ from secateur.export.layout import LlamaLayout
 from secateur.export.remote.configuration_decilm import ffn_mult_to_intermediate_size
 from secateur.io import atomic_dir
 
-REMOTE_CONFIG = Path(__file__).parent / "remote" / "configuration_decilm.py"
+REMOTE = Path(__file__).parent / "remote"
+REMOTE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 MAX_SHARD = "5GB"
 
@@ -85,7 +88,8 @@ def decilm_config(layout: LlamaLayout, dtype: str) -> dict[str, Any]:
     return {
         "architectures": ["DeciLMForCausalLM"],
         "model_type": "nemotron-nas",
-        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"},
+        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
         "block_configs": blocks,
         "hidden_size": layout.hidden_size,
         "num_hidden_layers": len(layout.layers),
@@ -123,14 +127,16 @@ def _save_weights(tensors: dict[str, torch.Tensor], folder: Path) -> None:
 
 def write_nemotron_nas(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool = False,
                        dtype: str = "f32", inputs: tuple[str, ...] = ()) -> Path:
-    """Config (+ its code file), safetensors weights and the tokenizer in folder `out`."""
+    """config.json, safetensors weights, the tokenizer, and the config/model code that lets
+    transformers load the folder with trust_remote_code (vLLM needs the config class)."""
     if dtype not in DTYPES:
         raise SecateurError(f"nemotron-nas weights are {', '.join(DTYPES)}, got '{dtype}'")
     config = decilm_config(layout, dtype)  # refuses inexpressible shapes before writing
     tensors = {k: v.to(DTYPES[dtype]).contiguous().clone() for k, v in layout.tensors.items()}
     with atomic_dir(out, overwrite, inputs) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(REMOTE_CONFIG, tmp / REMOTE_CONFIG.name)
+        for name in REMOTE_FILES:  # transformers loads it with trust_remote_code
+            shutil.copyfile(REMOTE / name, tmp / name)
         _save_weights(tensors, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

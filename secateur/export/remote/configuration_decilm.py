@@ -3,6 +3,7 @@
 Written by secateur next to exported weights; self-contained (imports only transformers) so
 that `AutoConfig.from_pretrained(dir, trust_remote_code=True)` (and so vLLM's `nemotron_nas`
 model) reads the per-layer `block_configs` on a machine without secateur.
+`intermediate_size` and `num_key_value_heads` hold the widest layer's values.
 
 Each entry of `block_configs` describes one decoder layer:
 - `attention.no_op`: the layer has no attention branch (and no input_layernorm);
@@ -65,7 +66,7 @@ class DeciLMConfig(LlamaConfig):
     def __init__(self, block_configs: list[dict] | list[BlockConfig] | None = None,
                  **kwargs: Any) -> None:
         # Per-layer values live in block_configs; config.json holds null for the global ones,
-        # which transformers >= 5 refuses to store, so they keep LlamaConfig's defaults here.
+        # which transformers >= 5 refuses to store: they become the widest layer's below.
         for key in ("intermediate_size", "num_key_value_heads"):
             if kwargs.get(key, 0) is None:
                 del kwargs[key]
@@ -75,6 +76,12 @@ class DeciLMConfig(LlamaConfig):
         if blocks and len(blocks) != self.num_hidden_layers:
             raise ValueError(f"{len(blocks)} block_configs for {self.num_hidden_layers} layers")
         self.block_configs = blocks
+        sizes = [ffn_mult_to_intermediate_size(b.ffn.ffn_mult, self.hidden_size)
+                 for b in blocks if not b.ffn.no_op]
+        kv = [self.num_attention_heads // b.attention.n_heads_in_group
+              for b in blocks if not b.attention.no_op]
+        self.intermediate_size = max(sizes, default=self.intermediate_size)
+        self.num_key_value_heads = max(kv, default=self.num_key_value_heads)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
