@@ -47,8 +47,8 @@ def block_configs(layout: LlamaLayout) -> tuple[int, list[dict[str, Any]]]:
     heads = sorted({s.num_heads for s in layout.layers if s.has_attention})
     if len(heads) > 1:
         raise SecateurError(
-            f"DeciLM has one query-head count for all layers, this model has {heads}: prune "
-            "heads by whole KV groups (--gqa-mode kv) or export --format gguf")
+            f"DeciLM has one query-head count for all layers, this model has {heads}: export "
+            "--format gguf (llama.cpp's deci architecture takes per-layer heads)")
     n_heads = heads[0]
     blocks = []
     for i, s in enumerate(layout.layers):
@@ -64,9 +64,8 @@ def block_configs(layout: LlamaLayout) -> tuple[int, list[dict[str, Any]]]:
             mult = ffn_mult_for(s.intermediate_size, layout.hidden_size)
             if mult is None:
                 raise SecateurError(
-                    f"layer {i}: MLP width {s.intermediate_size} has no DeciLM ffn_mult (widths "
-                    "are multiples of 256 there): prune to multiples of 256 or export --format "
-                    "gguf")
+                    f"layer {i}: MLP width {s.intermediate_size} has no DeciLM ffn_mult (its "
+                    "widths are multiples of 256): export --format gguf, which takes any width")
             ffn = {"no_op": False, "replace_with_linear": False, "ffn_mult": mult}
         else:
             ffn = {"no_op": True, "replace_with_linear": False, "ffn_mult": None}
