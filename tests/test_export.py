@@ -365,7 +365,8 @@ def test_nemotron_nas_block_configs_weights_and_logits(deci_dir, tmp_path):
 def test_nemotron_nas_folder_loads_in_transformers(tmp_path):
     """The folder vLLM reads also runs in transformers through the code saved in it."""
     model = tiny_llama(5)
-    remove_blocks(model, adapter_for(model), [Block(0, "attn"), Block(2, "mlp")])
+    remove_blocks(model, adapter_for(model), [Block(0, "attn"), Block(1, "attn"),
+                                              Block(2, "mlp")])
     src = save(model, tmp_path / "src")
     out = tmp_path / "nas"
     export(src, "nemotron-nas", out)
@@ -376,14 +377,24 @@ def test_nemotron_nas_folder_loads_in_transformers(tmp_path):
         imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                      if isinstance(n, ast.ImportFrom) and n.module and not n.level}
         assert imported <= {"__future__", "dataclasses", "typing", "torch", "transformers"}
+    # layer 0 lost its attention: vLLM's DeciLM needs an attention before the first MLP, so
+    # the export writes one whose weights are zero (one KV head)
+    blocks = json.loads((out / "config.json").read_text())["block_configs"]
+    assert blocks[0]["attention"] == {"no_op": False, "replace_with_linear": False,
+                                      "n_heads_in_group": 4}
+    assert [b["attention"]["no_op"] for b in blocks] == [False, True, False, False]
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, False, True, False]
+    weights = load_file(out / "model.safetensors")
+    assert not weights["model.layers.0.self_attn.o_proj.weight"].any()
+    assert (decilm_logits(out) - secateur_logits(src)).abs().max() < 1e-4
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(remote).__name__ == "DeciLMForCausalLM"
-    assert remote.model.layers[0].self_attn is None and remote.model.layers[2].mlp is None
+    assert remote.model.layers[1].self_attn is None and remote.model.layers[2].mlp is None
     with torch.no_grad():
         assert (remote(IDS).logits[0] - secateur_logits(src)).abs().max() < 1e-4
         gen = remote.generate(IDS, max_new_tokens=5, do_sample=False)
         x = IDS
-        for _ in range(5):  # layer 0 has no attention: the KV cache must still be right
+        for _ in range(5):  # layer 1 has no attention: the KV cache must still be right
             x = torch.cat([x, remote(x, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(gen, x)
 

@@ -9,10 +9,16 @@ nothing written) what it cannot say exactly:
   are `num_attention_heads // n_heads_in_group`, so they must divide it;
 - a layer's MLP width is `ffn_mult_to_intermediate_size(ffn_mult, hidden)`, a multiple of 256:
   other widths have no ffn_mult.
+
+vLLM's DeciLM layer starts the residual stream in the first attention it runs: an MLP before
+any attention unpacks a single tensor as (hidden, residual) and fails. So when the first
+non-empty layer has no attention, it gets a one-KV-head attention whose weights are all zero
+(it adds exactly nothing; the same stand-in llama.cpp needs, see `gguf.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +27,7 @@ from typing import Any
 import torch
 
 from secateur.errors import SecateurError
-from secateur.export.layout import LlamaLayout
+from secateur.export.layout import LayerShape, LlamaLayout
 from secateur.export.remote.configuration_decilm import ffn_mult_to_intermediate_size
 from secateur.io import atomic_dir
 
@@ -40,6 +46,25 @@ def ffn_mult_for(size: int, hidden: int) -> float | None:
         if mult > 0 and ffn_mult_to_intermediate_size(mult, hidden) == size:
             return mult
     return None
+
+
+def with_vllm_stand_in(layout: LlamaLayout) -> LlamaLayout:
+    """The layout with a zero attention in the first non-empty layer if it has none."""
+    first = next(i for i, s in enumerate(layout.layers) if s.has_attention or s.has_mlp)
+    shape = layout.layers[first]
+    if shape.has_attention:
+        return layout
+    heads = next(s.num_heads for s in layout.layers if s.has_attention)
+    h, d, p = layout.hidden_size, layout.head_dim, f"model.layers.{first}."
+    tensors = dict(layout.tensors)
+    tensors.update({p + "input_layernorm.weight": torch.ones(h),
+                    p + "self_attn.q_proj.weight": torch.zeros(heads * d, h),
+                    p + "self_attn.k_proj.weight": torch.zeros(d, h),
+                    p + "self_attn.v_proj.weight": torch.zeros(d, h),
+                    p + "self_attn.o_proj.weight": torch.zeros(h, heads * d)})
+    layers = list(layout.layers)
+    layers[first] = LayerShape(heads, 1, shape.intermediate_size)
+    return dataclasses.replace(layout, layers=layers, tensors=tensors)
 
 
 def block_configs(layout: LlamaLayout) -> tuple[int, list[dict[str, Any]]]:
@@ -130,6 +155,7 @@ def write_nemotron_nas(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite
     transformers load the folder with trust_remote_code (vLLM needs the config class)."""
     if dtype not in DTYPES:
         raise SecateurError(f"nemotron-nas weights are {', '.join(DTYPES)}, got '{dtype}'")
+    layout = with_vllm_stand_in(layout)
     config = decilm_config(layout, dtype)  # refuses inexpressible shapes before writing
     tensors = {k: v.to(DTYPES[dtype]).contiguous().clone() for k, v in layout.tensors.items()}
     with atomic_dir(out, overwrite, inputs) as tmp:
