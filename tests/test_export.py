@@ -283,6 +283,12 @@ def test_stock_model_is_a_llama_gguf_with_its_tokenizer(stock_dir, tmp_path):
     assert field(r, "tokenizer.ggml.eos_token_id") == 257
     want = secateur_logits(stock_dir)
     assert (gguf_logits(out) - want).abs().max() < 1e-4
+    # transformers' own GGUF reader (undoes the q/k permutation, rebuilds the tokenizer) agrees
+    again = load(out)
+    with torch.no_grad():
+        assert (again.model(IDS).logits[0] - want).abs().max() < 1e-5
+    text = "the cat sat on the mat"
+    assert again.tokenizer(text).input_ids == bpe_tokenizer()(text).input_ids
 
 
 def test_heterogeneous_model_is_a_deci_gguf_with_stand_ins(gguf_only_dir, tmp_path):
