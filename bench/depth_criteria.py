@@ -27,6 +27,7 @@ import json
 import logging
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,8 @@ def save(path: Path, result: dict, section: str, key: str | None = None) -> None
     search beside an evaluation), so each merges only its own entry instead of overwriting."""
     current = load_result(path)
     for field in ("model", "total_parameters", "ratio_definition", "calibration"):
-        current.setdefault(field, result[field])
+        if field in result:
+            current.setdefault(field, result[field])
     if key is None:
         current.setdefault(section, {}).update(result[section])
     else:
@@ -140,7 +142,9 @@ def search(args: argparse.Namespace, base: Loaded, result: dict) -> None:
         remove_blocks(work.model, work.adapter, [Block.parse(b) for b in previous])
         work = Loaded(work.model, work.tokenizer, adapter_for(work.model), work.name, work.path)
     # layers left, by original index: whole-layer removal renumbers the survivors
-    kept = [i for i in range(base.adapter.num_layers) if f"{i}.layer" not in previous]
+    # (a layer that lost both branches goes too)
+    kept = [i for i in range(base.adapter.num_layers) if f"{i}.layer" not in previous
+            and not {f"{i}.attn", f"{i}.mlp"} <= set(previous)]
     if method in LAYER_METHODS:
         amount: dict[str, Any] = {"layers": levels[-1]["layers"] - len(previous)}
     else:
@@ -193,6 +197,22 @@ def import_orders(args: argparse.Namespace, base: Loaded, result: dict) -> None:
     save(args.out, result, "imported_wiki_protocol")
 
 
+def import_log(args: argparse.Namespace, result: dict) -> None:
+    """Store the removals a search logged before it was stopped (one `removal N: BLOCK,
+    calibration ppl X` line each), marked partial; `search --extend` continues from there."""
+    steps = re.findall(r"removal (\d+): (\S+), calibration ppl ([0-9.]+)",
+                       args.log.read_text())
+    assert [int(n) for n, _, _ in steps] == list(range(1, len(steps) + 1)), "gap in the log"
+    result.setdefault("searches", {})[args.method] = {
+        "removed": [b for _, b, _ in steps],
+        "calibration_perplexity_after_each": [float(p) for _, _, p in steps],
+        "partial": True, "log": str(args.log),
+        "searched_here": {"from": 0, "samples": args.search_samples,
+                          "shortlist": args.search_shortlist}}
+    save(args.out, result, "searches", args.method)
+    print(f"{args.method}: {len(steps)} removals from the log", flush=True)
+
+
 # -- evaluate -------------------------------------------------------------------------------
 def zeroshot(loaded: Loaded, args: argparse.Namespace) -> dict:
     from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
@@ -240,14 +260,20 @@ def evaluate(args: argparse.Namespace, base: Loaded, result: dict) -> None:
     for level in levels:
         for method in args.methods:
             order = result["searches"][method]["removed"]
-            n = (level["layers"] if method in LAYER_METHODS
-                 else prefix_for(order, sizes, total, level["ratio"]))
+            try:
+                n = (level["layers"] if method in LAYER_METHODS
+                     else prefix_for(order, sizes, total, level["ratio"]))
+            except ValueError:  # a search stopped before this ratio
+                n = len(order) + 1
+            name = f"{method}@{level['target']}"
             if n > len(order):
                 print(f"{method}: order too short for ratio {level['ratio']:.3f}", flush=True)
+                models[name] = {"method": method, "target": level["target"],
+                                "not_reached": len(order)}
+                save(args.out, result, "models", name)
                 continue
-            name = f"{method}@{level['target']}"
             entry = models.setdefault(name, {})
-            if entry.get("removed") != order[:n]:
+            if entry.get("removed") != order[:n] or "not_reached" in entry:
                 entry.clear()
             work = copy_loaded(base)
             remove_blocks(work.model, work.adapter, [Block.parse(b) for b in order[:n]])
@@ -324,23 +350,49 @@ def table(args: argparse.Namespace, result: dict) -> str:
                                   _fmt(e.get("proportional_speedup"))]) + " |"
 
     rows.append(row("dense", "0", models["dense"], {}))
+    searches = result.get("searches", {})
     for target in args.ratios:
         level = {m: models[f"{m}@{target}"] for m in METHODS if f"{m}@{target}" in models}
         best = {k: min(e[k] for e in level.values() if k in e) for k in ("wiki", "c4_heldout")
                 if any(k in e for e in level.values())}
         for m, e in level.items():
-            rows.append(row(LABELS[m], f"{target:g}", e, best))
-    return "\n".join(rows) + "\n"
+            if "not_reached" in e:
+                rows.append(f"| {target:g} | {LABELS[m]} | not reached: its search stopped "
+                            f"after {e['not_reached']} removals |" + " |" * (len(head) - 3))
+            else:
+                rows.append(row(LABELS[m], f"{target:g}", e, best))
+    notes = ["", "Search sets (removal orders):"]
+    for m, found in searches.items():
+        if "from" in found:
+            how = (f"from {Path(found['from']).name}: first {found['search_samples']} of the "
+                   f"calibration windows, shortlist {found['shortlist']}, "
+                   f"{found['search']['dtype']} on another machine")
+            if m == "shortgpt":
+                how = f"from {Path(found['from']).name}: Block Influence on all 32 windows"
+        else:
+            here = found["searched_here"]
+            how = (f"searched here: first {here['samples']} of the calibration windows, "
+                   f"shortlist {here['shortlist']}, float32")
+        part = " (partial: stopped early)" if found.get("partial") else ""
+        notes.append(f"- {LABELS[m]}: {len(found['removed'])} removals{part}, {how}")
+    protocols = {"wiki": result.get("imported_wiki_protocol"), **result.get("protocols", {})}
+    for key, label in (("wiki", "wiki"), ("c4_heldout", "c4 held-out")):
+        if protocols.get(key):
+            pr = protocols[key]
+            notes.append(f"- {label}: {pr['windows']} x {pr['seqlen']} tokens, {pr['origin']}")
+    return "\n".join(rows + notes) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("import", "search", "evaluate", "timing", "table"))
+    ap.add_argument("stage", choices=("import", "import-log", "search", "evaluate", "timing",
+                                      "table"))
     ap.add_argument("--method", choices=tuple(METHODS), help="search: the method to search.")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
     ap.add_argument("--extend", action="store_true",
                     help="search: continue the stored order (this --out or --orders-from).")
     ap.add_argument("--orders-from", type=Path, default=None)
+    ap.add_argument("--log", type=Path, help="import-log: a search's log.")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--calib", default="c4-sample")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -364,6 +416,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     result = load_result(args.out)
+    if args.stage == "import-log":
+        import_log(args, result)
+        return
     if args.stage == "table":
         text = table(args, result)
         md = args.out.with_suffix(".md")
