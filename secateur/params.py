@@ -24,14 +24,45 @@ def parameter_count(modules: Iterable[nn.Module], trainable_only: bool = False) 
                if p.requires_grad or not trainable_only)
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Unique parameters, how many of them are non-zero, and their bytes in memory."""
-    total = nonzero = nbytes = 0
+def logical_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter once, where modules that hold their weights in a kernel's own layout
+    (secateur's runtime linears: packed int4 codes, a float16 head) stand for the parameters
+    they replace through `logical_parameters()`: a packed model counts what it computes with."""
+    stored = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    seen: set[int] = set()
+    replaced: set[int] = set()
+    for module in model.modules():
+        get = getattr(module, "logical_parameters", None)
+        if not callable(get):
+            continue
+        replaced |= {id(p) for p in module.parameters()}
+        for t in get():
+            if id(t) in stored:  # a tied head and embedding share one table: count it once
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+            yield t  # a weight materialised just now is its own
     for p in unique_parameters([model]):
+        if id(p) not in seen and id(p) not in replaced:
+            yield p
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Unique parameters (packed weights by their logical count), how many of them are
+    non-zero, and the bytes the model holds in memory (packed buffers as they are)."""
+    total = nonzero = 0
+    for p in logical_parameters(model):
         total += p.numel()
         nonzero += int(torch.count_nonzero(p).item())
-        nbytes += p.numel() * p.element_size()
-    return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": nbytes}
+    return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": _bytes_in_memory(model)}
+
+
+def _bytes_in_memory(model: nn.Module) -> int:
+    tensors = {t.data_ptr(): t.numel() * t.element_size()
+               for t in list(model.parameters()) + list(model.buffers())
+               if t.device.type != "meta" and t.numel()}
+    opaque = sum(getattr(m, "opaque_bytes", lambda: 0)() for m in model.modules())
+    return sum(tensors.values()) + opaque
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:

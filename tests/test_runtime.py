@@ -11,6 +11,7 @@ from secateur.engine.sequential import prune_layerwise
 from secateur.errors import SecateurError
 from secateur.methods.w8a8 import W8A8, W8A8Config, smoothing_scales
 from secateur.models import adapter_for
+from secateur.params import count_parameters
 from secateur.quant.pack import round_kept_tensors, save_packed
 from secateur.runtime import (
     Int4Linear,
@@ -18,9 +19,11 @@ from secateur.runtime import (
     W8A8Linear,
     apply_runtime,
     avx2,
+    fuse,
     load_packed,
     runtime_weight_bytes,
 )
+from secateur.runtime.fuse import FusedOutput
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.int8 import fake_quantize_tokens
 from tests.test_packed import IDS, logits, quantize_tiny, rtn, scattered_g_idx
@@ -107,6 +110,52 @@ def test_load_packed_builds_the_runtime_model_from_disk(tmp_path, runtime, bits,
         assert type(loaded.model.embed_tokens) is Float16Embedding
     # tiny widths: the two fp32 embedding matrices are 23% of this model
     assert runtime_weight_bytes(loaded) < (0.5 if runtime == "int4" else 0.6) * fp32_bytes
+
+
+@pytest.mark.parametrize("runtime,bits,group", [("int4", 4, 32), ("int8", 8, -1)])
+def test_packed_model_counts_its_logical_parameters(tmp_path, runtime, bits, group, backend):
+    """A packed model has the parameters and zeros of the model it was saved from, though
+    its weights are integer buffers (and a float16 table), not parameters."""
+    model = quantize_tiny(bits, group, symmetric=False)
+    layer = model.model.layers[0]
+    layer.mlp.up_proj.weight.data[:, :32] = 0  # zeros that stay zero on any grid
+    save_packed(model, None, tmp_path / "m")
+    round_kept_tensors(model)
+    want = count_parameters(model)
+    loaded = load_packed(tmp_path / "m", runtime)
+    got = count_parameters(loaded)
+    assert got["parameters"] == want["parameters"] and got["nonzero"] == want["nonzero"]
+    assert got["bytes_in_memory"] < 0.6 * want["bytes_in_memory"]
+
+
+def test_int4_fuses_linears_that_share_an_input(monkeypatch):
+    model = quantize_tiny(4, 32, symmetric=False)
+    want = logits(model)
+    dense_count = count_parameters(model)
+    unfused = copy.deepcopy(model)
+    apply_runtime(model, "int4")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert [type(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)] == \
+        [FusedOutput, FusedOutput, FusedOutput, Int4Linear]
+    assert type(mlp.gate_proj) is FusedOutput and type(mlp.down_proj) is Int4Linear
+    # one kernel call per group: the first member runs it, the others take their rows
+    calls = []
+    attn.q_proj.fused.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, 1, attn.q_proj.in_features)
+    pieces = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    assert len(calls) == 1 and all(p.is_contiguous() for p in pieces)
+    x.mul_(2)  # an input changed in place is a new input
+    assert torch.allclose(attn.q_proj(x), 2 * pieces[0], atol=ATOL) and len(calls) == 2
+    assert (logits(model) - want).abs().max() < ATOL
+    # the same bytes and logical parameters as the unfused runtime
+    monkeypatch.setattr(fuse, "fusable", lambda linears: False)
+    apply_runtime(unfused, "int4")
+    assert type(unfused.model.layers[0].self_attn.q_proj) is Int4Linear
+    assert runtime_weight_bytes(model) == runtime_weight_bytes(unfused)
+    for m in (model, unfused):
+        count = count_parameters(m)
+        assert (count["parameters"], count["nonzero"]) == (dense_count["parameters"],
+                                                           dense_count["nonzero"])
 
 
 def test_w8a8_logits_close_to_fp32_and_int8_runtime_exact():

@@ -41,6 +41,8 @@ SOURCE = r"""
 #include <algorithm>
 #include <vector>
 
+static constexpr int64_t GEMV_ROWS = @GEMV_ROWS@;
+
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -164,6 +166,89 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, to
   return y;
 }
 
+// The whole linear in one call (Python's per-call work is most of a small layer's time at
+// batch 1): any leading dims, float32 / bfloat16 activations, optional bias, the output split
+// into contiguous pieces along its rows (fused q/k/v or gate/up weights give one piece each).
+// `scale_zeros` (2, N, groups): [scale, zero * scale].
+std::vector<torch::Tensor> int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale_zeros,
+                                       c10::optional<torch::Tensor> bias, int64_t group,
+                                       std::vector<int64_t> splits) {
+  const int64_t K = q.size(1) * 2, N = q.size(0);
+  TORCH_CHECK(x.size(-1) == K, "x has the wrong number of columns");
+  auto x2 = x.reshape({-1, K}).to(torch::kFloat).contiguous();
+  auto sz = scale_zeros.to(torch::kFloat).contiguous();
+  torch::Tensor y = x2.size(0) <= GEMV_ROWS
+      ? int4_mm(x2, q, sz[0], sz[1], group)
+      : at::mm(x2, int4_dequantize(q, sz[0], sz[1], group).t());
+  if (bias.has_value()) y.add_(*bias);
+  if (x.scalar_type() != torch::kFloat) y = y.to(x.scalar_type());
+  auto shape = x.sizes().vec();
+  std::vector<torch::Tensor> out;
+  if (splits.empty()) splits.push_back(N);
+  int64_t start = 0;
+  for (int64_t n : splits) {
+    shape.back() = n;
+    auto piece = splits.size() == 1 ? y : y.narrow(1, start, n).contiguous();
+    out.push_back(piece.view(shape));
+    start += n;
+  }
+  return out;
+}
+
+// Float16 weights (an unquantized lm_head) widened to float32 in registers (F16C): half the
+// bytes of a float32 head, the same products as a float32 matmul over those float16 values.
+static inline void f16_rows2(const float* x, const uint16_t* w0, const uint16_t* w1, int64_t K,
+                             float* y0, float* y1) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+         a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
+         b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    const __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+#define H(p) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+    a0 = _mm256_fmadd_ps(H(w0 + k), x0, a0); a1 = _mm256_fmadd_ps(H(w0 + k + 8), x1, a1);
+    a2 = _mm256_fmadd_ps(H(w0 + k + 16), x2, a2); a3 = _mm256_fmadd_ps(H(w0 + k + 24), x3, a3);
+    b0 = _mm256_fmadd_ps(H(w1 + k), x0, b0); b1 = _mm256_fmadd_ps(H(w1 + k + 8), x1, b1);
+    b2 = _mm256_fmadd_ps(H(w1 + k + 16), x2, b2); b3 = _mm256_fmadd_ps(H(w1 + k + 24), x3, b3);
+#undef H
+  }
+  *y0 = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  *y1 = hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
+}
+
+torch::Tensor f16_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(w.scalar_type() == torch::kHalf && w.is_contiguous(), "w must be float16");
+  TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "f16_linear needs K, a multiple of 32, columns");
+  auto x2 = x.reshape({-1, K}).to(torch::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  auto y = torch::empty({M, N}, x2.options());
+  if (M <= GEMV_ROWS) {
+    const float* X = x2.data_ptr<float>();
+    const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
+    float* Y = y.data_ptr<float>();
+    at::parallel_for(0, (N + 1) / 2, 64, [&](int64_t p0, int64_t p1) {
+      float spare;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = 2 * p, n1 = std::min(n + 1, N - 1);
+        for (int64_t m = 0; m < M; ++m)
+          f16_rows2(X + m * K, W + n * K, W + n1 * K, K, Y + m * N + n,
+                    n1 == n ? &spare : Y + m * N + n1);
+      }
+    });
+  } else {  // prefill: widen a block of rows at a time, never the whole table
+    for (int64_t n0 = 0; n0 < N; n0 += 4096) {
+      const int64_t nb = std::min<int64_t>(4096, N - n0);
+      y.narrow(1, n0, nb).copy_(at::mm(x2, w.narrow(0, n0, nb).to(torch::kFloat).t()));
+    }
+  }
+  if (bias.has_value()) y.add_(*bias);
+  if (x.scalar_type() != torch::kFloat) y = y.to(x.scalar_type());
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape);
+}
+
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   check(x, K);
@@ -216,9 +301,10 @@ def kernels():
         from torch.utils.cpp_extension import load_inline
 
         _kernels = load_inline(
-            name="secateur_avx2_v4", cpp_sources=[SOURCE],
-            functions=["int4_mm", "int4_dequantize", "int8_mm"],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            name="secateur_avx2_v5", cpp_sources=[SOURCE.replace("@GEMV_ROWS@", str(GEMV_ROWS))],
+            functions=["int4_mm", "int4_dequantize", "int4_linear", "f16_linear", "int8_mm"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as err:  # no compiler, no headers: fall back, say why once
         log.warning("secateur's AVX2 kernels could not be built (%s: %s); using torch's "

@@ -23,6 +23,20 @@ class RuntimeLinear(nn.Module):
         """Bytes a call reads for the weight: every buffer (packed codes, scales, bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The float (out, in) weight this linear computes with, materialised (for counting
+        parameters and checks, never at run time): the linear applied to the identity."""
+        y = self.forward(torch.eye(self.in_features))
+        if self.bias is not None:
+            y = y - self.bias
+        return y.float().t()
+
+    def logical_parameters(self) -> list[torch.Tensor]:
+        """Tensors standing for the parameters of the nn.Linear this replaces (its weight as
+        a float tensor, its bias): what parameter counts count."""
+        return [self.dense_weight()] + ([] if self.bias is None else [self.bias])
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")

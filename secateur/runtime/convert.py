@@ -88,5 +88,9 @@ def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
         new = runtime_linear(runtime, name, codes, state, module.bias,
                              activation_quant(module))
         replace_module(model, name, new.to(module.weight.dtype))
+    if runtime == "int4":
+        from secateur.runtime.fuse import fuse_shared_inputs  # it imports this module
+
+        fuse_shared_inputs(model)
     setattr(model, RUNTIME_ATTR, runtime)
     return model

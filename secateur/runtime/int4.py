@@ -46,7 +46,8 @@ def act_order_permutation(g_idx: torch.Tensor | None, size: int) -> torch.Tensor
 class Int4Linear(RuntimeLinear):
     """`backend` "avx2": secateur's AVX2 kernels (`secateur.runtime.avx2`, codes in their own
     layout, `scale_zeros` holding [scale, zero * scale] per kernel group); "aten": torch's
-    int4pack kernel (its layout, [scale, (8 - zero) * scale])."""
+    int4pack kernel (its layout, [scale, (8 - zero) * scale]). `splits`: the output rows of the
+    linears fused into this one (`secateur.runtime.fuse`), each returned as its own tensor."""
 
     def __init__(self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int,
                  in_features: int, out_features: int, perm: torch.Tensor | None = None,
@@ -54,6 +55,7 @@ class Int4Linear(RuntimeLinear):
         super().__init__(in_features, out_features, bias)
         self.group = group
         self.backend = backend
+        self.splits: list[int] = []
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zeros", scale_zeros)
         self.register_buffer("perm", perm)
@@ -94,30 +96,58 @@ class Int4Linear(RuntimeLinear):
         scale_zeros = torch.stack([scale.t(), zero.t()], -1).contiguous()
         return cls(packed, scale_zeros, group, in_features, out_features, perm, bias)
 
-    def _avx2(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = avx2.kernels()
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
-        sz = self.scale_zeros
-        if sz.dtype != torch.float32:
-            sz = sz.float()
-        if x.shape[0] <= avx2.GEMV_ROWS:
-            return kernels.int4_mm(x, self.packed, sz[0], sz[1], self.group)
-        return x @ kernels.int4_dequantize(self.packed, sz[0], sz[1], self.group).t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.perm is not None:
-            x = x.index_select(1, self.perm)
+            x = x.index_select(-1, self.perm)
         if self.backend == "avx2":
-            y = self._avx2(x)
-        else:
-            x = x.to(self.scale_zeros.dtype).contiguous()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
-                                                           self.scale_zeros)
-            if y.shape[1] != self.out_features:
-                y = y[:, :self.out_features]
+            out = avx2.kernels().int4_linear(x, self.packed, self.scale_zeros, self.bias,
+                                             self.group, self.splits)
+            return out if self.splits else out[0]
+        y = self._aten(x)
+        return list(y.split(self.splits, -1)) if self.splits else y
+
+    def _aten(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features).to(self.scale_zeros.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
+                                                       self.scale_zeros)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def logical_parameters(self) -> list[torch.Tensor]:
+        if self.splits:  # fused: its members (`runtime.fuse.FusedOutput`) count their rows
+            return []
+        return super().logical_parameters()
+
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and (integer) zero point per row and kernel group, from either layout."""
+        sz = self.scale_zeros.float()
+        if self.backend == "avx2":
+            scale, zs = sz[0], sz[1]
+            safe = torch.where(scale == 0, 1.0, scale)
+            return scale, torch.round(zs / safe)
+        scale = sz[..., 0].t()[:self.out_features]
+        safe = torch.where(scale == 0, 1.0, scale)
+        return scale, 8 - torch.round(sz[..., 1].t()[:self.out_features] / safe)
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """(q - z) * s as `QuantState.dequantize` computes it: the kernels' own dequantization
+        (q * s - z * s) leaves a rounding residue where a weight is exactly zero."""
+        scale, zero = self._grid()
+        if self.backend == "avx2":  # columns in the stored (act-order) order
+            sz = self.scale_zeros.float()
+            w = avx2.kernels().int4_dequantize(self.packed, sz[0], sz[1], self.group)
+        else:
+            w = super().dense_weight()
+            if self.perm is not None:
+                w = w[:, self.perm]
+        g = torch.arange(self.in_features) // self.group
+        s, z = scale[:, g], zero[:, g]
+        w = (torch.round(w / torch.where(s == 0, 1.0, s) + z) - z) * s
+        if self.perm is not None:  # stored column j is the input's column perm[j]
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w

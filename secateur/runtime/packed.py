@@ -28,6 +28,7 @@ from secateur.runtime.convert import (
     replace_module,
     runtime_linear,
 )
+from secateur.runtime.fuse import fuse_shared_inputs
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.int8 import INT8_TOKEN
 
@@ -188,5 +189,7 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> n
     if missing:
         raise SecateurError(f"'{path}' lacks {len(missing)} tensors (e.g. {missing[0]}): the "
                             "checkpoint is incomplete")
+    if runtime == "int4":
+        fuse_shared_inputs(model)
     setattr(model, RUNTIME_ATTR, runtime)
     return model.eval()
