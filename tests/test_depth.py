@@ -164,14 +164,16 @@ def test_branch_removal_saves_without_the_weights_and_reloads_without_secateur(t
     adapter = adapter_for(model)
     record = remove_blocks(model, adapter, [Block(0, "attn"), Block(2, "layer"), Block(1, "mlp")])
     assert record == {"layers_removed": [2], "branches_removed": ["0.attn", "1.mlp"],
-                      "config": "secateur_llama"}
+                      "config": "secateur"}
     assert model_nll(model, wins) == pytest.approx(expected, rel=1e-5)
     assert total_parameters(model) < dense_params
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["layer_has_attention"] == [False, True]
-    assert config["layer_has_mlp"] == [True, False]
-    assert "auto_map" in config
+    assert config["secateur_removed"] == {"model.layers.0.self_attn": {"kind": "attention"},
+                                          "model.layers.1.mlp": {"kind": "mlp"}}
+    assert config["base_model_type"] == "llama" and config["num_hidden_layers"] == 2
+    assert config["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_secateur_flex.PrunedLlamaForCausalLM"
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert not any(k.startswith("model.layers.0.self_attn") for k in keys)
@@ -185,13 +187,27 @@ def test_branch_removal_saves_without_the_weights_and_reloads_without_secateur(t
                                          use_cache=False))
 
 
-def test_branch_removal_in_other_families_is_in_memory_only():
-    model = tiny_model("gpt2")
-    with pytest.raises(SecateurError, match="cannot be saved"):
-        remove_blocks(model, adapter_for(model), [Block(0, "attn")])
-    record = remove_blocks(model, adapter_for(model), [Block(0, "attn"), Block(1, "attn"),
-                                                       Block(1, "mlp")], in_memory_only=True)
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_branch_removal_saves_in_every_family(family, tmp_path):
+    """GPT-2's attention takes hidden states positionally and OPT's MLP is two projections on
+    the layer: both stand-ins must run, save, and reload with a working KV cache."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 256, (1, 10))
+    kept = copy.deepcopy(model)
+    record = remove_blocks(kept, adapter_for(kept), [Block(0, "attn"), Block(1, "attn"),
+                                                     Block(1, "mlp")], in_memory_only=True)
     assert record["layers_removed"] == [1] and record["config"] == "in-memory only"
+    record = remove_blocks(model, adapter_for(model), [Block(0, "attn"), Block(2, "mlp")])
+    assert record["config"] == "secateur"
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, want, atol=1e-5)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False),
+                       reloaded.generate(ids, max_new_tokens=5, do_sample=False,
+                                         use_cache=False))
 
 
 def test_surgery_rejects_bad_blocks():
@@ -311,10 +327,11 @@ def test_impossible_requests_fail_clearly(options, match):
         prune(tiny_loaded(), make_step(**options), CALIB, progress=False)
 
 
-def test_blockpruner_refuses_families_it_cannot_save():
-    with pytest.raises(SecateurError, match="shortgpt or sleb"):
-        prune(tiny_loaded("opt"), make_step(method="blockpruner", blocks=1), CALIB,
-              progress=False)
+def test_blockpruner_prunes_any_family_into_secateurs_class():
+    loaded = tiny_loaded("opt")
+    run = prune(loaded, make_step(method="blockpruner", blocks=1), CALIB, progress=False)
+    assert run.summary["surgery"]["config"] == "secateur"
+    assert loaded.model.config.base_model_type == "opt"
 
 
 # -- the real model ----------------------------------------------------------------------------

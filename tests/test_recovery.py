@@ -121,8 +121,8 @@ def test_lora_keeps_per_layer_width_class(tiny_dir, tmp_path, text):
     recover_job(str(tmp_path / "pruned"), tmp_path / "out", _config(text, steps=2),
                 progress=False)
     again = load(tmp_path / "out")
-    assert again.model.config.model_type == "secateur_llama"
-    assert (tmp_path / "out" / "modeling_secateur.py").is_file()
+    assert again.model.config.model_type == "secateur"  # secateur's generic pruned class
+    assert (tmp_path / "out" / "modeling_secateur_flex.py").is_file()
 
 
 def test_lora_is_a_registered_recovery_step(tiny_dir, text):

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from secateur.surgery.flexmodel import LayerSpec, SecateurLlamaForCausalLM, convert_llama
 from tests.tiny_models import tiny_model
@@ -171,16 +172,18 @@ def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
     loaded, run = _prune_tiny(tiny_dir, ratio=0.3, importance="taylor", allocation="importance",
                               protect_first=1)
     model = loaded.model
-    assert run.summary["config"] == "secateur_llama"
-    assert isinstance(model, SecateurLlamaForCausalLM)
-    assert model.config.layer_intermediate_sizes[0] == 128  # protected
+    assert run.summary["config"] == "secateur"
+    assert type(model).__name__ == "PrunedLlamaForCausalLM"
+    assert isinstance(model, LlamaForCausalLM)  # secateur's class is the stock one, reshaped
+    assert model.model.layers[0].mlp.down_proj.in_features == 128  # protected
+    assert model.config.secateur_shapes["model.layers.1.mlp.down_proj.weight"][1] < 128
     ids = torch.randint(0, 250, (1, 12))
     with torch.no_grad():
         want = model(ids).logits
     from secateur.surgery.save import save_model
 
     save_model(model, loaded.tokenizer, tmp_path / "out")
-    assert (tmp_path / "out" / "modeling_secateur.py").is_file()
+    assert (tmp_path / "out" / "modeling_secateur_flex.py").is_file()
     again = load(tmp_path / "out")
     with torch.no_grad():
         assert torch.allclose(again.model(ids).logits, want, atol=1e-5)
@@ -211,19 +214,42 @@ def test_bad_input_is_a_clear_error(tiny_dir, ratio, extra, message):
         _prune_tiny(tiny_dir, ratio=ratio, **extra)
 
 
-def test_protection_needs_per_layer_width_class(tiny_dir):
-    from secateur.errors import SecateurError
+def test_gemma3_protection_gives_per_layer_widths_in_secateurs_class(tiny_dir):
+    loaded, run = _prune_tiny(tiny_dir, family="gemma3_text", ratio=0.25, protect_first=1)
+    assert run.summary["config"] == "secateur"
+    assert loaded.model.config.base_model_type == "gemma3_text"
+    assert loaded.model.model.layers[0].mlp.down_proj.in_features == 128
 
-    with pytest.raises(SecateurError, match="--protect-first 0"):
-        _prune_tiny(tiny_dir, family="gemma3_text", ratio=0.25, protect_first=1)
+
+def _head_columns(adapter, layer: int, head: int) -> list:
+    """The output projection's input columns that carry `head`."""
+    groups = adapter.head_groups(layer, "kv")
+    (o, cols), = groups.cols
+    return o, cols[head]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
-def test_family_without_group_rules_is_a_clear_error(tiny_dir, family):
-    from secateur.errors import SecateurError
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt", "qwen2", "qwen3"])
+def test_removing_a_head_equals_silencing_it(family):
+    """Removing KV group 0 of layer 1 must equal zeroing what that group feeds the output
+    projection: if the rows of a fused or biased q/k/v were mapped to the wrong heads, the
+    kept heads would mix up and the logits would differ."""
+    from secateur.models import adapter_for
+    from secateur.surgery.width import rewrite_config, shrink_layer
 
-    with pytest.raises(SecateurError, match="no group rules"):
-        _prune_tiny(tiny_dir, family=family)
+    model = tiny_model(family)
+    silenced = copy.deepcopy(model)
+    ad = adapter_for(silenced)
+    o, cols = _head_columns(ad, 1, 0)
+    o.weight[:, cols] = 0
+    ids = torch.randint(0, 250, (1, 12))
+    adapter = adapter_for(model)
+    remove = torch.zeros(adapter.head_groups(1).size, dtype=torch.bool)
+    remove[0] = True
+    width = shrink_layer(adapter, 1, remove, None)
+    assert width.num_kv_heads == adapter.attention_shape().num_kv_heads - 1
+    assert rewrite_config(model, adapter) == "secateur"
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, silenced(ids).logits, atol=1e-5)
 
 
 # -- the real model -------------------------------------------------------------------------

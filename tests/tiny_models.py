@@ -11,6 +11,7 @@ from transformers import (
     MistralConfig,
     OPTConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 from transformers.models.gemma3 import Gemma3TextConfig
 
@@ -28,6 +29,8 @@ def configs() -> dict:
         "llama": LlamaConfig(**_common(**llama_like)),
         "mistral": MistralConfig(**_common(**llama_like)),
         "qwen2": Qwen2Config(**_common(**llama_like)),
+        # head_dim explicit (Qwen3's is not hidden / heads in real models) and q/k norms
+        "qwen3": Qwen3Config(**_common(**llama_like, head_dim=16)),
         "gemma3_text": Gemma3TextConfig(**_common(**llama_like, head_dim=16,
                                                   sliding_window=8,
                                                   layer_types=["sliding_attention",

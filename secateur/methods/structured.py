@@ -10,12 +10,13 @@ gate/up rows and down column) come from the adapter. Each group is scored by an 
 - `random`: a seeded baseline.
 
 The share of decoder parameters to remove (`--ratio`) is spread over the unprotected layers
-either uniformly (same share of heads and channels per layer; saves as a stock config) or by
-importance (a global ranking of per-parameter scores; per-layer widths, saved with secateur's
-own model class). Like LLM-Pruner, the first and last layers are left alone by default
-(`protect_first`, `protect_last`): that gives per-layer widths, saved with secateur's class;
-with both at 0 and uniform allocation every layer has the same widths and the saved config
-is a stock one.
+either uniformly (same share of heads and channels per layer) or by importance (a global
+ranking of per-parameter scores; per-layer widths). Like LLM-Pruner, the first and last layers
+are left alone by default (`protect_first`, `protect_last`), which also gives per-layer widths.
+Per-layer widths save as secateur's generic model class (any family, `surgery/flex.py`); with
+both protections at 0 and uniform allocation every layer has the same widths, and a
+Llama-family config states them as a stock config (GPT-2, OPT and GPT-NeoX derive head_dim
+from hidden / heads, so their shrunk heads need secateur's class too).
 """
 
 from __future__ import annotations
@@ -311,19 +312,10 @@ class LLMPruner(ModelMethod):
         cfg, adapter, model = self.config, context.adapter, context.model
         if not adapter.width_surgery:
             raise SecateurError(f"llm-pruner has no group rules for "
-                                f"'{model.config.model_type}': it supports Llama-family models "
-                                "(Llama, Mistral, Qwen2/3, SmolLM, Gemma 3)")
-        flex = adapter.saves_heterogeneous
-        if cfg.allocation != "uniform" and not flex:
-            raise SecateurError(f"--allocation {cfg.allocation} gives per-layer widths, which "
-                                f"secateur can save for Llama models only, not "
-                                f"'{model.config.model_type}': use --allocation uniform")
+                                f"'{model.config.model_type}'")
+        # per-layer widths save as secateur's generic class (surgery/flex.py), any family
         n = adapter.num_layers
-        first, last = cfg.protected(n, flex)
-        if not flex and (first or last):
-            raise SecateurError(f"protected layers give per-layer widths, which secateur can "
-                                f"save for Llama models only, not '{model.config.model_type}': "
-                                "use --protect-first 0 --protect-last 0")
+        first, last = cfg.protected(n, adapter.saves_heterogeneous)
         layers = list(range(first, n - last))
         if not layers:
             raise SecateurError(f"protecting {first} first and {last} last layers leaves none "

@@ -14,6 +14,11 @@ from torch import nn
 
 from secateur.errors import SecateurError
 
+# model_type of secateur's generic class for pruned models (secateur/surgery/flexmodel/
+# modeling_secateur_flex.py); its config names the stock family in `base_model_type`.
+FLEX_MODEL_TYPE = "secateur"
+LEGACY_FLEX_TYPES = ("secateur_llama",)  # secateur's earlier Llama-only class, still loaded
+
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
     """`root.get_submodule` that answers None for a missing path instead of raising."""
@@ -101,15 +106,25 @@ class ModelAdapter:
     transposed_weights: ClassVar[bool] = False
     num_layers_key: ClassVar[str] = "num_hidden_layers"
     # capabilities the rest of secateur asks about instead of checking model types
-    width_surgery: ClassVar[bool] = False  # knows its head/channel groups (width pruning)
+    width_surgery: ClassVar[bool] = True  # knows its head/channel groups (width pruning)
+    # the stock config can state uniform widths (it has head_dim, KV heads, MLP width);
+    # where head_dim follows from hidden / heads, any width change needs secateur's class
+    stock_widths: ClassVar[bool] = False
     bos_policy: ClassVar[str] = "default"  # "each": BOS starts every evaluation window
-    # model types that secateur's own class can save with per-layer widths or removed branches
-    heterogeneous_types: ClassVar[tuple[str, ...]] = ()
-    heterogeneous_class: ClassVar[bool] = False  # this IS secateur's own class
+    # Attributes (paths inside a layer) that a family's attention forward reads and that
+    # follow the layer's widths, each with what it holds: "heads", "kv_heads", "groups"
+    # (query heads per KV head) or "q_width" (heads * head_dim).
+    width_attributes: ClassVar[dict[str, str]] = {}
 
     @property
     def saves_heterogeneous(self) -> bool:
-        return self.config.model_type in self.heterogeneous_types
+        """Per-layer widths and removed branches save for every family (secateur's class)."""
+        return True
+
+    @property
+    def heterogeneous_class(self) -> bool:
+        """The model already IS secateur's class (generic, or the legacy Llama one)."""
+        return self.config.model_type in (FLEX_MODEL_TYPE, *LEGACY_FLEX_TYPES)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -181,8 +196,17 @@ class ModelAdapter:
     # -- width pruning groups ------------------------------------------------------------
 
     def layer_attention_shape(self, index: int) -> AttentionShape:
-        """Layer `index`'s heads (the same for every layer unless a family says otherwise)."""
-        return self.attention_shape()
+        """Layer `index`'s heads, read from its tensors (layers may differ after surgery)."""
+        shape = self.attention_shape()
+        hd = shape.head_dim
+        try:
+            projs = self.attention_inputs(self.layers[index])
+        except AttributeError:  # the attention branch was removed
+            return AttentionShape(0, 0, hd)
+        if len(projs) == 1:  # fused q/k/v with one KV head per query head (GPT-2, GPT-NeoX)
+            heads = projs[0].out_features // (3 * hd)
+            return AttentionShape(heads, heads, hd)
+        return AttentionShape(projs[0].out_features // hd, projs[1].out_features // hd, hd)
 
     def head_groups(self, index: int, mode: str = "kv") -> GroupSet:
         """Attention head groups of layer `index`: mode 'kv' or 'query' (see `GroupSet`)."""
@@ -220,7 +244,15 @@ class ModelAdapter:
 
     def set_layer_widths(self, index: int, num_heads: int, num_kv_heads: int) -> None:
         """Tell layer `index`'s modules their new head counts after surgery."""
-        raise SecateurError(f"width surgery is not supported for '{self.config.model_type}'")
+        hd = self.attention_shape().head_dim
+        values = {"heads": num_heads, "kv_heads": num_kv_heads,
+                  "groups": num_heads // num_kv_heads, "q_width": num_heads * hd}
+        layer = self.layers[index]
+        for path, what in self.width_attributes.items():
+            owner, _, attr = path.rpartition(".")
+            module = layer.get_submodule(owner)
+            if hasattr(module, attr):
+                setattr(module, attr, values[what])
 
     def set_num_layers(self, n: int) -> None:
         setattr(self.config, self.num_layers_key, n)
@@ -238,17 +270,17 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, FLEX_MODEL_TYPE])
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     model_type = getattr(model.config, "model_type", None)
+    if model_type == FLEX_MODEL_TYPE:  # secateur's generic class: the stock family's adapter
+        model_type = getattr(model.config, "base_model_type", None)
     cls = _REGISTRY.get(model_type or "")
     if cls is None:
         raise SecateurError(
             f"unsupported architecture '{model_type}': secateur has adapters for "
-            f"{', '.join(supported_model_types())}"
+            f"{', '.join(sorted(_REGISTRY))}"
         )
     return cls(model)
-
-

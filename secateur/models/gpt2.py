@@ -24,9 +24,12 @@ class GPT2Adapter(ModelAdapter):
     mlp_norm = "ln_2"
     transposed_weights = True
     num_layers_key = "n_layer"
+    # c_attn's output is split into q, k, v by split_size (one block per kind)
+    width_attributes = {"attn.num_heads": "heads", "attn.split_size": "q_width"}
 
     def qkv_rows(self, layer: nn.Module, head: int, kind: str) -> tuple[Projection, torch.Tensor]:
-        shape = self.attention_shape()
-        width = shape.num_heads * shape.head_dim
-        offset = {"q": 0, "k": 1, "v": 2}[kind] * width + head * shape.head_dim
-        return self.attention_inputs(layer)[0], torch.arange(offset, offset + shape.head_dim)
+        hd = self.attention_shape().head_dim
+        fused = self.attention_inputs(layer)[0]
+        width = fused.out_features // 3  # this layer's heads * head_dim, after any surgery
+        offset = {"q": 0, "k": 1, "v": 2}[kind] * width + head * hd
+        return fused, torch.arange(offset, offset + hd)

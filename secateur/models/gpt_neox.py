@@ -22,6 +22,7 @@ class GPTNeoXAdapter(ModelAdapter):
     mlp_out = "mlp.dense_4h_to_h"
     attn_norm = "input_layernorm"
     mlp_norm = "post_attention_layernorm"
+    # the attention reshapes its fused output as (-1 heads, 3 * head_size): no width attributes
 
     def qkv_rows(self, layer: nn.Module, head: int, kind: str) -> tuple[Projection, torch.Tensor]:
         hd = self.attention_shape().head_dim

@@ -1,5 +1,5 @@
-"""Llama-family adapter: Llama 1-3, Mistral, Qwen2/3, SmolLM; and secateur's own Llama with
-per-layer widths, which saves heterogeneous shapes with `auto_map`."""
+"""Llama-family adapter: Llama 1-3, Mistral, Qwen2/3, SmolLM; and secateur's earlier
+Llama-only class with per-layer widths (`secateur_llama`), which users' folders still hold."""
 
 from __future__ import annotations
 
@@ -20,24 +20,19 @@ class LlamaAdapter(ModelAdapter):
     mlp_out = "mlp.down_proj"
     attn_norm = "input_layernorm"
     mlp_norm = "post_attention_layernorm"
-    width_surgery = True
-    heterogeneous_types = ("llama", "secateur_llama")
-
-    def set_layer_widths(self, index: int, num_heads: int, num_kv_heads: int) -> None:
-        # The forward infers heads from the shapes; only the GQA repeat count is stored.
-        attn = self.layers[index].self_attn
-        attn.num_key_value_groups = num_heads // num_kv_heads
-        for key, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
-            if hasattr(attn, key):
-                setattr(attn, key, value)
+    stock_widths = True
+    # The forward infers heads from the shapes; only the GQA repeat count is stored (older
+    # transformers also kept num_heads / num_key_value_heads).
+    width_attributes = {"self_attn.num_key_value_groups": "groups",
+                        "self_attn.num_heads": "heads",
+                        "self_attn.num_key_value_heads": "kv_heads"}
 
 
 @register_adapter
 class SecateurLlamaAdapter(LlamaAdapter):
-    """secateur's own Llama with per-layer widths (secateur.surgery.flexmodel)."""
+    """secateur's earlier Llama class with per-layer widths (secateur.surgery.flexmodel)."""
 
     model_types = ("secateur_llama",)
-    heterogeneous_class = True
 
     def layer_attention_shape(self, index: int) -> AttentionShape:
         cfg = self.config

@@ -19,6 +19,8 @@ class OPTAdapter(ModelAdapter):
     mlp_out = "fc2"
     attn_norm = "self_attn_layer_norm"
     mlp_norm = "final_layer_norm"
+    # OPT's attention reshapes with its stored head count
+    width_attributes = {"self_attn.num_heads": "heads"}
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = super().final_norm(hidden)

@@ -5,24 +5,28 @@ such as Gemma 3's `layer_types` keep the survivors' entries), and every module's
 is renumbered so the KV cache indexes the layers that remain. That model is a stock config and
 reloads with `AutoModelForCausalLM` alone.
 
-A single branch is replaced in memory by a parameter-free module that adds nothing to the
-residual stream, so its weights are gone (not zeroed) and the model still runs. Saving such a
-model needs a config that records which layers lack which branch: that is secateur's own
-registered model class (width-pruning surgery), not a stock config.
+A single branch is replaced by a parameter-free stand-in that adds nothing to the residual
+stream, so its weights are gone (not zeroed) and the model still runs. The stand-ins are the
+ones secateur's generic class rebuilds on load (`flexmodel/modeling_secateur_flex.py`), and
+the model becomes that class (`surgery/flex.py`): its config records which layers lack which
+branch, and it saves with `auto_map` for every family.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.models.base import ModelAdapter, get_submodule
+from secateur.models.base import LEGACY_FLEX_TYPES, ModelAdapter, get_submodule
 from secateur.params import unique_parameters
+from secateur.surgery.flexmodel.modeling_secateur_flex import (
+    RemovedAttention,
+    RemovedMLP,
+    RemovedProjection,
+)
 
 PARTS = ("attn", "mlp", "layer")
 
@@ -47,30 +51,9 @@ class Block:
         return cls(int(layer), part)
 
 
-class RemovedAttention(nn.Module):
-    """Stands where an attention branch was: no weights, contributes zero to the residual."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return torch.zeros_like(hidden), None
-
-
-class RemovedMLP(nn.Module):
-    """Stands where an MLP branch was: no weights, contributes zero to the residual."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden)
-
-
-class RemovedProjection(nn.Module):
-    """For families whose MLP is not one module (OPT's fc1/fc2 sit on the layer itself)."""
-
-    def __init__(self, out_features: int) -> None:
-        super().__init__()
-        self.out_features = out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)
+# The stand-ins live in the self-contained file saved with the weights, so the model in
+# memory and the one reloaded without secateur run the same code.
+__all__ = ["RemovedAttention", "RemovedMLP", "RemovedProjection"]
 
 
 def _parent(path: str) -> str:
@@ -95,7 +78,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def _stand_in(adapter: ModelAdapter, layer: nn.Module, part: str, path: str) -> nn.Module:
     if part == "attn":
-        return RemovedAttention()
+        # keeps the cache slot of the attention it replaces (see RemovedAttention)
+        return RemovedAttention(getattr(layer.get_submodule(path), "layer_idx", None))
     if path == _parent(adapter.mlp_out) and path:
         return RemovedMLP()
     # An MLP made of projections on the layer itself: inputs go to width 0, output to zeros.
@@ -212,10 +196,8 @@ def remove_branches(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bl
         swap_branch(adapter, layer, b.part)
 
 
-
-
-def _convert_to_flex(model: nn.Module, adapter: ModelAdapter, branches: list[Block]) -> None:
-    # Imported here: the flex classes register with the Auto classes on import.
+def _convert_legacy(model: nn.Module, adapter: ModelAdapter, branches: list[Block]) -> None:
+    # a model that already is secateur's earlier Llama class keeps that class
     from secateur.surgery.flexmodel import LayerSpec, convert_llama
 
     specs = [LayerSpec() for _ in range(adapter.num_layers)]
@@ -231,26 +213,28 @@ def remove_blocks(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bloc
                   in_memory_only: bool = False) -> dict:
     """Remove blocks named by their indices in the unpruned model, in place; whole layers first.
 
-    Whole layers leave a stock config. Single branches turn a Llama-family model into
-    secateur's own class (saved with `auto_map`); other families get weightless stand-ins,
-    which run but cannot be saved, so they need `in_memory_only=True`.
+    Whole layers leave a stock config. Single branches turn the model into secateur's generic
+    class (saved with `auto_map`), unless `in_memory_only`: then the stand-ins stay in the
+    stock class, which runs but does not save.
     Returns the layers dropped, the branch removals (new layer indices) and the config kind.
     """
     blocks = check_blocks(adapter, blocks)
     whole, branches = normalize_blocks(blocks)
-    if branches and not in_memory_only and not adapter.saves_heterogeneous:
-        raise SecateurError(
-            f"removing single attention/MLP blocks from a '{model.config.model_type}' model "
-            f"cannot be saved (secateur's own class covers Llama models): remove whole layers "
-            "instead (--method shortgpt or sleb)")
     keep = remove_layers(model, adapter, whole) if whole else list(range(adapter.num_layers))
     position = {old: new for new, old in enumerate(keep)}
     renamed = [Block(position[b.layer], b.part) for b in branches]
-    if renamed and adapter.saves_heterogeneous:
-        _convert_to_flex(model, adapter, renamed)
-        kind = model.config.model_type
+    if renamed and model.config.model_type in LEGACY_FLEX_TYPES:
+        _convert_legacy(model, adapter, renamed)
     else:
         remove_branches(model, adapter, renamed)
+    if model.config.model_type in LEGACY_FLEX_TYPES:
+        kind = model.config.model_type
+    elif renamed and not in_memory_only or adapter.heterogeneous_class:
+        from secateur.surgery.flex import to_flex
+
+        to_flex(model, adapter)  # also refreshes the record of a model already converted
+        kind = model.config.model_type
+    else:
         kind = "stock" if not renamed else "in-memory only"
     return {"layers_removed": whole, "branches_removed": [str(b) for b in renamed],
             "config": kind}

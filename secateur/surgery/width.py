@@ -1,11 +1,12 @@
 """Physically remove attention heads and MLP channels: tensors shrink, the config follows.
 
 Which rows and columns belong together comes from the adapter's `GroupSet`s; this module only
-slices tensors and rewrites the config. Uniform widths keep the stock config class (smaller
-`num_attention_heads` / `num_key_value_heads` / `intermediate_size`, explicit `head_dim`), so
-plain `from_pretrained` loads the result; per-layer widths convert a Llama-family model into
-secateur's own `SecateurLlamaForCausalLM`, whose `save_pretrained` writes `auto_map` and its
-code files.
+slices tensors and rewrites the config. Uniform widths keep the stock config class where it
+can say them (smaller `num_attention_heads` / `num_key_value_heads` / `intermediate_size`,
+explicit `head_dim`: Llama-family configs), so plain `from_pretrained` loads the result;
+per-layer widths, and any widths in families whose head_dim follows from hidden / heads
+(GPT-2, OPT, GPT-NeoX), turn the model into secateur's generic class (`surgery/flex.py`),
+whose `save_pretrained` writes `auto_map` and its code file.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.models.base import GroupSet, ModelAdapter, Projection
-
-# Families secateur's per-layer-width class reproduces exactly (Mistral's sliding window and
-# Qwen2's q/k/v biases would need their own variants).
+from secateur.models.base import LEGACY_FLEX_TYPES, GroupSet, ModelAdapter, Projection
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,7 @@ def shrink_layer(adapter: ModelAdapter, index: int, remove_heads: torch.Tensor |
     """Remove head groups and MLP channels of one layer; returns its new widths."""
     if not adapter.width_surgery:
         raise SecateurError(f"width pruning has no group rules for "
-                            f"'{adapter.config.model_type}': it supports Llama-family models "
-                            "(Llama, Mistral, Qwen2/3, SmolLM, Gemma 3)")
+                            f"'{adapter.config.model_type}'")
     shape = adapter.layer_attention_shape(index)
     heads, kv = shape.num_heads, shape.num_kv_heads
     if remove_heads is not None and bool(remove_heads.any()):
@@ -123,22 +120,25 @@ def current_widths(adapter: ModelAdapter) -> list[LayerWidth]:
 
 
 def rewrite_config(model: nn.Module, adapter: ModelAdapter) -> str:
-    """Make the config describe the shrunk tensors. Returns 'stock' or 'secateur_llama'."""
+    """Make the config describe the shrunk tensors. Returns 'stock', or the model type of
+    secateur's class the model now is ('secateur', or 'secateur_llama' for a model that
+    already was that earlier class)."""
     widths = current_widths(adapter)
     cfg = model.config
-    if len(set(widths)) == 1 and not adapter.heterogeneous_class:
+    if len(set(widths)) == 1 and adapter.stock_widths and not adapter.heterogeneous_class:
         w = widths[0]
         cfg.head_dim = adapter.attention_shape().head_dim  # no longer hidden / heads
         cfg.num_attention_heads = w.num_heads
         cfg.num_key_value_heads = w.num_kv_heads
         cfg.intermediate_size = w.intermediate_size
         return "stock"
-    if not adapter.saves_heterogeneous:
-        raise SecateurError(f"per-layer widths need secateur's own model class, which exists "
-                            f"for Llama but not "
-                            f"'{cfg.model_type}': use --allocation uniform")
-    from secateur.surgery.flexmodel import convert_llama
+    if cfg.model_type in LEGACY_FLEX_TYPES:
+        from secateur.surgery.flexmodel import convert_llama
 
-    convert_llama(model)
+        convert_llama(model)
+    else:
+        from secateur.surgery.flex import to_flex
+
+        to_flex(model, adapter)
     adapter.config = model.config
-    return "secateur_llama"
+    return model.config.model_type
