@@ -1,22 +1,28 @@
 """Issue-14 benchmark: the tool's own speed, each phase in fp32 and on the fast path.
 
-    python bench/tool_speed.py            # smollm2-135m, the issue's settings
+    git clone https://github.com/IST-DASLab/sparsegpt /tmp/ref/sparsegpt
+    git clone https://github.com/locuslab/wanda /tmp/ref/wanda
+    python bench/tool_speed.py --sparsegpt-ref /tmp/ref/sparsegpt --wanda-ref /tmp/ref/wanda
     python bench/tool_speed.py --quick    # tiny settings: checks that every phase runs
     python bench/tool_speed.py --threads 2 --skip zeroshot,cli
+    python bench/tool_speed.py ... --skip perplexity,zeroshot,cli,depth --repeats 2  # prunes
 
 Writes bench/results/tool_speed.json (--quick: tool_speed_quick.json, whose numbers mean
-nothing). One process, one run per variant, in this order: load; calibration (the sampler plus
-one dense statistics pass, Wanda's column norms); magnitude, Wanda and SparseGPT at 50% through
-`secateur.prune` (each on a fresh copy of the dense model, its perplexity measured after by the
-same fp32 evaluator so that only the prune differs); perplexity on wiki, 64 x 512; zero-shot
+nothing). One process, in this order: load; calibration (the sampler plus one dense statistics
+pass, Wanda's column norms); magnitude, Wanda and SparseGPT at 50%, each as the reference
+script prunes (locuslab/wanda's prune_magnitude / prune_wanda, IST-DASLab's SparseGPT), through
+`secateur.prune` in fp32 and on secateur's fast path, the arms interleaved per repeat on
+fresh copies of the dense model and the same calibration windows, each followed by the same
+fp32 perplexity so that only the prune differs; perplexity on wiki, 64 x 512; zero-shot
 arc_easy (full validation) in-process; the same through `secateur eval` and `lm_eval
 --batch_size 8` as subprocesses (wall time, model load and start-up included: what a user
 waits); one BlockPruner step (one block removed, every candidate scored) on 32 x 512.
 
-"float32" is each phase as it ran before issue 14 (perplexity and zero-shot one window / one
-request at a time); "fast" is bf16 compute and batching where secateur has it. A prune's fast
-variant passes compute_dtype="bfloat16" to whichever of CalibrationConfig and the method
-config has that field; a phase without a fast knob yet says so instead of timing it twice.
+"float32" is each phase as secateur runs it by default in fp32 (perplexity and zero-shot one
+window / one request at a time); "fast" is bf16 compute and batching where secateur has it. A
+prune's fast variant passes compute_dtype="bfloat16" to whichever of CalibrationConfig and the
+method config has that field; a phase without a fast knob yet says so instead of timing it
+twice. The prune phase's speed-ups are over the reference arm.
 """
 
 from __future__ import annotations
@@ -178,38 +184,184 @@ def phase_calibration(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     return {"variants": variants, "speedup": speedups(variants, "float32")}
 
 
-def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+# -- the reference scripts' pruning, for the prune phase ----------------------------------------
+# Nothing of the reference is copied into secateur. SparseGPT's solver and Hessian
+# (`SparseGPT.add_batch` / `fasterprune`) and Wanda's statistic (`WrappedGPT.add_batch`) are
+# imported from the checkouts given; the loops that drive them (marked REFERENCE LOOP) are
+# reimplemented minimally from locuslab/wanda lib/prune.py and IST-DASLab/sparsegpt llama.py,
+# with the decoder layers called through secateur's capture (the references' `Catcher` predates
+# the rotary `position_embeddings` that current transformers pass to every layer).
+def _reference_modules(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.util
+
+    refs: dict[str, Any] = {}
+    if args.sparsegpt_ref:
+        from quant_reference import _import_reference
+
+        refs["sparsegpt"] = _import_reference(args.sparsegpt_ref, "sparsegpt")[0]
+    if args.wanda_ref:
+        path = args.wanda_ref / "lib" / "layerwrapper.py"
+        if not path.is_file():
+            raise SystemExit(f"{args.wanda_ref} has no lib/layerwrapper.py: pass the "
+                             "locuslab/wanda checkout")
+        spec = importlib.util.spec_from_file_location("wanda_layerwrapper", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        refs["wanda"] = module
+    return refs
+
+
+@torch.no_grad()
+def reference_magnitude(loaded, windows, refs: dict[str, Any], sparsity: float) -> None:
+    # REFERENCE LOOP: prune_magnitude (unstructured), its sort on the CPU
+    for layer in loaded.adapter.layers:
+        for p in loaded.adapter.linears(layer).values():
+            w = p.module.weight.data
+            metric = torch.abs(w)
+            thresh = torch.sort(metric.flatten())[0][int(w.numel() * sparsity)]
+            w[metric <= thresh] = 0
+
+
+@torch.no_grad()
+def reference_wanda(loaded, windows, refs: dict[str, Any], sparsity: float) -> None:
+    # REFERENCE LOOP: prune_wanda (unstructured, no variant): per-window passes with
+    # WrappedGPT hooks, a stable sort of each row's |W| * sqrt(scaler_row), a second pass
+    from secateur.engine.capture import call_layer, capture_layer_inputs
+
+    adapter = loaded.adapter
+    captured = capture_layer_inputs(loaded.model, adapter, windows)
+    inps = captured.hidden
+    for index, layer in enumerate(adapter.layers):
+        call, subset = captured.calls[index], adapter.linears(layer)
+        wrapped = {name: refs["wanda"].WrappedGPT(p.module) for name, p in subset.items()}
+        handles = [p.module.register_forward_hook(
+            lambda _m, inp, out, w=wrapped[name]: w.add_batch(inp[0].data, out.data))
+            for name, p in subset.items()]
+        for x in inps:
+            call_layer(layer, x, call)
+        for h in handles:
+            h.remove()
+        for name, p in subset.items():
+            metric = torch.abs(p.module.weight.data) * torch.sqrt(
+                wrapped[name].scaler_row.reshape((1, -1)))
+            mask = torch.zeros_like(metric) == 1
+            indices = torch.sort(metric, dim=-1, stable=True)[1][
+                :, :int(metric.shape[1] * sparsity)]
+            mask.scatter_(1, indices, True)
+            p.module.weight.data[mask] = 0
+        inps = [call_layer(layer, x, call) for x in inps]
+
+
+def reference_sparsegpt(loaded, windows, refs: dict[str, Any], sparsity: float) -> None:
+    # REFERENCE LOOP: bench/quant_reference.py's llama_sequential, solver from the checkout
+    from quant_reference import reference_sequential
+
+    reference_sequential(loaded, windows, refs["sparsegpt"].SparseGPT,
+                         lambda s: s.fasterprune(sparsity, prunen=0, prunem=0, percdamp=0.01,
+                                                 blocksize=128))
+
+
+def _reference_run(fn, target, windows, refs, sparsity) -> Callable[[], None]:
+    return lambda: fn(target, windows, refs, sparsity)
+
+
+def _secateur_run(cls: type, target, s: Settings, windows, fast: bool) -> Callable[[], None]:
     import secateur
 
-    out: dict[str, Any] = {}
+    extra = {"compute_dtype": FAST} if fast and has_field(cls, "compute_dtype") else {}
+    # the same windows as the other arms, unless only the calibration config takes the dtype
+    data = calibration_config(s, True) if fast and not extra else windows
+    config = cls(sparsity=s.sparsity, **extra)
+
+    def run() -> None:
+        secateur.prune(target, config, data=data, progress=False)
+
+    return run
+
+
+REFERENCE_ARMS = {"magnitude": ("wanda", reference_magnitude),
+                  "wanda": ("wanda", reference_wanda),
+                  "sparsegpt": ("sparsegpt", reference_sparsegpt)}
+REFERENCE_SOURCE = {"wanda": "locuslab/wanda lib/prune.py (--wanda-ref)",
+                    "sparsegpt": "IST-DASLab/sparsegpt sparsegpt.py (--sparsegpt-ref)"}
+
+
+def _masks(loaded) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p.weight == 0 for i, layer in enumerate(loaded.adapter.layers)
+            for n, p in loaded.adapter.linears(layer).items()}
+
+
+def _mask_agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Share of weights pruned in one arm and kept in the other."""
+    return (sum((a[k] != b[k]).sum().item() for k in a)
+            / sum(v.numel() for v in a.values()))
+
+
+def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
+    """Each method at 50%: the reference script's algorithm, secateur fp32 and secateur's fast
+    path, interleaved per repeat, on copies of the dense model and the same windows."""
+    import secateur
+    from secateur.api import calibration_data
+
+    refs, repeats = state["refs"], state["repeats"]
+    windows, calib = calibration_data(state["loaded"], calibration_config(s, False))
+    out: dict[str, Any] = {"calibration": calib, "repeats": repeats}
     for name, cls in (("magnitude", secateur.MagnitudeConfig),
                       ("wanda", secateur.WandaConfig),
                       ("sparsegpt", secateur.SparseGPTConfig)):
-        variants: dict[str, dict[str, Any]] = {}
         knob = fast_knob(cls)
-        for variant, fast in (("float32", False), ("fast", True)):
-            if fast and knob is None:
-                variants[variant] = {"skipped": "neither CalibrationConfig nor "
-                                                f"{cls.__name__} has compute_dtype yet"}
-                continue
-            target = fresh_copy(state["loaded"])
-            extra = {"compute_dtype": FAST} if fast and has_field(cls, "compute_dtype") else {}
-            config = cls(sparsity=s.sparsity, **extra)
-            data = calibration_config(s, fast)
-            holder: dict[str, Any] = {}
-
-            def run(target=target, config=config, data=data, holder=holder) -> dict[str, Any]:
-                holder["step"] = secateur.prune(target, config, data=data, progress=False)
-                return {"step_seconds": round(holder["step"].seconds, 3)}
-
-            row = timed(run)
-            row["sparsity"] = holder["step"].sparsity
-            row["perplexity"] = eval_ppl(target, s, s.eval_batch, None, state["wiki"])
-            if fast:
-                row["fast_knob"] = knob
-            variants[variant] = row
-            del target
-        out[name] = {"variants": variants, "speedup": speedups(variants, "float32")}
+        ref_key, ref_fn = REFERENCE_ARMS[name]
+        arms = ["reference", "float32", "fast"]
+        variants: dict[str, dict[str, Any]] = {}
+        if ref_key not in refs:
+            variants["reference"] = {"skipped": f"pass {REFERENCE_SOURCE[ref_key]}"}
+        if knob is None:
+            variants["fast"] = {"skipped": "neither CalibrationConfig nor "
+                                           f"{cls.__name__} has compute_dtype yet"}
+        masks: dict[str, dict[str, torch.Tensor]] = {}
+        for repeat in range(repeats):
+            for arm in arms:
+                if arm in variants and "skipped" in variants[arm]:
+                    continue
+                target = fresh_copy(state["loaded"])
+                if arm == "reference":
+                    run = _reference_run(ref_fn, target, windows, refs, s.sparsity)
+                else:
+                    run = _secateur_run(cls, target, s, windows, arm == "fast")
+                row = timed(run)
+                seconds = [*variants.get(arm, {}).get("all_seconds", []), row["seconds"]]
+                if repeat == 0:
+                    masks[arm] = _masks(target)
+                    weights = masks[arm].values()
+                    row["sparsity"] = (sum(m.sum().item() for m in weights)
+                                       / sum(m.numel() for m in weights))
+                    row["perplexity"] = eval_ppl(target, s, s.eval_batch, None, state["wiki"])
+                    if arm == "fast":
+                        row["fast_knob"] = knob
+                    variants[arm] = row
+                variants[arm]["all_seconds"] = seconds
+                variants[arm]["seconds"] = min(seconds)
+                del target
+        result: dict[str, Any] = {"variants": variants,
+                                  "speedup": speedups(variants, "reference")}
+        if "reference" in masks and "float32" in masks:
+            result["masks_differing_vs_reference"] = _mask_agreement(masks["reference"],
+                                                                     masks["float32"])
+            result["time_ratio_vs_reference"] = round(
+                variants["float32"]["seconds"] / variants["reference"]["seconds"], 3)
+        out[name] = result
+        print(name, json.dumps({a: {k: v.get(k) for k in ("seconds", "perplexity", "sparsity")}
+                                for a, v in variants.items()}), flush=True)
+    out["notes"] = [
+        "seconds: the minimum over repeats (all_seconds lists each); perplexity and masks "
+        "from the first repeat",
+        "reference magnitude and SparseGPT prune every weight at or below the k-th smallest "
+        "score (ties included); secateur prunes exactly k, ties to the lowest index. smollm2's "
+        "weights sit on a 4-bit grid, so |W| ties are many and the reference magnitude "
+        "prunes more than 50%",
+        "secateur's default runs report no per-layer error (error_report=False): the dense "
+        "pass stops after the last projection's input and magnitude runs no layer",
+    ]
     return out
 
 
@@ -320,7 +472,8 @@ def table(phases: dict[str, Any]) -> str:
     def rows(name: str, phase: dict[str, Any]) -> None:
         if "variants" not in phase:
             for sub, inner in phase.items():
-                rows(f"{name} {sub}", inner)
+                if isinstance(inner, dict) and any(isinstance(v, dict) for v in inner.values()):
+                    rows(f"{name} {sub}", inner)
             return
         for variant, v in phase["variants"].items():
             seconds = f"{v['seconds']:.1f}" if "seconds" in v else v.get("skipped", "-")
@@ -349,6 +502,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--skip", default="", help=f"comma-separated phases of {PHASES}")
     parser.add_argument("--out", type=Path, help="result JSON path")
+    parser.add_argument("--sparsegpt-ref", type=Path,
+                        help="checkout of IST-DASLab/sparsegpt (the prune phase's reference)")
+    parser.add_argument("--wanda-ref", type=Path,
+                        help="checkout of locuslab/wanda (magnitude and Wanda reference)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="prune phase: run the arms this many times, interleaved")
+    parser.add_argument("--calib", help="calibration windows x tokens, e.g. 4x128")
     args = parser.parse_args()
     skip = {p.strip() for p in args.skip.split(",") if p.strip()}
     if skip - set(PHASES):
@@ -358,12 +518,16 @@ def main() -> None:
     settings = QUICK if args.quick else Settings()
     if args.model:
         settings = Settings(**{**asdict(settings), "model": args.model})
+    if args.calib:
+        n, seqlen = (int(v) for v in args.calib.lower().split("x"))
+        settings = Settings(**{**asdict(settings), "calib_windows": n, "calib_seqlen": seqlen})
     out = args.out or RESULTS / ("tool_speed_quick.json" if args.quick else "tool_speed.json")
     torch.manual_seed(0)
 
     from secateur.data.sources import load_text
 
-    state: dict[str, Any] = {"wiki": load_text("wiki", split="test")}
+    state: dict[str, Any] = {"wiki": load_text("wiki", split="test"),
+                             "refs": _reference_modules(args), "repeats": args.repeats}
     phases: dict[str, Any] = {}
     for name in ("load", *(p for p in PHASES if p != "load" and p not in skip)):
         print(f"-- {name}", flush=True)

@@ -8,7 +8,12 @@ import torch
 from secateur.api import CalibrationConfig, prune
 from secateur.engine.capture import capture_layer_inputs
 from secateur.engine.sequential import run_with_stats
-from secateur.methods.masks import lowest_n_of_m, lowest_per_matrix, lowest_per_row
+from secateur.methods.masks import (
+    kth_smallest,
+    lowest_n_of_m,
+    lowest_per_matrix,
+    lowest_per_row,
+)
 from secateur.methods.sparsegpt import SparseGPT
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
@@ -54,6 +59,20 @@ def test_selection_masks_equal_stable_argsort_masks(seed):
             per_row = lowest_per_row(score, s)
             assert torch.equal(per_row, _argsort_per_row(score, s)), (score.shape, s)
             assert (per_row.sum(1) == int(score.shape[1] * s)).all()
+
+
+def test_bracketed_selection_on_large_matrices_equals_kthvalue_and_argsort():
+    g = torch.Generator().manual_seed(3)
+    skewed = torch.rand(120_000, generator=g) + 1
+    skewed[:: 120_000 // 4096] = 0  # exactly what the sample sees: the bracket misses
+    for score in (torch.randn(300, 400, generator=g).abs(),
+                  (torch.randn(300, 400, generator=g) * 4).round().abs(),  # grid: many ties
+                  skewed.view(300, 400)):
+        flat = score.flatten()
+        for k in (1, 2, 1000, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+            assert kth_smallest(flat, k).item() == flat.kthvalue(k).values.item(), k
+        for s in (0.3, 0.5, 0.9):
+            assert torch.equal(lowest_per_matrix(score, s), _argsort_per_matrix(score, s))
 
 
 def test_per_row_mask_with_crowded_ties_in_some_rows_only():
@@ -194,3 +213,18 @@ def test_magnitude_runs_no_layer_without_error_report():
             mask = _argsort_per_matrix(p.weight.abs(), 0.5)
             assert torch.equal(loaded.adapter.linears(loaded.adapter.layers[i])[name].weight,
                                p.weight.masked_fill(mask, 0.0))
+
+
+def test_magnitude_needs_no_calibration_windows(tmp_path):
+    from secateur.engine.sequential import prune_layerwise
+    from secateur.methods.magnitude import Magnitude, MagnitudeConfig
+
+    with_windows, without = _loaded(), _loaded()
+    _prune(with_windows, method="magnitude", nm="2:4")
+    method = Magnitude(MagnitudeConfig(nm="2:4"))
+    method.prepare(without.model, without.adapter)
+    reports = prune_layerwise(without.model, without.adapter, method, [], progress=False,
+                              checkpoint=tmp_path / "ckpt")
+    assert len(reports) == 3 and all(r.relative_error is None for r in reports)
+    a, b = _weights(with_windows), _weights(without)
+    assert all(torch.equal(a[k], b[k]) for k in a)

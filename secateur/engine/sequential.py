@@ -205,6 +205,9 @@ def prune_layerwise(
     `stream.begin(folder)` first and `stream.finish(tokenizer)` after).
 
     `on_layer_done(index)` runs once layer `index` is finished (and checkpointed).
+
+    A method that needs no statistics and reports no error (magnitude by default) runs no
+    layer: `calibration` may then be empty.
     """
     if sequential is None:
         sequential = getattr(method, "sequential", True)
@@ -228,11 +231,14 @@ def prune_layerwise(
 
     report_error = method.error_report
     last = len(adapter.layers) - 1
+    # Masks from the weights alone (magnitude) without an error report: no layer runs, and
+    # no calibration window is needed.
+    runs_layers = bool(method.needs) or report_error
+    captured = None if runs_layers else CapturedInputs([], [LayerCall()] * len(adapter.layers))
 
     def visit(index, layer, inputs, call):
         projections = adapter.linears(layer)
-        if not method.needs and not report_error:
-            # Masks from the weights alone (magnitude): no layer pass at all.
+        if not runs_layers:
             reports.append(method.apply(index, projections, {n: {} for n in projections}))
             return inputs
         # The dense outputs feed the next layer (non-sequential) or the error report.
@@ -261,7 +267,7 @@ def prune_layerwise(
             on_layer_done(index)
 
     walk_layers(model, adapter, calibration, visit, f"{_method_name(method)} layers", progress,
-                device, start=start, hidden=hidden, after=after, stream=stream)
+                device, captured, start=start, hidden=hidden, after=after, stream=stream)
     if ckpt is not None and not keep_checkpoint:
         ckpt.remove()
     return reports
