@@ -29,6 +29,10 @@ FAMILIES = list(configs())
 IDS = [[256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 32, 84]]
 NEW_TOKENS = 8
 ATOL = 1e-4
+# cells whose shapes differ per layer: they must reload as secateur's generic class; so must
+# uniform widths where head_dim follows from hidden / heads (no stock config states them)
+HETEROGENEOUS = ("llm-pruner-per-layer", "blockpruner", "lora", "llm-pruner-per-layer+gptq")
+HEAD_DIM_FROM_HIDDEN = ("opt", "gpt2", "gpt_neox")
 
 
 def _calibration() -> list[torch.Tensor]:
@@ -83,6 +87,18 @@ def _gptq(loaded, text: Path) -> None:
              progress=False)
 
 
+def _gptq_after_width(loaded, text: Path) -> None:
+    """Quantizing a per-layer-width model: the packed checkpoint must carry secateur's class.
+    Per channel, since importance-allocated widths are no multiple of a group size."""
+    from secateur.api import prune, quantize
+
+    prune(loaded, _step(method="llm-pruner", ratio=0.3, importance="l2",
+                        allocation="importance", protect_first=1), _calibration(),
+          progress=False)
+    quantize(loaded, _step(method="gptq", bits=4, group_size=-1), _calibration(),
+             progress=False)
+
+
 def _lora_after_width(loaded, text: Path) -> None:
     """Recovery on the per-layer-width model: the realistic order, and it checks that the
     trained model keeps secateur's class."""
@@ -101,6 +117,8 @@ EXPECTED_ERRORS = {
     # GPT-2 keeps its linears as transformers' Conv1D; compressed-tensors (what transformers
     # and vLLM load) packs nn.Linear only, so secateur refuses to write a packed GPT-2.
     ("gpt2", "gptq-w4g16"): "is a Conv1D: compressed-tensors packs nn.Linear weights only",
+    ("gpt2", "llm-pruner-per-layer+gptq"): "is a Conv1D: compressed-tensors packs nn.Linear "
+                                           "weights only",
 }
 
 METHODS: dict[str, Callable] = {
@@ -117,6 +135,7 @@ METHODS: dict[str, Callable] = {
     "shortgpt": _prune(method="shortgpt", layers=1),
     "sleb": _prune(method="sleb", layers=1),
     "gptq-w4g16": _gptq,
+    "llm-pruner-per-layer+gptq": _gptq_after_width,
     "lora": _lora_after_width,
 }
 
@@ -183,6 +202,8 @@ def run_matrix(families: list[str], root: Path) -> dict[tuple[str, str], dict]:
     dirs: dict[str, str] = {}
     for family in families:
         base = save_tiny(family, root / f"tiny-{family}")
+        with torch.no_grad():
+            dense = load(base).model(ids).logits[0]
         for name, run in METHODS.items():
             try:
                 loaded = load(base)
@@ -191,7 +212,7 @@ def run_matrix(families: list[str], root: Path) -> dict[tuple[str, str], dict]:
                     want = loaded.model(ids).logits[0]
                 out = root / f"{family}-{name}"
                 _save(loaded, out)
-                cells[(family, name)] = {"logits": want}
+                cells[(family, name)] = {"logits": want, "dense": dense}
                 dirs[f"{family}/{name}"] = str(out)
             except Exception as err:  # reported (or expected) by that cell's test
                 cells[(family, name)] = {"parent_error": err}
@@ -234,8 +255,13 @@ def test_method_saves_and_reloads_without_secateur(family, method, matrix):
         return
     if "parent_error" in cell:
         raise cell["parent_error"]
+    # every cell really changed the model
+    assert float((cell["logits"] - cell["dense"]).abs().max()) > 1e-3
     got = cell["reloaded"]
     assert "error" not in got, got["error"]
+    secateurs_class = method in HETEROGENEOUS or (method == "llm-pruner-uniform"
+                                                  and family in HEAD_DIM_FROM_HIDDEN)
+    assert got["cls"].startswith("Pruned") == secateurs_class, got["cls"]
     logits = torch.tensor(got["logits"])
     assert logits.shape == cell["logits"].shape
     diff = float((logits - cell["logits"]).abs().max())
