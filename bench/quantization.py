@@ -1,15 +1,16 @@
 """Issue-12 benchmark: what quantization buys on this CPU, measured side by side in one run.
 
     python bench/quantization.py                 # -> bench/results/quantization.json
+                                                 #    (dense fp32/bf16, int4 g64 and g128, int8)
     python bench/quantization.py --quick         # a smoke run: short prompts, 1 round
     python bench/quantization.py --method gptq   # int4/int8 models from GPTQ (default: rtn)
     python bench/quantization.py --kernels       # the kernel microbenchmark only
 
-Models (smollm2-135m): dense fp32, dense bf16, 4-bit g128 on the int4 runtime, 8-bit per channel
-on the int8 runtime (weight-only) and, with --w8a8 (default only on AVX-512 machines), W8A8
-(int8 weights and per-token int8 activations, SmoothQuant 0.5) on the int8 runtime. Each
-quantized model is saved packed (compressed-tensors) and loaded back with `load_packed`, so its
-bytes on disk and its memory after loading are those a user gets.
+Models (smollm2-135m): dense fp32, dense bf16, 4-bit g64 and g128 (--group-sizes) on the int4
+runtime, 8-bit per channel on the int8 runtime (weight-only) and, with --w8a8 (default only on
+AVX-512 machines), W8A8 (int8 weights and per-token int8 activations, SmoothQuant 0.5) on the
+int8 runtime. Each quantized model is saved packed (compressed-tensors) and loaded back with
+`load_packed`, so its bytes on disk and its memory after loading are those a user gets.
 Speed comes from `secateur.bench.measure.benchmark`: interleaved rounds, order reversed every
 round, ratios per round against dense fp32 with min/median/max; the decode bound is memory
 bandwidth / weight bytes read per generated token (packed codes and scales for the runtimes).
@@ -179,9 +180,9 @@ def _run_method(loaded, step: dict, quick: bool) -> None:
 
 def _vm_hwm_mib_code() -> str:
     # VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts from its parent's peak
-    return ("def hwm():\n"
+    return ("def hwm(key='VmHWM:'):\n"
             "    for line in open('/proc/self/status'):\n"
-            "        if line.startswith('VmHWM:'):\n"
+            "        if line.startswith(key):\n"
             "            return int(line.split()[1]) / 1024\n")
 
 
@@ -191,12 +192,14 @@ def _peak_after_load(path: Path, runtime: str) -> dict:
 
     code = (_vm_hwm_mib_code() +
             "import json, sys\n"
+            "from secateur.params import count_parameters\n"
             "from secateur.runtime import load_packed, runtime_weight_bytes\n"
+            "import gc\n"
             "m = load_packed(sys.argv[1], sys.argv[2])\n"
-            "t = sum(b.numel() * b.element_size() for b in list(m.parameters()) + "
-            "list(m.buffers()))\n"
-            "t += sum(getattr(x, '_bytes', 0) for x in m.modules())  # fbgemm-packed heads\n"
-            "print(json.dumps({'peak_rss_mib': hwm(), 'tensor_mib': t / 2**20, "
+            "gc.collect()\n"
+            "after = {'peak_rss_mib': hwm(), 'rss_after_load_mib': hwm('VmRSS:')}\n"
+            "t = count_parameters(m)['bytes_in_memory']  # a tied table once\n"
+            "print(json.dumps({**after, 'tensor_mib': t / 2**20, "
             "'weight_bytes_per_token': runtime_weight_bytes(m)}))\n")
     out = subprocess.run([sys.executable, "-c", code, str(path), runtime], check=True,
                          capture_output=True, text=True).stdout
@@ -216,17 +219,19 @@ def _baseline_rss() -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def models(method: str, quick: bool, out_dir: Path, group: int, w8a8: bool) -> dict:
-    from secateur.bench.measure import BenchSpec, Subject, benchmark, memory_bandwidth_gbs
+def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
+           w8a8: bool) -> dict:
+    from secateur.bench.measure import BenchSpec, Subject, benchmark
     from secateur.models.loading import load
     from secateur.quant.pack import save_packed
-    from secateur.runtime import load_packed, runtime_weight_bytes
+    from secateur.runtime import load_packed
     from secateur.surgery.save import dir_bytes, save_model
 
     dense = load(MODEL)
     fp32_dir = out_dir / "dense-fp32"
     save_model(dense.model, dense.tokenizer, fp32_dir, overwrite=True)
-    variants = [(f"int4-g{group}", 4, group, False, "int4"), ("int8", 8, -1, False, "int8")]
+    variants = [(f"int4-g{g}", 4, g, False, "int4") for g in groups]
+    variants.append(("int8", 8, -1, False, "int8"))
     if w8a8:
         variants.append(("w8a8", 8, -1, True, "int8"))
     packed: dict[str, dict] = {}
@@ -249,8 +254,12 @@ def models(method: str, quick: bool, out_dir: Path, group: int, w8a8: bool) -> d
         info.update(after)
         info["bytes_on_disk_vs_fp32"] = info["bytes_on_disk"] / fp32_bytes
         info["tensor_bytes_vs_fp32"] = after["tensor_mib"] * 2**20 / fp32_bytes
+        # the peak includes the transients of loading (the checkpoint's mapped pages, one
+        # matrix's unpacked codes); what stays is the resident set after loading
         info["peak_rss_above_floor_vs_fp32"] = ((after["peak_rss_mib"] - floor) * 2**20
                                                 / fp32_bytes)
+        info["rss_after_load_above_floor_vs_fp32"] = ((after["rss_after_load_mib"] - floor)
+                                                      * 2**20 / fp32_bytes)
     bf16 = load(MODEL, dtype="bfloat16")
     subjects = [Subject("dense-fp32", dense.model, dense.tokenizer, str(fp32_dir)),
                 Subject("dense-bf16", bf16.model, bf16.tokenizer, None)]
@@ -260,30 +269,16 @@ def models(method: str, quick: bool, out_dir: Path, group: int, w8a8: bool) -> d
                                 info["path"]))
     spec = (BenchSpec(prompt_lengths=(64,), decode_tokens=8, repeats=1, warmup=0) if quick
             else BenchSpec(prompt_lengths=(128, 512), decode_tokens=32, repeats=5, warmup=1))
+    # weight bytes per token and logical parameters count the runtimes' packed buffers
     result = benchmark(subjects, spec)
-    bandwidth = result["memory_bandwidth_gbs"] or memory_bandwidth_gbs()
-    # the runtimes' packed weights are buffers, not parameters: count bytes here, and drop the
-    # parameter ratios measure.py derives from parameters alone
-    base_bytes = runtime_weight_bytes(subjects[0].model)
-    for s in subjects:
-        per_token = runtime_weight_bytes(s.model)
-        decode = result["models"][s.name]["decode"]
-        decode["weight_bytes_per_token"] = per_token
-        decode["bound_tokens_per_second"] = bandwidth * 1e9 / per_token
-        decode["fraction_of_bound"] = decode["tokens_per_second"] / decode[
-            "bound_tokens_per_second"]
-        ratios = result["speedup_vs_baseline"].get(s.name)
-        if ratios is not None:
-            ratios.pop("parameters", None)
-            ratios["weight_bytes_per_token"] = per_token / base_bytes
-    return {"model": MODEL, "method": method, "quick": quick, "group_size": group,
+    return {"model": MODEL, "method": method, "quick": quick, "group_sizes": list(groups),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "fp32_bytes_on_disk": fp32_bytes,
             "packed": packed, "memory": memory, "bench": result,
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "kept_unquantized": "embeddings and lm_head (tied here) in float16, on disk and "
-                                "in the runtime (fbgemm float16 GEMM for the head); norms and "
-                                "biases in float32"}
+                                "in the runtime (the head reads the embedding's float16 table "
+                                "through secateur's F16C kernel); norms and biases in float32"}
 
 
 def main() -> None:
@@ -293,9 +288,9 @@ def main() -> None:
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq", "rtn-inline"],
                         help="weight quantizer for the int4/int8 models (rtn-inline: this "
                              "script's own round-to-nearest, no method registry needed)")
-    parser.add_argument("--group-size", type=int, default=128,
-                        help="int4 group size (smollm2's 576-wide inputs hold 4.5 groups of 128: "
-                             "a method that refuses partial groups needs 64)")
+    parser.add_argument("--group-sizes", default="64,128",
+                        help="int4 group sizes, one model each (smollm2's 576-wide inputs hold "
+                             "4.5 groups of 128: a method that refuses partial groups needs 64)")
     parser.add_argument("--w8a8", action=argparse.BooleanOptionalAction,
                         default=torch.backends.cpu.get_cpu_capability() == "AVX512",
                         help="include W8A8 (torch._int_mm); default only with AVX-512, since "
@@ -311,7 +306,8 @@ def main() -> None:
         path = args.out or KERNEL_RESULTS
     else:
         with tempfile.TemporaryDirectory(prefix="secateur-bench-quant-") as tmp:
-            result = models(args.method, args.quick, Path(tmp), args.group_size, args.w8a8)
+            groups = tuple(int(g) for g in args.group_sizes.split(","))
+            result = models(args.method, args.quick, Path(tmp), groups, args.w8a8)
         path = args.out or RESULTS
     result["command"] = " ".join(["python", *sys.argv])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -192,4 +192,19 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> n
     if runtime == "int4":
         fuse_shared_inputs(model)
     setattr(model, RUNTIME_ATTR, runtime)
+    where.clear()  # close the checkpoint (its mapped pages) before releasing memory
+    handles.clear()
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap pages freed by loading (each matrix's unpacked codes) back to the system:
+    glibc keeps them otherwise, ~75 MB resident on smollm2 (27% vs 41% of the fp32 model)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
