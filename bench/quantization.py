@@ -220,7 +220,7 @@ def _baseline_rss() -> float:
 
 
 def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
-           w8a8: bool) -> dict:
+           w8a8: bool, threads: int) -> dict:
     from secateur.bench.measure import BenchSpec, Subject, benchmark
     from secateur.models.loading import load
     from secateur.quant.pack import save_packed
@@ -267,8 +267,10 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
         model = load_packed(info["path"], info["runtime"])
         subjects.append(Subject(f"{name}@{info['runtime']}", model, dense.tokenizer,
                                 info["path"]))
-    spec = (BenchSpec(prompt_lengths=(64,), decode_tokens=8, repeats=1, warmup=0) if quick
-            else BenchSpec(prompt_lengths=(128, 512), decode_tokens=32, repeats=5, warmup=1))
+    spec = (BenchSpec(prompt_lengths=(64,), decode_tokens=8, repeats=1, warmup=0,
+                      threads=threads) if quick
+            else BenchSpec(prompt_lengths=(128, 512), decode_tokens=32, repeats=5, warmup=1,
+                           threads=threads))
     # weight bytes per token and logical parameters count the runtimes' packed buffers
     result = benchmark(subjects, spec)
     return {"model": MODEL, "method": method, "quick": quick, "group_sizes": list(groups),
@@ -297,7 +299,9 @@ def main() -> None:
                              "without it _int_mm runs ~40x slower than fp32 and a full run "
                              "would take hours")
     parser.add_argument("--kernels", action="store_true", help="the kernel microbenchmark only")
-    parser.add_argument("--threads", type=int, default=1, help="threads for --kernels")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the timings (1: batch-1 decode on one core, "
+                             "the issue's protocol)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.kernels:
@@ -307,7 +311,8 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="secateur-bench-quant-") as tmp:
             groups = tuple(int(g) for g in args.group_sizes.split(","))
-            result = models(args.method, args.quick, Path(tmp), groups, args.w8a8)
+            result = models(args.method, args.quick, Path(tmp), groups, args.w8a8,
+                            args.threads)
         path = args.out or RESULTS
     result["command"] = " ".join(["python", *sys.argv])
     path.parent.mkdir(parents=True, exist_ok=True)
