@@ -411,3 +411,31 @@ def test_auto_search_dtype_is_bf16_only_where_the_cpu_runs_it_natively(monkeypat
     monkeypatch.setattr(layers, "cpu_has_bf16", lambda: True)
     assert layers.search_dtype("auto") == torch.bfloat16
     assert layers.search_dtype("float32") == torch.float32
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_layerwise_pruning_of_a_model_with_removed_branches_in_memory_and_streamed(
+        family, tiny_dir, tmp_path):
+    """Wanda after BlockPruner-style surgery: the removed branches have no matrices to prune,
+    and streaming the saved model (secateur's class) gives the in-memory result."""
+    from secateur.engine.streamed import prune_streamed
+    from secateur.methods import WandaConfig
+    from secateur.models.streaming import load_streamed
+    from secateur.surgery.save import save_model
+
+    loaded = load(tiny_dir(family))
+    remove_blocks(loaded.model, loaded.adapter, [Block(0, "attn"), Block(2, "mlp")])
+    assert set(loaded.adapter.linears(loaded.adapter.layers[1])) == {
+        *loaded.adapter.attn_in, loaded.adapter.attn_out, *loaded.adapter.mlp_in,
+        loaded.adapter.mlp_out}
+    assert not any("attn" in p for p in loaded.adapter.linears(loaded.adapter.layers[0]))
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "cut")
+    wins = windows(4, 32)
+    config = WandaConfig(sparsity=0.5)
+    prune(loaded, config, wins, progress=False)
+    streamed, weights = load_streamed(tmp_path / "cut")
+    prune_streamed(streamed, weights, build_method(config), wins, tmp_path / "out",
+                   progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(wins[0]).logits, loaded.model(wins[0]).logits)

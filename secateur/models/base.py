@@ -170,14 +170,16 @@ class ModelAdapter:
         return self._projection(layer, self.mlp_out)
 
     def linears(self, layer: nn.Module) -> dict[str, Projection]:
-        """Every prunable matrix of a layer in execution order, keyed by its path in the layer."""
-        projections = [
-            *self.attention_inputs(layer),
-            self.attention_output(layer),
-            *self.mlp_inputs(layer),
-            self.mlp_output(layer),
-        ]
-        return {p.name: p for p in projections}
+        """Every prunable matrix of a layer in execution order, keyed by its path in the layer.
+
+        A removed attention or MLP branch (a weightless stand-in) has none, so it is left out.
+        """
+        out = {}
+        for path in (*self.attn_in, self.attn_out, *self.mlp_in, self.mlp_out):
+            module = get_submodule(layer, path)
+            if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                out[path] = Projection(path, module, self.transposed_weights)
+        return out
 
     def attention_shape(self) -> AttentionShape:
         cfg = self.config

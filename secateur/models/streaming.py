@@ -495,6 +495,9 @@ def load_streamed(name_or_path: str | Path, dtype: str = "float32",
         raise SecateurError(f"'{path}' is a compact (per-layer width) model, which cannot be "
                             "streamed yet: load it normally")
     source = SafetensorsSource(path)
+    # models saved as secateur's own classes (per-layer widths, removed blocks) need them
+    from secateur.surgery import registry as _registry  # noqa: F401
+
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_TORCH_DTYPES[dtype],
