@@ -290,3 +290,23 @@ def test_smollm2_taylor_beats_l2_and_random_at_20_percent(smollm2):
     # collapses and random stays a strong baseline; here (seeded) taylor 41, random 57, l2 323.
     assert ppl["taylor"] * 4 < ppl["l2"], ppl
     assert ppl["taylor"] < 0.8 * ppl["random"], ppl
+
+
+def test_width_pruning_after_branch_removal_is_a_clear_error(tiny_dir):
+    from secateur.errors import SecateurError
+    from secateur.models.loading import load
+    from secateur.surgery.depth import Block, remove_blocks
+
+    loaded = load(tiny_dir("qwen2"))
+    remove_blocks(loaded.model, loaded.adapter, [Block(1, "attn")])
+    from secateur.api import prune
+    from tests.tiny_models import make_step
+
+    step = make_step(method="llm-pruner", ratio=0.2, importance="l2")
+    with pytest.raises(SecateurError, match="layer 1 lost its attention or MLP block"):
+        prune(loaded, step, [torch.randint(0, 256, (1, 16))], progress=False)
+    # protecting layers 1 and 2 leaves layer 0, which is whole
+    step = make_step(method="llm-pruner", ratio=0.2, importance="l2", protect_first=0,
+                     protect_last=2)
+    run = prune(loaded, step, [torch.randint(0, 256, (1, 16))], progress=False)
+    assert run.summary["config"] == "secateur"

@@ -320,6 +320,13 @@ class LLMPruner(ModelMethod):
         if not layers:
             raise SecateurError(f"protecting {first} first and {last} last layers leaves none "
                                 f"of {n} to prune")
+        full = (*adapter.attn_in, adapter.attn_out, *adapter.mlp_in, adapter.mlp_out)
+        for i in layers:
+            if len(adapter.linears(adapter.layers[i])) < len(full):
+                # its head/channel groups would be empty; the allocation assumes none are
+                raise SecateurError(f"layer {i} lost its attention or MLP block to an earlier "
+                                    "depth step: run llm-pruner before blockpruner, or protect "
+                                    "that layer")
         dense = decoder_parameters(adapter)
         target = cfg.ratio * dense
 

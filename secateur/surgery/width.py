@@ -108,14 +108,13 @@ def shrink_layer(adapter: ModelAdapter, index: int, remove_heads: torch.Tensor |
 
 
 def current_widths(adapter: ModelAdapter) -> list[LayerWidth]:
+    """Every layer's widths from its tensors; a removed branch counts as width 0."""
     out = []
     for i, layer in enumerate(adapter.layers):
         shape = adapter.layer_attention_shape(i)
-        hd = shape.head_dim
-        q, k = adapter.qkv_rows(layer, 0, "q")[0], adapter.qkv_rows(layer, 0, "k")[0]
-        heads = q.out_features // hd if q is not k else shape.num_heads
-        kv = k.out_features // hd if q is not k else shape.num_kv_heads
-        out.append(LayerWidth(heads, kv, adapter.mlp_output(layer).in_features))
+        mlp = adapter.linears(layer).get(adapter.mlp_out)
+        out.append(LayerWidth(shape.num_heads, shape.num_kv_heads,
+                              0 if mlp is None else mlp.in_features))
     return out
 
 
