@@ -293,7 +293,7 @@ def timing(args: argparse.Namespace, base: Loaded, result: dict) -> None:
     for target in args.ratios:
         models = {"dense": base.model}
         for name, entry in result["models"].items():
-            if entry.get("target") == target:
+            if entry.get("target") == target and "removed" in entry:
                 work = copy_loaded(base)
                 remove_blocks(work.model, work.adapter, [Block.parse(b) for b in entry["removed"]])
                 models[name] = work.model
