@@ -69,7 +69,7 @@ def llama_cpp_nll(path: Path, windows: list[torch.Tensor], threads: int) -> tupl
 
     seqlen = windows[0].shape[1]
     llm = Llama(model_path=str(path), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen,
-                logits_all=True, n_threads=threads, verbose=False)
+                logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
     total, count = 0.0, 0
     for w in windows:
         toks = w[0].tolist()
