@@ -209,7 +209,7 @@ class SparseGPT(SparsityMethod):
             refuse_quantized(model)
             check_group_sizes(quant.group_size, {
                 f"layers.{i}.{name}": p.in_features for i, layer in enumerate(adapter.layers)
-                for name, p in adapter.linears(layer).items()})
+                for name, p in adapter.linears(layer).items()}, quant.partial_groups)
         super().prepare(model, adapter, context)
 
     def prune_matrix(self, proj: Projection, stats: dict[str, Statistic],
