@@ -282,8 +282,11 @@ def test_smollm2_taylor_beats_l2_and_random_at_20_percent(smollm2):
         assert abs(removed - 0.2) < 30 * 3 * 576 / dense_decoder
         # LLM-Pruner's default range: 4 first and 2 last layers kept, so per-layer widths
         assert run.summary["protected_layers"] == {"first": 4, "last": 2}
-        assert run.summary["config"] == "secateur_llama"
-        assert loaded.model.config.layer_num_kv_heads[:5] == [3, 3, 3, 3, 2]
+        assert run.summary["config"] == "secateur"  # the generic per-layer-shapes class
+        head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
+        kv_heads = [layer.self_attn.k_proj.out_features // head_dim
+                    for layer in loaded.adapter.layers[:5]]
+        assert kv_heads == [3, 3, 3, 3, 2]
         ppl[importance] = _wiki_ppl(loaded)
         del model, loaded
     # LLM-Pruner's Table (LLaMA-7B, 20%): element-wise taylor 19.1, random 27.5, l2 582: l2
