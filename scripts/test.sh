@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check secateur tests bench
-python -m pytest -q "$@"
+# One worker per core (tests are mostly single-threaded: tiny models, subprocess reloads);
+# tests/conftest.py splits torch's threads between the workers. --dist worksteal keeps a few
+# long tests from leaving one core idle at the end.
+python -m pytest -q -n auto --dist worksteal "$@"

@@ -1,8 +1,22 @@
 import copy
+import os
 
 import pytest
 
 from tests.tiny_models import save_tiny
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, split the cores between the workers: torch's default (every core in
+    every worker) oversubscribes them, and its OpenMP threads thrash. Subprocesses the tests
+    start inherit the count through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ as the README spells it. `a|b|c` alternatives run once each; `[--flag]` runs wit
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.test_loading_and_cli import run_cli
@@ -45,17 +47,57 @@ DEFAULTS = {"prune": {"--nsamples": "2", "--seqlen": "32", "--eval-windows": "1"
 REFUSED_ON_TINY = {("export", "nemotron-nas"): "256"}
 
 
-def readme_commands() -> list[str]:
-    """`secateur ...` lines of the bash blocks, continuations joined, comments dropped."""
+def readme_blocks() -> list[list[str]]:
+    """`secateur ...` lines of each bash block, continuations joined, comments dropped."""
     text = README.read_text(encoding="utf-8")
-    commands = []
+    blocks = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        commands = []
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             line = re.sub(r"^(bash scripts/setup.sh && )?\.venv/bin/", "", line)
             if line.startswith("secateur "):
                 commands.append(line)
-    return commands
+        if commands:
+            blocks.append(commands)
+    return blocks
+
+
+def readme_commands() -> list[str]:
+    return [c for block in readme_blocks() for c in block]
+
+
+def _produced(command: str) -> set[str]:
+    words = shlex.split(command.replace("[", "").replace("]", ""))
+    made = {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--json")}
+    return made | ({"bench.json"} if words[1] == "bench" else set())
+
+
+def command_groups() -> list[list[str]]:
+    """One group per README command (each a test of its own, run in parallel), except that a
+    command naming an output an earlier one makes (`report runs/s1 bench.json`) joins the group
+    of the name's latest producer (the story maps a name to its last output).
+    The main job's `secateur run recipes/...` runs shrunk in tests/test_recipe.py."""
+    groups: list[list[str]] = []
+    producer: dict[str, int] = {}  # output name -> the group of its latest producer
+    for command in readme_commands():
+        if command.startswith("secateur run recipes/"):
+            continue
+        words = set(shlex.split(command.replace("[", "").replace("]", "")))
+        joined = sorted({producer[w] for w in words - MODEL_NAMES - PRUNED_INPUTS
+                         if w in producer})
+        if len(joined) > 1:  # reads the outputs of several groups: they become one
+            for i in reversed(joined[1:]):
+                groups[joined[0]] += groups[i]
+                groups[i] = []
+                producer.update({n: joined[0] for n, g in producer.items() if g == i})
+        target = joined[0] if joined else len(groups)
+        if target == len(groups):
+            groups.append([])
+        groups[target].append(command)
+        producer.update({name: target for name in _produced(command)})
+    groups = [g for g in groups if g]
+    return groups
 
 
 def expand(command: str) -> list[list[str]]:
@@ -93,11 +135,17 @@ class Story:
         self.model = str(long_context_tiny(tmp / "tiny"))
         self.outputs: dict[str, Path] = {}
         self.count = 0
-        self.pruned = self.make(["prune", self.model, "--method", "wanda", "--sparsity", "0.5",
-                                 *ELLIPSIS, "--out", str(tmp / "pruned-fixture")])
-        self.packed = self.make(["quantize", self.model, "--method", "rtn", "--bits", "4",
-                                 "--group-size", "32", *ELLIPSIS,
-                                 "--out", str(tmp / "packed-fixture")])
+
+    @functools.cached_property
+    def pruned(self) -> Path:
+        return self.make(["prune", self.model, "--method", "wanda", "--sparsity", "0.5",
+                          *ELLIPSIS, "--out", str(self.tmp / "pruned-fixture")])
+
+    @functools.cached_property
+    def packed(self) -> Path:
+        return self.make(["quantize", self.model, "--method", "rtn", "--bits", "4",
+                          "--group-size", "32", *ELLIPSIS,
+                          "--out", str(self.tmp / "packed-fixture")])
 
     def make(self, argv: list[str]) -> Path:
         code, _, err = run_cli(self.monkeypatch, self.capsys, *argv)
@@ -164,12 +212,23 @@ def test_the_readme_shows_the_commands_this_test_runs():
     assert commands[0].startswith("secateur run recipes/smollm2-wanda-gptq4.yaml")
 
 
-def test_every_readme_command_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+def test_readme_commands_are_many_and_grouped_whole():
+    grouped = [c for group in command_groups() for c in group]
+    assert sorted(grouped) == sorted(c for c in readme_commands()
+                                     if not c.startswith("secateur run recipes/"))
+    assert sum(len(expand(c)) for c in grouped) >= 20
+    report = next(g for g in command_groups() if any(" report " in c for c in g))
+    assert [c.split()[1] for c in report] == ["bench", "sweep", "report"], report
+
+
+GROUPS = command_groups()
+
+
+@pytest.mark.parametrize("commands", GROUPS, ids=[f"{i}-{g[0].split()[1]}"
+                                                  for i, g in enumerate(GROUPS)])
+def test_readme_commands_run_on_a_tiny_model(commands, tmp_path, monkeypatch, capsys):
     story = Story(tmp_path, monkeypatch, capsys)
-    ran = []
-    for command in readme_commands():
-        if command.startswith("secateur run recipes/"):
-            continue  # shipped recipes run shrunk in tests/test_recipe.py (the first command)
+    for command in commands:
         for argv in expand(command):
             if argv[0] == "bench":
                 argv = [*argv, "--json", "bench.json"]  # the report command reads it
@@ -182,14 +241,13 @@ def test_every_readme_command_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys
                             if set(key) <= set(argv)), None)
             if refusal is not None:
                 assert code == 2 and refusal in err, f"README: {command}\n{err}"
-                ran.append(argv[0])
                 continue
             assert code == 0, f"README: {command}\nran: {argv}\n{err}"
             if "--help" in argv:
                 assert "--sparsity" in out and "--ratio" not in out
-            ran.append(argv[0])
-    assert len(ran) >= 20
-    report = story.outputs["report/"]
-    assert (report / "report.html").is_file() and (report / "report.md").is_file()
-    record = json.loads(Path(story.outputs["r.json"]).read_text())
-    assert record["perplexity"] > 1
+            if argv[0] == "report":
+                report = Path(argv[argv.index("--out") + 1])
+                assert (report / "report.html").is_file() and (report / "report.md").is_file()
+            if argv[0] == "eval" and "--json" in argv and "--tasks" not in argv:
+                record = json.loads(Path(argv[argv.index("--json") + 1]).read_text())
+                assert record["perplexity"] > 1
