@@ -7,7 +7,7 @@ from secateur.api import CalibrationConfig, prune, quantize
 from secateur.config import ConfigError
 from secateur.errors import SecateurError
 from secateur.methods import SparseGPTConfig, WandaConfig
-from secateur.methods.gptq import GPTQConfig
+from secateur.methods.gptq import GPTQ, GPTQConfig
 from secateur.methods.rtn import RTNConfig
 from secateur.methods.sparsegpt import sparsegpt_prune, sparsegpt_prune_quantize
 from secateur.models import adapter_for
@@ -334,9 +334,76 @@ def test_an_already_quantized_model_is_refused(config):
     _one_line_refusal(fresh, config, "already quantized")
 
 
-def test_true_sequential_is_refused_until_the_engine_regathers_statistics():
-    _one_line_refusal(_loaded(), GPTQConfig(true_sequential=True, group_size=32),
-                      "true_sequential")
+GPTQ_QUANTIZE_MATRIX = GPTQ.quantize_matrix
+
+
+def _hessians_used(loaded, config, monkeypatch):
+    """Each projection's X^T X as GPTQ received it, and the same statistic recomputed from
+    the finished (quantized) model's own inputs on the calibration windows."""
+    from secateur.api import calibration_data
+
+    names = {id(p.module): key for key, p in _projections(loaded).items()}
+    used = {}
+    real = GPTQ_QUANTIZE_MATRIX  # not a wrapper from an earlier call
+
+    def record(self, proj, stats):
+        used[names[id(proj.module)]] = stats["hessian"].sum.clone()
+        return real(self, proj, stats)
+
+    monkeypatch.setattr(GPTQ, "quantize_matrix", record)
+    windows = calibration_data(loaded, CALIB)[0]
+    quantize(loaded, config, data=CALIB, progress=False)
+    final = {key: torch.zeros(p.in_features, p.in_features)
+             for key, p in _projections(loaded).items()}
+
+    def add(key, x):
+        x = x.reshape(-1, x.shape[-1])
+        final[key].addmm_(x.t(), x)  # returns nothing: a pre-hook's return replaces the input
+
+    hooks = [p.module.register_forward_pre_hook(lambda m, a, key=key: add(key, a[0]))
+             for key, p in _projections(loaded).items()]
+    with torch.no_grad():
+        for w in windows:
+            loaded.model(w)
+    for h in hooks:
+        h.remove()
+    return used, final
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_true_sequential_gptq_sees_each_group_after_the_groups_before_it(monkeypatch):
+    """With true_sequential, every projection is solved on the inputs the quantized model
+    really gives it (o after quantized q/k/v, down after quantized gate/up), as in the
+    reference's --true-sequential; without it, o and down see the dense layer's inputs."""
+    used, final = _hessians_used(_loaded(), GPTQConfig(true_sequential=True, group_size=32),
+                                 monkeypatch)
+    # 3e-4 apart: the quantize step rounds the embeddings to float16 after the solve
+    assert len(used) == len(final) == 3 * 7
+    for key in final:
+        assert _rel(used[key], final[key]) < 1e-3, key
+    used, final = _hessians_used(_loaded(), GPTQConfig(group_size=32), monkeypatch)
+    for i in range(3):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            assert _rel(used[i, name], final[i, name]) < 1e-3  # the layer's input: the same
+        for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert _rel(used[i, name], final[i, name]) > 1e-2, (i, name)  # 2-7% measured
+
+
+def test_true_sequential_groups_follow_the_layer_calls():
+    from secateur.engine.capture import capture_layer_inputs
+    from secateur.engine.sequential import input_groups
+
+    loaded = _loaded()
+    captured = capture_layer_inputs(loaded.model, loaded.adapter, [torch.arange(16)[None]])
+    layer = loaded.adapter.layers[0]
+    groups = input_groups(layer, loaded.adapter.linears(layer), captured.hidden[0],
+                          captured.calls[0])
+    assert [sorted(g) for g in groups] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def test_partial_groups_must_be_asked_for_and_cut_like_the_reference():

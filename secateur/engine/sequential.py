@@ -96,6 +96,52 @@ def run_with_stats(
     return result, stats
 
 
+@torch.no_grad()
+def input_groups(layer: nn.Module, projections: dict[str, Projection], x: torch.Tensor,
+                 call: LayerCall) -> list[list[str]]:
+    """The projections in the order the layer calls them, consecutive ones fed the very same
+    input tensor in one group: q/k/v, o, gate/up, down for a Llama layer (GPTQ's
+    true-sequential groups), found by running the layer once rather than by name."""
+    groups: list[list[str]] = []
+    last: dict[str, torch.Tensor | None] = {"x": None}
+
+    def hook(_mod, args, _name):
+        if groups and last["x"] is args[0]:
+            groups[-1].append(_name)
+        else:
+            groups.append([_name])
+        last["x"] = args[0]
+
+    handles = [proj.module.register_forward_pre_hook(
+        lambda m, a, _name=name: hook(m, a, _name)) for name, proj in projections.items()]
+    try:
+        call_layer(layer, x, call)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(projections) - {n for g in groups for n in g}
+    if missing:
+        raise RuntimeError(f"projections never called by the layer: {sorted(missing)}")
+    return groups
+
+
+def apply_in_groups(method: LayerwiseMethod, index: int, layer: nn.Module,
+                    projections: dict[str, Projection], inputs: list[torch.Tensor],
+                    call: LayerCall) -> LayerReport:
+    """Compress one group of projections at a time, each on statistics gathered with the
+    groups before it already compressed (GPTQ's true-sequential): the o projection sees the
+    attention output of quantized q/k/v, the down projection the quantized MLP input."""
+    report = LayerReport(index)
+    for group in input_groups(layer, projections, inputs[0], call):
+        sub = {name: projections[name] for name in group}
+        _, stats = run_with_stats(layer, sub, method.needs, inputs, call,
+                                  share=method.shares_statistics, outputs=False)
+        part = method.apply(index, sub, stats)
+        report.matrices.update(part.matrices)
+        report.target = part.target if part.target is not None else report.target
+    return report
+
+
 def relative_error(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
     num = sum(((p - d).double() ** 2).sum() for p, d in zip(pruned, dense, strict=True))
     den = sum((d.double() ** 2).sum() for d in dense)
@@ -243,10 +289,14 @@ def prune_layerwise(
             return inputs
         # The dense outputs feed the next layer (non-sequential) or the error report.
         dense_needed = report_error or not sequential
-        dense, stats = run_with_stats(layer, projections, method.needs, inputs, call,
-                                      share=method.shares_statistics, outputs=dense_needed)
-        report = method.apply(index, projections, stats)
-        del stats
+        if method.sequential_within_layer:
+            dense = _run(layer, inputs, call) if dense_needed else []
+            report = apply_in_groups(method, index, layer, projections, inputs, call)
+        else:
+            dense, stats = run_with_stats(layer, projections, method.needs, inputs, call,
+                                          share=method.shares_statistics, outputs=dense_needed)
+            report = method.apply(index, projections, stats)
+            del stats
         pruned = None
         if report_error or (sequential and index < last):
             pruned = _run(layer, inputs, call)

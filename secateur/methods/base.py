@@ -61,6 +61,12 @@ class LayerwiseMethod(Handler):
         return getattr(self.config, "sequential", True)
 
     @property
+    def sequential_within_layer(self) -> bool:
+        """Compress a layer's projections group by group (q/k/v, o, gate/up, down), each on
+        statistics gathered after the groups before it changed (GPTQ's true-sequential)."""
+        return getattr(self.config, "true_sequential", False)
+
+    @property
     def error_report(self) -> bool:
         """Measure each layer's output error against the dense layer (costs the part of a
         layer pass that only the report needs)."""

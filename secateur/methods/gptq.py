@@ -10,12 +10,10 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from secateur.errors import SecateurError
-from secateur.methods.base import PruneContext, register_method
+from secateur.methods.base import register_method
 from secateur.methods.rtn import QuantizeConfig, QuantizeMethod
-from secateur.models.base import ModelAdapter, Projection
+from secateur.models.base import Projection
 from secateur.quant.gptq import BLOCKSIZE, PERCDAMP, gptq_quantize, output_error
 from secateur.quant.state import QuantState
 from secateur.stats import Hessian, Statistic
@@ -56,15 +54,6 @@ class GPTQConfig(QuantizeConfig):
 class GPTQ(QuantizeMethod):
     needs = (Hessian,)
     config: GPTQConfig
-
-    def prepare(self, model: nn.Module, adapter: ModelAdapter,
-                context: PruneContext | None = None) -> None:
-        if self.config.true_sequential:
-            # The engine gathers one set of statistics per layer, before any matrix changes;
-            # true-sequential needs fresh Hessians after each sub-group is quantized.
-            raise SecateurError("true_sequential is not available yet (the layer-wise engine "
-                                "gathers statistics once per layer); use true_sequential=false")
-        super().prepare(model, adapter, context)
 
     def quantize_matrix(self, proj: Projection, stats: dict[str, Statistic]
                         ) -> tuple[torch.Tensor, QuantState, dict[str, float]]:
