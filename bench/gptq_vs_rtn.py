@@ -9,7 +9,8 @@ comes from Q8_0/Q5_0 and is the fairer test. Per model: the dense perplexity, th
 a fresh copy of the dense model: RTN and GPTQ at w4 g128 and w3 g128 (asymmetric, the
 reference's default; smollm2's 576-wide inputs get a narrower last group, `partial_groups`),
 and the remedies the GPTQ literature and its users name for GPTQ losing to RTN: more
-calibration windows, longer windows, act-order, stronger dampening, and calibration text from
+calibration windows, longer windows, act-order, true-sequential (with and without act-order,
+the reference's recommended Llama setting), stronger dampening, and calibration text from
 the evaluation's domain (wiki articles disjoint from the evaluated windows). Evaluated on wiki
 and on a second held-out text of another style (tiny-stories). Results are written after every
 arm (`bench/results/gptq_vs_rtn.json`); arms already in the file are not run again.
@@ -44,6 +45,10 @@ for _bits in (4, 3):
     ARMS[f"gptq-w{_bits}-g128-seq2048"] = ("gptq", _grid, {"seqlen": 2048})
     ARMS[f"gptq-w{_bits}-g128-actorder"] = ("gptq", {**_grid, "act_order": True,
                                                     "static_groups": True}, {})
+    ARMS[f"gptq-w{_bits}-g128-trueseq"] = ("gptq", {**_grid, "true_sequential": True}, {})
+    ARMS[f"gptq-w{_bits}-g128-trueseq-actorder"] = ("gptq", {**_grid, "true_sequential": True,
+                                                            "act_order": True,
+                                                            "static_groups": True}, {})
     ARMS[f"gptq-w{_bits}-g128-damp0.1"] = ("gptq", {**_grid, "percdamp": 0.1}, {})
     ARMS[f"gptq-w{_bits}-g128-wikicalib"] = ("gptq", _grid, {"source": "wiki-calibration"})
 BASE_ARMS = ["rtn-w4-g128", "gptq-w4-g128", "rtn-w3-g128", "gptq-w3-g128"]

@@ -67,6 +67,11 @@ def prune_job(
     # Loaded once, before the model: a missing eval text fails before any pruning.
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     loaded = load(model_name, dtype=dtype)
+    if out is not None:
+        from secateur.quant.pack import check_packable, quantizes
+
+        if quantizes(config):  # refused here, not after the whole run when saving
+            check_packable(loaded.adapter)
     result: dict[str, Any] = {"model": model_name, "method": config.method, "seed":
                               calibration.seed}
     dense_params = count_parameters(loaded.model)

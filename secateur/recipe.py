@@ -263,17 +263,22 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
     if recipe.dtype not in DTYPES:
         raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
     resumable = (_checkpoint(out) / STATE).is_file()
-    if out.exists() and (overwrite or not resumable):
-        # a recipe's own earlier output (recipe.yaml beside it) may be replaced whole
-        if not (overwrite and (out / "recipe.yaml").is_file()):
-            check_output_dir(out, overwrite)
-        if overwrite:
-            shutil.rmtree(out)
-            resumable = False
-    out.mkdir(parents=True, exist_ok=True)
+    replace = out.exists() and (overwrite or not resumable)
+    # a recipe's own earlier output (recipe.yaml beside it) may be replaced whole
+    if replace and not (overwrite and (out / "recipe.yaml").is_file()):
+        check_output_dir(out, overwrite)
     start = time.perf_counter()
-    restored = _load_checkpoint(out, recipe) if resumable else None
     loaded = load(recipe.model, dtype=recipe.dtype)
+    if recipe.save_format in ("auto", "compressed-tensors"):
+        from secateur.quant.pack import check_packable, quantizes
+
+        if any(quantizes(step) for step in recipe.steps):  # before anything is written
+            check_packable(loaded.adapter)
+    if replace and overwrite:
+        shutil.rmtree(out)
+        resumable = False
+    out.mkdir(parents=True, exist_ok=True)
+    restored = _load_checkpoint(out, recipe) if resumable else None
     if restored is not None:
         loaded.model, result = restored
         from secateur.models.base import adapter_for

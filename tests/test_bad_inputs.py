@@ -113,6 +113,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("quantize method to prune", [*P, "gptq", "--bits", "4"], "unknown method 'gptq'"),
     ("group size not dividing", ["quantize", "M", "--method", "rtn", "--bits", "4",
                                  "--group-size", "48", *W], "group"),
+    # GPT-2's Conv1D cannot be packed: refused before the run, not when saving after it
+    ("gpt2 quantized to disk", ["quantize", "G", "--method", "rtn", "--bits", "4",
+                                "--group-size", "16", *W, "--out", "q"],
+     "'attn.c_attn' is a Conv1D: compressed-tensors packs nn.Linear weights only"),
+    ("gpt2 sparsegpt+grid to disk", ["prune", "G", "--method", "sparsegpt", "--sparsity", "0.5",
+                                     "--quantize", *W, "--out", "q"], "is a Conv1D"),
+    ("gpt2 recipe quantizes", ["run", "gpt2-gptq.yaml", "--out", "r"], "is a Conv1D"),
     # -- eval ------------------------------------------------------------------------------
     ("eval no such text", ["eval", "M", "--data", "nosuch.txt"], "nosuch.txt"),
     ("eval max windows 0", ["eval", "M", "--max-windows", "0"], "max_windows"),
@@ -152,6 +159,10 @@ CASES: list[tuple[str, list[str], str]] = [
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-inputs")
     save_tiny("llama", root / "M", 0)
+    save_tiny("gpt2", root / "G", 0)
+    (root / "gpt2-gptq.yaml").write_text(
+        "model: G\ncalibration: {source: T, nsamples: 1, seqlen: 16}\n"
+        "steps:\n  - {method: wanda, sparsity: 0.5}\n  - {method: gptq, group_size: 16}\n")
     (root / "T").write_text("some text for calibration. " * 200)
     (root / "B.txt").write_bytes(bytes(range(256)) * 40)
     (root / "notes").mkdir()
@@ -217,3 +228,18 @@ def test_an_interrupt_says_so_and_exits_non_zero(signum, code, tmp_path):
     assert proc.returncode == code, "".join(lines)
     last = [line for line in "".join(lines).replace("\r", "\n").splitlines() if line.strip()]
     assert "interrupted (" + signal.Signals(signum).name + ")" in last[-1]
+
+
+def test_an_unpackable_quantized_output_is_refused_before_the_run(workdir, monkeypatch, capsys):
+    import secateur.jobs
+
+    def never(*args, **kwargs):
+        raise AssertionError("the step ran before the refusal")
+
+    monkeypatch.setattr(secateur.jobs, "run_step", never)
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["secateur", "quantize", "G", "--method", "gptq",
+                                      "--group-size", "16", *W, "--out", "q"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 2 and "is a Conv1D" in capsys.readouterr().err

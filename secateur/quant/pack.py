@@ -124,6 +124,22 @@ def stored_grid(state: QuantState, in_features: int, size: int
     return state.scale[:, index].float(), state.zero[:, index].float()
 
 
+def quantizes(config: Any) -> bool:
+    """The step leaves quantized weights (a quantize step, or SparseGPT with a grid)."""
+    return config.kind == "quantize" or getattr(config, "quantize", None) is not None
+
+
+def check_packable(adapter: Any) -> None:
+    """Before a run that will save quantized weights: every projection can be packed."""
+    layer = adapter.layers[0]
+    for name, proj in adapter.linears(layer).items():
+        if not isinstance(proj.module, nn.Linear):
+            raise SecateurError(
+                f"'{name}' is a {type(proj.module).__name__}: compressed-tensors packs "
+                "nn.Linear weights only, so this model cannot be saved quantized; quantize "
+                "without --out (in memory) or prune it instead")
+
+
 def scheme_of(name: str, module: nn.Module, state: QuantState) -> Scheme:
     """The linear's scheme with its own group size (`stored_group` narrows it later)."""
     if not isinstance(module, nn.Linear):
