@@ -129,22 +129,23 @@ def quantizes(config: Any) -> bool:
     return config.kind == "quantize" or getattr(config, "quantize", None) is not None
 
 
+def require_linear(name: str, module: nn.Module) -> None:
+    if not isinstance(module, nn.Linear):
+        raise SecateurError(
+            f"'{name}' is a {type(module).__name__}: compressed-tensors packs nn.Linear "
+            "weights only, so this model cannot be saved quantized; quantize without --out "
+            "(in memory) or prune it instead")
+
+
 def check_packable(adapter: Any) -> None:
     """Before a run that will save quantized weights: every projection can be packed."""
-    layer = adapter.layers[0]
-    for name, proj in adapter.linears(layer).items():
-        if not isinstance(proj.module, nn.Linear):
-            raise SecateurError(
-                f"'{name}' is a {type(proj.module).__name__}: compressed-tensors packs "
-                "nn.Linear weights only, so this model cannot be saved quantized; quantize "
-                "without --out (in memory) or prune it instead")
+    for name, proj in adapter.linears(adapter.layers[0]).items():
+        require_linear(name, proj.module)
 
 
 def scheme_of(name: str, module: nn.Module, state: QuantState) -> Scheme:
     """The linear's scheme with its own group size (`stored_group` narrows it later)."""
-    if not isinstance(module, nn.Linear):
-        raise SecateurError(f"'{name}' is a {type(module).__name__}: compressed-tensors packs "
-                            "nn.Linear weights only; save this model unpacked")
+    require_linear(name, module)
     check_bits(name, state)
     if _has_scattered_groups(state, module.in_features) and state.group_size != -1:
         raise SecateurError(f"'{name}' uses act-order with scattered groups (g_idx), which "
