@@ -52,6 +52,37 @@ class Projection:
 
 
 @dataclass(frozen=True)
+class RMSNormSpec:
+    """An RMSNorm's weight and epsilon: y = x / sqrt(mean(x^2) + eps) * weight."""
+
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """What a pre-norm, rotary, gated-SiLU decoder layer computes for one new token, in the
+    pieces `secateur.runtime.decode` runs without the layer's own forward. An adapter returns
+    one only for layers whose math is exactly this (`ModelAdapter.decode_layout`)."""
+
+    attn_norm: RMSNormSpec
+    mlp_norm: RMSNormSpec
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    head_dim: int
+    scaling: float
+    cache_index: int  # the layer's slot in the KV cache
+    q_norm: RMSNormSpec | None = None  # Qwen3: per-head norms before the rotary embedding
+    k_norm: RMSNormSpec | None = None
+    window: int | None = None  # sliding-window attention: keys this far back at most
+
+
+@dataclass(frozen=True)
 class AttentionShape:
     num_heads: int
     num_kv_heads: int
@@ -194,6 +225,11 @@ class ModelAdapter:
         proj = self.attention_inputs(layer)[{"q": 0, "k": 1, "v": 2}[kind]]
         rows = torch.arange(head * shape.head_dim, (head + 1) * shape.head_dim)
         return proj, rows
+
+    def decode_layout(self, layer: nn.Module) -> DecodeLayout | None:
+        """The layer as a `DecodeLayout` for secateur's one-token decode step, or None where
+        its math differs (the layer then always runs its own forward)."""
+        return None
 
     # -- width pruning groups ------------------------------------------------------------
 

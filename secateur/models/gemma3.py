@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from secateur.models.base import register_adapter
+from secateur.models.base import DecodeLayout, register_adapter
 from secateur.models.llama import LlamaAdapter
 
 
@@ -21,3 +22,6 @@ class Gemma3Adapter(LlamaAdapter):
         logits = super().logits_from_hidden(hidden)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def decode_layout(self, layer: nn.Module) -> DecodeLayout | None:
+        return None  # (1 + weight) norms, sandwich norms, GELU: not the Llama step

@@ -3,7 +3,25 @@ Llama-only class with per-layer widths (`secateur_llama`), which users' folders 
 
 from __future__ import annotations
 
-from secateur.models.base import AttentionShape, ModelAdapter, register_adapter
+from torch import nn
+
+from secateur.models.base import (
+    AttentionShape,
+    DecodeLayout,
+    ModelAdapter,
+    RMSNormSpec,
+    get_submodule,
+    register_adapter,
+)
+
+
+def _rms_norm(module: nn.Module | None) -> RMSNormSpec | None:
+    """The spec of a Llama-style RMSNorm (weight times the normalised input), else None."""
+    eps = getattr(module, "variance_epsilon", None)
+    weight = getattr(module, "weight", None)
+    if eps is None or weight is None:
+        return None
+    return RMSNormSpec(weight, float(eps))
 
 
 @register_adapter
@@ -26,6 +44,27 @@ class LlamaAdapter(ModelAdapter):
     width_attributes = {"self_attn.num_key_value_groups": "groups",
                         "self_attn.num_heads": "heads",
                         "self_attn.num_key_value_heads": "kv_heads"}
+
+    def decode_layout(self, layer: nn.Module) -> DecodeLayout | None:
+        if self.heterogeneous_class or getattr(self.config, "hidden_act", None) != "silu":
+            return None
+        attn = get_submodule(layer, "self_attn")
+        parts = {name: get_submodule(layer, path) for name, path in zip(
+            ("q", "k", "v", "o", "gate", "up", "down"),
+            (*self.attn_in, self.attn_out, *self.mlp_in, self.mlp_out), strict=True)}
+        norms = [_rms_norm(get_submodule(layer, p)) for p in (self.attn_norm, self.mlp_norm)]
+        if attn is None or None in parts.values() or None in norms:
+            return None
+        qk = [get_submodule(attn, p) for p in ("q_norm", "k_norm")]
+        qk_specs = [None if m is None else _rms_norm(m) for m in qk]
+        if any(m is not None and spec is None for m, spec in zip(qk, qk_specs, strict=True)):
+            return None
+        return DecodeLayout(norms[0], norms[1], **parts, head_dim=attn.head_dim,
+                            scaling=float(attn.scaling), cache_index=attn.layer_idx,
+                            q_norm=qk_specs[0], k_norm=qk_specs[1],
+                            # Qwen2/3 set it per layer; Mistral's layers read the config's
+                            window=getattr(attn, "sliding_window",
+                                           getattr(self.config, "sliding_window", None)))
 
 
 @register_adapter

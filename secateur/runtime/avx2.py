@@ -40,6 +40,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <algorithm>
 #include <vector>
+#include <cmath>
 
 static constexpr int64_t GEMV_ROWS = @GEMV_ROWS@;
 
@@ -277,6 +278,112 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   });
   return y;
 }
+
+// -- one-token decode glue (secateur.runtime.decode): each a single call where torch needs
+// several small ops at ~5-15 us of dispatch each, float32, contiguous last dimension.
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat,
+              "rms_norm takes float32");
+  auto xc = x.contiguous();
+  const int64_t D = xc.size(-1), R = xc.numel() / D;
+  TORCH_CHECK(w.numel() == D, "rms_norm: weight size");
+  auto y = torch::empty_like(xc);
+  const float* X = xc.data_ptr<float>();
+  const float* W = w.contiguous().data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = X + r * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+    const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) Y[r * D + d] = W[d] * (xr[d] * inv);
+  }
+  return y;
+}
+
+// x (B, H, D) in place: x * cos + rotate_half(x) * sin, cos / sin (B, D) or (1, D).
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat, "rotary_: float32 x");
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  auto c = cos.contiguous(), s = sin.contiguous();
+  const float* C = c.data_ptr<float>();
+  const float* S = s.data_ptr<float>();
+  float* X = x.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = X + (b * H + h) * D;
+      const int64_t row = c.size(0) == 1 ? 0 : b;
+      const float* cb = C + row * D;
+      const float* sb = S + row * D;
+      for (int64_t d = 0; d < half; ++d) {
+        const float lo = v[d], hi = v[d + half];
+        v[d] = lo * cb[d] - hi * sb[d];
+        v[d + half] = hi * cb[d + half] + lo * sb[d + half];
+      }
+    }
+}
+
+// Attention of one query per sequence over its cached keys: q (B, H, D); k, v (B, KVH, T, D)
+// with any strides but a contiguous last dimension; H a multiple of KVH (grouped queries).
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+              v.scalar_type() == torch::kFloat, "attend_one takes float32");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "attend_one: keys need a contiguous last dim");
+  auto qc = q.contiguous();
+  const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2), KVH = k.size(1), T = k.size(2);
+  TORCH_CHECK(H % KVH == 0 && k.size(3) == D, "attend_one: shapes");
+  auto out = torch::empty({B, H * D}, qc.options());
+  const float* Q = qc.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t group = H / KVH;
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t grain = T * D >= 16384 ? 1 : B * H;  // short caches: one thread, no fork
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, kv = h / group;
+      const float* qv = Q + i * D;
+      const float* kb = K + b * ks0 + kv * ks1;
+      const float* vb = V + b * vs0 + kv * vs1;
+      float best = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* kt = kb + t * ks2;
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kt[d];
+        p[t] = dot * static_cast<float>(scale);
+        best = std::max(best, p[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < T; ++t) { p[t] = std::exp(p[t] - best); total += p[t]; }
+      float* o = O + b * H * D + h * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        const float w = p[t] / total;
+        const float* vt = vb + t * vs2;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * vt[d];
+      }
+    }
+  });
+  return out;
+}
+
+// silu(g) * u, elementwise.
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat && u.scalar_type() == torch::kFloat &&
+              g.sizes() == u.sizes(), "silu_mul: two float32 tensors of one shape");
+  auto gc = g.contiguous(), uc = u.contiguous();
+  auto y = torch::empty_like(gc);
+  const float* G = gc.data_ptr<float>();
+  const float* U = uc.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t n = gc.numel();
+  for (int64_t i = 0; i < n; ++i) Y[i] = G[i] / (1.f + std::exp(-G[i])) * U[i];
+  return y;
+}
 """
 
 _kernels = None
@@ -301,8 +408,9 @@ def kernels():
         from torch.utils.cpp_extension import load_inline
 
         _kernels = load_inline(
-            name="secateur_avx2_v5", cpp_sources=[SOURCE.replace("@GEMV_ROWS@", str(GEMV_ROWS))],
-            functions=["int4_mm", "int4_dequantize", "int4_linear", "f16_linear", "int8_mm"],
+            name="secateur_avx2_v6", cpp_sources=[SOURCE.replace("@GEMV_ROWS@", str(GEMV_ROWS))],
+            functions=["int4_mm", "int4_dequantize", "int4_linear", "f16_linear", "int8_mm",
+                       "rms_norm", "rotary_", "attend_one", "silu_mul"],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False)

@@ -92,5 +92,8 @@ def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
         from secateur.runtime.fuse import fuse_shared_inputs  # it imports this module
 
         fuse_shared_inputs(model)
+    from secateur.runtime.decode import install_decode_path
+
+    install_decode_path(model)
     setattr(model, RUNTIME_ATTR, runtime)
     return model

@@ -28,6 +28,7 @@ from secateur.runtime.convert import (
     replace_module,
     runtime_linear,
 )
+from secateur.runtime.decode import install_decode_path
 from secateur.runtime.fuse import fuse_shared_inputs
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.int8 import INT8_TOKEN
@@ -191,6 +192,7 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> n
                             "checkpoint is incomplete")
     if runtime == "int4":
         fuse_shared_inputs(model)
+    install_decode_path(model)
     setattr(model, RUNTIME_ATTR, runtime)
     where.clear()  # close the checkpoint (its mapped pages) before releasing memory
     handles.clear()
