@@ -6,8 +6,10 @@
     python bench/quantization.py --method gptq   # int4/int8 models from GPTQ (default: rtn)
     python bench/quantization.py --kernels       # the kernel microbenchmark only
 
-Models (smollm2-135m): dense fp32, dense bf16, 4-bit g64 and g128 (--group-sizes) on the int4
-runtime, 8-bit per channel on the int8 runtime (weight-only) and, with --w8a8 (default only on
+Models (smollm2-135m): dense fp32, dense bf16, dense fp32 through secateur's one-token decode
+path (`secateur.runtime.decode`, which the runtimes install), 4-bit g64 and g128 (--group-sizes)
+on the int4 runtime (the last group size also without the decode path), 8-bit per channel on
+the int8 runtime (weight-only) and, with --w8a8 (default only on
 AVX-512 machines), W8A8 (int8 weights and per-token int8 activations, SmoothQuant 0.5) on the
 int8 runtime. Each quantized model is saved packed (compressed-tensors) and loaded back with
 `load_packed`, so its bytes on disk and its memory after loading are those a user gets.
@@ -27,6 +29,7 @@ weight-only layout dequantizes and runs a float matmul, and its W8A8 path ends i
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import resource
@@ -227,6 +230,7 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
     from secateur.models.loading import load
     from secateur.quant.pack import save_packed
     from secateur.runtime import load_packed
+    from secateur.runtime.decode import install_decode_path, remove_decode_path
     from secateur.surgery.save import dir_bytes, save_model
 
     dense = load(MODEL)
@@ -263,12 +267,21 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
         info["rss_after_load_above_floor_vs_fp32"] = ((after["rss_after_load_mib"] - floor)
                                                       * 2**20 / fp32_bytes)
     bf16 = load(MODEL, dtype="bfloat16")
+    # the same fp32 weights through secateur's one-token decode path: what the path alone buys
+    dense_path = copy.deepcopy(dense.model)
+    install_decode_path(dense_path)
     subjects = [Subject("dense-fp32", dense.model, dense.tokenizer, str(fp32_dir)),
-                Subject("dense-bf16", bf16.model, bf16.tokenizer, None)]
+                Subject("dense-bf16", bf16.model, bf16.tokenizer, None),
+                Subject("dense-fp32+decode-path", dense_path, dense.tokenizer, None)]
     for name, info in packed.items():
         model = load_packed(info["path"], info["runtime"])
         subjects.append(Subject(f"{name}@{info['runtime']}", model, dense.tokenizer,
                                 info["path"]))
+        if name == f"int4-g{groups[-1]}":  # and without the path: what the weights alone buy
+            plain = copy.deepcopy(model)
+            remove_decode_path(plain)
+            subjects.append(Subject(f"{name}@{info['runtime']}-transformers-layers", plain,
+                                    dense.tokenizer, info["path"]))
     spec = (BenchSpec(prompt_lengths=(64,), decode_tokens=8, repeats=1, warmup=0,
                       threads=threads) if quick
             else BenchSpec(prompt_lengths=(128, 512), decode_tokens=32, repeats=5, warmup=1,

@@ -533,13 +533,13 @@ def main() -> None:
     state: dict[str, Any] = {"wiki": load_text("wiki", split="test"),
                              "refs": _reference_modules(args), "repeats": args.repeats}
     phases: dict[str, Any] = {}
+    result = {"settings": asdict(settings), "quick": args.quick, "machine": machine(),
+              "fast_dtype": FAST, "phases": phases}
     for name in ("load", *(p for p in PHASES if p != "load" and p not in skip)):
         print(f"-- {name}", flush=True)
         phases[name] = RUNNERS[name](settings, state)
         print(json.dumps(phases[name], default=str)[:400], flush=True)
-    result = {"settings": asdict(settings), "quick": args.quick, "machine": machine(),
-              "fast_dtype": FAST, "phases": phases}
-    write_atomic(out, result)
+        write_atomic(out, result)  # after every phase: a long run cut short keeps what it did
     print(table(phases))
     print(f"wrote {out}")
 
