@@ -27,8 +27,10 @@ from secateur.config import Config, MethodConfig, StepKind
 from secateur.data.sources import load_text
 from secateur.data.windows import calibration_windows, fit_seqlen
 from secateur.engine.block_search import BlockSearch
+from secateur.engine.capture import compute_dtype
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
+from secateur.eval.config import ComputeDtype
 from secateur.eval.perplexity import context_length
 from secateur.methods import LayerwiseMethod, PruneContext, build_method
 from secateur.models.base import adapter_for
@@ -43,6 +45,9 @@ class CalibrationConfig(Config):
     nsamples: int = Field(128, ge=1, description="Calibration windows.")
     seqlen: int = Field(2048, ge=2, description="Tokens per calibration window.")
     seed: int = Field(0, ge=0, description="Picks calibration windows and breaks ties.")
+    compute_dtype: ComputeDtype = Field(
+        "float32", description="dtype of the calibration forwards that gather statistics "
+                               "(bfloat16: autocast; X^T X and column norms stay fp32/fp64).")
 
     def __init__(self, source: str = "c4-sample", nsamples: int = 128, seqlen: int = 2048,
                  seed: int = 0, **kw: Any) -> None:
@@ -96,7 +101,7 @@ def calibration_data(loaded: Loaded, spec: CalibrationConfig
     source = load_text(spec.source, split="train")
     windows = calibration_windows(loaded.tokenizer, source, spec.nsamples, seqlen, spec.seed)
     record = {"source": source.name, "origin": source.origin, "nsamples": spec.nsamples,
-              "seqlen": seqlen, "seed": spec.seed,
+              "seqlen": seqlen, "seed": spec.seed, "compute_dtype": spec.compute_dtype,
               "sampler": "random document longer than seqlen, random start (SparseGPT/Wanda)"}
     record.update(fit.record())
     return windows, record
@@ -173,11 +178,13 @@ def run_step(
         windows, calib_record = resolve_data(loaded, data, seed)
     before = count_parameters(loaded.model)
     m, adapter = loaded.model, loaded.adapter
+    forward_dtype = data.compute_dtype if isinstance(data, CalibrationConfig) else None
     context = PruneContext(
         model=m, tokenizer=loaded.tokenizer, adapter=adapter, calibration=windows, seed=seed,
         progress=progress, loaded=loaded,
-        layerwise_stats=lambda needs, on_layer: collect_layer_stats(
-            m, adapter, windows, needs, on_layer, progress),
+        layerwise_stats=lambda needs, on_layer: _with_dtype(forward_dtype, collect_layer_stats,
+                                                            m, adapter, windows, needs,
+                                                            on_layer, progress),
         block_search=lambda subset=None, batch_size=8, dtype=None: BlockSearch(
             m, adapter, windows if subset is None else subset, batch_size, progress, dtype),
         teacher=teacher,
@@ -186,8 +193,10 @@ def run_step(
                         calibration=calib_record)
     if isinstance(method, LayerwiseMethod):
         method.prepare(m, adapter, context)
-        reports = prune_layerwise(m, adapter, method, windows, method.sequential, progress,
-                                  device, checkpoint, keep_checkpoint=checkpoint is not None)
+        with compute_dtype(forward_dtype):
+            reports = prune_layerwise(m, adapter, method, windows, method.sequential,
+                                      progress, device, checkpoint,
+                                      keep_checkpoint=checkpoint is not None)
         result.layers = [asdict(r) for r in reports]
         result.summary = method.summary()
         if config.kind == "quantize":
@@ -204,6 +213,11 @@ def run_step(
     result.seconds = time.perf_counter() - start
     result.peak_rss_mib = peak_rss_mib()
     return result
+
+
+def _with_dtype(dtype: str | None, fn: Any, *args: Any) -> Any:
+    with compute_dtype(dtype):
+        return fn(*args)
 
 
 def prune(model: Loaded | str | Path | torch.nn.Module, config: MethodConfig, data: Data = None,

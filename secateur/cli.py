@@ -129,6 +129,10 @@ Calib = Annotated[str, typer.Option(help="Calibration text.")]
 NSamples = Annotated[int, typer.Option(help="Calibration windows.")]
 SeqLen = Annotated[int, typer.Option(help="Calibration (and default eval) window length.")]
 Seed = Annotated[int, typer.Option(help="Picks calibration windows and breaks ties.")]
+CalibDtype = Annotated[str, typer.Option(
+    "--compute-dtype", help="float32 or bfloat16 for the calibration forwards that gather "
+                            "statistics (X^T X, norms stay fp32). bf16 is slower on CPUs "
+                            "without AVX-512 BF16/AMX; see the README's table.")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="Evaluation text; 'none' skips.")]
 EvalWindows = Annotated[int | None, typer.Option(help="Evaluate the first N windows.")]
 EvalSeqLen = Annotated[int | None, typer.Option(help="Eval window (default: --seqlen).")]
@@ -146,13 +150,13 @@ def _config_from_flags(ctx: typer.Context) -> MethodConfig:
 def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen: int,
               seed: int, eval_data: str | None, eval_windows: int | None,
               eval_seqlen: int | None, out: Path | None, overwrite: bool, compact: bool,
-              dtype: str, json: Path | None, resume: bool = False, stream: bool = False
-              ) -> None:
+              dtype: str, json: Path | None, resume: bool = False, stream: bool = False,
+              calib_dtype: str = "float32") -> None:
     from secateur.api import CalibrationConfig
     from secateur.jobs import EvalSpec, prune_job, prune_streamed_job
 
     config = _config_from_flags(ctx)
-    calibration = CalibrationConfig(calib, nsamples, seqlen, seed)
+    calibration = CalibrationConfig(calib, nsamples, seqlen, seed, compute_dtype=calib_dtype)
     if stream:
         if out is None:
             raise SecateurError("--stream writes the model as it goes: give --out")
@@ -194,11 +198,12 @@ def prune_cmd(
                                               "memory at a time (models bigger than RAM; "
                                               "needs --out, evaluates nothing).")] = False,
     dtype: Dtype = "float32",
+    calib_dtype: CalibDtype = "float32",
     json: Json = None,
 ) -> None:
     """Prune a model, compare dense and pruned perplexity, save a reloadable model."""
     _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
-              out, overwrite, compact, dtype, json, resume, stream)
+              out, overwrite, compact, dtype, json, resume, stream, calib_dtype)
 
 
 def _print_prune(result: dict) -> None:
@@ -285,11 +290,12 @@ def quantize_cmd(
     overwrite: Overwrite = False,
     resume: Resume = False,
     dtype: Dtype = "float32",
+    calib_dtype: CalibDtype = "float32",
     json: Json = None,
 ) -> None:
     """Quantize a model (GPTQ, RTN, W8A8); saves compressed-tensors pack-quantized."""
     _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
-              out, overwrite, False, dtype, json, resume)
+              out, overwrite, False, dtype, json, resume, calib_dtype=calib_dtype)
 
 
 def _evaluation(eval_data: str | None, eval_seqlen: int | None, eval_windows: int | None):

@@ -10,6 +10,7 @@ from typing import Any
 from secateur.api import CalibrationConfig, count_parameters, peak_rss_mib, run_step
 from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
+from secateur.engine.capture import compute_dtype
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
@@ -181,9 +182,10 @@ def prune_streamed_job(model_name: str, config: MethodConfig, calibration: Calib
     result: dict[str, Any] = {"model": model_name, "method": config.method,
                               "options": config.settings(), "calibration": calib_record,
                               "streamed": True}
-    run = prune_streamed(loaded, weights, method, windows, Path(out), overwrite=overwrite,
-                         checkpoint=checkpoint, progress=progress,
-                         metadata=lambda r: {**result, **r.to_dict()})
+    with compute_dtype(calibration.compute_dtype):
+        run = prune_streamed(loaded, weights, method, windows, Path(out), overwrite=overwrite,
+                             checkpoint=checkpoint, progress=progress,
+                             metadata=lambda r: {**result, **r.to_dict()})
     result.update(run.to_dict())
     result["bytes_on_disk"] = dir_bytes(Path(out))
     if json_path is not None:

@@ -228,3 +228,61 @@ def test_magnitude_needs_no_calibration_windows(tmp_path):
     assert len(reports) == 3 and all(r.relative_error is None for r in reports)
     a, b = _weights(with_windows), _weights(without)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+BF16_CALIB = CalibrationConfig("c4-sample", nsamples=4, seqlen=48, seed=0,
+                               compute_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gptq"])
+def test_bf16_calibration_forwards_keep_fp32_statistics(method, monkeypatch):
+    """compute_dtype="bfloat16" runs the layers under autocast (the statistics differ from
+    fp32's by bf16 rounding, not by nothing) while the statistics themselves stay fp32/fp64;
+    the masks and weights come out close to fp32's, and the record says which was used."""
+    from secateur.stats import ColumnSquares, Hessian
+
+    seen: dict[str, list] = {"float32": [], "bfloat16": []}
+    for dtype in ("float32", "bfloat16"):
+        for cls in (ColumnSquares, Hessian):
+            add = cls.add
+
+            def spy(self, x, _add=add, _dtype=dtype):
+                seen[_dtype].append((x.dtype, torch.is_autocast_enabled("cpu")))
+                return _add(self, x)
+
+            monkeypatch.setattr(cls, "add", spy)
+        options = ({"method": "gptq", "bits": 4, "group_size": 32} if method == "gptq"
+                   else {"method": method, "sparsity": 0.5})
+        loaded = _loaded()
+        calib = BF16_CALIB if dtype == "bfloat16" else CALIB
+        result = prune(loaded, make_step(**options), calib, progress=False) \
+            if method != "gptq" else _quantize(loaded, options, calib)
+        assert result.calibration["compute_dtype"] == dtype
+        seen[dtype + "_weights"] = _weights(loaded)
+        monkeypatch.undo()
+    assert not any(autocast for _, autocast in seen["bfloat16"])  # stats never autocast
+    # some projection inputs are bf16 under autocast (an attention or MLP product's output)
+    assert {d for d, _ in seen["bfloat16"]} >= {torch.bfloat16}
+    assert {d for d, _ in seen["float32"]} == {torch.float32}
+    a, b = seen["float32_weights"], seen["bfloat16_weights"]
+    if method != "gptq":
+        agree = sum(((a[k] == 0) == (b[k] == 0)).sum().item() for k in a)
+        total = sum(a[k].numel() for k in a)
+        assert 0.9 < agree / total < 1.0  # close, and really computed differently
+        assert all(((b[k] == 0).float().mean() - 0.5).abs() < 1e-6 for k in b)
+    else:
+        diff = max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
+        assert 0 < diff < 0.5
+
+
+def _quantize(loaded, options, calib):
+    from secateur.api import quantize
+
+    return quantize(loaded, make_step(**options), calib, progress=False)
+
+
+def test_bad_compute_dtype_is_refused_before_loading():
+    from secateur.errors import SecateurError
+
+    with pytest.raises((SecateurError, ValueError), match="compute_dtype"):
+        CalibrationConfig("c4-sample", compute_dtype="float16")

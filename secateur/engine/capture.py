@@ -9,6 +9,9 @@ layers), so the layer-wise loop stays right when transformers changes how layers
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +81,36 @@ def capture_layer_inputs(
     return sink
 
 
+# dtype of the layer forwards that only feed statistics, set for a run by `compute_dtype`
+_COMPUTE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("secateur_compute_dtype",
+                                                            default=None)
+
+
+@contextmanager
+def compute_dtype(dtype: str | None) -> Iterator[None]:
+    """Run `call_layer` under autocast to `dtype` ("bfloat16") inside the block; "float32" or
+    None: the weights' own dtype. Statistics hooks accumulate in fp32/fp64 either way
+    (`full_precision`)."""
+    value = None if dtype in (None, "float32") else getattr(torch, dtype)
+    token = _COMPUTE_DTYPE.set(value)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def full_precision(x: torch.Tensor):
+    """A context in which no autocast lowers what a statistic computes from `x`."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
-    out = layer(hidden, *call.args, **call.kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    dtype = _COMPUTE_DTYPE.get()
+    if dtype is None:
+        out = layer(hidden, *call.args, **call.kwargs)
+    else:
+        with torch.autocast(hidden.device.type, dtype=dtype):
+            out = layer(hidden, *call.args, **call.kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    # the next layer (and the error report) gets the weights' dtype, as a plain forward would
+    return out if dtype is None else out.to(hidden.dtype)

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateur.engine.capture import CapturedInputs, LayerCall, call_layer, capture_layer_inputs
+from secateur.engine.capture import (
+    CapturedInputs,
+    LayerCall,
+    call_layer,
+    capture_layer_inputs,
+    full_precision,
+)
 from secateur.engine.checkpoint import LayerCheckpoint, fingerprint
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.base import ModelAdapter, Projection
@@ -70,8 +76,9 @@ def run_with_stats(
             raise RuntimeError(f"{_name}: the projections sharing an input changed between "
                                "calibration windows")
         if not same:
-            for stat in stats[_name].values():
-                stat.add(x.detach())
+            with full_precision(x):
+                for stat in stats[_name].values():
+                    stat.add(x.detach())
         window["last"], window["last_name"] = x, _name
         window["seen"] += 1
         if not outputs and window["seen"] == len(projections):
