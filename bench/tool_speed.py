@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import os
 import platform
@@ -162,6 +161,7 @@ def phase_load(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
 
 def phase_calibration(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     from secateur.api import calibration_data
+    from secateur.engine.capture import compute_dtype
     from secateur.engine.sequential import collect_layer_stats
     from secateur.stats import ColumnSquares
 
@@ -170,17 +170,13 @@ def phase_calibration(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     def run(fast: bool) -> Callable[[], dict[str, Any]]:
         def go() -> dict[str, Any]:
             windows, _ = calibration_data(loaded, calibration_config(s, fast))
-            kw = {"compute_dtype": FAST} if fast else {}
-            collect_layer_stats(loaded.model, loaded.adapter, windows, (ColumnSquares,),
-                                lambda *a: None, False, **kw)
+            with compute_dtype(FAST if fast else None):
+                collect_layer_stats(loaded.model, loaded.adapter, windows, (ColumnSquares,),
+                                    lambda *a: None, False)
             return {"windows": len(windows), "seqlen": windows[0].shape[1]}
         return go
 
-    variants = {"float32": timed(run(False))}
-    if "compute_dtype" in inspect.signature(collect_layer_stats).parameters:
-        variants["fast"] = timed(run(True))
-    else:
-        variants["fast"] = {"skipped": "collect_layer_stats takes no compute_dtype yet"}
+    variants = {"float32": timed(run(False)), "fast": timed(run(True))}
     return {"variants": variants, "speedup": speedups(variants, "float32")}
 
 
