@@ -164,7 +164,11 @@ def search(args: argparse.Namespace, base: Loaded, result: dict) -> None:
              "searched_here": {"from": len(previous), "samples": args.search_samples,
                                "shortlist": args.search_shortlist}}
     if previous:
-        entry["first_part_from"] = str(args.orders_from or args.out)
+        source = Path(args.orders_from or args.out).resolve()
+        # relative to the repository when inside it: results must not name one machine's paths
+        root = Path(__file__).resolve().parent.parent
+        entry["first_part_from"] = str(source.relative_to(root) if source.is_relative_to(root)
+                                       else source)
     result.setdefault("searches", {})[args.method] = entry
     save(args.out, result, "searches", args.method)
     print(f"{args.method}: {entry['removed']}", flush=True)
