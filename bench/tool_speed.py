@@ -20,9 +20,8 @@ waits); one BlockPruner step (one block removed, every candidate scored) on 32 x
 
 "float32" is each phase as secateur runs it by default in fp32 (perplexity and zero-shot one
 window / one request at a time); "fast" is bf16 compute and batching where secateur has it. A
-prune's fast variant passes compute_dtype="bfloat16" to whichever of CalibrationConfig and the
-method config has that field; a phase without a fast knob yet says so instead of timing it
-twice. The prune phase's speed-ups are over the reference arm.
+prune's fast variant passes CalibrationConfig(compute_dtype="bfloat16") (the calibration
+forwards under autocast). The prune phase's speed-ups are over the reference arm.
 """
 
 from __future__ import annotations
@@ -116,26 +115,14 @@ def fresh_copy(loaded):
     return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
 
 
-def has_field(config_cls: type, name: str) -> bool:
-    return name in getattr(config_cls, "model_fields", {})
+FAST_KNOB = "CalibrationConfig.compute_dtype"  # where the fast prune's dtype goes
 
 
 def calibration_config(s: Settings, fast: bool):
     from secateur import CalibrationConfig
 
-    kw = {"compute_dtype": FAST} if fast and has_field(CalibrationConfig, "compute_dtype") else {}
-    return CalibrationConfig(s.calib_source, s.calib_windows, s.calib_seqlen, 0, **kw)
-
-
-def fast_knob(method_cls: type) -> str | None:
-    """Where the fast prune's compute dtype goes, or None when nothing takes one yet."""
-    from secateur import CalibrationConfig
-
-    if has_field(method_cls, "compute_dtype"):
-        return f"{method_cls.__name__}.compute_dtype"
-    if has_field(CalibrationConfig, "compute_dtype"):
-        return "CalibrationConfig.compute_dtype"
-    return None
+    return CalibrationConfig(s.calib_source, s.calib_windows, s.calib_seqlen, 0,
+                             compute_dtype=FAST if fast else "float32")
 
 
 def eval_ppl(loaded, s: Settings, batch: int, compute: str | None, source) -> float:
@@ -264,10 +251,10 @@ def _reference_run(fn, target, windows, refs, sparsity) -> Callable[[], None]:
 def _secateur_run(cls: type, target, s: Settings, windows, fast: bool) -> Callable[[], None]:
     import secateur
 
-    extra = {"compute_dtype": FAST} if fast and has_field(cls, "compute_dtype") else {}
-    # the same windows as the other arms, unless only the calibration config takes the dtype
-    data = calibration_config(s, True) if fast and not extra else windows
-    config = cls(sparsity=s.sparsity, **extra)
+    # the same windows as the other arms; the fast arm re-draws them (same source and seed)
+    # through the calibration config that carries its dtype
+    data = calibration_config(s, True) if fast else windows
+    config = cls(sparsity=s.sparsity)
 
     def run() -> None:
         secateur.prune(target, config, data=data, progress=False)
@@ -305,15 +292,11 @@ def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     for name, cls in (("magnitude", secateur.MagnitudeConfig),
                       ("wanda", secateur.WandaConfig),
                       ("sparsegpt", secateur.SparseGPTConfig)):
-        knob = fast_knob(cls)
         ref_key, ref_fn = REFERENCE_ARMS[name]
         arms = ["reference", "float32", "fast"]
         variants: dict[str, dict[str, Any]] = {}
         if ref_key not in refs:
             variants["reference"] = {"skipped": f"pass {REFERENCE_SOURCE[ref_key]}"}
-        if knob is None:
-            variants["fast"] = {"skipped": "neither CalibrationConfig nor "
-                                           f"{cls.__name__} has compute_dtype yet"}
         masks: dict[str, dict[str, torch.Tensor]] = {}
         for repeat in range(repeats):
             for arm in arms:
@@ -333,7 +316,7 @@ def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
                                        / sum(m.numel() for m in weights))
                     row["perplexity"] = eval_ppl(target, s, s.eval_batch, None, state["wiki"])
                     if arm == "fast":
-                        row["fast_knob"] = knob
+                        row["fast_knob"] = FAST_KNOB
                     variants[arm] = row
                 variants[arm]["all_seconds"] = seconds
                 variants[arm]["seconds"] = min(seconds)

@@ -56,7 +56,7 @@ class LlamaAdapter(ModelAdapter):
         if attn is None or None in parts.values() or None in norms:
             return None
         qk = [get_submodule(attn, p) for p in ("q_norm", "k_norm")]
-        qk_specs = [None if m is None else _rms_norm(m) for m in qk]
+        qk_specs = [_rms_norm(m) for m in qk]
         if any(m is not None and spec is None for m, spec in zip(qk, qk_specs, strict=True)):
             return None
         return DecodeLayout(norms[0], norms[1], **parts, head_dim=attn.head_dim,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -40,6 +42,18 @@ class RuntimeLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
+
+
+def adapted_layers(model: nn.Module) -> tuple[Any, list[nn.Module]] | None:
+    """The model's adapter and decoder layers, or None for an architecture secateur has no
+    adapter for (the runtimes then leave its layers as they are)."""
+    from secateur.models import adapter_for
+
+    try:
+        adapter = adapter_for(model)
+        return adapter, list(adapter.layers)
+    except (SecateurError, AttributeError):
+        return None
 
 
 def runtime_weight_bytes(model: nn.Module) -> int:

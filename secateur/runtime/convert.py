@@ -88,12 +88,17 @@ def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
         new = runtime_linear(runtime, name, codes, state, module.bias,
                              activation_quant(module))
         replace_module(model, name, new.to(module.weight.dtype))
+    finish_runtime(model, runtime)
+    return model
+
+
+def finish_runtime(model: nn.Module, runtime: str) -> None:
+    """What every runtime model gets once its linears are swapped: int4 linears sharing an
+    input fused into one call, the one-token decode path, and the runtime's name."""
+    from secateur.runtime.decode import install_decode_path  # both import this module
+    from secateur.runtime.fuse import fuse_shared_inputs
+
     if runtime == "int4":
-        from secateur.runtime.fuse import fuse_shared_inputs  # it imports this module
-
         fuse_shared_inputs(model)
-    from secateur.runtime.decode import install_decode_path
-
     install_decode_path(model)
     setattr(model, RUNTIME_ATTR, runtime)
-    return model

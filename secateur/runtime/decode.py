@@ -7,10 +7,12 @@ CPU flash attention for a single query (~0.1-0.2 ms a call), keyword-argument de
 weights four times smaller that overhead, not the bytes, decides decode speed.
 
 `install_decode_path(model)` gives each layer the adapter describes (`ModelAdapter.
-decode_layout`) a forward that runs one new token in about twenty ops (fused q/k/v and
-gate/up kernels where the int4 runtime fused them; attention for the one query as two small
-matmuls over the cache) and hands everything else to the layer's own forward: prompts, any
-attention mask (padding, eager attention), `output_attentions`. Same arithmetic as the layer's
+decode_layout`) a forward that runs one new token in about twelve calls (RMSNorm, rotary,
+one-query grouped attention and the SiLU gate as single calls of secateur's compiled helpers,
+torch ops where those are missing or the dtype is not float32; fused q/k/v and gate/up
+kernels where the int4 runtime fused them) and hands everything else to the layer's own
+forward: prompts, any attention mask (padding, eager attention, a sliding window that
+matters), `output_attentions`. Same arithmetic as the layer's
 own forward up to float summation order; transformers' cache object is updated as usual, so
 `generate` and its cache classes work unchanged.
 """
@@ -24,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateur.errors import SecateurError
 from secateur.models.base import DecodeLayout, RMSNormSpec
 from secateur.runtime import avx2
+from secateur.runtime.base import adapted_layers
 
 LAYOUT_ATTR = "_secateur_decode_layout"
 
@@ -74,7 +76,7 @@ def _gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
-def _pair(first: nn.Module, second: nn.Module, third: nn.Module | None,
+def _projections(first: nn.Module, second: nn.Module, third: nn.Module | None,
           x: torch.Tensor) -> list[torch.Tensor]:
     """The projections of one input; one kernel call where the int4 runtime fused them."""
     fused = getattr(first, "fused", None)  # `runtime.fuse.FusedOutput` holding the group
@@ -89,7 +91,7 @@ def decode_step(layout: DecodeLayout, x: torch.Tensor, cos: torch.Tensor, sin: t
     """One layer for one new token per sequence: x (batch, 1, hidden), no padding."""
     batch, hd = x.shape[0], layout.head_dim
     h = _norm(x, layout.attn_norm)
-    q, k, v = _pair(layout.q, layout.k, layout.v, h)
+    q, k, v = _projections(layout.q, layout.k, layout.v, h)
     q, k, v = (t.reshape(batch, -1, hd) for t in (q, k, v))  # (batch, heads, head_dim)
     if layout.q_norm is not None:
         q = _norm(q, layout.q_norm)
@@ -104,7 +106,7 @@ def decode_step(layout: DecodeLayout, x: torch.Tensor, cos: torch.Tensor, sin: t
         k, v = k[:, :, -layout.window:], v[:, :, -layout.window:]
     x = x + layout.o(_attend(q, k, v, layout.scaling).view(batch, 1, -1))
     h = _norm(x, layout.mlp_norm)
-    gate, up = _pair(layout.gate, layout.up, None, h)
+    gate, up = _projections(layout.gate, layout.up, None, h)
     return x + layout.down(_gated(gate, up))
 
 
@@ -121,13 +123,10 @@ def _decode_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any,
 
 def install_decode_path(model: nn.Module) -> int:
     """Give every layer the model's adapter can describe the one-token path; how many."""
-    from secateur.models import adapter_for
-
-    try:
-        adapter = adapter_for(model)
-        layers = list(adapter.layers)
-    except (SecateurError, AttributeError):  # an architecture secateur has no adapter for
+    found = adapted_layers(model)
+    if found is None:
         return 0
+    adapter, layers = found
     done = 0
     for layer in layers:
         layout = adapter.decode_layout(layer)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from secateur.errors import SecateurError
-from secateur.runtime.base import RuntimeLinear
+from secateur.runtime.base import RuntimeLinear, adapted_layers
 from secateur.runtime.int4 import Int4Linear
 
 
@@ -98,14 +97,12 @@ def fuse_int4(linears: list[Int4Linear]) -> list[FusedOutput]:
 
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Fuse every group of int4 linears that reads one input, in place; how many groups."""
-    from secateur.models import adapter_for
     from secateur.runtime.convert import replace_module
 
-    try:
-        adapter = adapter_for(model)
-        layers = list(adapter.layers)
-    except (SecateurError, AttributeError):
+    found = adapted_layers(model)
+    if found is None:
         return 0
+    adapter, layers = found
     names = {id(m): n for n, m in model.named_modules()}
     done = 0
     for layer in layers:

@@ -22,14 +22,12 @@ from secateur.errors import SecateurError
 from secateur.quant.pack import WEIGHTS, compressed_tensors, read_quantization_config
 from secateur.quant.state import QuantState
 from secateur.runtime.convert import (
-    RUNTIME_ATTR,
     Runtime,
     check_runtime,
+    finish_runtime,
     replace_module,
     runtime_linear,
 )
-from secateur.runtime.decode import install_decode_path
-from secateur.runtime.fuse import fuse_shared_inputs
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.int8 import INT8_TOKEN
 
@@ -190,10 +188,7 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> n
     if missing:
         raise SecateurError(f"'{path}' lacks {len(missing)} tensors (e.g. {missing[0]}): the "
                             "checkpoint is incomplete")
-    if runtime == "int4":
-        fuse_shared_inputs(model)
-    install_decode_path(model)
-    setattr(model, RUNTIME_ATTR, runtime)
+    finish_runtime(model, runtime)
     where.clear()  # close the checkpoint (its mapped pages) before releasing memory
     handles.clear()
     _release_freed_memory()
