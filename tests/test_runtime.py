@@ -158,6 +158,21 @@ def test_int4_fuses_linears_that_share_an_input(monkeypatch):
                                                            dense_count["nonzero"])
 
 
+def test_int4_runtime_generates_under_inference_mode():
+    """Inference tensors keep no version counter; the fused linears must not need one."""
+    model = quantize_tiny(4, 32, symmetric=False)
+    apply_runtime(model, "int4")
+    ids = torch.tensor(IDS)[:, :8]
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        want_logits = model(ids).logits
+    with torch.inference_mode():
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        got_logits = model(ids).logits
+    assert torch.equal(got, want)
+    assert (got_logits - want_logits).abs().max() < ATOL
+
+
 def test_w8a8_logits_close_to_fp32_and_int8_runtime_exact():
     dense = tiny_model("llama")
     model = copy.deepcopy(dense)

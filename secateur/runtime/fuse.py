@@ -29,9 +29,12 @@ class _Shared:
         self.left = 0
 
     def piece(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if self.x is not x or self.version != x._version or self.left == 0:
+        # inference tensors (torch.inference_mode) keep no version counter: there, identity
+        # and the members' countdown alone say the result is still this input's
+        version = -2 if x.is_inference() else x._version
+        if self.x is not x or self.version != version or self.left == 0:
             self.outputs = self.fused(x)
-            self.x, self.version, self.left = x, x._version, self.members
+            self.x, self.version, self.left = x, version, self.members
         out = self.outputs[index]
         self.left -= 1
         if self.left == 0:  # let the input and the outputs go
