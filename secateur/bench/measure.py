@@ -9,6 +9,7 @@ physical limit: measured memory bandwidth / bytes of weights read per generated 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import platform
 import statistics
@@ -91,13 +92,15 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
 @torch.no_grad()
 def decode_seconds(model: nn.Module, ids: torch.Tensor, tokens: int) -> float:
     """Seconds per generated token at batch 1 with a KV cache (greedy; prompt not timed)."""
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns on every call)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    past = getattr(out, key)
     nxt = out.logits[:, -1:].argmax(-1)
     t = time.perf_counter()
     for _ in range(tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{key: past})
+        past = getattr(out, key)
         nxt = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - t) / tokens
 

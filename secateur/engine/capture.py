@@ -50,6 +50,7 @@ class _Recorder(nn.Module):
         if len(self.sink.calls) == self.index:
             kwargs["use_cache"] = False
             kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)  # transformers >= 5.24 names the cache `cache`
             kwargs.pop("layer_past", None)
             self.sink.calls.append(LayerCall(args, kwargs))
         # Later windows share the first window's arguments (same length, no padding), so only
