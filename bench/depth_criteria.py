@@ -62,6 +62,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockpruner_per_param": ("blockpruner", {"criterion": "loss_per_param"}),
 }
 LAYER_METHODS = ("shortgpt", "sleb")
+# the tasks the table's average is taken over: those the issue names for every model
+AVERAGE_TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande")
 
 
 def sizes_of(base: Loaded) -> dict[str, int]:
@@ -330,14 +332,20 @@ def table(args: argparse.Namespace, result: dict) -> str:
     models = result["models"]
     tasks = args.zeroshot_tasks.split(",")
     head = ["ratio target", "method", "removed", "ratio", "wiki ppl", "c4 held-out ppl",
-            *tasks, "zero-shot avg", "decode x", "prefill x", "proportional x"]
+            *tasks, f"zero-shot avg ({len(AVERAGE_TASKS)} tasks)", "decode x", "prefill x",
+            "proportional x"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(label: str, target: str, e: dict, best: dict[str, float]) -> str:
         zs = e.get("zeroshot", {})
         accs = [zs.get("tasks", {}).get(t, {}) for t in tasks]
-        cells = [_fmt(a.get("acc_norm") if a.get("acc_norm") is not None else a.get("acc"), 3)
-                 if a else "-" for a in accs]
+        scores = [(a.get("acc_norm") if a.get("acc_norm") is not None else a.get("acc"))
+                  if a else None for a in accs]
+        cells = [_fmt(v, 3) for v in scores]
+        # one average over the same tasks for every model (some ran ARC-c too, some not)
+        averaged = [v for t, v in zip(tasks, scores, strict=True) if t in AVERAGE_TASKS]
+        average = (sum(averaged) / len(averaged)
+                   if len(averaged) == len(AVERAGE_TASKS) and None not in averaged else None)
         blocks = e.get("removed", [])
         kinds = {p: sum(b.endswith(p) for b in blocks) for p in ("layer", "attn", "mlp")}
         removed = (f"{kinds['layer']} layers" if kinds["layer"] else
@@ -349,7 +357,7 @@ def table(args: argparse.Namespace, result: dict) -> str:
             return f"**{text}**" if v is not None and v == best.get(key) else text
         t = e.get("timing", {})
         return "| " + " | ".join([target, label, removed, _fmt(e.get("ratio"), 3), ppl("wiki"),
-                                  ppl("c4_heldout"), *cells, _fmt(zs.get("average"), 3),
+                                  ppl("c4_heldout"), *cells, _fmt(average, 3),
                                   _fmt(t.get("decode_speedup")), _fmt(t.get("prefill_speedup")),
                                   _fmt(e.get("proportional_speedup"))]) + " |"
 

@@ -45,6 +45,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 FAST = "bfloat16"
+NO_FAST = "--no-fast-arms: bf16 is emulated on this CPU (see the calibration phase)"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class Settings:
     search_windows: int = 32
     search_seqlen: int = 512
     sparsity: float = 0.5
+    # the bf16 arms of zero-shot and the depth step; off where bf16 is emulated (no AVX-512
+    # BF16 / AMX): the calibration phase measures that once, the others would only repeat it
+    fast_arms: bool = True
 
 
 QUICK = Settings(calib_windows=4, calib_seqlen=64, eval_windows=4, eval_seqlen=64,
@@ -374,8 +378,12 @@ def phase_zeroshot(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     loaded = state["loaded"]
     runs = {"float32": (1, None), "float32_batched": (s.zeroshot_batch, None),
             "fast": (s.zeroshot_batch, FAST)}
+    if not s.fast_arms:
+        del runs["fast"]
     variants = {name: timed(lambda b=b, c=c: _arc(loaded, s, b, c))
                 for name, (b, c) in runs.items()}
+    if not s.fast_arms:
+        variants["fast"] = {"skipped": NO_FAST}
     return {"variants": variants, "speedup": speedups(variants, "float32"),
             "note": "in-process, model already loaded"}
 
@@ -425,6 +433,9 @@ def phase_depth(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     variants: dict[str, dict[str, Any]] = {}
     data = secateur.CalibrationConfig(s.calib_source, s.search_windows, s.search_seqlen, 0)
     for variant, dtype in (("float32", "float32"), ("fast", FAST)):
+        if variant == "fast" and not s.fast_arms:
+            variants[variant] = {"skipped": NO_FAST}
+            continue
         target = fresh_copy(state["loaded"])
         holder: dict[str, Any] = {}
 
@@ -438,7 +449,8 @@ def phase_depth(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
         row.update(search_dtype=dtype, removed=summary.get("removed"),
                    search=summary.get("search"))
         variants[variant] = row
-    same = variants["float32"]["removed"] == variants["fast"]["removed"]
+    same = (variants["float32"]["removed"] == variants["fast"]["removed"]
+            if s.fast_arms else None)
     return {"variants": variants, "speedup": speedups(variants, "float32"),
             "same_removal": same, "windows": s.search_windows, "seqlen": s.search_seqlen}
 
@@ -492,6 +504,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="prune phase: run the arms this many times, interleaved")
     parser.add_argument("--calib", help="calibration windows x tokens, e.g. 4x128")
+    parser.add_argument("--no-fast-arms", action="store_true",
+                        help="zero-shot and depth: run the fp32 arms only (bf16 emulated here)")
     args = parser.parse_args()
     skip = {p.strip() for p in args.skip.split(",") if p.strip()}
     if skip - set(PHASES):
@@ -504,6 +518,8 @@ def main() -> None:
     if args.calib:
         n, seqlen = (int(v) for v in args.calib.lower().split("x"))
         settings = Settings(**{**asdict(settings), "calib_windows": n, "calib_seqlen": seqlen})
+    if args.no_fast_arms:
+        settings = Settings(**{**asdict(settings), "fast_arms": False})
     out = args.out or RESULTS / ("tool_speed_quick.json" if args.quick else "tool_speed.json")
     torch.manual_seed(0)
 
