@@ -4,6 +4,8 @@ recovery, and prefill/decode speed of pruned vs dense measured in this same proc
 
     python bench/width_pruning.py                       # writes bench/results/width_pruning.json
     python bench/width_pruning.py --ratios 0.2 --estimators taylor,l2 --lora-steps 10
+    python bench/width_pruning.py --zeroshot-only --estimators activation --ratios 0.2,0.4 \
+        --zeroshot-limit 300 --threads 1   # adds zero-shot of the LoRA-healed models
 
 Small on purpose (the machine has 2 shared cores); the protocol is written into the JSON.
 Results are rewritten after every configuration, so an interrupted run keeps what it measured.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import statistics
 import tempfile
@@ -75,6 +78,57 @@ def speed(dense: torch.nn.Module, pruned: torch.nn.Module, args: argparse.Namesp
     }
 
 
+def zeroshot(loaded: Loaded, args: argparse.Namespace) -> dict[str, Any]:
+    from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
+    from secateur.eval.zeroshot import zeroshot as run_zeroshot
+
+    spec = ZeroShotSpec(tasks=parse_tasks(args.zeroshot_tasks), limit=args.zeroshot_limit)
+    out = run_zeroshot(loaded.model, loaded.tokenizer, spec)
+    return {"average": out["average"], "limit": args.zeroshot_limit,
+            "tasks": {k: {"acc": v["acc"], "acc_norm": v["acc_norm"]}
+                      for k, v in out["tasks"].items()}}
+
+
+def add_zeroshot(args: argparse.Namespace, dense: Loaded, calib: CalibrationConfig,
+                 lora: LoRAConfig) -> None:
+    """Rebuild each stored run's model (prune + LoRA, deterministic given the seed), check it
+    is the one measured (same perplexity), and store its zero-shot accuracy in the results."""
+    result = json.loads(args.out.read_text())
+    wanted = {(float(r), e) for r in args.ratios.split(",") for e in args.estimators.split(",")}
+    for entry in result["runs"]:
+        if (entry["ratio"], entry["importance"]) not in wanted:
+            continue
+        if entry.get("zeroshot_after_lora", {}).get("limit") == args.zeroshot_limit:
+            continue
+        torch.manual_seed(args.seed)
+        model = copy.deepcopy(dense.model)
+        loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+        prune(loaded, make_config(dict(method="llm-pruner", ratio=entry["ratio"],
+                                       importance=entry["importance"],
+                                       allocation=args.allocation, gqa_mode=args.gqa_mode,
+                                       protect_first=args.protect_first,
+                                       protect_last=args.protect_last)),
+              calib, progress=False)
+        train_lora(loaded, lora, checkpoint=None, progress=False)
+        ppl = eval_ppl(loaded, args)
+        if abs(ppl / entry["perplexity_after_lora"] - 1) > 1e-3:
+            raise SystemExit(f"{entry['importance']} {entry['ratio']}: rebuilt model has ppl "
+                             f"{ppl:.3f}, the stored run {entry['perplexity_after_lora']:.3f}; "
+                             "not the same model (different settings?)")
+        entry["zeroshot_after_lora"] = zeroshot(loaded, args)
+        current = json.loads(args.out.read_text())
+        for other in current["runs"]:
+            if (other["ratio"], other["importance"]) == (entry["ratio"], entry["importance"]):
+                other["zeroshot_after_lora"] = entry["zeroshot_after_lora"]
+        current["protocol"]["zeroshot"] = (
+            f"lm-eval {args.zeroshot_tasks}, first {args.zeroshot_limit} documents each, "
+            "acc_norm where the task has it; on the model after LoRA (rebuilt, its wiki ppl "
+            "checked equal to the stored run's)")
+        write_json_atomic(args.out, current)
+        print(f"{entry['importance']} {entry['ratio']}: zero-shot "
+              f"{entry['zeroshot_after_lora']['average']:.4f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.4")
@@ -96,7 +150,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--zeroshot-only", action="store_true",
+                    help="add zero-shot accuracy to the runs stored in --out (no re-measure)")
+    ap.add_argument("--zeroshot-limit", type=int, default=300)
+    ap.add_argument("--zeroshot-tasks", default="arc_easy,piqa,hellaswag,winogrande")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     estimators = args.estimators.split(",")
 
@@ -105,6 +166,9 @@ def main() -> None:
     calib = CalibrationConfig("c4-sample", args.nsamples, args.seqlen, args.seed)
     lora = LoRAConfig(data="c4-sample", steps=args.lora_steps, seqlen=args.lora_seqlen,
                       lr=args.lora_lr, warmup_steps=min(5, args.lora_steps), seed=args.seed)
+    if args.zeroshot_only:
+        add_zeroshot(args, dense, calib, lora)
+        return
     result: dict[str, Any] = {
         "model": "smollm2-135m",
         "protocol": {

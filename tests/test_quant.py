@@ -250,11 +250,30 @@ def test_quantize_leaves_every_linear_on_its_grid(family, config):
 
 def test_gptq_beats_rtn_on_the_layer_outputs():
     errors = {}
-    for config in (RTNConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32)):
+    for config in (RTNConfig(bits=3, group_size=32, error_report=True),
+                   GPTQConfig(bits=3, group_size=32)):
         run = quantize(_loaded(), config, data=CalibrationConfig("c4-sample", 8, 64, 0),
                        progress=False)
         errors[config.method] = sum(r["relative_error"] for r in run.layers)
     assert errors["gptq"] < errors["rtn"]
+
+
+def test_rtn_runs_no_layer_unless_asked_for_the_error_report():
+    """Rounding needs the weights only: no layer forward by default, the same weights as the
+    run that reports each layer's output error."""
+    calls: list[int] = []
+    fast, reported = _loaded(), _loaded()
+    for layer in fast.adapter.layers:
+        layer.register_forward_hook(lambda *a: calls.append(1))
+    runs = {name: quantize(loaded, RTNConfig(bits=4, group_size=32, error_report=report),
+                           data=CALIB, progress=False)
+            for name, loaded, report in (("fast", fast, False), ("reported", reported, True))}
+    assert calls == []
+    a, b = _projections(fast), _projections(reported)
+    assert all(torch.equal(a[k].weight, b[k].weight) for k in a)
+    assert all(layer["relative_error"] is None for layer in runs["fast"].layers)
+    assert all(0 < layer["relative_error"] < 0.5 for layer in runs["reported"].layers)
+    assert all(m["weight_error"] > 0 for r in runs["fast"].layers for m in r["matrices"].values())
 
 
 def test_joint_sparsegpt_through_the_api():

@@ -11,6 +11,7 @@ from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from secateur.config import MethodConfig, StepKind
@@ -32,6 +33,13 @@ class RTNConfig(QuantizeConfig):
     """RTN: round to nearest on the grid; needs no calibration statistics."""
 
     method: ClassVar[str] = "rtn"
+
+    # Off by default: rounding reads the weights alone, so without the report no layer runs
+    # and no calibration pass is made (seconds, not minutes); each matrix's weight error is
+    # reported either way.
+    error_report: bool = Field(False, description="Also report each layer's relative output "
+                                                  "error against the dense layer (runs the "
+                                                  "calibration windows through every layer).")
 
 
 def weight_error(before: torch.Tensor, after: torch.Tensor) -> float:
