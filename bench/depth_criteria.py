@@ -385,6 +385,9 @@ def table(args: argparse.Namespace, result: dict) -> str:
             here = found["searched_here"]
             how = (f"searched here: first {here['samples']} of the calibration windows, "
                    f"shortlist {here['shortlist']}, float32")
+            if here.get("from"):
+                how += (f" (removals {here['from'] + 1}-{len(found['removed'])}, continuing "
+                        f"the first {here['from']} from {found.get('first_part_from')})")
         part = " (partial: stopped early)" if found.get("partial") else ""
         notes.append(f"- {LABELS[m]}: {len(found['removed'])} removals{part}, {how}")
     protocols = {"wiki": result.get("imported_wiki_protocol"), **result.get("protocols", {})}
