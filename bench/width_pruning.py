@@ -111,19 +111,24 @@ def add_zeroshot(args: argparse.Namespace, dense: Loaded, calib: CalibrationConf
               calib, progress=False)
         train_lora(loaded, lora, checkpoint=None, progress=False)
         ppl = eval_ppl(loaded, args)
-        if abs(ppl / entry["perplexity_after_lora"] - 1) > 1e-3:
+        # the stored run drew LoRA's initial weights from a generator other runs had advanced:
+        # the rebuilt model is the same recipe, not the same bits; a gross difference would
+        # mean other settings
+        if abs(ppl / entry["perplexity_after_lora"] - 1) > 0.05:
             raise SystemExit(f"{entry['importance']} {entry['ratio']}: rebuilt model has ppl "
                              f"{ppl:.3f}, the stored run {entry['perplexity_after_lora']:.3f}; "
-                             "not the same model (different settings?)")
-        entry["zeroshot_after_lora"] = zeroshot(loaded, args)
+                             "not the same settings?")
+        entry["zeroshot_after_lora"] = {**zeroshot(loaded, args),
+                                        "rebuilt_model_wiki_ppl": ppl}
         current = json.loads(args.out.read_text())
         for other in current["runs"]:
             if (other["ratio"], other["importance"]) == (entry["ratio"], entry["importance"]):
                 other["zeroshot_after_lora"] = entry["zeroshot_after_lora"]
         current["protocol"]["zeroshot"] = (
             f"lm-eval {args.zeroshot_tasks}, first {args.zeroshot_limit} documents each, "
-            "acc_norm where the task has it; on the model after LoRA (rebuilt, its wiki ppl "
-            "checked equal to the stored run's)")
+            "acc_norm where the task has it; on the model after LoRA, rebuilt with the same "
+            "settings (its wiki ppl stored beside: LoRA's initial weights differ from the "
+            "stored run's, whose generator earlier runs had advanced)")
         write_json_atomic(args.out, current)
         print(f"{entry['importance']} {entry['ratio']}: zero-shot "
               f"{entry['zeroshot_after_lora']['average']:.4f}", flush=True)
