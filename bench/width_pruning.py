@@ -111,9 +111,9 @@ def add_zeroshot(args: argparse.Namespace, dense: Loaded, calib: CalibrationConf
               calib, progress=False)
         train_lora(loaded, lora, checkpoint=None, progress=False)
         ppl = eval_ppl(loaded, args)
-        # the stored run drew LoRA's initial weights from a generator other runs had advanced:
-        # the rebuilt model is the same recipe, not the same bits; a gross difference would
-        # mean other settings
+        # runs stored before each configuration was reseeded drew LoRA's initial weights from a
+        # generator earlier runs had advanced: same recipe, not the same bits; a gross
+        # difference would mean other settings
         if abs(ppl / entry["perplexity_after_lora"] - 1) > 0.05:
             raise SystemExit(f"{entry['importance']} {entry['ratio']}: rebuilt model has ppl "
                              f"{ppl:.3f}, the stored run {entry['perplexity_after_lora']:.3f}; "
@@ -213,6 +213,9 @@ def main() -> None:
     speeds: dict[float, dict[str, Any]] = {}
     configs = [(r, e) for r in ratios for e in estimators]
     for ratio, estimator in tqdm(configs, desc="width pruning bench"):
+        # each configuration from the same generator state: a run (and --zeroshot-only's
+        # rebuild) must not depend on which configurations ran before it
+        torch.manual_seed(args.seed)
         model = copy.deepcopy(dense.model)
         loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
         options = make_config(dict(method="llm-pruner", ratio=ratio, importance=estimator,

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from secateur.bench.measure import cache_keyword
 from secateur.runtime import apply_runtime, avx2, decode
 from secateur.runtime.decode import install_decode_path, remove_decode_path
 from tests.test_packed import quantize_tiny
@@ -47,11 +48,12 @@ def spy_steps(monkeypatch) -> list[int]:
 
 @torch.no_grad()
 def cached_logits(model, steps: int, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
+    key = cache_keyword(model)
     out = model(prompt, use_cache=True)
-    cache, rows = out.past_key_values, []
+    cache, rows = getattr(out, key), []
     nxt = out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
-        out = model(nxt, past_key_values=cache, use_cache=True)
+        out = model(nxt, use_cache=True, **{key: cache})
         rows.append(out.logits[:, -1])
         nxt = out.logits[:, -1:].argmax(-1)
     return torch.stack(rows, 1)

@@ -90,10 +90,15 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def cache_keyword(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by (and its output returns it by):
+    transformers 5.24 renamed `past_key_values` to `cache`; the old name warns on every call."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_seconds(model: nn.Module, ids: torch.Tensor, tokens: int) -> float:
     """Seconds per generated token at batch 1 with a KV cache (greedy; prompt not timed)."""
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns on every call)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = cache_keyword(model)
     out = model(input_ids=ids, use_cache=True)
     past = getattr(out, key)
     nxt = out.logits[:, -1:].argmax(-1)

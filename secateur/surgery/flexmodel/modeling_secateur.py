@@ -98,14 +98,14 @@ class SecateurDecoderLayer(LlamaDecoderLayer):
             self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=False, position_embeddings=None,
-                **kwargs) -> torch.Tensor:
+                use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
+        # the KV cache stays in kwargs under whichever name this transformers uses
+        # (`past_key_values` before 5.24, `cache` after): naming one here would pass both
         if self.self_attn is not None:
             attn, _ = self.self_attn(
                 hidden_states=self.input_layernorm(hidden_states),
                 attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache,
-                position_embeddings=position_embeddings, **kwargs,
+                use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
             )
             hidden_states = hidden_states + attn
         if self.mlp is not None:
