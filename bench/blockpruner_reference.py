@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -32,13 +31,6 @@ import torch
 from torch.utils.data import DataLoader
 
 OUT = Path(__file__).parent / "results" / "blockpruner_reference.json"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def masked_forward(self, hidden_states, attention_mask=None, position_ids=None,
@@ -111,6 +103,8 @@ def main() -> None:
         ap.error(f"--ref {args.ref}: no block_search.py there; clone MrGGLS/BlockPruner")
     torch.set_num_threads(args.threads)
 
+    from tool_speed import machine
+
     import secateur
     from secateur.api import calibration_data
     from secateur.io import write_json_atomic
@@ -132,8 +126,7 @@ def main() -> None:
         "search_set": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
                        "seed": args.seed},
         "steps": args.steps, "dtype": "float32", "threads": args.threads,
-        "machine": cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "load_average_before": Path("/proc/loadavg").read_text().split()[:3],
+        "machine": machine(),  # CPU, its bf16 flags, threads, load average, versions
         "reference": {"order": order, "calibration_ppl_after_each": ppls,
                       "seconds": round(ref_seconds, 1),
                       "code": "MrGGLS/BlockPruner block_search.block_search_by_ppl, "

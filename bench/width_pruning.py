@@ -78,21 +78,12 @@ def speed(dense: torch.nn.Module, pruned: torch.nn.Module, args: argparse.Namesp
     }
 
 
-def zeroshot(loaded: Loaded, args: argparse.Namespace) -> dict[str, Any]:
-    from secateur.eval.zeroshot import ZeroShotSpec, parse_tasks
-    from secateur.eval.zeroshot import zeroshot as run_zeroshot
-
-    spec = ZeroShotSpec(tasks=parse_tasks(args.zeroshot_tasks), limit=args.zeroshot_limit)
-    out = run_zeroshot(loaded.model, loaded.tokenizer, spec)
-    return {"average": out["average"], "limit": args.zeroshot_limit,
-            "tasks": {k: {"acc": v["acc"], "acc_norm": v["acc_norm"]}
-                      for k, v in out["tasks"].items()}}
-
-
 def add_zeroshot(args: argparse.Namespace, dense: Loaded, calib: CalibrationConfig,
                  lora: LoRAConfig) -> None:
     """Rebuild each stored run's model (prune + LoRA, deterministic given the seed), check it
     is the one measured (same perplexity), and store its zero-shot accuracy in the results."""
+    from depth_criteria import zeroshot  # the depth benchmark's summary: same tasks, same keys
+
     result = json.loads(args.out.read_text())
     wanted = {(float(r), e) for r in args.ratios.split(",") for e in args.estimators.split(",")}
     for entry in result["runs"]:
