@@ -43,6 +43,7 @@ SOURCE = r"""
 #include <cmath>
 
 static constexpr int64_t GEMV_ROWS = @GEMV_ROWS@;
+static constexpr int64_t PREFETCH_BYTES = 1024;
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -119,6 +120,10 @@ static inline void int4_rows2(const float* x, const float* xs, const uint8_t* q0
       const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
       const __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
       __m256 w0, w1, w2, w3;
+      // the rows are one sequential stream, but the hardware prefetcher alone leaves the
+      // loop waiting on memory: fetching ~1 KiB ahead was ~10% faster cold (both rows' lines)
+      _mm_prefetch(reinterpret_cast<const char*>(q0 + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q1 + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
       unpack32(q0 + k / 2, w0, w1, w2, w3);
       a0 = _mm256_fmadd_ps(w0, x0, a0); a1 = _mm256_fmadd_ps(w1, x1, a1);
       a2 = _mm256_fmadd_ps(w2, x2, a2); a3 = _mm256_fmadd_ps(w3, x3, a3);
@@ -408,7 +413,7 @@ def kernels():
         from torch.utils.cpp_extension import load_inline
 
         _kernels = load_inline(
-            name="secateur_avx2_v6", cpp_sources=[SOURCE.replace("@GEMV_ROWS@", str(GEMV_ROWS))],
+            name="secateur_avx2_v7", cpp_sources=[SOURCE.replace("@GEMV_ROWS@", str(GEMV_ROWS))],
             functions=["int4_mm", "int4_dequantize", "int4_linear", "f16_linear", "int8_mm",
                        "rms_norm", "rotary_", "attend_one", "silu_mul"],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
