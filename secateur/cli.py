@@ -257,6 +257,9 @@ def bench_cmd(
     runtime: Annotated[str | None, typer.Option(
         help="Run pack-quantized --vs models on secateur's CPU kernels: int4 or int8 "
              "(default: dequantized by transformers).")] = None,
+    head: Annotated[str, typer.Option(
+        help="With --runtime: the lm_head as stored (float16) or rounded to int8 per row, "
+             "half the head's bytes per decoded token; it changes the logits.")] = "float16",
     dtype: Dtype = "float32",
     json: Json = None,
 ) -> None:
@@ -268,7 +271,11 @@ def bench_cmd(
                      threads=threads)
     if runtime is not None and runtime not in ("int4", "int8"):
         raise SecateurError(f"--runtime is int4 or int8, got '{runtime}'")
-    result = bench_job(model, vs or [], spec, dtype, json, runtime=runtime,
+    if head not in ("float16", "int8"):
+        raise SecateurError(f"--head is float16 or int8, got '{head}'")
+    if head != "float16" and runtime is None:
+        raise SecateurError("--head int8 rounds a runtime's lm_head: give --runtime with it")
+    result = bench_job(model, vs or [], spec, dtype, json, runtime=runtime, head=head,
                        warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     print_bench(out_console, result)
 

@@ -71,7 +71,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     buffers of modules that report their own (`weight_bytes()`: secateur's runtime linears)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and out is not None and emb.weight is out.weight
+    # a runtime head (an int8 one) has no `weight`: it is then not tied to the embedding
+    tied = emb is not None and out is not None and emb.weight is getattr(out, "weight", None)
     skip = set() if tied or emb is None else {id(emb.weight)}
     packed = sum(m.weight_bytes() for m in model.modules()
                  if callable(getattr(m, "weight_bytes", None)))

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from secateur.api import CalibrationConfig, StepResult, peak_rss_mib, run_step
 from secateur.config import Config, ConfigError, MethodConfig
@@ -81,6 +81,14 @@ class BenchSettings(Config):
     threads: int | None = Field(None, ge=1)
     # auto: int4 for a 4-bit output, int8 for 8-bit, else the weights as transformers loads them
     runtime: Literal["auto", "int4", "int8", "none"] = "auto"
+    # the runtime's lm_head: as stored, or rounded to int8 per row (secateur.runtime.head)
+    head: Literal["float16", "int8"] = "float16"
+
+    @model_validator(mode="after")
+    def _head_needs_runtime(self) -> BenchSettings:
+        if self.head != "float16" and self.runtime == "none":
+            raise ValueError("bench.head int8 rounds a runtime's lm_head: set bench.runtime")
+        return self
 
 
 class Recipe(Config):
@@ -97,6 +105,16 @@ class Recipe(Config):
     @classmethod
     def _bench(cls, value: Any) -> Any:
         return BenchSettings() if value is True else None if value is False else value
+
+    @model_validator(mode="after")
+    def _head_needs_quantized_output(self) -> Recipe:
+        if (self.bench is not None and self.bench.head != "float16"
+                and self.bench.runtime == "auto"
+                and not any(s.kind == "quantize" for s in self.steps)):
+            raise ValueError("bench.head int8 rounds a runtime's lm_head, and no step "
+                             "quantizes (so no runtime runs): drop bench.head or add a "
+                             "quantize step")
+        return self
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -332,6 +350,8 @@ def _bench(recipe: Recipe, saved: Path, bits: set[int | None]) -> dict[str, Any]
     spec = BenchSpec(prompt_lengths=settings.lengths, decode_tokens=settings.decode_tokens,
                      repeats=settings.repeats, threads=settings.threads)
     out = bench_job(recipe.model, [str(saved)], spec, recipe.dtype,
-                    runtime=None if runtime == "none" else runtime)
+                    runtime=None if runtime == "none" else runtime,
+                    head=settings.head if runtime != "none" else "float16")
     out["runtime"] = runtime
+    out["head"] = settings.head if runtime != "none" else "float16"
     return out

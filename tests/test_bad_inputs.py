@@ -155,6 +155,11 @@ CASES: list[tuple[str, list[str], str]] = [
                                        "--sparsities", "ratio=0.2"],
      "MagnitudeConfig.ratio: not a field"),
     ("bench lengths", ["bench", "M", "--lengths", "abc"], "lengths|--lengths"),
+    ("bench head without runtime", ["bench", "M", "--head", "int8"], "give --runtime"),
+    ("bench unknown head", ["bench", "M", "--runtime", "int4", "--head", "int2"],
+     "float16 or int8"),
+    ("run int8 head, nothing quantized", ["run", "headless.yaml", "--out", "o"],
+     "no step quantizes"),
 ]
 
 
@@ -172,6 +177,8 @@ def workdir(tmp_path_factory) -> Path:
     (root / "notes" / "todo.txt").write_text("not a model")
     (root / "unknown.yaml").write_text("model: M\nsteps:\n  - {method: prunemore}\n")
     (root / "empty.yaml").write_text("model: M\nsteps: []\n")
+    (root / "headless.yaml").write_text("model: M\nsteps:\n  - {method: wanda, sparsity: 0.5}\n"
+                                        "bench: {head: int8}\n")
     return root
 
 

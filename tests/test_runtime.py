@@ -326,3 +326,53 @@ def test_gptq_scattered_act_order_runs_on_int4(backend):
     apply_runtime(model, "int4")
     assert model.model.layers[0].mlp.up_proj.perm is not None
     assert (logits(model) - want).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # untied head, tied head
+def test_int8_head_rounds_the_head_per_row_and_halves_its_bytes(tmp_path, family, backend):
+    model = quantize_tiny(4, 32, symmetric=False, family=family)
+    save_packed(model, None, tmp_path / "m")
+    f16 = load_packed(tmp_path / "m", "int4")
+    int8 = load_packed(tmp_path / "m", "int4", head="int8")
+    assert type(int8.lm_head) is Int8Linear
+    assert type(int8.get_input_embeddings()) is type(f16.get_input_embeddings())
+    # the embedding's table is untouched: the same rows come out of the lookup
+    ids = torch.tensor(IDS)
+    assert torch.equal(int8.get_input_embeddings()(ids), f16.get_input_embeddings()(ids))
+    # float16 where the runtime keeps it so (llama), else the float table it loaded (gemma's
+    # scaled embedding stays a float32 module)
+    stored = (f16.lm_head.logical_parameters()[0] if isinstance(f16.lm_head, Float16Linear)
+              else f16.lm_head.weight)
+    table = stored.float()
+    scale = table.abs().amax(1, keepdim=True) / 127
+    err = (int8.lm_head.dense_weight() - table).abs()
+    assert bool((err <= scale / 2 + 1e-6).all())  # round to nearest, one scale per row
+    assert err.max() > 0  # and it did round
+    # logits move by at most the rounding: |x| . (scale / 2) per output
+    with torch.no_grad():
+        hidden = f16.model(ids).last_hidden_state
+        if family == "llama":
+            bound = hidden.abs() @ (scale / 2).expand_as(table).t() + 1e-4
+            assert bool(((int8.lm_head(hidden) - f16.lm_head(hidden)).abs() <= bound).all())
+        assert torch.equal(logits(int8).argmax(-1), logits(f16).argmax(-1))
+    head_f16 = table.numel() * stored.element_size()
+    head_int8 = table.numel() + table.shape[0] * 4  # codes and a float32 scale per row
+    assert runtime_weight_bytes(f16) - runtime_weight_bytes(int8) == head_f16 - head_int8
+
+
+def test_int8_head_in_memory_leaves_a_tied_embedding_float(backend):
+    model = quantize_tiny(4, 32, symmetric=False, family="gemma3_text")
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied
+    table = model.get_input_embeddings().weight.detach().clone()
+    want = logits(model)
+    apply_runtime(model, "int4", head="int8")
+    assert type(model.lm_head) is Int8Linear
+    assert torch.equal(model.get_input_embeddings().weight, table)
+    got = logits(model)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    with pytest.raises(SecateurError, match="unknown head format 'int2'"):
+        apply_runtime(quantize_tiny(4, 32), "int4", head="int2")
+    # a head format without a runtime is refused before anything loads (no such model here)
+    from secateur.models.loading import load
+    with pytest.raises(SecateurError, match="give runtime"):
+        load("no/such-model", head="int8")

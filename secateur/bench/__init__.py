@@ -38,19 +38,27 @@ def _is_packed(name: str) -> bool:
 def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32",
               json_path: Path | None = None,
               warn: Callable[[str], None] | None = None,
-              runtime: str | None = None) -> dict[str, Any]:
+              runtime: str | None = None, head: str = "float16") -> dict[str, Any]:
     """Load MODEL and every --vs model in the same dtype and measure them interleaved.
 
-    `runtime` runs the --vs models that are pack-quantized on that CPU runtime (int4/int8)."""
+    `runtime` runs the --vs models that are pack-quantized on that CPU runtime (int4/int8),
+    with their lm_head in `head` format (`secateur.runtime.head`)."""
+    from secateur.errors import SecateurError
     from secateur.io import check_output_file, write_json_atomic
     from secateur.models.loading import load
+    from secateur.runtime.head import check_head
 
+    check_head(head)
+    if head != "float16" and runtime is None:
+        raise SecateurError(f"head '{head}' is a runtime's lm_head format: give a runtime "
+                            "with it")
     if json_path is not None:  # a bad --json fails now, not after the measurement
         check_output_file(Path(json_path), "--json", inputs=[model, *vs])
     subjects = []
     for name in [model, *vs]:
         packed = runtime is not None and _is_packed(name)
-        loaded = load(name, dtype=dtype, runtime=runtime if packed else None)
+        loaded = load(name, dtype=dtype, runtime=runtime if packed else None,
+                      head=head if packed else "float16")
         subjects.append(Subject(name, loaded.model, loaded.tokenizer, loaded.path))
     result = benchmark(subjects, spec, warn)
     if json_path is not None:

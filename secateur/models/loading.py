@@ -249,15 +249,23 @@ def load(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     runtime: str | None = None,
+    head: str = "float16",
 ) -> Loaded:
     """Load a causal LM with its tokenizer and architecture adapter.
 
     `runtime` ("int4", "int8") runs a compressed-tensors pack-quantized folder on secateur's
-    CPU integer kernels instead of dequantizing it to `dtype` as transformers does."""
+    CPU integer kernels instead of dequantizing it to `dtype` as transformers does; `head`
+    ("float16", "int8") is the runtime's lm_head format (`secateur.runtime.head`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from secateur.runtime.head import check_head
 
     if dtype not in DTYPES:
         raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    check_head(head)
+    if head != "float16" and runtime is None:
+        raise SecateurError(f"head='{head}' is a runtime's lm_head format: give runtime "
+                            "('int4' or 'int8') with it")
     name = str(name_or_path)
     path = Path(name).expanduser()
     gguf_file: str | None = None
@@ -306,7 +314,7 @@ def load(
         if runtime is not None:
             from secateur.runtime import load_packed
 
-            model = load_packed(path, runtime, dtype)
+            model = load_packed(path, runtime, dtype, head)
         elif path.is_dir() and is_compact(path):
             model = load_compact(path, DTYPES[dtype], trust_remote_code)
         else:

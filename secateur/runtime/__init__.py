@@ -13,17 +13,19 @@ from torch import nn
 
 from secateur.runtime.base import RuntimeLinear, runtime_weight_bytes
 from secateur.runtime.convert import RUNTIMES, Runtime, apply_runtime
+from secateur.runtime.head import HEADS, Head
 from secateur.runtime.int4 import Int4Linear
 from secateur.runtime.int8 import Int8Linear, W8A8Linear, mark_w8a8
 
 
-def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> nn.Module:
+def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
+                head: Head = "float16") -> nn.Module:
     """See `secateur.runtime.packed.load_packed` (imported late: it reads the packed format,
     which itself builds on this package)."""
     from secateur.runtime.packed import load_packed as load
 
-    return load(path, runtime, dtype)
+    return load(path, runtime, dtype, head)
 
 
-__all__ = ["RUNTIMES", "Int4Linear", "Int8Linear", "Runtime", "RuntimeLinear", "W8A8Linear",
-           "apply_runtime", "load_packed", "mark_w8a8", "runtime_weight_bytes"]
+__all__ = ["HEADS", "RUNTIMES", "Head", "Int4Linear", "Int8Linear", "Runtime", "RuntimeLinear",
+           "W8A8Linear", "apply_runtime", "load_packed", "mark_w8a8", "runtime_weight_bytes"]

@@ -10,6 +10,7 @@ from torch import nn
 from secateur.errors import SecateurError
 from secateur.quant.state import QuantState, quant_state
 from secateur.runtime.base import RuntimeLinear, check_bits, codes_on_grid
+from secateur.runtime.head import Head, apply_head, check_head
 from secateur.runtime.int4 import Int4Linear
 from secateur.runtime.int8 import INT8_TOKEN, Int8Linear, W8A8Linear, activation_quant
 
@@ -60,14 +61,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
+def apply_runtime(model: nn.Module, runtime: Runtime, head: Head = "float16") -> nn.Module:
     """Swap every linear carrying a `QuantState` for an int4/int8 kernel linear, in place.
 
     Linears without a state stay as they are (the lm_head, anything left unquantized); a model
     with no quantized linear at all is refused rather than quantized here, so the runtime never
-    silently changes what the model computes.
+    silently changes what the model computes. `head="int8"` rounds the lm_head to int8 per
+    row (`runtime.head`).
     """
     check_runtime(runtime)
+    check_head(head)
     targets = _quantized_linears(model)
     if not targets:
         raise SecateurError(f"the model has no quantized linears for the {runtime} runtime: "
@@ -88,6 +91,7 @@ def apply_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
         new = runtime_linear(runtime, name, codes, state, module.bias,
                              activation_quant(module))
         replace_module(model, name, new.to(module.weight.dtype))
+    apply_head(model, head)
     finish_runtime(model, runtime)
     return model
 

@@ -29,6 +29,7 @@ from secateur.runtime.convert import (
     runtime_linear,
 )
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
+from secateur.runtime.head import Head, apply_head, check_head
 from secateur.runtime.int8 import INT8_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,12 +143,15 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> nn.Module:
+def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
+                head: Head = "float16") -> nn.Module:
     """The model of a `save_packed` directory with every quantized linear on the `runtime`'s
-    kernels; other tensors in `dtype` (the compute dtype)."""
+    kernels; other tensors in `dtype` (the compute dtype); the lm_head in `head` format
+    (`runtime.head`: float16 as stored, or rounded to int8 per row)."""
     from accelerate.utils import set_module_tensor_to_device
 
     check_runtime(runtime)
+    check_head(head)
     if dtype not in DTYPES:
         raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     path = Path(path)
@@ -180,14 +184,15 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32") -> n
         if tensor.is_floating_point():
             tensor = tensor.to(torch_dtype)
         set_module_tensor_to_device(model, key, "cpu", value=tensor)
-    head = model.get_output_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and not isinstance(head,
+    output = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and not isinstance(output,
                                                                             Float16Linear):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise SecateurError(f"'{path}' lacks {len(missing)} tensors (e.g. {missing[0]}): the "
                             "checkpoint is incomplete")
+    apply_head(model, head)
     finish_runtime(model, runtime)
     where.clear()  # close the checkpoint (its mapped pages) before releasing memory
     handles.clear()
