@@ -8,7 +8,8 @@
 
 Models (smollm2-135m): dense fp32, dense bf16, dense fp32 through secateur's one-token decode
 path (`secateur.runtime.decode`, which the runtimes install), 4-bit g64 and g128 (--group-sizes)
-on the int4 runtime (the last group size also without the decode path), 8-bit per channel on
+on the int4 runtime (the last group size also without the decode path, and with the runtime's
+lm_head rounded to int8 per row: `+int8-head`), 8-bit per channel on
 the int8 runtime (weight-only) and, with --w8a8 (default only on
 AVX-512 machines), W8A8 (int8 weights and per-token int8 activations, SmoothQuant 0.5) on the
 int8 runtime. Each quantized model is saved packed (compressed-tensors) and loaded back with
@@ -191,7 +192,7 @@ def _vm_hwm_mib_code() -> str:
             "            return int(line.split()[1]) / 1024\n")
 
 
-def _peak_after_load(path: Path, runtime: str) -> dict:
+def _peak_after_load(path: Path, runtime: str, head: str) -> dict:
     """Load in a fresh process: its peak resident memory, and the tensors' own bytes."""
     import subprocess
 
@@ -200,13 +201,13 @@ def _peak_after_load(path: Path, runtime: str) -> dict:
             "from secateur.params import count_parameters\n"
             "from secateur.runtime import load_packed, runtime_weight_bytes\n"
             "import gc\n"
-            "m = load_packed(sys.argv[1], sys.argv[2])\n"
+            "m = load_packed(sys.argv[1], sys.argv[2], head=sys.argv[3])\n"
             "gc.collect()\n"
             "after = {'peak_rss_mib': hwm(), 'rss_after_load_mib': hwm('VmRSS:')}\n"
             "t = count_parameters(m)['bytes_in_memory']  # a tied table once\n"
             "print(json.dumps({**after, 'tensor_mib': t / 2**20, "
             "'weight_bytes_per_token': runtime_weight_bytes(m)}))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path), runtime], check=True,
+    out = subprocess.run([sys.executable, "-c", code, str(path), runtime, head], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -248,15 +249,18 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
         seconds = time.perf_counter() - t
         path = save_packed(loaded.model, loaded.tokenizer, out_dir / name, {"bench": name},
                            overwrite=True)
-        packed[name] = {"path": str(path), "runtime": runtime, "quantize_seconds": seconds,
-                        "bytes_on_disk": dir_bytes(path)}
+        packed[name] = {"path": str(path), "runtime": runtime, "head": "float16",
+                        "quantize_seconds": seconds, "bytes_on_disk": dir_bytes(path)}
         del loaded
         gc.collect()
+    # the same files with the runtime's lm_head rounded to int8 at load (`runtime.head`)
+    last = f"int4-g{groups[-1]}"
+    packed[f"{last}+int8-head"] = {**packed[last], "head": "int8", "same_files_as": last}
     fp32_bytes = dir_bytes(fp32_dir)
     floor = _baseline_rss()
     memory = {"process_floor_rss_mib": floor}
     for info in packed.values():
-        after = _peak_after_load(Path(info["path"]), info["runtime"])
+        after = _peak_after_load(Path(info["path"]), info["runtime"], info["head"])
         info.update(after)
         info["bytes_on_disk_vs_fp32"] = info["bytes_on_disk"] / fp32_bytes
         info["tensor_bytes_vs_fp32"] = after["tensor_mib"] * 2**20 / fp32_bytes
@@ -274,7 +278,7 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
                 Subject("dense-bf16", bf16.model, bf16.tokenizer, None),
                 Subject("dense-fp32+decode-path", dense_path, dense.tokenizer, None)]
     for name, info in packed.items():
-        model = load_packed(info["path"], info["runtime"])
+        model = load_packed(info["path"], info["runtime"], head=info["head"])
         subjects.append(Subject(f"{name}@{info['runtime']}", model, dense.tokenizer,
                                 info["path"]))
         if name == f"int4-g{groups[-1]}":  # and without the path: what the weights alone buy
@@ -295,7 +299,10 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "kept_unquantized": "embeddings and lm_head (tied here) in float16, on disk and "
                                 "in the runtime (the head reads the embedding's float16 table "
-                                "through secateur's F16C kernel); norms and biases in float32"}
+                                "through secateur's F16C kernel); norms and biases in float32. "
+                                "The '+int8-head' model is the same files with the runtime's "
+                                "head rounded to int8 per row at load (runtime.head): the "
+                                "embedding keeps its float16 table"}
 
 
 def main() -> None:

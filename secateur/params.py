@@ -72,8 +72,9 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # a runtime head (an int8 one) has no `weight`: it is then not tied to the embedding
-    tied = emb is not None and out is not None and emb.weight is getattr(out, "weight", None)
-    skip = set() if tied or emb is None else {id(emb.weight)}
+    table = getattr(emb, "weight", None)
+    tied = table is not None and table is getattr(out, "weight", None)
+    skip = set() if tied or table is None else {id(table)}
     packed = sum(m.weight_bytes() for m in model.modules()
                  if callable(getattr(m, "weight_bytes", None)))
     return packed + sum(p.numel() * p.element_size() for p in unique_parameters([model])

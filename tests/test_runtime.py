@@ -25,6 +25,7 @@ from secateur.runtime import (
 )
 from secateur.runtime.fuse import FusedOutput
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
+from secateur.runtime.head import Int8Embedding
 from secateur.runtime.int8 import fake_quantize_tokens
 from tests.test_packed import IDS, logits, quantize_tiny, rtn, scattered_g_idx
 from tests.tiny_models import tiny_model
@@ -328,17 +329,25 @@ def test_gptq_scattered_act_order_runs_on_int4(backend):
     assert (logits(model) - want).abs().max() < ATOL
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # untied head, tied head
-def test_int8_head_rounds_the_head_per_row_and_halves_its_bytes(tmp_path, family, backend):
+def _tied_tiny(family: str = "llama"):
+    """A 4-bit tiny model whose head and embedding are one table (smollm2's case)."""
     model = quantize_tiny(4, 32, symmetric=False, family=family)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.get_input_embeddings().weight
+    return model
+
+
+# untied llama; tied llama (one int8 table for both); tied gemma (its scaled embedding keeps
+# its own float table)
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True),
+                                         ("gemma3_text", True)])
+def test_int8_head_rounds_the_head_per_row_and_halves_its_bytes(tmp_path, family, tied,
+                                                               backend):
+    model = _tied_tiny(family) if tied else quantize_tiny(4, 32, symmetric=False, family=family)
     save_packed(model, None, tmp_path / "m")
     f16 = load_packed(tmp_path / "m", "int4")
     int8 = load_packed(tmp_path / "m", "int4", head="int8")
     assert type(int8.lm_head) is Int8Linear
-    assert type(int8.get_input_embeddings()) is type(f16.get_input_embeddings())
-    # the embedding's table is untouched: the same rows come out of the lookup
-    ids = torch.tensor(IDS)
-    assert torch.equal(int8.get_input_embeddings()(ids), f16.get_input_embeddings()(ids))
     # float16 where the runtime keeps it so (llama), else the float table it loaded (gemma's
     # scaled embedding stays a float32 module)
     stored = (f16.lm_head.logical_parameters()[0] if isinstance(f16.lm_head, Float16Linear)
@@ -348,26 +357,46 @@ def test_int8_head_rounds_the_head_per_row_and_halves_its_bytes(tmp_path, family
     err = (int8.lm_head.dense_weight() - table).abs()
     assert bool((err <= scale / 2 + 1e-6).all())  # round to nearest, one scale per row
     assert err.max() > 0  # and it did round
-    # logits move by at most the rounding: |x| . (scale / 2) per output
+    ids = torch.tensor(IDS)
+    rows_f16, rows_int8 = f16.get_input_embeddings()(ids), int8.get_input_embeddings()(ids)
+    shared = tied and family == "llama"
+    if shared:  # the lookup reads the head's int8 rows: one table in memory
+        assert type(int8.get_input_embeddings()) is Int8Embedding
+        assert int8.get_input_embeddings().weight_int8 is int8.lm_head.weight_int8
+        assert bool(((rows_int8 - rows_f16).abs() <= scale[ids[0]] / 2 + 1e-6).all())
+    else:  # the embedding keeps its own table
+        assert type(int8.get_input_embeddings()) is type(f16.get_input_embeddings())
+        assert torch.equal(rows_int8, rows_f16)
     with torch.no_grad():
-        hidden = f16.model(ids).last_hidden_state
-        if family == "llama":
+        if not tied:  # logits move by at most the head's rounding: |x| . (scale / 2)
+            hidden = f16.model(ids).last_hidden_state
             bound = hidden.abs() @ (scale / 2).expand_as(table).t() + 1e-4
             assert bool(((int8.lm_head(hidden) - f16.lm_head(hidden)).abs() <= bound).all())
         assert torch.equal(logits(int8).argmax(-1), logits(f16).argmax(-1))
-    head_f16 = table.numel() * stored.element_size()
+    head_16 = table.numel() * stored.element_size()
     head_int8 = table.numel() + table.shape[0] * 4  # codes and a float32 scale per row
-    assert runtime_weight_bytes(f16) - runtime_weight_bytes(int8) == head_f16 - head_int8
+    assert runtime_weight_bytes(f16) - runtime_weight_bytes(int8) == head_16 - head_int8
+    # memory: the int8 table replaces the head's own table (untied) or the shared one, and
+    # fbgemm's packed copy (aten backend); it is added beside a table the embedding keeps
+    opaque = getattr(f16.lm_head, "opaque_bytes", lambda: 0)()
+    released = opaque + (head_16 if shared or (not tied and not opaque) else 0)
+    held_f16 = count_parameters(f16)["bytes_in_memory"]
+    held_int8 = count_parameters(int8)["bytes_in_memory"]
+    assert held_int8 - held_f16 == head_int8 - released
+    assert count_parameters(int8)["parameters"] == count_parameters(f16)["parameters"] + (
+        0 if shared or not tied else table.numel())  # a head of its own: untied now
 
 
-def test_int8_head_in_memory_leaves_a_tied_embedding_float(backend):
-    model = quantize_tiny(4, 32, symmetric=False, family="gemma3_text")
-    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied
+def test_int8_head_in_memory_shares_one_table_with_a_tied_embedding(backend):
+    model = _tied_tiny()
     table = model.get_input_embeddings().weight.detach().clone()
     want = logits(model)
     apply_runtime(model, "int4", head="int8")
     assert type(model.lm_head) is Int8Linear
-    assert torch.equal(model.get_input_embeddings().weight, table)
+    assert type(model.get_input_embeddings()) is Int8Embedding
+    rows = model.get_input_embeddings()(torch.arange(table.shape[0]))
+    scale = table.abs().amax(1, keepdim=True) / 127
+    assert bool(((rows - table).abs() <= scale / 2 + 1e-6).all())
     got = logits(model)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     with pytest.raises(SecateurError, match="unknown head format 'int2'"):
