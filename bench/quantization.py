@@ -204,6 +204,10 @@ def _peak_after_load(path: Path, runtime: str, head: str) -> dict:
             "m = load_packed(sys.argv[1], sys.argv[2], head=sys.argv[3])\n"
             "gc.collect()\n"
             "after = {'peak_rss_mib': hwm(), 'rss_after_load_mib': hwm('VmRSS:')}\n"
+            "import torch\n"
+            "with torch.no_grad():\n"
+            "    m(torch.tensor([[1, 2, 3, 4]]))  # what a first use makes resident\n"
+            "after['rss_after_forward_mib'] = hwm('VmRSS:')\n"
             "t = count_parameters(m)['bytes_in_memory']  # a tied table once\n"
             "print(json.dumps({**after, 'tensor_mib': t / 2**20, "
             "'weight_bytes_per_token': runtime_weight_bytes(m)}))\n")
@@ -270,6 +274,8 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
                                                 / fp32_bytes)
         info["rss_after_load_above_floor_vs_fp32"] = ((after["rss_after_load_mib"] - floor)
                                                       * 2**20 / fp32_bytes)
+        info["rss_after_forward_above_floor_vs_fp32"] = ((after["rss_after_forward_mib"]
+                                                          - floor) * 2**20 / fp32_bytes)
     bf16 = load(MODEL, dtype="bfloat16")
     # the same fp32 weights through secateur's one-token decode path: what the path alone buys
     dense_path = copy.deepcopy(dense.model)

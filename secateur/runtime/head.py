@@ -82,7 +82,8 @@ def _head_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @torch.no_grad()
 def apply_head(model: nn.Module, head: Head) -> nn.Module:
-    """Put the model's output embedding in `head` format, in place (float16: as it is)."""
+    """Put the model's output embedding in `head` format, in place: "float16" leaves it as
+    the model holds it (float16 in a packed directory), "int8" rounds it per row."""
     check_head(head)
     if head == "int8":
         out = model.get_output_embeddings()
