@@ -284,3 +284,27 @@ def test_gptq_scattered_act_order_is_refused(tmp_path):
     with pytest.raises(SecateurError, match="act-order with scattered groups"):
         save_packed(model, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_file_reads_what_safetensors_wrote_and_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from secateur.errors import SecateurError
+    from secateur.runtime.tensor_file import TensorFile
+
+    torch.manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(4, 2).bfloat16(),
+               "f16": torch.randn(7).half(), "i32": torch.randint(-9, 9, (2, 3, 2)).int(),
+               "u8": torch.randint(0, 255, (6,), dtype=torch.uint8), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    f = TensorFile(tmp_path / "t.safetensors")
+    assert sorted(f.keys()) == sorted(tensors)
+    for key, want in tensors.items():
+        got = f.get_tensor(key)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    cut = TensorFile(tmp_path / "cut.safetensors")
+    last = max(cut.entries, key=lambda k: cut.entries[k]["data_offsets"][1])
+    with pytest.raises(SecateurError, match="truncated"):
+        cut.get_tensor(last)

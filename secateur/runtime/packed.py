@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from secateur.errors import SecateurError
@@ -31,6 +30,7 @@ from secateur.runtime.convert import (
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.head import Head, apply_head, check_head
 from secateur.runtime.int8 import INT8_TOKEN
+from secateur.runtime.tensor_file import TensorFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,19 +159,17 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
     torch_dtype = DTYPES[dtype]
     model = _skeleton(path, torch_dtype)
     files = _weight_files(path)
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    # plain reads, not safe_open's mapping (`runtime.tensor_file`): the peak stays at what is
+    # kept plus the tensor being converted
+    handles = [TensorFile(f) for f in files]
+    where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 (not a dict)
     keys = set(where)
 
     # every quantized linear, whatever its format, has a weight_scale; nothing else does
     prefixes = sorted(k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight_scale"))
 
     def get(key: str) -> torch.Tensor:
-        # safetensors' tensors are views of the file's mapping, whose pages count as resident
-        # once touched and stay so while any tensor of the file is alive (a scale a runtime
-        # linear keeps as a view, the float16 table): every tensor is an owned copy, so the
-        # mapping goes when loading ends (smollm2 int8: 0.64 -> 0.42 of fp32 resident)
-        return where[key].get_tensor(key).clone()
+        return where[key].get_tensor(key)
 
     used: set[str] = set()
     for prefix in prefixes:
@@ -199,8 +197,6 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
                             "checkpoint is incomplete")
     apply_head(model, head)
     finish_runtime(model, runtime)
-    where.clear()  # close the checkpoint (its mapped pages) before releasing memory
-    handles.clear()
     _release_freed_memory()
     return model.eval()
 
