@@ -399,6 +399,11 @@ def test_int8_head_in_memory_shares_one_table_with_a_tied_embedding(backend):
     assert bool(((rows - table).abs() <= scale / 2 + 1e-6).all())
     got = logits(model)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+    # generate through the decode path and the KV cache gives what full forwards give
+    prompt = torch.tensor([IDS[0][:4]])
+    cached = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape[1] == 10 and torch.equal(cached, uncached)
     with pytest.raises(SecateurError, match="unknown head format 'int2'"):
         apply_runtime(quantize_tiny(4, 32), "int4", head="int2")
     # a head format without a runtime is refused before anything loads (no such model here)
