@@ -143,3 +143,19 @@ def test_bad_json_path_fails_before_any_model_loads(tmp_path, monkeypatch):
         bench_job("smollm2-135m", [], FAST, json_path=tmp_path)
     with pytest.raises(SecateurError, match="cannot write in"):
         bench_job("smollm2-135m", [], FAST, json_path=Path("/sys/bench.json"))
+
+
+def test_timed_passes_build_no_autograd_graph():
+    """Dense weights require grad and runtime buffers do not: timing with autograd on would
+    charge the dense baseline for graph building the compressed model skips."""
+    from secateur.bench.measure import decode_seconds, prefill_seconds
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    seen = []
+    model.model.layers[0].register_forward_hook(
+        lambda *_: seen.append(torch.is_grad_enabled()))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    prefill_seconds(model, ids)
+    decode_seconds(model, ids, 3)
+    assert len(seen) == 1 + 1 + 3 and not any(seen)

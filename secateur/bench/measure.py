@@ -89,13 +89,13 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-@torch.no_grad()
 def cache_keyword(model: nn.Module) -> str:
     """The name the model's forward takes its KV cache by (and its output returns it by):
     transformers 5.24 renamed `past_key_values` to `cache`; the old name warns on every call."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
 def decode_seconds(model: nn.Module, ids: torch.Tensor, tokens: int) -> float:
     """Seconds per generated token at batch 1 with a KV cache (greedy; prompt not timed)."""
     key = cache_keyword(model)
