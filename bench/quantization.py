@@ -287,7 +287,7 @@ def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
         model = load_packed(info["path"], info["runtime"], head=info["head"])
         subjects.append(Subject(f"{name}@{info['runtime']}", model, dense.tokenizer,
                                 info["path"]))
-        if name == f"int4-g{groups[-1]}":  # and without the path: what the weights alone buy
+        if name == last:  # and without the path: what the weights alone buy
             plain = copy.deepcopy(model)
             remove_decode_path(plain)
             subjects.append(Subject(f"{name}@{info['runtime']}-transformers-layers", plain,

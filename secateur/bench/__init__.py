@@ -43,15 +43,11 @@ def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32"
 
     `runtime` runs the --vs models that are pack-quantized on that CPU runtime (int4/int8),
     with their lm_head in `head` format (`secateur.runtime.head`)."""
-    from secateur.errors import SecateurError
     from secateur.io import check_output_file, write_json_atomic
     from secateur.models.loading import load
     from secateur.runtime.head import check_head
 
-    check_head(head)
-    if head != "float16" and runtime is None:
-        raise SecateurError(f"head '{head}' is a runtime's lm_head format: give a runtime "
-                            "with it")
+    check_head(head, runtime)
     if json_path is not None:  # a bad --json fails now, not after the measurement
         check_output_file(Path(json_path), "--json", inputs=[model, *vs])
     subjects = []

@@ -262,10 +262,7 @@ def load(
 
     if dtype not in DTYPES:
         raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
-    check_head(head)
-    if head != "float16" and runtime is None:
-        raise SecateurError(f"head='{head}' is a runtime's lm_head format: give runtime "
-                            "('int4' or 'int8') with it")
+    check_head(head, runtime)
     name = str(name_or_path)
     path = Path(name).expanduser()
     gguf_file: str | None = None

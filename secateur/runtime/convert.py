@@ -70,7 +70,7 @@ def apply_runtime(model: nn.Module, runtime: Runtime, head: Head = "float16") ->
     row (`runtime.head`).
     """
     check_runtime(runtime)
-    check_head(head)
+    check_head(head, runtime)
     targets = _quantized_linears(model)
     if not targets:
         raise SecateurError(f"the model has no quantized linears for the {runtime} runtime: "

@@ -25,12 +25,19 @@ from secateur.runtime.int8 import Int8Linear
 
 Head = Literal["float16", "int8"]
 HEADS: tuple[str, ...] = ("float16", "int8")
-HEAD_ATTR = "secateur_head"  # on the model: the format its lm_head runs in
 
 
-def check_head(head: str) -> None:
+def _known(head: str) -> None:
     if head not in HEADS:
         raise SecateurError(f"unknown head format '{head}': use one of {', '.join(HEADS)}")
+
+
+def check_head(head: str, runtime: str | None) -> None:
+    """A known head format, and a runtime to run it in unless it is the stored one."""
+    _known(head)
+    if head != "float16" and runtime is None:
+        raise SecateurError(f"head='{head}' is a runtime's lm_head format: give runtime "
+                            "('int4' or 'int8') with it")
 
 
 ROWS_PER_BLOCK = 4096  # rounded a block at a time: no float32 copy of the whole table
@@ -84,7 +91,7 @@ def _head_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def apply_head(model: nn.Module, head: Head) -> nn.Module:
     """Put the model's output embedding in `head` format, in place: "float16" leaves it as
     the model holds it (float16 in a packed directory), "int8" rounds it per row."""
-    check_head(head)
+    _known(head)
     if head == "int8":
         out = model.get_output_embeddings()
         if out is None:
@@ -101,5 +108,4 @@ def apply_head(model: nn.Module, head: Head) -> nn.Module:
         if shared and type(emb) in (nn.Embedding, Float16Embedding):
             dtype = getattr(emb, "dtype", table.dtype)
             model.set_input_embeddings(Int8Embedding(head_module, dtype, emb.padding_idx))
-    setattr(model, HEAD_ATTR, head)
     return model

@@ -151,7 +151,7 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
     from accelerate.utils import set_module_tensor_to_device
 
     check_runtime(runtime)
-    check_head(head)
+    check_head(head, runtime)
     if dtype not in DTYPES:
         raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
     path = Path(path)
