@@ -61,7 +61,12 @@ def prune_job(
 
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval."""
     build_method(config)  # not a method config: fail before the model loads
-    if out is not None:
+    gguf_preset = getattr(config, "preset", None) if config.method == "gguf" else None
+    if out is not None and gguf_preset is not None:  # one .gguf file, not a folder
+        from secateur.export.gguf import check_gguf_output
+
+        check_gguf_output(Path(out), overwrite, (model_name,))
+    elif out is not None:
         check_output_dir(Path(out), overwrite, inputs=[model_name])
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=[model_name])
@@ -71,7 +76,8 @@ def prune_job(
     if out is not None:
         from secateur.quant.pack import check_packable, quantizes
 
-        if quantizes(config):  # refused here, not after the whole run when saving
+        # refused here, not after the whole run when saving
+        if quantizes(config) and gguf_preset is None:
             check_packable(loaded.adapter)
     result: dict[str, Any] = {"model": model_name, "method": config.method, "seed":
                               calibration.seed}
@@ -111,7 +117,15 @@ def prune_job(
     if out is not None:
         from secateur.quant.state import is_quantized
 
-        if is_quantized(loaded.model):  # compressed-tensors pack-quantized, as vLLM loads
+        if gguf_preset is not None:  # llama.cpp's block types, the codes as rounded
+            from secateur.export import export_model
+            from secateur.quant.ggml import ggml_states
+
+            result["gguf"] = export_model(
+                loaded.model, loaded.tokenizer, "gguf", Path(out), overwrite, gguf_preset,
+                model_name, (model_name,), quantized=ggml_states(loaded.model),
+                has_imatrix=True)
+        elif is_quantized(loaded.model):  # compressed-tensors pack-quantized, as vLLM loads
             from secateur.quant.pack import save_packed
 
             save_packed(loaded.model, loaded.tokenizer, Path(out), result, overwrite)

@@ -41,8 +41,10 @@ def _check(fmt: str, outtype: str | None, out: Path, overwrite: bool,
 
 def export_model(model: nn.Module, tokenizer: Any, fmt: str, out: str | Path,
                  overwrite: bool = False, outtype: str | None = None, name: str = "model",
-                 inputs: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Write an in-memory model (e.g. just pruned) in format `fmt` to `out`."""
+                 inputs: tuple[str, ...] = (), quantized: dict[str, Any] | None = None,
+                 has_imatrix: bool = False) -> dict[str, Any]:
+    """Write an in-memory model (e.g. just pruned) in format `fmt` to `out`; `quantized`
+    holds the codes a gguf quantize step chose (`secateur.quant.ggml.ggml_states`)."""
     from secateur.export.gguf import write_gguf
     from secateur.export.layout import read_layout
     from secateur.export.nemotron_nas import write_nemotron_nas
@@ -52,7 +54,8 @@ def export_model(model: nn.Module, tokenizer: Any, fmt: str, out: str | Path,
     outtype = _check(fmt, outtype, out, overwrite, inputs)
     layout = read_layout(model, name)
     if fmt == "gguf":
-        written = write_gguf(layout, tokenizer, out, overwrite, outtype, inputs)
+        written = write_gguf(layout, tokenizer, out, overwrite, outtype, inputs, quantized,
+                             has_imatrix)
     else:
         write_nemotron_nas(layout, tokenizer, out, overwrite, outtype, inputs)
         written = {"architecture": "DeciLMForCausalLM", "outtype": outtype,

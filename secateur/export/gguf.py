@@ -31,8 +31,14 @@ import torch
 from secateur.errors import SecateurError
 from secateur.export.layout import LayerShape, LlamaLayout
 from secateur.io import atomic_file, check_output_file
+from secateur.quant.ggml import GGMLState, pack, rtn_ggml
+from secateur.quant.ggml_presets import PRESETS, TensorSlot, tensor_types
 
-OUTTYPES = ("f32", "f16", "q8_0")
+PLAIN_OUTTYPES = ("f32", "f16", "q8_0")
+# llama.cpp's presets other than q8_0 (kept on gguf's reference rounding above): each matrix in
+# the preset's ggml type, filled by secateur's rounding (GPTQ where a quantize step left its
+# codes on the model, importance-weighted nearest rounding otherwise)
+OUTTYPES = PLAIN_OUTTYPES + tuple(p for p in PRESETS if p != "q8_0")
 
 HF_TO_GGUF = {  # per-layer tensors: transformers' name -> gguf's MODEL_TENSOR
     "input_layernorm": "ATTN_NORM", "self_attn.q_proj": "ATTN_Q", "self_attn.k_proj": "ATTN_K",
@@ -209,7 +215,35 @@ def _add_tensor(writer: Any, name: str, t: torch.Tensor, outtype: str) -> None:
         writer.add_tensor(name, arr.astype(np.float16))
 
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / _Q8_0
+# llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / the presets' own numbers
+FILE_TYPES = {"f32": 0, "f16": 1, **{k: v[0] for k, v in PRESETS.items()}}
+
+ROLE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down"}
+
+
+def _rows_permutation(rows: int, heads: int) -> torch.Tensor:
+    return _rotary_permute(torch.arange(rows, dtype=torch.float64)[:, None], heads)[:, 0].long()
+
+
+def _add_block_tensor(writer: Any, name: str, t: torch.Tensor, ggml_type: str,
+                      state: GGMLState | None, rows: torch.Tensor | None) -> None:
+    """One matrix in a ggml block type: the quantize step's own codes where it left them
+    (rows permuted as `t` was), else importance-weighted nearest rounding of `t`."""
+    import gguf
+
+    if ggml_type == "F16":
+        writer.add_tensor(name, t.detach().to(torch.float16).numpy())
+        return
+    if state is None or state.type != ggml_type:
+        _, state = rtn_ggml(t.detach().float(), ggml_type, name=name)
+        rows = None  # rounded from the permuted tensor itself
+    raw = pack(state)
+    if rows is not None:
+        raw = raw[rows.numpy()]
+    writer.add_tensor(name, np.ascontiguousarray(raw),
+                      raw_dtype=getattr(gguf.GGMLQuantizationType, ggml_type))
 
 
 def _add_hparams(writer: Any, layout: LlamaLayout, arch_layers: list[LayerShape] | None,
@@ -237,9 +271,39 @@ def _add_hparams(writer: Any, layout: LlamaLayout, arch_layers: list[LayerShape]
         writer.add_feed_forward_length([s.intermediate_size for s in arch_layers])
 
 
+def _slots(layout: LlamaLayout) -> tuple[list[TensorSlot], int]:
+    """Every matrix in the file's order with its llama.cpp role, and the block count."""
+    import gguf
+
+    name = gguf.TENSOR_NAMES
+    hidden = layout.hidden_size
+    slots = [TensorSlot(name[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight", "token_embd", hidden)]
+    if not layout.tie_word_embeddings:
+        slots.append(TensorSlot(name[gguf.MODEL_TENSOR.OUTPUT] + ".weight", "output", hidden))
+    blocks = set()
+    for j, short, t in _layer_tensors(layout):
+        blocks.add(j)
+        if short in ROLE:
+            key = name[getattr(gguf.MODEL_TENSOR, HF_TO_GGUF[short])].format(bid=j)
+            slots.append(TensorSlot(key + ".weight", ROLE[short], t.shape[1]))
+    return slots, len(blocks)
+
+
+def gguf_tensor_types(layout: LlamaLayout, preset: str, has_imatrix: bool) -> dict[str, str]:
+    """The ggml type llama.cpp's preset gives every matrix of this layout's file."""
+    slots, blocks = _slots(layout)
+    return tensor_types(preset, slots, blocks, has_imatrix)
+
+
 def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool = False,
-               outtype: str = "f16", inputs: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One .gguf file (architecture `llama` or `deci`); returns what was written."""
+               outtype: str = "f16", inputs: tuple[str, ...] = (),
+               quantized: dict[str, GGMLState] | None = None, has_imatrix: bool = False
+               ) -> dict[str, Any]:
+    """One .gguf file (architecture `llama` or `deci`); returns what was written.
+
+    With a llama.cpp preset as `outtype`, `quantized` maps transformers weight names to the
+    codes a quantize step chose (`secateur.quant.ggml`); they are written as they are, and
+    every other matrix is rounded here into the preset's type."""
     import gguf
 
     if outtype not in OUTTYPES:
@@ -251,27 +315,73 @@ def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool =
     _vocab(tokenizer, layout.vocab_size)  # refuse an unsupported tokenizer before writing
     arch_layers = None if layout.is_stock else gguf_layers(layout)
     arch = "llama" if arch_layers is None else "deci"
+    preset = outtype if outtype in PRESETS and outtype not in PLAIN_OUTTYPES else None
+    types = gguf_tensor_types(layout, preset, has_imatrix) if preset else {}
+    states = quantized or {}
+    hf_name = hf_weight_names(layout)
+
+    def add(key: str, t: torch.Tensor, heads: int | None = None) -> None:
+        if key not in types:
+            _add_tensor(writer, key, t, outtype if preset is None else "f32")
+            return
+        state = states.get(hf_name.get(key, ""))
+        rows = None if heads is None or state is None else _rows_permutation(t.shape[0], heads)
+        _add_block_tensor(writer, key, t, types[key], state, rows)
+
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _add_hparams(writer, layout, arch_layers, outtype)
         _add_tokenizer(writer, tokenizer, layout.vocab_size)
         name = gguf.TENSOR_NAMES
-        _add_tensor(writer, name[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight",
-                    layout.tensors["model.embed_tokens.weight"], outtype)
+        add(name[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight",
+            layout.tensors["model.embed_tokens.weight"])
         _add_tensor(writer, name[gguf.MODEL_TENSOR.OUTPUT_NORM] + ".weight",
                     layout.tensors["model.norm.weight"], outtype)
         if not layout.tie_word_embeddings:  # llama.cpp reuses token_embd when output is absent
-            _add_tensor(writer, name[gguf.MODEL_TENSOR.OUTPUT] + ".weight",
-                        layout.tensors["lm_head.weight"], outtype)
+            add(name[gguf.MODEL_TENSOR.OUTPUT] + ".weight", layout.tensors["lm_head.weight"])
         if layout.rope["rope_type"] == "llama3":
             writer.add_tensor(name[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                               _llama3_rope_factors(layout.rope, layout.head_dim).numpy())
         for j, short, t in _layer_tensors(layout):
             key = name[getattr(gguf.MODEL_TENSOR, HF_TO_GGUF[short])].format(bid=j)
-            _add_tensor(writer, key + ".weight", t, outtype)
+            add(key + ".weight", t, _permuted_heads(layout, j, short))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return {"architecture": arch, "outtype": outtype,
-            "layers": len(layout.layers if arch_layers is None else arch_layers)}
+    written: dict[str, Any] = {"architecture": arch, "outtype": outtype,
+                               "layers": len(layout.layers if arch_layers is None else arch_layers)}
+    if preset:
+        written["tensor_types"] = types
+        written["rounded_by_quantize_step"] = sorted(k for k in types
+                                                     if hf_name.get(k) in states)
+    return written
+
+
+def _kept_layers(layout: LlamaLayout) -> list[int]:
+    return [i for i, s in enumerate(layout.layers) if s.has_attention or s.has_mlp]
+
+
+def hf_weight_names(layout: LlamaLayout) -> dict[str, str]:
+    """GGUF matrix name -> the transformers weight it was written from (stand-ins have none)."""
+    import gguf
+
+    name = gguf.TENSOR_NAMES
+    out = {name[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight": "model.embed_tokens.weight",
+           name[gguf.MODEL_TENSOR.OUTPUT] + ".weight": "lm_head.weight"}
+    for j, i in enumerate(_kept_layers(layout)):
+        for short, tensor in HF_TO_GGUF.items():
+            hf = f"model.layers.{i}.{short}.weight"
+            if hf in layout.tensors:
+                out[name[getattr(gguf.MODEL_TENSOR, tensor)].format(bid=j) + ".weight"] = hf
+    return out
+
+
+def _permuted_heads(layout: LlamaLayout, block: int, short: str) -> int | None:
+    """Head count whose rows `_layer_tensors` permuted for this matrix (q and k), else None."""
+    if short not in ("self_attn.q_proj", "self_attn.k_proj"):
+        return None
+    s = layout.layers[_kept_layers(layout)[block]]
+    if not s.has_attention:
+        return None
+    return s.num_heads if short == "self_attn.q_proj" else s.num_kv_heads

@@ -2,6 +2,7 @@
 
 from secateur.methods import (  # noqa: F401
     blocks,  # depth pruning: BlockPruner
+    gguf,  # quantization into llama.cpp's block types
     gptq,  # quantization
     layers,  # depth pruning: ShortGPT, SLEB
     magnitude,

@@ -1,0 +1,100 @@
+"""Quantize into llama.cpp's block types (a preset such as q4_k_m), with secateur's rounding.
+
+Each projection gets the ggml type llama.cpp's preset gives its tensor (attn_v and some
+ffn_down in more bits, llama.cpp's fallbacks for rows that do not split into 256-weight
+super-blocks). Its block grids are chosen as llama-quantize chooses them with an imatrix, the
+imatrix being the diagonal of the calibration Hessian X^T X this step gathers; then the codes
+are GPTQ's error-compensating solve onto those grids (`rounding: gptq`) or the nearest points
+(`rounding: rtn`, which is llama-quantize --imatrix's own rounding). The model then holds the
+dequantized weights, bit-equal to the blocks `secateur.export.gguf` writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from secateur.config import MethodConfig, StepKind
+from secateur.methods.base import LayerReport, LayerwiseMethod, PruneContext, register_method
+from secateur.methods.masks import matrix_report
+from secateur.methods.rtn import weight_error
+from secateur.models.base import ModelAdapter, Projection
+from secateur.quant.ggml import gptq_ggml, rtn_ggml, set_ggml_state
+from secateur.quant.ggml_presets import PRESETS, check_preset
+from secateur.quant.gptq import BLOCKSIZE, PERCDAMP, output_error
+from secateur.quant.grid import refuse_quantized
+from secateur.stats import Hessian, Statistic
+
+
+class GGUFConfig(MethodConfig):
+    """Round into a llama.cpp preset's block types (saved as GGUF for llama.cpp)."""
+
+    method: ClassVar[str] = "gguf"
+    kind: ClassVar[StepKind] = "quantize"
+
+    preset: str = Field("q4_k_m", description="llama.cpp preset: " + ", ".join(PRESETS) + ".")
+    rounding: Literal["gptq", "rtn"] = Field("gptq", description="gptq: error-compensating "
+                                             "codes on llama.cpp's grids; rtn: the nearest "
+                                             "codes (llama-quantize --imatrix).")
+    percdamp: float = Field(PERCDAMP, gt=0, lt=1, description="GPTQ dampening: this share of "
+                                                              "the mean Hessian diagonal.")
+    sequential: bool = Field(True, description="Feed each layer the quantized layers' outputs "
+                                               "(else the dense activations).")
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_preset(v)
+
+
+@register_method(GGUFConfig)
+class GGUFQuantize(LayerwiseMethod):
+    needs = (Hessian,)
+    config: GGUFConfig
+
+    def prepare(self, model: nn.Module, adapter: ModelAdapter,
+                context: PruneContext | None = None) -> None:
+        # The file's tensor names and llama.cpp's per-tensor rules live with the GGUF writer;
+        # read here once so each projection knows its type before it is rounded.
+        from secateur.export.gguf import gguf_tensor_types, hf_weight_names
+        from secateur.export.layout import read_layout
+
+        refuse_quantized(model)
+        layout = read_layout(model, "model")
+        types = gguf_tensor_types(layout, self.config.preset, has_imatrix=True)
+        names = hf_weight_names(layout)
+        self.types = {names[k]: t for k, t in types.items() if k in names}
+        self.prefix = adapter.layers_path
+        self.counts: dict[str, int] = {}
+
+    def apply(self, index: int, projections: dict[str, Projection],
+              stats: dict[str, dict[str, Statistic]]) -> LayerReport:
+        report = LayerReport(index)
+        cfg = self.config
+        for name, proj in projections.items():
+            ggml_type = self.types.get(f"{self.prefix}.{index}.{name}.weight", "F16")
+            hessian = stats[name][Hessian.name]
+            if ggml_type == "F16":  # llama.cpp keeps this one unquantized (row length)
+                hessian.sum = torch.empty(0)
+                continue
+            before = proj.weight.detach().clone()
+            if cfg.rounding == "gptq":
+                new, state = gptq_ggml(before, hessian.sum, ggml_type, cfg.percdamp,
+                                       BLOCKSIZE, name)
+            else:
+                new, state = rtn_ggml(before, ggml_type, torch.diag(hessian.sum), name)
+            extra = {"output_error": output_error(before, new, hessian.sum)}
+            hessian.sum = torch.empty(0)
+            proj.weight.copy_(new.to(proj.weight.dtype))
+            set_ggml_state(proj.module, state)
+            self.counts[ggml_type] = self.counts.get(ggml_type, 0) + 1
+            report.matrices[name] = {**matrix_report(proj.weight),
+                                     "weight_error": weight_error(before, new), **extra}
+        return report
+
+    def summary(self) -> dict[str, Any]:
+        return {"preset": self.config.preset, "rounding": self.config.rounding,
+                "matrices_per_type": dict(sorted(self.counts.items()))}

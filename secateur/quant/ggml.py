@@ -1,0 +1,378 @@
+"""llama.cpp's block quantization types (ggml), filled by secateur's rounding.
+
+Every supported type reads back as `value = s * (q - zero) + b` per sub-block of a row, with
+integer codes q in [0, maxq]: Q8_0/Q4_0/Q5_0 (symmetric, one fp16 scale per 32 weights),
+Q4_1/Q5_1 (scale and minimum per 32), Q4_K/Q5_K (256-weight super-blocks of 8 x 32 with 6-bit
+scales and minimums under two fp16 factors) and Q6_K (16 x 16 with int8 scales under one fp16
+factor). `s` and `b` are computed with the same float32 operations as ggml's dequantization
+(and the `gguf` package's), so the weights held in memory equal the file's blocks bit for bit.
+
+How a block's grid is chosen follows llama.cpp's importance-weighted quantizers
+(`make_qx_quants`, `make_qkx3_quants` in ggml-quants.c): a search over candidate scales
+minimising sum(w * (x - x_hat)^2), where w = imatrix[j] * sqrt(sigma2 + x_j^2) and the
+imatrix is the mean of x_j^2 over calibration tokens (the Hessian diagonal). The scales and
+minimums of K-types are then rounded to their 6 bits. Which codes fill that fixed grid is
+the rounding: nearest (RTN, what llama.cpp does) or GPTQ's error-compensating solve, which
+chooses each super-block's grid when the solve reaches it, on the weights as already updated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from secateur.errors import SecateurError
+from secateur.quant.gptq import BLOCKSIZE, PERCDAMP, inverse_hessian_factor, one_thread
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str  # ggml's name, e.g. "Q4_K"
+    block: int  # weights per block in the file
+    sub: int  # weights sharing one scale (and minimum)
+    maxq: int  # codes run 0..maxq
+    zero: int  # value = s * (q - zero) + b
+    has_min: bool  # b is a stored minimum (else 0)
+    nbytes: int  # bytes per block
+
+
+TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("Q8_0", 32, 32, 255, 128, False, 34),
+    BlockType("Q4_0", 32, 32, 15, 8, False, 18),
+    BlockType("Q4_1", 32, 32, 15, 0, True, 20),
+    BlockType("Q5_0", 32, 32, 31, 16, False, 22),
+    BlockType("Q5_1", 32, 32, 31, 0, True, 24),
+    BlockType("Q4_K", 256, 32, 15, 0, True, 144),
+    BlockType("Q5_K", 256, 32, 31, 0, True, 176),
+    BlockType("Q6_K", 256, 16, 63, 32, False, 210),
+)}
+
+
+def block_type(name: str) -> BlockType:
+    try:
+        return TYPES[name.upper()]
+    except KeyError:
+        raise SecateurError(f"ggml type '{name}' is not one secateur rounds into; it rounds "
+                            f"{', '.join(TYPES)}") from None
+
+
+@dataclass
+class GGMLState:
+    """A linear rounded into a ggml type: its codes and the fields its blocks store."""
+
+    type: str
+    codes: torch.Tensor  # (out, in) uint8, 0..maxq
+    s: torch.Tensor  # (out, in // sub) float32
+    b: torch.Tensor  # (out, in // sub) float32
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, for packing
+
+    def dequantize(self) -> torch.Tensor:
+        t = TYPES[self.type]
+        rep = lambda v: v.repeat_interleave(t.sub, dim=1)  # noqa: E731
+        return rep(self.s) * (self.codes.float() - t.zero) + rep(self.b)
+
+
+# -- choosing a block's grid (llama.cpp's searches, vectorised over blocks) -----------------
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _symmetric_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
+    """make_qx_quants(rmse_type=1, weights): codes in [-nmax, nmax-1]; the best scale per row."""
+    idx = x.abs().argmax(1, keepdim=True)
+    mx = x.gather(1, idx).squeeze(1)
+    alive = mx.abs() >= 1e-15
+    mx = torch.where(alive, mx, torch.ones_like(mx))
+    best_score = torch.full_like(mx, -1.0)
+    best_scale = torch.zeros_like(mx)
+    for step in [0, *range(-9, 0), *range(1, 10)]:
+        iscale = -(nmax + 0.1 * step) / mx
+        lv = torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
+        sumlx = (w * x * lv).sum(1)
+        suml2 = (w * lv * lv).sum(1)
+        ok = suml2 > 0
+        score = torch.where(ok, sumlx * sumlx / suml2.clamp(min=1e-30), torch.zeros_like(mx))
+        better = ok & (score > best_score)
+        best_scale = torch.where(better, sumlx / suml2.clamp(min=1e-30), best_scale)
+        best_score = torch.where(better, score, best_score)
+    return torch.where(alive, best_scale, torch.zeros_like(mx))
+
+
+def _affine_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.9,
+                  rdelta: float = 0.05, nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qkx3_quants: value = scale * q + minimum, q in [0, nmax], minimum <= 0."""
+    mn = x.min(1).values.clamp(max=0)
+    mx = x.max(1).values
+    span = mx - mn
+    alive = span > 0
+    span = torch.where(alive, span, torch.ones_like(span))
+    sum_w = w.sum(1)
+    sum_x = (w * x).sum(1)
+
+    def err(scale: torch.Tensor, minimum: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        return (w * (scale[:, None] * lv + minimum[:, None] - x) ** 2).sum(1)
+
+    iscale = nmax / span
+    lv = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
+    best_scale, best_min = 1 / iscale, mn.clone()
+    best = err(best_scale, best_min, lv)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * step + nmax) / span
+        lv = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
+        sum_l = (w * lv).sum(1)
+        sum_l2 = (w * lv * lv).sum(1)
+        sum_xl = (w * lv * x).sum(1)
+        d = sum_w * sum_l2 - sum_l * sum_l
+        ok = d > 0
+        dd = torch.where(ok, d, torch.ones_like(d))
+        scale = (sum_w * sum_xl - sum_x * sum_l) / dd
+        minimum = (sum_l2 * sum_x - sum_l * sum_xl) / dd
+        positive = minimum > 0
+        minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
+        scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), scale)
+        e = err(scale, minimum, lv)
+        better = ok & (e < best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, minimum, best_min)
+        best = torch.where(better, e, best)
+    return (torch.where(alive, best_scale, torch.zeros_like(span)),
+            torch.where(alive, best_min, mn))
+
+
+def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, sigma2: torch.Tensor
+                       ) -> torch.Tensor:
+    """llama.cpp's per-weight weights: imatrix * sqrt(sigma2 + x^2) (imatrix 1 without data)."""
+    base = torch.sqrt(sigma2[:, None] + x * x)
+    return base if imatrix is None else imatrix[None, :] * base
+
+
+def choose_grid(t: BlockType, x: torch.Tensor, w: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Grid of one block of every row: x, w (rows, t.block) -> s, b (rows, block // sub) and
+    the stored fields."""
+    rows = x.shape[0]
+    nsub = t.block // t.sub
+    xs = x.reshape(rows * nsub, t.sub)
+    ws = w.reshape(rows * nsub, t.sub)
+    if t.name == "Q8_0":
+        d = _fp16(x.abs().amax(1) / 127)
+        return d[:, None], torch.zeros_like(d)[:, None], {"d": d}
+    if t.name in ("Q4_0", "Q5_0"):
+        d = _fp16(_symmetric_scale(x, w, (t.maxq + 1) // 2))
+        return d[:, None], torch.zeros_like(d)[:, None], {"d": d}
+    if t.name in ("Q4_1", "Q5_1"):
+        scale, minimum = _affine_scale(x, w, t.maxq)
+        d, m = _fp16(scale), _fp16(minimum)
+        return d[:, None], m[:, None], {"d": d, "m": m}
+    if t.name in ("Q4_K", "Q5_K"):
+        scale, minimum = _affine_scale(xs, ws, t.maxq)
+        scale = scale.reshape(rows, nsub).clamp(min=0)
+        mins = (-minimum).reshape(rows, nsub)
+        d = _fp16(scale.amax(1) / 63)
+        dmin = _fp16(mins.amax(1) / 63)
+        sc = torch.round(scale / torch.where(d > 0, d, torch.ones_like(d))[:, None])
+        mq = torch.round(mins / torch.where(dmin > 0, dmin, torch.ones_like(dmin))[:, None])
+        sc, mq = sc.clamp_(0, 63), mq.clamp_(0, 63)
+        s = d[:, None] * sc
+        b = -(dmin[:, None] * mq)
+        return s, b, {"d": d, "dmin": dmin, "sc": sc.to(torch.uint8), "m": mq.to(torch.uint8)}
+    if t.name == "Q6_K":
+        scale = _symmetric_scale(xs, ws, 32).reshape(rows, nsub)
+        idx = scale.abs().argmax(1, keepdim=True)
+        top = scale.gather(1, idx).squeeze(1)
+        alive = top.abs() >= 1e-15
+        iscale = torch.where(alive, -128 / torch.where(alive, top, torch.ones_like(top)),
+                             torch.zeros_like(top))
+        sc = torch.round(iscale[:, None] * scale).clamp_(-128, 127)
+        d = _fp16(torch.where(alive, 1 / torch.where(alive, iscale, torch.ones_like(top)),
+                              torch.zeros_like(top)))
+        s = d[:, None] * sc
+        return s, torch.zeros_like(s), {"d": d, "sc": sc.to(torch.int8)}
+    raise SecateurError(f"no grid search for ggml type {t.name}")
+
+
+def _codes(col: torch.Tensor, s: torch.Tensor, b: torch.Tensor, t: BlockType) -> torch.Tensor:
+    safe = torch.where(s != 0, s, torch.ones_like(s))
+    q = torch.round((col - b) / safe + t.zero).clamp_(0, t.maxq)
+    return torch.where(s != 0, q, torch.full_like(q, t.zero))
+
+
+def _check_width(t: BlockType, cols: int, name: str) -> None:
+    if cols % t.block:
+        raise SecateurError(f"{name}: rows of {cols} weights do not split into {t.name} blocks "
+                            f"of {t.block}; llama.cpp falls back to another type for it")
+
+
+# -- rounding -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def rtn_ggml(weight: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None,
+             name: str = "weight") -> tuple[torch.Tensor, GGMLState]:
+    """Nearest codes on llama.cpp's importance-weighted grid (what llama-quantize does)."""
+    t = block_type(type_name)
+    w = weight.detach().float()
+    rows, cols = w.shape
+    _check_width(t, cols, name)
+    sigma2 = _sigma2(w, t)
+    s_all, b_all, fields = [], [], []
+    for c in range(0, cols, t.block):
+        x = w[:, c:c + t.block]
+        imp = None if imatrix is None else imatrix[c:c + t.block].float()
+        s, b, f = choose_grid(t, x, importance_weights(x, imp, sigma2))
+        s_all.append(s)
+        b_all.append(b)
+        fields.append(f)
+    s = torch.cat(s_all, 1)
+    b = torch.cat(b_all, 1)
+    codes = _codes(w, s.repeat_interleave(t.sub, 1), b.repeat_interleave(t.sub, 1), t)
+    state = GGMLState(t.name, codes.to(torch.uint8), s, b, _stack_fields(fields))
+    return state.dequantize(), state
+
+
+def _sigma2(w: torch.Tensor, t: BlockType) -> torch.Tensor:
+    # llama.cpp's 32-weight types take the row's mean square; its K-types twice the mean square
+    # of each super-block (close to the row's), here the row's for both
+    ms = (w * w).mean(1)
+    return 2 * ms if t.block == 256 else ms
+
+
+def _stack_fields(fields: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([f[k] for f in fields], 1) for k in fields[0]}
+
+
+@torch.no_grad()
+def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
+              percdamp: float = PERCDAMP, blocksize: int = BLOCKSIZE, name: str = "weight"
+              ) -> tuple[torch.Tensor, GGMLState]:
+    """GPTQ onto llama.cpp's block grids, columns in order; each block's grid is chosen with
+    the Hessian diagonal as imatrix when the solve reaches it."""
+    t = block_type(type_name)
+    w = weight.detach().clone().float()
+    rows, cols = w.shape
+    _check_width(t, cols, name)
+    if blocksize % t.block and t.block % blocksize:
+        raise SecateurError(f"GPTQ's lazy block ({blocksize}) and {t.name}'s block ({t.block}) "
+                            "must divide one another")
+    with one_thread():
+        h = hessian.detach().clone().float()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        w[:, dead] = 0
+        imatrix = torch.diag(h).clone()
+        sigma2 = _sigma2(w, t)
+        hinv = inverse_hessian_factor(h, percdamp, "GPTQ")
+        del h
+        codes = torch.zeros(rows, cols, dtype=torch.uint8)
+        s_all, b_all, fields = [], [], []
+        s_col = b_col = None
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % t.block == 0:
+                    # the block's weights as updated so far: inside this lazy block from w1,
+                    # a super-block longer than it starts with it (i == 0), so from w
+                    x = w1[:, i:i + t.block] if i + t.block <= i2 - i1 else w[:, col:col + t.block]
+                    s, b, f = choose_grid(t, x, importance_weights(
+                        x, imatrix[col:col + t.block], sigma2))
+                    s_all.append(s)
+                    b_all.append(b)
+                    fields.append(f)
+                    s_col = s.repeat_interleave(t.sub, 1)
+                    b_col = b.repeat_interleave(t.sub, 1)
+                j = col % t.block
+                sj, bj = s_col[:, j], b_col[:, j]
+                q = _codes(w1[:, i], sj, bj, t)
+                codes[:, col] = q.to(torch.uint8)
+                qv = sj * (q - t.zero) + bj
+                torch.div(w1[:, i] - qv, hinv1[i, i], out=err1[:, i])
+                w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
+            w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    state = GGMLState(t.name, codes, torch.cat(s_all, 1), torch.cat(b_all, 1),
+                      _stack_fields(fields))
+    return state.dequantize(), state
+
+
+# -- packing into ggml's block bytes ------------------------------------------------------
+
+def _f16_bytes(v: torch.Tensor) -> np.ndarray:
+    return v.to(torch.float16).numpy().view(np.uint8).reshape(*v.shape, 2)
+
+
+def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return ((lo & 0xF) | ((hi & 0xF) << 4)).astype(np.uint8)
+
+
+def pack(state: GGMLState) -> np.ndarray:
+    """The tensor's bytes as ggml lays them out: (rows, row_bytes) uint8."""
+    t = TYPES[state.type]
+    rows, cols = state.codes.shape
+    nb = cols // t.block
+    q = state.codes.numpy().astype(np.uint8).reshape(rows, nb, t.block)
+    f = state.fields
+    if t.name == "Q8_0":
+        parts = [_f16_bytes(f["d"]), (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
+    elif t.name in ("Q4_0", "Q4_1"):
+        parts = [_f16_bytes(f["d"])]
+        if t.has_min:
+            parts.append(_f16_bytes(f["m"]))
+        parts.append(_nibbles(q[..., :16], q[..., 16:]))
+    elif t.name in ("Q5_0", "Q5_1"):
+        parts = [_f16_bytes(f["d"])]
+        if t.has_min:
+            parts.append(_f16_bytes(f["m"]))
+        bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+        qh = bits.sum(-1, dtype=np.uint32).astype("<u4")
+        parts += [qh.view(np.uint8).reshape(rows, nb, 4), _nibbles(q[..., :16], q[..., 16:])]
+    elif t.name in ("Q4_K", "Q5_K"):
+        sc = f["sc"].numpy().astype(np.uint8)
+        mn = f["m"].numpy().astype(np.uint8)
+        scales = np.concatenate([
+            sc[..., :4] | ((sc[..., 4:] >> 4) << 6),
+            mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4)], -1).astype(np.uint8)
+        chunks = q.reshape(rows, nb, 4, 2, 32)  # 64-weight chunks: low nibbles, high nibbles
+        qs = _nibbles(chunks[:, :, :, 0], chunks[:, :, :, 1]).reshape(rows, nb, 128)
+        parts = [_f16_bytes(f["d"]), _f16_bytes(f["dmin"]), scales]
+        if t.name == "Q5_K":
+            hb = ((q >> 4) & 1).reshape(rows, nb, 8, 32).astype(np.uint8)
+            qh = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(2, dtype=np.uint8)
+            parts.append(qh)
+        parts.append(qs)
+    elif t.name == "Q6_K":
+        half = q.reshape(rows, nb, 2, 2, 64)  # 128-weight halves, 64-weight quarters
+        ql = _nibbles(half[:, :, :, 0], half[:, :, :, 1]).reshape(rows, nb, 128)
+        hb = ((q >> 4) & 3).reshape(rows, nb, 2, 4, 32).astype(np.uint8)
+        qh = (hb << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(3, dtype=np.uint8)
+        parts = [ql, qh.reshape(rows, nb, 64), f["sc"].numpy().view(np.uint8),
+                 _f16_bytes(f["d"])]
+    else:
+        raise SecateurError(f"no packer for ggml type {t.name}")
+    blocks = np.concatenate(parts, axis=-1)
+    assert blocks.shape[-1] == t.nbytes, (t.name, blocks.shape)
+    return np.ascontiguousarray(blocks.reshape(rows, nb * t.nbytes))
+
+
+# -- where a rounded linear keeps its codes ---------------------------------------------------
+
+ATTR = "secateur_ggml"
+
+
+def set_ggml_state(module: torch.nn.Module, state: GGMLState) -> None:
+    setattr(module, ATTR, state)
+
+
+def ggml_state(module: torch.nn.Module) -> GGMLState | None:
+    return getattr(module, ATTR, None)
+
+
+def ggml_states(model: torch.nn.Module) -> dict[str, GGMLState]:
+    """transformers weight name -> codes, for every linear a gguf step rounded."""
+    return {f"{name}.weight": s for name, m in model.named_modules()
+            if (s := ggml_state(m)) is not None}
