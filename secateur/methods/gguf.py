@@ -23,7 +23,7 @@ from secateur.methods.masks import matrix_report
 from secateur.methods.rtn import weight_error
 from secateur.models.base import ModelAdapter, Projection
 from secateur.quant.ggml import gptq_ggml, rtn_ggml, set_ggml_state
-from secateur.quant.ggml_presets import PRESETS, check_preset
+from secateur.quant.ggml_presets import PRESETS
 from secateur.quant.gptq import BLOCKSIZE, PERCDAMP, output_error
 from secateur.quant.grid import refuse_quantized
 from secateur.stats import Hessian, Statistic
@@ -47,7 +47,9 @@ class GGUFConfig(MethodConfig):
     @field_validator("preset")
     @classmethod
     def _known(cls, v: str) -> str:
-        return check_preset(v)
+        if v.lower() not in PRESETS:
+            raise ValueError(f"unknown llama.cpp preset '{v}'; one of {', '.join(PRESETS)}")
+        return v.lower()
 
 
 @register_method(GGUFConfig)
@@ -87,6 +89,7 @@ class GGUFQuantize(LayerwiseMethod):
             else:
                 new, state = rtn_ggml(before, ggml_type, torch.diag(hessian.sum), name)
             extra = {"output_error": output_error(before, new, hessian.sum)}
+            state.imatrix = torch.diag(hessian.sum) / max(hessian.tokens, 1)
             hessian.sum = torch.empty(0)
             proj.weight.copy_(new.to(proj.weight.dtype))
             set_ggml_state(proj.module, state)

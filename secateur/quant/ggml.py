@@ -67,6 +67,8 @@ class GGMLState:
     s: torch.Tensor  # (out, in // sub) float32
     b: torch.Tensor  # (out, in // sub) float32
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, for packing
+    # mean x_j^2 over the calibration tokens (llama.cpp's imatrix), where data was used
+    imatrix: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         t = TYPES[self.type]
