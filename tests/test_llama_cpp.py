@@ -1,0 +1,70 @@
+"""secateur's GGUF outputs in llama.cpp itself (llama-cpp-python, which the set-up installs).
+
+A tiny random Llama: its quantized GGUF loads and generates in llama.cpp, llama.cpp's
+perplexity matches transformers on the same (dequantized) weights, and llama.cpp's own
+quantizer gives every tensor the type secateur's preset table gives it.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+
+from secateur.api import quantize
+from secateur.export import export_model
+from secateur.export.gguf import gguf_tensor_types
+from secateur.export.layout import read_layout
+from secateur.methods.gguf import GGUFConfig
+from secateur.quant.ggml import ggml_states
+from secateur.runtime import llama_cpp as runtime
+from tests.test_export import bpe_tokenizer, tiny_llama
+
+
+def windows(n: int = 4, seqlen: int = 32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def transformers_perplexity(model: torch.nn.Module, wins: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in wins:
+            logits = model(w).logits[0, :-1].double()
+            nll = torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum")
+            total, count = total + float(nll), count + w.shape[1] - 1
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+def test_quantized_gguf_runs_in_llama_cpp_as_it_does_in_transformers(tmp_path, preset):
+    torch.set_num_threads(1)
+    model = tiny_llama(3)
+    quantize(model, GGUFConfig(preset=preset), windows(8, 64), progress=False)
+    out = tmp_path / "m.gguf"
+    export_model(model, bpe_tokenizer(), "gguf", out, outtype=preset,
+                 quantized=ggml_states(model), has_imatrix=True)
+    wins = windows()
+    theirs = runtime.perplexity(out, wins)["perplexity"]
+    ours = transformers_perplexity(model, wins)
+    # llama.cpp rounds activations to 8 bits for quantized matmuls: close, not equal
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+    speed = runtime.decode_speed(out, wins[0][0, :8].tolist(), new_tokens=8, rounds=1)
+    assert speed["decode_tokens_per_second"]["median"] > 0
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q5_k_m", "q6_k"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_preset_table_is_llama_cpps_own_choice(tmp_path, preset, with_imatrix):
+    model = tiny_llama(4)
+    f32 = tmp_path / "f32.gguf"
+    export_model(model, bpe_tokenizer(), "gguf", f32, outtype="f32")
+    ours = gguf_tensor_types(read_layout(model, "m"), preset, with_imatrix)
+    imatrix = None
+    if with_imatrix:
+        imatrix = {k: torch.ones(512 if "ffn_down" in k else 64) for k in ours
+                   if k.startswith("blk.")}
+    dst = tmp_path / "q.gguf"
+    runtime.quantize(f32, dst, preset, imatrix)
+    theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(dst).tensors if t.name in ours}
+    assert theirs == ours
