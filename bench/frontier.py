@@ -37,11 +37,11 @@ from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.eval.perplexity import _bos_each, resolve_bos
 from secateur.export import export_model
-from secateur.export.gguf import hf_weight_names
-from secateur.export.layout import read_layout
+from secateur.export.imatrix import model_imatrix
 from secateur.io import write_json_atomic
 from secateur.methods.gguf import GGUFConfig
-from secateur.models.loading import load
+from secateur.models import adapter_for
+from secateur.models.loading import Loaded, load
 from secateur.quant.ggml import ggml_states
 from secateur.runtime import llama_cpp as runtime
 
@@ -77,11 +77,9 @@ def measure(path: Path, evals: dict[str, Any], args: argparse.Namespace, prompt:
     return row
 
 
-def gguf_imatrix(model: Any) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> mean x^2 of its input, from a gguf step's states."""
-    names = {hf: g for g, hf in hf_weight_names(read_layout(model, "model")).items()}
-    return {names[hf]: s.imatrix for hf, s in ggml_states(model).items()
-            if s.imatrix is not None and hf in names}
+def copy_of(base: Loaded) -> Loaded:
+    model = copy.deepcopy(base.model)
+    return Loaded(model, base.tokenizer, adapter_for(model), base.name, base.path)
 
 
 def main() -> None:
@@ -148,12 +146,12 @@ def main() -> None:
                 if name in points:
                     continue
                 if with_imatrix and imatrix is None:
-                    dense = copy.deepcopy(base.model)
+                    dense = copy_of(base)
                     t = time.perf_counter()
                     quantize(dense, GGUFConfig(preset="q4_k_m", rounding="rtn",
                                                sequential=False), calib, progress=False)
                     result["imatrix_seconds"] = time.perf_counter() - t
-                    imatrix = gguf_imatrix(dense)
+                    imatrix = {k: v for k, (v, _) in model_imatrix(dense.model).items()}
                     del dense
                 path = Path(tmp) / f"{name.replace(' ', '-')}.gguf"
                 runtime.quantize(f32, path, preset, imatrix if with_imatrix else None,
@@ -165,14 +163,15 @@ def main() -> None:
                 name = f"secateur {preset} {rounding}"
                 if name in points:
                     continue
-                model = copy.deepcopy(base.model)
+                model = copy_of(base)
                 t = time.perf_counter()
                 quantize(model, GGUFConfig(preset=preset, rounding=rounding), calib,
                          progress=False)
                 seconds = time.perf_counter() - t
                 path = Path(tmp) / f"{name.replace(' ', '-')}.gguf"
-                export_model(model, base.tokenizer, "gguf", path, outtype=preset,
-                             name=args.model, quantized=ggml_states(model), has_imatrix=True)
+                export_model(model.model, base.tokenizer, "gguf", path, outtype=preset,
+                             name=args.model, quantized=ggml_states(model.model),
+                             has_imatrix=True)
                 row = measure(path, evals, args, prompt)
                 row["quantize_seconds"] = seconds
                 save(name, row)

@@ -143,3 +143,28 @@ def test_gguf_step_writes_its_own_codes_into_the_file(tmp_path, preset):
         assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), want.numpy())
         checked += 1
     assert checked == 4 * 7
+
+
+def test_imatrix_file_holds_llama_cpps_sums_and_counts(tmp_path):
+    from secateur.export.imatrix import model_imatrix, write_imatrix
+
+    model = tiny_llama(5)
+    windows = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(i))
+               for i in range(4)]
+    quantize(model, GGUFConfig(preset="q4_0", rounding="rtn", sequential=False), windows,
+             progress=False)
+    means = model_imatrix(model)
+    assert len(means) == 4 * 7
+    out = tmp_path / "m.imatrix.gguf"
+    write_imatrix(out, means, "c4-sample", 32, 4)
+    r = gguf.GGUFReader(out)
+    assert r.fields["general.type"].contents() == "imatrix"
+    tensors = {t.name: np.array(t.data) for t in r.tensors}
+    mean, tokens = means["blk.0.ffn_down.weight"]
+    assert tokens == 4 * 32
+    assert tensors["blk.0.ffn_down.weight.counts"].reshape(-1).tolist() == [tokens]
+    sums = tensors["blk.0.ffn_down.weight.in_sum2"].reshape(-1)
+    assert sums.shape == (512,)
+    np.testing.assert_allclose(sums, mean.double().numpy() * tokens, rtol=1e-6)
+    # q, k and v read the same normed input: one imatrix between them, as llama.cpp's has
+    assert torch.equal(means["blk.1.attn_q.weight"][0], means["blk.1.attn_v.weight"][0])

@@ -90,6 +90,7 @@ class GGUFQuantize(LayerwiseMethod):
                 new, state = rtn_ggml(before, ggml_type, torch.diag(hessian.sum), name)
             extra = {"output_error": output_error(before, new, hessian.sum)}
             state.imatrix = torch.diag(hessian.sum) / max(hessian.tokens, 1)
+            state.imatrix_tokens = hessian.tokens
             hessian.sum = torch.empty(0)
             proj.weight.copy_(new.to(proj.weight.dtype))
             set_ggml_state(proj.module, state)

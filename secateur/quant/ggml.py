@@ -69,6 +69,7 @@ class GGMLState:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, for packing
     # mean x_j^2 over the calibration tokens (llama.cpp's imatrix), where data was used
     imatrix: torch.Tensor | None = None
+    imatrix_tokens: int = 0
 
     def dequantize(self) -> torch.Tensor:
         t = TYPES[self.type]
