@@ -145,6 +145,31 @@ def _affine_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.
             torch.where(alive, best_min, mn))
 
 
+def _positive_scale(x: torch.Tensor, w: torch.Tensor, nmax: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants: non-negative x (a super-block's sub-block scales) as d * L, L in
+    [0, nmax], d the weighted least-squares fit for the best of nine candidate grids."""
+    mx = x.max(1).values
+    alive = mx >= 1e-15
+    mx = torch.where(alive, mx, torch.ones_like(mx))
+    best_mse = best_iscale = None
+    for step in [0, *range(-4, 0), *range(1, 5)]:
+        iscale = (nmax + 0.1 * step) / mx
+        lv = torch.round(iscale[:, None] * x).clamp_(max=nmax)
+        mse = (w * (x - lv / iscale[:, None]) ** 2).sum(1)
+        if best_mse is None:
+            best_mse, best_iscale = mse, iscale
+        else:
+            better = mse < best_mse
+            best_mse = torch.where(better, mse, best_mse)
+            best_iscale = torch.where(better, iscale, best_iscale)
+    lv = torch.round(best_iscale[:, None] * x).clamp_(0, nmax)
+    sumlx = (w * x * lv).sum(1)
+    suml2 = (w * lv * lv).sum(1)
+    d = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
+    return torch.where(alive, d, torch.zeros_like(d)), torch.where(alive[:, None], lv, 0 * lv)
+
+
 def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, sigma2: torch.Tensor
                        ) -> torch.Tensor:
     """llama.cpp's per-weight weights: imatrix * sqrt(sigma2 + x^2) (imatrix 1 without data)."""
@@ -174,11 +199,10 @@ def choose_grid(t: BlockType, x: torch.Tensor, w: torch.Tensor
         scale, minimum = _affine_scale(xs, ws, t.maxq)
         scale = scale.reshape(rows, nsub).clamp(min=0)
         mins = (-minimum).reshape(rows, nsub)
-        d = _fp16(scale.amax(1) / 63)
-        dmin = _fp16(mins.amax(1) / 63)
-        sc = torch.round(scale / torch.where(d > 0, d, torch.ones_like(d))[:, None])
-        mq = torch.round(mins / torch.where(dmin > 0, dmin, torch.ones_like(dmin))[:, None])
-        sc, mq = sc.clamp_(0, 63), mq.clamp_(0, 63)
+        sw = ws.reshape(rows, nsub, t.sub).sum(2)
+        d, sc = _positive_scale(scale, sw, 63)
+        dmin, mq = _positive_scale(mins, sw, 63)
+        d, dmin = _fp16(d), _fp16(dmin)
         s = d[:, None] * sc
         b = -(dmin[:, None] * mq)
         return s, b, {"d": d, "dmin": dmin, "sc": sc.to(torch.uint8), "m": mq.to(torch.uint8)}
