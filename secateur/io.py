@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.errors import SecateurError
+from secateur.workdir import check_free, only_work
 
 STALE_SECONDS = 12 * 3600  # a partial this old is debris even if its pid is alive (pid reuse)
 # Files that mark a folder as one secateur may replace with --overwrite.
@@ -270,7 +271,9 @@ def check_output_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path] = 
         if where == src or where in src.parents:
             raise SecateurError(f"{flag} '{out}' is or holds the input '{inp}': choose a folder "
                                 "outside it")
-    if where.exists():
+    check_free(out)  # a live run's folder is never replaced (secateur.workdir)
+    # a folder holding only an interrupted run's checkpoints is that run's own output
+    if where.exists() and not only_work(where):
         if not where.is_dir():
             raise SecateurError(f"{flag} '{out}' is a file, not a folder: remove it or choose "
                                 f"another {flag}")

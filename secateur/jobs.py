@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from secateur.methods import build_method
 from secateur.models.loading import load
 from secateur.report.depth import is_depth_summary, plot_removals
 from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
+from secateur.workdir import WorkDir, check_free, with_exit_stack
 
 
 @dataclass
@@ -43,7 +45,9 @@ def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
                       compute_dtype=spec.compute_dtype).to_dict()
 
 
+@with_exit_stack
 def prune_job(
+    hold: contextlib.ExitStack,
     model_name: str,
     config: MethodConfig,
     calibration: CalibrationConfig,
@@ -61,6 +65,8 @@ def prune_job(
 
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval."""
     build_method(config)  # not a method config: fail before the model loads
+    if out is not None:  # a second run on this --out fails here, naming the first one's pid
+        check_free(Path(out))
     gguf_preset = getattr(config, "preset", None) if config.method == "gguf" else None
     if out is not None and gguf_preset is not None:  # one .gguf file, not a folder
         from secateur.export.gguf import check_gguf_output
@@ -70,6 +76,9 @@ def prune_job(
         check_output_dir(Path(out), overwrite, inputs=[model_name])
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=[model_name])
+    # --out's working folder (secateur.workdir), locked until the job ends
+    work = None if out is None or gguf_preset is not None else hold.enter_context(
+        WorkDir(Path(out)))
     # Loaded once, before the model: a missing eval text fails before any pruning.
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     loaded = load(model_name, dtype=dtype)
@@ -90,10 +99,11 @@ def prune_job(
         dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
         timings["dense_eval_seconds"] = time.perf_counter() - t
         result["dense_perplexity"] = dense["perplexity"]
-    # beside --out, so a rerun of the same command finds it; kept until the output is saved
-    checkpoint = None if out is None else Path(out).parent / f".{Path(out).name}.checkpoint"
-    if checkpoint is not None and not resume:
-        remove_checkpoint(checkpoint)
+    # in --out's working folder, where a rerun with --resume finds it; kept until the output
+    # is saved (replacing --out removes it)
+    checkpoint = None if work is None else work.folder("layers")
+    if work is not None and not resume:
+        work.discard("layers")
     run = run_step(loaded, config, calibration, progress=progress, checkpoint=checkpoint)
     timings["prune_seconds"] = run.seconds
     if evaluation.data is not None:
@@ -172,7 +182,9 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
     return result
 
 
-def prune_streamed_job(model_name: str, config: MethodConfig, calibration: CalibrationConfig,
+@with_exit_stack
+def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: MethodConfig,
+                       calibration: CalibrationConfig,
                        out: Path, json_path: Path | None = None, overwrite: bool = False,
                        dtype: str = "float32", progress: bool = True,
                        resume: bool = False) -> dict[str, Any]:
@@ -185,14 +197,16 @@ def prune_streamed_job(model_name: str, config: MethodConfig, calibration: Calib
     from secateur.models.streaming import load_streamed
 
     method = build_method(config)
+    check_free(Path(out))  # a second run on this --out fails here, naming the first one's pid
     check_output_dir(Path(out), overwrite, inputs=[model_name])
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=[model_name])
+    work = hold.enter_context(WorkDir(Path(out)))  # locked until the job ends
     loaded, weights = load_streamed(model_name, dtype=dtype)
     windows, calib_record = resolve_data(loaded, calibration, calibration.seed)
-    checkpoint = Path(out).parent / f".{Path(out).name}.checkpoint"
+    checkpoint = work.folder("layers")  # for --resume; goes when the output replaces --out
     if not resume:
-        remove_checkpoint(checkpoint)
+        work.discard("layers")
     result: dict[str, Any] = {"model": model_name, "method": config.method,
                               "options": config.settings(), "calibration": calib_record,
                               "streamed": True}

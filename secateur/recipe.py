@@ -10,10 +10,13 @@
       perplexity: [{data: wiki, seqlen: 512, max_windows: 64}]
       after_each_step: true
 
-`run_recipe` runs the steps in order on one model in memory. After every step the model and
-the results so far are checkpointed in the output folder, so an interrupted run resumes from
-the last finished step when started again with the same recipe. The result JSON holds the
-recipe itself, every step's record and the evaluation protocol.
+`run_recipe` runs the steps in order on one model in memory. After every step the model is
+saved as secateur saves any output (compressed-tensors pack-quantized once a step quantized,
+else Hugging Face safetensors, per-layer widths included) with the results so far as JSON, in
+the output folder's working folder (`secateur.workdir`, locked while the run lives). An
+interrupted run resumes from the last finished step when started again with the same recipe:
+the model comes back through the same loaders as any saved model, nothing is unpickled. The
+result JSON holds the recipe itself, every step's record and the evaluation protocol.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import Field, field_validator, model_validator
 
@@ -37,7 +39,8 @@ from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.methods import make_config
 from secateur.models.loading import DTYPES, Loaded, load
 from secateur.params import count_parameters
-from secateur.surgery.save import atomic_dir, check_output_dir, dir_bytes, write_json_atomic
+from secateur.surgery.save import check_output_dir, dir_bytes, write_json_atomic
+from secateur.workdir import WORK, WorkDir, check_free
 
 SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask"]
 
@@ -187,32 +190,85 @@ class RecipeResult:
         return cls(**data)
 
 
-CHECKPOINT = ".checkpoint"
-STATE = "secateur.json"  # the name output checks recognise as secateur's
+CHECKPOINT = "recipe"  # in --out's working folder (secateur.workdir)
+STATE = "recipe.json"  # the commit point: the results so far and which model folder is current
+_MODEL = re.compile(r"^step-\d{3,}$")
 
 
-def _checkpoint(out: Path) -> Path:
-    return out / CHECKPOINT
+def _save_checkpoint(folder: Path, loaded: Loaded, result: RecipeResult) -> None:
+    """The model after step n in `step-00n/` as secateur saves outputs, then recipe.json naming
+    it (replaced last, so a kill at any instant leaves the previous step or this one), then
+    the previous step's folder goes."""
+    from secateur.quant.state import is_quantized
+
+    name = f"step-{len(result.steps):03d}"
+    shutil.rmtree(folder / name, ignore_errors=True)  # a kill's leftover, never committed
+    if is_quantized(loaded.model):
+        from secateur.quant.pack import save_packed
+
+        # the model's own dtype for the unquantized tensors: the model comes back exactly
+        save_packed(loaded.model, loaded.tokenizer, folder / name, keep_dtype=None)
+    else:
+        from secateur.surgery.save import save_model
+
+        save_model(loaded.model, loaded.tokenizer, folder / name)
+    write_json_atomic(folder / STATE, {"model": name, "result": result.to_dict()})
+    for old in folder.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_checkpoint(out: Path, loaded: Loaded, result: RecipeResult) -> None:
-    # A whole-module pickle: any class a step produced (per-layer widths, removed blocks,
-    # quantization state on linears) comes back exactly; it never leaves this folder.
-    with atomic_dir(_checkpoint(out), overwrite=True) as tmp:
-        torch.save(loaded.model, tmp / "model.pt")
-        write_json_atomic(tmp / STATE, result.to_dict())
-
-
-def _load_checkpoint(out: Path, recipe: Recipe) -> tuple[Any, RecipeResult] | None:
-    path = _checkpoint(out)
-    if not (path / STATE).is_file():
+def _load_checkpoint(folder: Path, recipe: Recipe) -> tuple[Loaded, RecipeResult] | None:
+    """The model and results after the last finished step, or None; the recipe is compared
+    before the model is read."""
+    path = folder / STATE
+    if not path.is_file():
         return None
-    state = RecipeResult.from_dict(json.loads((path / STATE).read_text()))
-    if json.dumps(state.recipe, sort_keys=True) != recipe.fingerprint():
-        raise SecateurError(f"'{out}' holds a checkpoint of a different recipe: use another "
-                            "--out, or --overwrite to start afresh")
-    model = torch.load(path / "model.pt", weights_only=False)
-    return model, state
+    damaged = f"the checkpoint in '{folder}' is damaged"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        result = RecipeResult.from_dict(state["result"])
+        name = state["model"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SecateurError(f"{damaged} ({type(err).__name__}): pass --overwrite to start "
+                            "afresh") from None
+    if json.dumps(result.recipe, sort_keys=True) != recipe.fingerprint():
+        raise SecateurError(f"'{folder.parent.parent}' holds a checkpoint of a different "
+                            "recipe: use another --out, or --overwrite to start afresh")
+    if not (isinstance(name, str) and _MODEL.match(name) and (folder / name).is_dir()):
+        raise SecateurError(f"{damaged} (no model folder '{name}'): pass --overwrite to start "
+                            "afresh")
+    try:
+        if _is_packed(folder / name):
+            from secateur.quant.unpack import load_quantized
+
+            loaded = load_quantized(folder / name, recipe.dtype)
+        else:
+            loaded = load(folder / name, dtype=recipe.dtype)
+    except SecateurError as err:
+        raise SecateurError(f"{damaged} ({err}): pass --overwrite to start afresh") from None
+    return loaded, result
+
+
+def _is_packed(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def _clear_for_overwrite(out: Path) -> None:
+    """--overwrite: remove the earlier output, keeping the working folder whose lock this run
+    holds (deleting the lock file would let a second run take a lock of its own)."""
+    for entry in out.iterdir():
+        if entry.name == WORK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool) -> dict[str, Any]:
@@ -280,11 +336,20 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
     out = Path(out)
     if recipe.dtype not in DTYPES:
         raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
-    resumable = (_checkpoint(out) / STATE).is_file()
+    check_free(out)  # a second run on this --out fails here, in one line naming the first
+    work = WorkDir(out)
+    resumable = (work.folder(CHECKPOINT) / STATE).is_file()
     replace = out.exists() and (overwrite or not resumable)
     # a recipe's own earlier output (recipe.yaml beside it) may be replaced whole
     if replace and not (overwrite and (out / "recipe.yaml").is_file()):
         check_output_dir(out, overwrite)
+    with work:
+        return _run_locked(recipe, out, work, replace and overwrite, resumable, progress, say)
+
+
+def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable: bool,
+                progress: bool, say: Any) -> RecipeResult:
+    checkpoint = work.folder(CHECKPOINT)
     start = time.perf_counter()
     loaded = load(recipe.model, dtype=recipe.dtype)
     if recipe.save_format in ("auto", "compressed-tensors"):
@@ -292,16 +357,15 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
 
         if any(quantizes(step) for step in recipe.steps):  # before anything is written
             check_packable(loaded.adapter)
-    if replace and overwrite:
-        shutil.rmtree(out)
+    if clear:
+        _clear_for_overwrite(out)
         resumable = False
-    out.mkdir(parents=True, exist_ok=True)
-    restored = _load_checkpoint(out, recipe) if resumable else None
+    if not resumable:
+        work.discard(CHECKPOINT)  # steps saved but never committed: start afresh
+    restored = _load_checkpoint(checkpoint, recipe) if resumable else None
     if restored is not None:
-        loaded.model, result = restored
-        from secateur.models.base import adapter_for
-
-        loaded.adapter = adapter_for(loaded.model)
+        saved, result = restored
+        loaded.model, loaded.adapter = saved.model, saved.adapter
         result.resumed_from_step = len(result.steps)
         say(f"resuming after step {len(result.steps)} of {len(recipe.steps)}")
     else:
@@ -321,7 +385,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
             last = _perplexity(loaded, first_ppl, progress)
             record.perplexity = last["perplexity"]
         result.steps.append(record.to_dict())
-        _save_checkpoint(out, loaded, result)
+        _save_checkpoint(checkpoint, loaded, result)
     # the last step's perplexity is the final model's: not measured twice
     result.final = _evaluate(loaded, recipe.evaluate, progress, last)
     result.out = str(out / "model")
@@ -336,7 +400,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
         del loaded  # the bench loads both models afresh, side by side
         result.final["bench"] = _bench(recipe, out / "model", bits)
     write_json_atomic(out / "result.json", result.to_dict())
-    shutil.rmtree(_checkpoint(out), ignore_errors=True)
+    work.discard(CHECKPOINT)
     return result
 
 

@@ -11,6 +11,7 @@ Layout of a sweep directory:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from secateur.io import check_output_folder
 from secateur.jobs import EvalSpec, eval_job, prune_job
 from secateur.methods import make_config
 from secateur.surgery.save import write_json_atomic
+from secateur.workdir import WorkDir, check_free, with_exit_stack
 
 _NM = re.compile(r"^\d+:\d+$")
 
@@ -106,15 +108,18 @@ def finished(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
 
 
-def run_sweep(spec: SweepSpec, out: Path, progress: bool = True,
+@with_exit_stack
+def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: bool = True,
               say: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run every missing cell; returns all results in the directory, keyed by cell."""
+    """Run every missing cell; returns all results in the directory, keyed by cell. The
+    folder is locked while the sweep runs: a second sweep on it fails at once."""
     out = Path(out)
+    check_free(out)
     cells = grid(spec)
     if spec.evaluation.data is None and spec.zeroshot is None:
         raise SecateurError("a sweep needs something to measure: --eval or --tasks")
     check_output_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    hold.enter_context(WorkDir(out))
     _check_or_write_identity(out, spec)
     done = finished(out)
     if "dense" not in done:

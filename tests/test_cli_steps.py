@@ -28,7 +28,7 @@ def test_stream_writes_a_model_equal_to_the_in_memory_prune(tiny_dir, tmp_path, 
         assert torch.equal(a, b), name
     record = json.loads((tmp_path / "s.json").read_text())
     assert record["streamed"] and record["peak_rss_mib"] > 0 and record["model_mib"] > 0
-    assert not (tmp_path / ".s.checkpoint").exists()
+    assert not (tmp_path / "s" / ".secateur-work").exists()  # its checkpoint went with it
 
 
 def test_prune_leaves_no_checkpoint_and_quantize_saves_packed(tiny_dir, tmp_path, monkeypatch,
@@ -40,4 +40,4 @@ def test_prune_leaves_no_checkpoint_and_quantize_saves_packed(tiny_dir, tmp_path
     assert code == 0, err
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert not (tmp_path / ".q.checkpoint").exists()
+    assert not (tmp_path / "q" / ".secateur-work").exists()

@@ -71,7 +71,7 @@ def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, 
     assert saved["recipe"] == recipe.to_dict()
     assert all(s["perplexity"] > 1 for s in saved["steps"])  # after_each_step
     assert saved["dense"]["perplexity"][0]["protocol"]["seqlen"] == 32
-    assert not (out / ".checkpoint").exists()
+    assert not (out / ".secateur-work").exists()  # checkpoints and lock gone
     dense, final = result.dense["parameters"], result.final["parameters"]
     methods = {s.method for s in recipe.steps}
     if methods & {"llm-pruner", "shortgpt"}:
@@ -107,7 +107,7 @@ def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_pa
     monkeypatch.setattr(recipe_mod, "run_step", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
-    assert (tmp_path / "cut" / ".checkpoint" / "secateur.json").is_file()
+    assert (tmp_path / "cut" / ".secateur-work" / "recipe" / "recipe.json").is_file()
     assert not (tmp_path / "cut" / "result.json").exists()
     monkeypatch.setattr(recipe_mod, "run_step", real)
     resumed = run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)

@@ -75,8 +75,8 @@ def test_lora_resumes_bit_identically_from_its_last_checkpoint(tiny_dir, tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         recover_job(src, tmp_path / "cut", _config(text), progress=False, on_step=interrupt)
-    assert not (tmp_path / "cut").exists()
-    assert (checkpoint_dir(tmp_path / "cut") / "state.pt").is_file()
+    assert [p.name for p in (tmp_path / "cut").iterdir()] == [".secateur-work"]  # no output
+    assert (checkpoint_dir(tmp_path / "cut") / "state.safetensors").is_file()
     with pytest.raises(SecateurError, match="other settings"):
         recover_job(src, tmp_path / "cut", _config(text, lr=1e-3), progress=False)
     result = recover_job(src, tmp_path / "cut", _config(text), progress=False)

@@ -10,7 +10,10 @@ The checkpoint folder holds
 Each file is written under a partial name, flushed and renamed (`secateur.io`), and
 checkpoint.json is replaced last, so a kill at any instant leaves the previous state or the
 new one. Only the newest hidden-*.safetensors is kept: the checkpoint is the finished layers
-plus one set of activations.
+plus one set of activations. Every file is safetensors or JSON (nothing is unpickled), and
+each safetensors file names the run that wrote it (a hash of the fingerprint): a layer written
+by a run with other settings is refused, never mixed in. The jobs keep this folder inside
+--out's working folder, locked while they run (`secateur.workdir`).
 
 A checkpoint written with another model, method setting, calibration set or device is
 refused with one line naming what differs, rather than overwritten: it may be hours of work
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,10 +42,12 @@ from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.streaming import StreamedWeights, read_header, read_tensors, write_tensors
 from secateur.quant.state import QuantState, quant_state, set_quant_state
 
-VERSION = 1
+VERSION = 2  # 2: every file names the run that wrote it
 STATE = "checkpoint.json"
 _SAMPLE = 4096  # values hashed per tensor: tells models apart without reading every weight
 
+# No live run can hold the checkpoint being read (the jobs lock --out): starting over is safe.
+_START_OVER = "start over without --resume"
 _PARTS = {"model": "model", "method": "method settings", "calibration": "calibration data",
           "run": "device or engine version"}
 
@@ -132,7 +138,7 @@ def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
             mark_w8a8(module)
         elif mark["act"] is not None:
             raise SecateurError(f"checkpoint holds activation quantization '{mark['act']}', "
-                                "which this secateur cannot restore: delete it to start over")
+                                f"which this secateur cannot restore: {_START_OVER}")
 
 
 class LayerCheckpoint:
@@ -156,6 +162,29 @@ class LayerCheckpoint:
     def _prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}."
 
+    @property
+    def _run(self) -> str:
+        """The writing run's name inside every file: settings of the same fingerprint."""
+        blob = json.dumps(self.fingerprint, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _header(self, path: Path) -> dict[str, Any]:
+        """The header of a file this run wrote; a damaged one or another run's is refused."""
+        try:
+            header, _ = read_header(path)
+        except SecateurError:
+            raise SecateurError(f"checkpoint '{self.folder}': {path.name} is not a readable "
+                                f"safetensors file: {_START_OVER}") from None
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or meta.get("run") != self._run:
+            raise SecateurError(f"checkpoint '{self.folder}': {path.name} was written by a run "
+                                f"with other settings: {_START_OVER}")
+        return header
+
+    def _read(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        header = self._header(path)
+        return header, read_tensors(path, [k for k in header if k != "__metadata__"])
+
     # -- reading -----------------------------------------------------------------------------
     def resume(self) -> Resumed | None:
         """The saved state, None for a fresh start; refuses a checkpoint of other settings."""
@@ -166,46 +195,60 @@ class LayerCheckpoint:
             state = json.loads(path.read_text(encoding="utf-8"))
             saved = state["fingerprint"]
             done = int(state["done"])
+            hidden_name, windows = str(state["hidden"]), int(state["windows"])
+            reports = [LayerReport(**r) for r in state["reports"]]
+            if not (isinstance(saved, dict) and re.fullmatch(r"hidden-\d{5}\.safetensors",
+                                                             hidden_name)):
+                raise ValueError("not a checkpoint of this layout")
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise SecateurError(f"checkpoint '{self.folder}' is unreadable ({err}): delete it "
-                                "to start over") from None
+            raise SecateurError(f"checkpoint '{self.folder}' is unreadable ({err}): "
+                                f"{_START_OVER}") from None
         if state.get("version") != VERSION:
             raise SecateurError(f"checkpoint '{self.folder}' was written by another secateur "
-                                "version: delete it to start over")
+                                f"version: {_START_OVER}")
         differ = [label for key, label in _PARTS.items() if saved.get(key) !=
                   self.fingerprint[key]]
         if differ:
             raise SecateurError(f"checkpoint '{self.folder}' was written by a run with a "
                                 f"different {', '.join(differ)}: rerun with the same settings, "
-                                "or delete it to start over")
+                                f"or {_START_OVER}")
         if saved.get("prepared") != self.fingerprint["prepared"]:
             raise SecateurError(f"checkpoint '{self.folder}': the method's measurement before "
                                 "the layer loop (e.g. OWL ratios) came out differently this "
-                                "time; delete the checkpoint to start over")
-        needed = [self.layer_file(i) for i in range(done)] + [self.folder / state["hidden"]]
+                                f"time; {_START_OVER}")
+        needed = [self.layer_file(i) for i in range(done)] + [self.folder / hidden_name]
         missing = [p.name for p in needed if not p.is_file()]
         if missing:
             raise SecateurError(f"checkpoint '{self.folder}' is incomplete (no {missing[0]}): "
-                                "delete it to start over")
-        tensors = read_tensors(self.folder / state["hidden"],
-                               [f"window-{i:05d}" for i in range(state["windows"])] + ["rng"])
-        hidden = [tensors[f"window-{i:05d}"] for i in range(state["windows"])]
-        reports = [LayerReport(**r) for r in state["reports"]]
+                                f"{_START_OVER}")
+        for path in needed[:-1]:  # the finished layers: this run's, before any is used
+            self._header(path)
+        _, tensors = self._read(self.folder / hidden_name)
+        if set(tensors) != {f"window-{i:05d}" for i in range(windows)} | {"rng"}:
+            raise SecateurError(f"checkpoint '{self.folder}': {hidden_name} does not hold the "
+                                f"activations it should: {_START_OVER}")
+        hidden = [tensors[f"window-{i:05d}"] for i in range(windows)]
         return Resumed(done, reports, hidden, tensors["rng"])
 
     def restore_layer(self, index: int, layer: nn.Module) -> None:
         """Put a finished layer's saved weights (and grids) back into the in-memory model."""
         prefix = self._prefix(index)
-        path = self.layer_file(index)
-        header, _ = read_header(path)
-        tensors = read_tensors(path, [k for k in header if k != "__metadata__"])
-        layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True)
+        _, tensors = self._read(self.layer_file(index))
+        try:
+            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True)
+        except RuntimeError:
+            raise SecateurError(f"checkpoint '{self.folder}': layer {index} does not fit the "
+                                f"model: {_START_OVER}") from None
         qpath = self._quant_file(index)
         if not qpath.is_file():
             return
-        header, _ = read_header(qpath)
-        qtensors = read_tensors(qpath, [k for k in header if k != "__metadata__"])
-        _restore_quant(layer, prefix, qtensors, json.loads(header["__metadata__"]["marks"]))
+        header, qtensors = self._read(qpath)
+        try:
+            marks = json.loads(header["__metadata__"]["marks"])
+            _restore_quant(layer, prefix, qtensors, marks)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SecateurError(f"checkpoint '{self.folder}': {qpath.name} is damaged: "
+                                f"{_START_OVER}") from None
 
     # -- writing -----------------------------------------------------------------------------
     def save(self, index: int, layer: nn.Module, hidden: list[torch.Tensor],
@@ -213,18 +256,19 @@ class LayerCheckpoint:
         """Commit layer `index` as finished, with the inputs of layer `index + 1`."""
         prefix = self._prefix(index)
         layer_path = self.layer_file(index)
+        run = {"run": self._run}
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
-        write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors))
+        write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors, run))
         qtensors, marks = _quant_tensors(layer, prefix)
         if marks:
             write_atomic(self._quant_file(index), lambda tmp: write_tensors(
-                tmp, qtensors, {"marks": json.dumps(marks)}))
+                tmp, qtensors, {**run, "marks": json.dumps(marks)}))
         else:
             self._quant_file(index).unlink(missing_ok=True)
         hidden_path = self._hidden_file(index + 1)
         saved = {f"window-{i:05d}": h for i, h in enumerate(hidden)}
         saved["rng"] = torch.get_rng_state()
-        write_atomic(hidden_path, lambda tmp: write_tensors(tmp, saved))
+        write_atomic(hidden_path, lambda tmp: write_tensors(tmp, saved, run))
         write_json_atomic(self.folder / STATE, {
             "version": VERSION, "fingerprint": self.fingerprint, "done": index + 1,
             "hidden": hidden_path.name, "windows": len(hidden),

@@ -45,7 +45,6 @@ from secateur.recovery.training import (
     TrainResult,
     load_checkpoint,
     run_fingerprint,
-    save_tensor_file,
     train,
 )
 
@@ -236,10 +235,16 @@ def _generate_once(teacher: nn.Module, data: TokenWindows, config: DistillConfig
     """Teacher completions of every used window's prompt, kept beside the checkpoint."""
     from tqdm.auto import tqdm
 
-    path = folder / "generated.pt" if folder is not None else None
+    from secateur.recovery.state_file import load_state, save_state
+
+    path = folder / "generated.safetensors" if folder is not None else None
     if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved["fingerprint"] == fingerprint:
+        try:
+            saved = load_state(path)
+        except SecateurError:
+            saved = {}  # damaged or not ours: generated again, and replaced
+        if saved.get("fingerprint") == fingerprint and isinstance(saved.get("sequences"),
+                                                                  torch.Tensor):
             return saved["sequences"], 0.0
     begin = time.perf_counter()
     sequences = data.train.clone()
@@ -252,7 +257,7 @@ def _generate_once(teacher: nn.Module, data: TokenWindows, config: DistillConfig
         sequences[rows] = complete(teacher, prompts, new, config.gen_temperature,
                                    config.seed + n, pad_token_id)
     if path is not None:
-        save_tensor_file(path, {"fingerprint": fingerprint, "sequences": sequences})
+        save_state(path, {"fingerprint": fingerprint, "sequences": sequences})
     return sequences, time.perf_counter() - begin
 
 
@@ -292,7 +297,8 @@ def distill(student: Loaded, teacher: Loaded, config: DistillConfig,
     fingerprint = config.fingerprint({"teacher": extra["teacher"]})
     if checkpoint is not None:  # another run's checkpoint fails before any generation
         load_checkpoint(checkpoint, run_fingerprint(student, config, config.train,
-                                                    {"teacher": extra["teacher"]}))
+                                                    {"teacher": extra["teacher"]}),
+                        tensors=False)
     try:
         sequences = None
         if config.data_mode == "teacher_generated":

@@ -3,7 +3,6 @@ recovery steps share: saving like the input, the model a step trains, the checkp
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from secateur.methods.base import PruneContext
 from secateur.models.loading import Loaded
 from secateur.recovery.training import TrainResult
+from secateur.workdir import WorkDir, check_free
 
 # train(student, teacher or None, checkpoint folder) -> the run's result
 Trainer = Callable[[Loaded, Loaded | None, Path], TrainResult]
@@ -37,9 +37,9 @@ def recovery_loaded(context: PruneContext) -> Loaded:
 
 
 def checkpoint_dir(out: Path, name: str) -> Path:
-    """`.OUT.NAME-checkpoint` beside the output: a rerun of the same command resumes from it."""
-    out = Path(out)
-    return out.with_name(f".{out.name}.{name}-checkpoint")
+    """Where a recovery into `out` keeps its resumable state: in `out`'s own working folder
+    (`secateur.workdir`), so a rerun of the same command resumes from it."""
+    return WorkDir(Path(out)).folder(name)
 
 
 def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluation: Any = None,
@@ -47,20 +47,38 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
                  teacher: str | None = None,
                  check: Callable[[Loaded, Loaded | None], None] | None = None) -> dict[str, Any]:
     """Check outputs, load (and `check`) the model and any teacher, evaluate, train with a
-    checkpoint beside `out`, evaluate again, save, write the JSON. With a teacher the result
-    also holds its perplexity and the share of the perplexity gap recovered."""
-    from secateur.bench.memory import peak_rss_mib
-    from secateur.data.sources import load_text
+    checkpoint in `out`'s working folder (locked: a second run on `out` fails at once),
+    evaluate again, save, write the JSON. With a teacher the result also holds its perplexity
+    and the share of the perplexity gap recovered."""
     from secateur.io import check_output_dir, check_output_file, dir_bytes, write_json_atomic
-    from secateur.jobs import evaluate_perplexity
-    from secateur.models.loading import load
-    from secateur.params import count_parameters
 
     out = Path(out)
+    check_free(out)  # a second run on this --out fails here, in one line naming the first
     inputs = [model_dir] + ([teacher] if teacher else [])
     check_output_dir(out, overwrite, inputs=inputs)
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=inputs)
+    with WorkDir(out) as work:
+        result = _recover(name, model_dir, work, train, evaluation, overwrite, progress,
+                          teacher, check)
+    result["out"] = str(out)
+    result["bytes_on_disk"] = dir_bytes(out)
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result
+
+
+def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluation: Any,
+             overwrite: bool, progress: bool, teacher: str | None,
+             check: Callable[[Loaded, Loaded | None], None] | None) -> dict[str, Any]:
+    """`recovery_job` once `out` is checked and locked: everything up to the saved model."""
+    from secateur.bench.memory import peak_rss_mib
+    from secateur.data.sources import load_text
+    from secateur.jobs import evaluate_perplexity
+    from secateur.models.loading import load
+    from secateur.params import count_parameters
+
+    out = work.out
     evaluate = evaluation is not None and evaluation.data is not None
     eval_text = load_text(evaluation.data, split="test") if evaluate else None
     student = load(model_dir)
@@ -76,7 +94,7 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
     if evaluate:
         result["perplexity_before"] = evaluate_perplexity(student, evaluation, progress,
                                                           eval_text)["perplexity"]
-    ckpt = checkpoint_dir(out, name)
+    ckpt = work.folder(name)
     result[name] = train(student, reference, ckpt).to_dict()
     if evaluate:
         after = evaluate_perplexity(student, evaluation, progress, eval_text)
@@ -88,10 +106,6 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
                 result["gap_recovered"] = (result["perplexity_before"] - after["perplexity"]) / gap
     result["parameters"] = count_parameters(student.model)["parameters"]
     result["peak_rss_mib"] = peak_rss_mib()
-    save_like_input(student, model_dir, out, result, overwrite)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    result["out"] = str(out)
-    result["bytes_on_disk"] = dir_bytes(out)
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+    save_like_input(student, model_dir, out, result, overwrite)  # replaces `out`, ckpt too
+    work.discard(name)
     return result

@@ -28,6 +28,14 @@ from secateur.recovery.kd_loss import TeacherTargets, teacher_targets
 META = "meta.json"
 
 
+def _fingerprint(meta: Path) -> str | None:
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("fingerprint") if isinstance(data, dict) else None
+
+
 class TeacherCache:
     def __init__(self, folder: Path, kind: Literal["topk", "full"], topk: int,
                  temperature: float, start: int) -> None:
@@ -40,18 +48,25 @@ class TeacherCache:
 
     def _open(self, windows: list[int]) -> None:
         self.rows = {w: r for r, w in enumerate(windows)}
-        self._logp = np.load(self.folder / "logp.npy", mmap_mode="r")
+        # plain arrays only: an object array (pickled) is refused, never unpickled
+        self._logp = np.load(self.folder / "logp.npy", mmap_mode="r", allow_pickle=False)
         if self.kind == "topk":
-            self._index = np.load(self.folder / "index.npy", mmap_mode="r")
+            self._index = np.load(self.folder / "index.npy", mmap_mode="r", allow_pickle=False)
+        if self._logp.shape[0] != len(windows) or (
+                self._index is not None and self._index.shape[0] != len(windows)):
+            raise ValueError("the cache holds other windows")
 
     def build(self, teacher: nn.Module, windows: torch.Tensor, used: torch.Tensor,
               fingerprint: str, batch_size: int, bf16: bool, progress: bool) -> None:
         """Fill the cache for windows `used` (rows of `windows`) unless it already holds them."""
         meta = self.folder / META
         wanted = [int(i) for i in used]
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
-            self._open(wanted)
-            return
+        if _fingerprint(meta) == fingerprint:
+            try:
+                self._open(wanted)
+                return
+            except (OSError, ValueError):
+                pass  # damaged, or not arrays: built again
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         begin = time.perf_counter()

@@ -6,7 +6,8 @@ them: full fine-tuning or LoRA (peft, merged at the end), AdamW with warm-up and
 cosine decay, gradient accumulation, optional bf16 autocast, pruning masks kept exactly zero,
 a held-out evaluation every K steps, and a checkpoint every `save_every` steps from which a
 killed run resumes bit-identically (weights, optimizer, RNG and progress are all in it, and the
-data order is a function of the step).
+data order is a function of the step). The checkpoint is one safetensors file with its JSON
+(`recovery.state_file`): nothing in it is unpickled.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from secateur.models.base import adapter_for
 from secateur.models.loading import Loaded
 from secateur.recovery.data import TokenWindows
 from secateur.recovery.masks import Masks, projection_modules, record_masks
+from secateur.recovery.state_file import load_state, read_meta, save_state
 
 Mode = Literal["full", "lora"]
 
@@ -157,19 +159,11 @@ def _load_trainable(model: nn.Module, mode: Mode, state: dict[str, torch.Tensor]
         model.load_state_dict(state)
 
 
-STATE = "state.pt"
-
-
-def save_tensor_file(path: Path, payload: dict[str, Any]) -> None:
-    """`torch.save`, replaced atomically: the file is either whole or the previous one."""
-    from secateur.io import write_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+STATE = "state.safetensors"
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    save_tensor_file(path / STATE, payload)
+    save_state(path / STATE, payload)
 
 
 def run_fingerprint(loaded: Loaded, config: TrainConfig, mode: Mode,
@@ -179,17 +173,24 @@ def run_fingerprint(loaded: Loaded, config: TrainConfig, mode: Mode,
     return config.fingerprint({"mode": mode, "shapes": shapes, **(extra or {})})
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The state saved in `path`, or None; another run's state is an error. Memory-mapped, so
-    checking a checkpoint early costs no read of its tensors."""
-    if not (path / STATE).is_file():
+def load_checkpoint(path: Path, fingerprint: str, tensors: bool = True
+                    ) -> dict[str, Any] | None:
+    """The state saved in `path`, or None; another run's state is an error. The settings are
+    compared from the file's header, before any tensor is read (`tensors=False`: only that)."""
+    file = path / STATE
+    if not file.is_file():
         return None
-    state = torch.load(path / STATE, weights_only=False, mmap=True)
-    if state.get("fingerprint") != fingerprint:
+    try:
+        meta = read_meta(file)
+    except SecateurError as err:
+        raise SecateurError(f"the checkpoint in '{path}' cannot be resumed ({err}): remove "
+                            "it to start afresh, or choose another --out") from None
+    if meta.get("fingerprint") != fingerprint:
+        # no run holds it (this one has the lock): removing it loses nothing live
         raise SecateurError(f"the checkpoint in '{path}' was made with other settings "
-                            f"({state.get('settings')}): rerun with those, or delete it to "
-                            "start over")
-    return state
+                            f"({meta.get('settings')}): rerun with those to resume it, remove "
+                            "it to start afresh, or choose another --out")
+    return load_state(file) if tensors else meta
 
 
 def _autocast(model: nn.Module, enabled: bool):

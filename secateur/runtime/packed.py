@@ -10,16 +10,14 @@ weights plus the unquantized tensors.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.quant.pack import WEIGHTS, compressed_tensors, read_quantization_config
-from secateur.quant.state import QuantState
+from secateur.quant.pack import read_quantization_config
+from secateur.quant.unpack import scheme_for, skeleton, state_and_codes, weight_files
 from secateur.runtime.convert import (
     Runtime,
     check_runtime,
@@ -29,77 +27,9 @@ from secateur.runtime.convert import (
 )
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.head import Head, apply_head, check_head
-from secateur.runtime.int8 import INT8_TOKEN
 from secateur.runtime.tensor_file import TensorFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _weight_files(path: Path) -> list[Path]:
-    index = path / f"{WEIGHTS}.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    if (path / WEIGHTS).is_file():
-        return [path / WEIGHTS]
-    raise SecateurError(f"'{path}' has no {WEIGHTS}: give the directory save_packed wrote")
-
-
-def _matches(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target in (name, "Linear")
-
-
-def _scheme_for(name: str, qc: dict) -> dict:
-    if any(_matches(name, t) and t != "Linear" for t in qc.get("ignore") or []):
-        raise SecateurError(f"'{name}' has packed weights but the config ignores it")
-    for group in qc["config_groups"].values():
-        if any(_matches(name, t) for t in group["targets"]):
-            return group
-    raise SecateurError(f"no config group of the quantization_config covers '{name}'")
-
-
-def _state_and_codes(prefix: str, get, keys: set[str], group: dict
-                     ) -> tuple[torch.Tensor, QuantState, str | None]:
-    """Unsigned codes (out, in) and the grid of one linear, from its checkpoint tensors."""
-    compressed_tensors()
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    w = group["weights"]
-    bits = int(w["num_bits"])
-    if w.get("type", "int") != "int":
-        raise SecateurError(f"'{prefix}' holds {w['type']} weights: the runtimes take integers")
-    half = 2 ** (bits - 1)
-    scale = get(f"{prefix}.weight_scale").float()
-    if scale.dim() == 1:
-        scale = scale[:, None]
-    if f"{prefix}.weight_packed" in keys:
-        shape = get(f"{prefix}.weight_shape").tolist()
-        codes = unpack_from_int32(get(f"{prefix}.weight_packed"), bits, shape).to(torch.int16)
-        codes = (codes + half).to(torch.uint8)
-    else:  # int-quantized: int8 codes as they are
-        codes = (get(f"{prefix}.weight").to(torch.int16) + half).to(torch.uint8)
-    zero = torch.full_like(scale, float(half))
-    if f"{prefix}.weight_zero_point" in keys:
-        packed_zero = get(f"{prefix}.weight_zero_point")
-        if packed_zero.dtype == torch.int32:
-            packed_zero = unpack_from_int32(packed_zero, bits, (scale.shape[0], scale.shape[1]),
-                                            packed_dim=0)
-        zero = packed_zero.float() + half
-    group_size = int(w.get("group_size") or -1) if w.get("strategy") == "group" else -1
-    g_idx = get(f"{prefix}.weight_g_idx") if f"{prefix}.weight_g_idx" in keys else None
-    state = QuantState(bits, group_size, bool(w.get("symmetric", True)), scale, zero, g_idx)
-    inputs = group.get("input_activations")
-    act = None
-    if inputs:
-        if not (inputs.get("type", "int") == "int" and int(inputs["num_bits"]) == 8
-                and inputs.get("strategy") == "token" and inputs.get("dynamic")
-                and inputs.get("symmetric", True)):
-            raise SecateurError(f"'{prefix}': only dynamic per-token int8 activations run on "
-                                "the int8 runtime")
-        act = INT8_TOKEN
-    return codes, state, act
 
 
 def _float16_embeddings(model: nn.Module, get, keys: set[str], dtype: torch.dtype) -> set[str]:
@@ -130,18 +60,6 @@ def _float16_embeddings(model: nn.Module, get, keys: set[str], dtype: torch.dtyp
     return used
 
 
-def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    # parameters on meta (no memory); buffers (rotary tables) real, as init computes them
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
 @torch.no_grad()
 def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
                 head: Head = "float16") -> nn.Module:
@@ -157,8 +75,8 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
     path = Path(path)
     qc = read_quantization_config(path)
     torch_dtype = DTYPES[dtype]
-    model = _skeleton(path, torch_dtype)
-    files = _weight_files(path)
+    model = skeleton(path, torch_dtype)
+    files = weight_files(path)
     # plain reads, not safe_open's mapping (`runtime.tensor_file`): the peak stays at what is
     # kept plus the tensor being converted
     handles = [TensorFile(f) for f in files]
@@ -173,8 +91,8 @@ def load_packed(path: str | Path, runtime: Runtime, dtype: str = "float32",
 
     used: set[str] = set()
     for prefix in prefixes:
-        group = _scheme_for(prefix, qc)
-        codes, state, act = _state_and_codes(prefix, get, keys, group)
+        group = scheme_for(prefix, qc)
+        codes, state, act = state_and_codes(prefix, get, keys, group)
         bias = get(f"{prefix}.bias") if f"{prefix}.bias" in keys else None
         module = runtime_linear(runtime, prefix, codes, state, bias, act)
         replace_module(model, prefix, module.to(torch_dtype))
