@@ -1,56 +1,52 @@
-"""secateur: make causal language models smaller and faster, and prove it."""
+"""secateur: make causal language models smaller and faster, and prove it.
 
-from secateur.api import (
-    CalibrationConfig,
-    StepResult,
-    count_parameters,
-    prune,
-    quantize,
-    recover,
-    run_step,
-)
-from secateur.config import ConfigError, MethodConfig
-from secateur.errors import SecateurError
-from secateur.eval.api import evaluate
-from secateur.eval.config import PerplexityConfig, ZeroShotConfig
-from secateur.eval.perplexity import PerplexityResult
-from secateur.eval.zeroshot import ZeroShotResult
-from secateur.methods import (
-    BlockPrunerConfig,
-    LLMPrunerConfig,
-    MagnitudeConfig,
-    OWLConfig,
-    ShortGPTConfig,
-    SLEBConfig,
-    SparseGPTConfig,
-    WandaConfig,
-)
-from secateur.models.loading import Loaded, load
+The public names are imported on first use (PEP 562): `import secateur` stays cheap, so the
+command line can set up its Ctrl-C handling before torch and transformers load."""
 
-__all__ = [
-    "BlockPrunerConfig",
-    "CalibrationConfig",
-    "ConfigError",
-    "LLMPrunerConfig",
-    "Loaded",
-    "MagnitudeConfig",
-    "MethodConfig",
-    "OWLConfig",
-    "PerplexityConfig",
-    "PerplexityResult",
-    "ZeroShotConfig",
-    "ZeroShotResult",
-    "evaluate",
-    "SLEBConfig",
-    "SecateurError",
-    "ShortGPTConfig",
-    "SparseGPTConfig",
-    "StepResult",
-    "WandaConfig",
-    "count_parameters",
-    "load",
-    "prune",
-    "quantize",
-    "recover",
-    "run_step",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "CalibrationConfig": "secateur.api",
+    "StepResult": "secateur.api",
+    "count_parameters": "secateur.api",
+    "prune": "secateur.api",
+    "quantize": "secateur.api",
+    "recover": "secateur.api",
+    "run_step": "secateur.api",
+    "ConfigError": "secateur.config",
+    "MethodConfig": "secateur.config",
+    "SecateurError": "secateur.errors",
+    "evaluate": "secateur.eval.api",
+    "PerplexityConfig": "secateur.eval.config",
+    "ZeroShotConfig": "secateur.eval.config",
+    "PerplexityResult": "secateur.eval.perplexity",
+    "ZeroShotResult": "secateur.eval.zeroshot",
+    "BlockPrunerConfig": "secateur.methods",
+    "LLMPrunerConfig": "secateur.methods",
+    "MagnitudeConfig": "secateur.methods",
+    "OWLConfig": "secateur.methods",
+    "ShortGPTConfig": "secateur.methods",
+    "SLEBConfig": "secateur.methods",
+    "SparseGPTConfig": "secateur.methods",
+    "WandaConfig": "secateur.methods",
+    "Loaded": "secateur.models.loading",
+    "load": "secateur.models.loading",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'secateur' has no attribute '{name}'")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# isort: off
+import secateur._startup as _startup  # first: Ctrl-C while the imports below load is one line
+# isort: on
+import errno
 import os
 import signal
 import sys
@@ -12,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from secateur.cli_flags import MethodCommand, method_fields
@@ -24,7 +29,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out_console = Console()
 
-Json = Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")]
+Json = Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here "
+                                                          "(an existing file: --overwrite).")]
+JsonOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json.")]
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 
 
@@ -72,6 +79,7 @@ def eval_cmd(
              "AVX-512 BF16/AMX.")] = None,
     dtype: Dtype = "float32",
     json: Json = None,
+    overwrite: JsonOverwrite = False,
 ) -> None:
     """Perplexity of a model on a text and zero-shot accuracy (--tasks)."""
     from secateur.eval.config import PerplexityConfig, ZeroShotConfig
@@ -91,7 +99,7 @@ def eval_cmd(
                          compute_dtype=compute_dtype)
     result = eval_job(model, EvalSpec(text, seqlen, max_windows, protocol, bos,
                                       8 if batch == "auto" else batch, compute_dtype),
-                      json, dtype, zeroshot=zs)
+                      json, dtype, zeroshot=zs, overwrite=overwrite)
     if zs is not None:
         from secateur.report.tables import print_zeroshot
 
@@ -215,10 +223,13 @@ def _print_prune(result: dict) -> None:
         table.add_column("rel. error")
         for layer in result["layers"]:
             mats = layer["matrices"].values()
-            zeros = sum(m["sparsity"] * m["numel"] for m in mats)
-            total = sum(m["numel"] for m in mats)
-            table.add_row(str(layer["index"]), _fmt(layer["target"]), _fmt(zeros / total),
-                          _fmt(layer["relative_error"], 4))
+            # w8a8's matrices record errors, not sparsity
+            sized = [m for m in mats if "sparsity" in m and "numel" in m]
+            total = sum(m["numel"] for m in sized)
+            zeros = sum(m["sparsity"] * m["numel"] for m in sized)
+            table.add_row(str(layer["index"]), _fmt(layer.get("target")),
+                          _fmt(zeros / total if total else None),
+                          _fmt(layer.get("relative_error"), 4))
         out_console.print(table)
     table = Table(title=f"{result['model']}: {result['method']}")
     for col in ("", "perplexity", "parameters", "non-zero"):
@@ -262,6 +273,7 @@ def bench_cmd(
              "half the head's bytes per decoded token; it changes the logits.")] = "float16",
     dtype: Dtype = "float32",
     json: Json = None,
+    overwrite: JsonOverwrite = False,
 ) -> None:
     """Prefill and decode speed, memory, size: MODEL vs each --vs, interleaved, as ratios."""
     from secateur.bench import BenchSpec, bench_job, parse_lengths
@@ -276,7 +288,8 @@ def bench_cmd(
     if head != "float16" and runtime is None:
         raise SecateurError("--head int8 rounds a runtime's lm_head: give --runtime with it")
     result = bench_job(model, vs or [], spec, dtype, json, runtime=runtime, head=head,
-                       warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
+                       warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"),
+                       overwrite=overwrite)
     print_bench(out_console, result)
 
 
@@ -392,12 +405,17 @@ def run_cmd(
     json: Json = None,
 ) -> None:
     """Run a recipe: every step in order on one model, checkpointed after each."""
+    from secateur.inputs import path_values
+    from secateur.io import check_output_file
     from secateur.recipe import Recipe, run_recipe
     from secateur.surgery.save import write_json_atomic
 
     parsed = Recipe.load(recipe)  # a bad recipe fails before the model loads
+    inputs = [recipe, *path_values(parsed.to_dict())]
+    if json is not None:
+        check_output_file(json, "--json", inputs=inputs, overwrite=overwrite)
     result = run_recipe(parsed, out, overwrite,
-                        say=lambda m: console.print(m, highlight=False))
+                        say=lambda m: console.print(m, highlight=False), inputs=inputs)
     if json is not None:
         write_json_atomic(json, result.to_dict())
     _print_recipe(result.to_dict())
@@ -545,7 +563,7 @@ def export_cmd(
     from secateur.surgery.save import write_json_atomic
 
     if json is not None:
-        check_output_file(json, "--json", inputs=[model])
+        check_output_file(json, "--json", inputs=[model], overwrite=overwrite)
     result = export(model, fmt, out, overwrite, outtype)
     if json is not None:
         write_json_atomic(json, result)
@@ -589,6 +607,36 @@ def _force_exit(signum: int) -> None:
 
 # Commands that keep checkpoints and continue from them when run again.
 RESUMABLE = {"run", "recover", "distill", "sweep"}
+MESSAGE_LIMIT = 1000  # an error quoting a huge input (an exploded YAML) stays one short line
+
+
+def _then(args: list[str]) -> str:
+    """What an interrupted command leaves, and how to go on from it."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        return "resume with the same command"
+    if command in ("prune", "quantize") and any(a == "--out" or a.startswith("--out=")
+                                                for a in args):
+        from secateur.cli_flags import _peek_method
+        from secateur.methods.base import is_layerwise
+
+        if is_layerwise(_peek_method(args)):
+            return ("the finished layers are kept: run the same command with --resume to "
+                    "continue from them")
+    return "outputs are written only when complete; nothing half-written was left"
+
+
+def _system_error(err: BaseException) -> tuple[str, int] | None:
+    """A full disk or an unusable path met outside the checks: (one line, exit code)."""
+    from secateur.io import disk_full
+
+    if disk_full(err):
+        return f"the disk is full ({err}): free some space and run again", 1
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
+                                                  errno.ELOOP, errno.ENAMETOOLONG):
+        where = f"'{err.filename}'" if err.filename else "a file"
+        return f"cannot use {where} ({err.strerror}): check the path and its permissions", 2
+    return None
 
 
 def _usage_error(err: Exception) -> str:
@@ -610,7 +658,11 @@ def main() -> None:
     warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
 
     def fail(message: str, code: int) -> None:
-        console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+        message = message.replace("\n", " ")
+        if len(message) > MESSAGE_LIMIT:
+            message = message[:MESSAGE_LIMIT] + "..."
+        # escaped: a path or quoted input with [brackets] is not rich markup
+        console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
         sys.exit(code)
 
     try:
@@ -618,13 +670,10 @@ def main() -> None:
     except SecateurError as err:
         if os.environ.get("SECATEUR_DEBUG"):
             raise
-        fail(str(err), 2)
+        fail(str(err), err.exit_code)
     except Interrupted as sig:
-        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        then = ("resume with the same command" if command in RESUMABLE
-                else "outputs are written only when complete; nothing half-written was left")
-        console.print(f"[red]interrupted[/red] ({sig.name}); {then}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"[red]interrupted[/red] ({sig.name}); {_then(sys.argv[1:])}",
+                      highlight=False, soft_wrap=True)
         sys.exit(sig.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -633,9 +682,16 @@ def main() -> None:
             out_console.print(err.format_message(), highlight=False)
             fail("give a command (listed above)", 2)
         fail(_usage_error(err), 2)
+    except Exception as err:
+        known = None if os.environ.get("SECATEUR_DEBUG") else _system_error(err)
+        if known is None:
+            raise
+        fail(*known)
     if isinstance(code, int) and code:
         sys.exit(code)
 
+
+_startup.restore()  # the imports are done: importers (tests) get their handlers back
 
 if __name__ == "__main__":
     main()

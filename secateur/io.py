@@ -8,13 +8,23 @@ folders and some writers (safetensors) are private (0700/0600), so the output ge
 permissions as any file the user writes. Before writing into a folder, partials there whose
 process has died or that are older than `STALE_SECONDS` are removed; nothing else is.
 
-The `check_*` functions validate an output path before any work is done, so that a long run
-never ends by failing to save.
+A folder that already exists is replaced in two renames (rename() cannot replace a non-empty
+folder): the old one is moved aside as `.NAME.partial-...-old`, then the new one moved in, then
+the old one removed. A kill between the renames leaves no NAME: the next write there (or the
+next check of NAME) renames the old copy back instead of deleting it as debris. Every folder
+gets secateur's marker (`secateur.outputs.MARKER`), which --overwrite requires.
+
+A full disk (ENOSPC) while writing is one `DiskFullError` line, with the partial removed.
+
+The `check_*` functions (`secateur.outputs`) validate an output path before any work is done,
+so that a long run never ends by failing to save.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import re
@@ -26,15 +36,18 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from secateur.errors import SecateurError
-from secateur.workdir import check_free, only_work
+from secateur.errors import DiskFullError
+from secateur.outputs import (  # noqa: F401 (the path rules, importable from here as before)
+    check_output_dir,
+    check_output_file,
+    check_output_folder,
+    mark_output,
+)
 
 STALE_SECONDS = 12 * 3600  # a partial this old is debris even if its pid is alive (pid reuse)
-# Files that mark a folder as one secateur may replace with --overwrite.
-OUTPUT_MARKERS = ("config.json", "secateur.json", "sweep.json")
 
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-(?P<time>\d+)-[0-9a-f]{8}"
-                      r"(?:-old)?(?:\.[^./]*)?$")
+                      r"(?P<old>-old)?(?:\.[^./]*)?$")
 # Earlier versions named partial folders `.NAME.partial.<mkdtemp random>` with no pid.
 _LEGACY_PARTIAL = re.compile(r"^\..+\.partial\.[a-z0-9_]{8}$")
 
@@ -42,6 +55,11 @@ _LEGACY_PARTIAL = re.compile(r"^\..+\.partial\.[a-z0-9_]{8}$")
 def partial_name(name: str, suffix: str = "") -> str:
     """A fresh temporary sibling name for NAME, recognisable by `clean_stale_partials`."""
     return f".{name}.partial-{os.getpid()}-{int(time.time())}-{secrets.token_hex(4)}{suffix}"
+
+
+def is_partial_name(name: str) -> bool:
+    """`name` is one of secateur's temporary siblings (any process's, any version's)."""
+    return bool(_PARTIAL.match(name) or _LEGACY_PARTIAL.match(name))
 
 
 def _alive(pid: int) -> bool:
@@ -79,7 +97,7 @@ def clean_stale_partials(folder: Path, max_age: float = STALE_SECONDS) -> list[P
         return removed
     now = time.time()
     for entry in entries:
-        if not _is_stale(entry, now, max_age):
+        if not _is_stale(entry, now, max_age) or _restore(entry):
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():
@@ -90,6 +108,68 @@ def clean_stale_partials(folder: Path, max_age: float = STALE_SECONDS) -> list[P
         except OSError:
             pass  # another process cleaning the same folder, or not ours to remove
     return removed
+
+
+def _restore(entry: Path) -> bool:
+    """A stale `-old` partial is the previous output, moved aside by a replace that was killed
+    before it moved the new one in: if nothing took its name since, it goes back."""
+    m = _PARTIAL.match(entry.name)
+    if not m or not m["old"]:
+        return False
+    target = entry.with_name(m["name"])
+    if os.path.lexists(target):
+        return False  # the replace finished: the old copy is debris
+    try:
+        entry.rename(target)
+    except OSError:
+        return False
+    return True
+
+
+def recover_replaced(out: Path) -> None:
+    """Put back `out`'s previous copy if a replace of it was killed between its two renames;
+    call before deciding whether `out` exists."""
+    out = Path(out)
+    if os.path.lexists(out):
+        return
+    now = time.time()
+    try:
+        entries = sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*-old"),
+                         key=lambda e: e.name, reverse=True)  # the newest first
+    except OSError:
+        return
+    for entry in entries:
+        if _is_stale(entry, now, STALE_SECONDS) and _restore(entry):
+            return
+
+
+def disk_full(err: BaseException | None, where: Path | None = None) -> bool:
+    """`err` (or what caused it) says the disk is full; writers that hide the errno (torch's
+    zip writer) count when the filesystem of `where` has under 1 MiB free."""
+    seen: set[int] = set()
+    first = err
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    if where is None or not isinstance(first, Exception):
+        return False
+    try:
+        return shutil.disk_usage(where).free < 2**20
+    except OSError:
+        return False
+
+
+def _disk_full_error(path: Path) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"the disk is full writing '{path}' ({free} now): nothing was left "
+                         "behind; free some space and run again")
 
 
 def current_umask() -> int:
@@ -149,7 +229,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     Write to the yielded path (any writer: open, savefig, to_parquet); on success it is
     fsynced and renamed onto `path`, on any error or interrupt it is removed."""
     path = Path(path)
-    check_output_file(path, flag="output")
+    check_output_file(path, flag="output", overwrite=True)  # callers decide on replacing
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(path.parent)
     tmp = path.with_name(partial_name(path.name, path.suffix))
@@ -159,9 +239,12 @@ def atomic_file(path: Path) -> Iterator[Path]:
         _give_umask(tmp, current_umask())  # the writer may have replaced it privately
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, path.parent)
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if full:
+            raise _disk_full_error(path) from None
         raise
     _fsync_path(path.parent)
 
@@ -197,18 +280,22 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: Iterable[str | Path] 
     tmp.mkdir(0o777)  # umask applies, unlike mkdtemp's 0700
     try:
         yield tmp
+        mark_output(tmp)  # what --overwrite may later replace: everything in it is ours
         _finish_tree(tmp)
         if out.exists():
-            # Two renames, not one: rename() cannot replace a non-empty folder. The old one
-            # carries a partial name so that a kill between the renames leaves only debris.
+            # Two renames, not one: rename() cannot replace a non-empty folder. A kill between
+            # them leaves the old copy as `-old`, which the next run renames back.
             old = out.with_name(tmp.name + "-old")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _disk_full_error(out) from None
         raise
     _fsync_path(out.parent)
 
@@ -220,95 +307,3 @@ def dir_bytes(path: Path) -> int:
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
-
-def _resolve(path: Path) -> Path:
-    return Path(os.path.abspath(Path(path).expanduser())).resolve()
-
-
-def _nearest_existing(path: Path) -> Path:
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path(path.anchor)
-
-
-def _check_can_create(where: Path, shown: Path, flag: str) -> None:
-    """`where` (resolved) can be created: its nearest existing ancestor is a writable folder."""
-    base = _nearest_existing(where.parent)
-    if not base.is_dir():
-        raise SecateurError(f"{flag} '{shown}': '{base}' is a file, not a folder; choose a path "
-                            "under a folder")
-    # access() says yes to root on folders it cannot write (sysfs, some mounts): try for real.
-    probe = base / f".secateur-probe-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        probe.unlink()
-    except OSError as err:
-        raise SecateurError(f"{flag} '{shown}': cannot write in '{base}' ({err.strerror}); "
-                            "choose a folder you can write to") from None
-
-
-def _check_not_cwd(where: Path, shown: Path, flag: str) -> None:
-    cwd = _resolve(Path.cwd())
-    if where == cwd or where in cwd.parents:
-        raise SecateurError(f"{flag} '{shown}' is the current folder or one of its parents: "
-                            f"name a new folder, e.g. {flag} runs/NAME")
-
-
-def check_output_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (),
-                     flag: str = "--out") -> None:
-    """Fail before any work if writing the folder `out` would fail or destroy something.
-
-    `inputs` are the paths the job reads (the model): `out` may not be one of them or hold
-    one, since --overwrite replaces `out` whole."""
-    out = Path(out)
-    where = _resolve(out)
-    _check_not_cwd(where, out, flag)
-    for inp in inputs:
-        if not str(inp) or not Path(inp).expanduser().exists():
-            continue  # a Hub or built-in name, not a path
-        src = _resolve(Path(inp))
-        if where == src or where in src.parents:
-            raise SecateurError(f"{flag} '{out}' is or holds the input '{inp}': choose a folder "
-                                "outside it")
-    check_free(out)  # a live run's folder is never replaced (secateur.workdir)
-    # a folder holding only an interrupted run's checkpoints is that run's own output
-    if where.exists() and not only_work(where):
-        if not where.is_dir():
-            raise SecateurError(f"{flag} '{out}' is a file, not a folder: remove it or choose "
-                                f"another {flag}")
-        if not overwrite:
-            raise SecateurError(f"output directory '{out}' already exists: pass --overwrite or "
-                                f"choose another {flag}")
-        has_entries = any(where.iterdir())
-        if has_entries and not any((where / m).is_file() for m in OUTPUT_MARKERS):
-            raise SecateurError(
-                f"{flag} '{out}' holds files but no saved model (no config.json or "
-                f"secateur.json), so --overwrite will not delete it: choose another {flag}")
-    _check_can_create(where, out, flag)
-
-
-def check_output_file(path: Path, flag: str = "--json", inputs: Iterable[str | Path] = ()) -> None:
-    """Fail before any work if the file `path` cannot be written, or would replace an input."""
-    path = Path(path)
-    where = _resolve(path)
-    if where.is_dir():
-        raise SecateurError(f"{flag} '{path}' is a folder: give a file path, e.g. "
-                            f"{path / 'result.json'}")
-    if where.exists() and not where.is_file():
-        raise SecateurError(f"{flag} '{path}' exists and is not a regular file: choose "
-                            "another path")
-    for inp in inputs:
-        if str(inp) and Path(inp).expanduser().exists() and where == _resolve(Path(inp)):
-            raise SecateurError(f"{flag} '{path}' is the input '{inp}': choose another path")
-    _check_can_create(where, path, flag)
-
-
-def check_output_folder(folder: Path, flag: str = "--out") -> None:
-    """A folder that files are added to (a report's): a folder if it exists, else creatable."""
-    folder = Path(folder)
-    where = _resolve(folder)
-    if where.exists() and not where.is_dir():
-        raise SecateurError(f"{flag} '{folder}' is a file, not a folder: remove it or choose "
-                            f"another {flag}")
-    _check_can_create(where / "x", folder, flag)

@@ -20,6 +20,7 @@ from secateur.eval.zeroshot import zeroshot as run_zeroshot
 from secateur.io import check_output_dir, check_output_file
 from secateur.methods import build_method
 from secateur.models.loading import load
+from secateur.outputs import model_bytes
 from secateur.report.depth import is_depth_summary, plot_removals
 from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
 from secateur.workdir import WorkDir, check_free, with_exit_stack
@@ -68,14 +69,18 @@ def prune_job(
     if out is not None:  # a second run on this --out fails here, naming the first one's pid
         check_free(Path(out))
     gguf_preset = getattr(config, "preset", None) if config.method == "gguf" else None
+    inputs = [model_name, calibration.source, evaluation.data]
     if out is not None and gguf_preset is not None:  # one .gguf file, not a folder
         from secateur.export.gguf import check_gguf_output
 
-        check_gguf_output(Path(out), overwrite, (model_name,))
+        check_gguf_output(Path(out), overwrite, tuple(str(i) for i in inputs if i))
     elif out is not None:
-        check_output_dir(Path(out), overwrite, inputs=[model_name])
+        from secateur.quant.pack import quantizes
+
+        check_output_dir(Path(out), overwrite, inputs=inputs,  # a pruned copy: about as big
+                         needed_bytes=None if quantizes(config) else model_bytes(model_name))
     if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=[model_name])
+        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
     # --out's working folder (secateur.workdir), locked until the job ends
     work = None if out is None or gguf_preset is not None else hold.enter_context(
         WorkDir(Path(out)))
@@ -161,15 +166,17 @@ def prune_job(
 
 def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
              dtype: str = "float32", progress: bool = True,
-             zeroshot: ZeroShotSpec | None = None) -> dict[str, Any]:
-    """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks."""
+             zeroshot: ZeroShotSpec | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks.
+    `overwrite`: replace an existing JSON file."""
     if evaluation.data is None and zeroshot is None:
         raise SecateurError("nothing to evaluate: give --data or --tasks")
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     if zeroshot is not None:  # unknown task names fail before the model loads
         check_tasks(zeroshot.tasks, resolve_data(zeroshot.data))
     if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=[model_name])
+        check_output_file(Path(json_path), "--json", inputs=[model_name, evaluation.data],
+                          overwrite=overwrite)
     loaded = load(model_name, dtype=dtype)
     result: dict[str, Any] = {"model": model_name}
     if evaluation.data is not None:
@@ -198,9 +205,10 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
 
     method = build_method(config)
     check_free(Path(out))  # a second run on this --out fails here, naming the first one's pid
-    check_output_dir(Path(out), overwrite, inputs=[model_name])
+    inputs = [model_name, calibration.source]
+    check_output_dir(Path(out), overwrite, inputs=inputs, needed_bytes=model_bytes(model_name))
     if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=[model_name])
+        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
     work = hold.enter_context(WorkDir(Path(out)))  # locked until the job ends
     loaded, weights = load_streamed(model_name, dtype=dtype)
     windows, calib_record = resolve_data(loaded, calibration, calibration.seed)

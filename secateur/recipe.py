@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +37,12 @@ from secateur.api import CalibrationConfig, StepResult, peak_rss_mib, run_step
 from secateur.config import Config, ConfigError, MethodConfig
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
+from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
 from secateur.methods import make_config
 from secateur.models.loading import DTYPES, Loaded, load
+from secateur.outputs import check_run_folder, mark_output, model_bytes
 from secateur.params import count_parameters
-from secateur.surgery.save import check_output_dir, dir_bytes, write_json_atomic
+from secateur.surgery.save import dir_bytes, write_json_atomic
 from secateur.workdir import WORK, WorkDir, check_free
 
 SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask"]
@@ -119,6 +122,11 @@ class Recipe(Config):
                              "quantize step")
         return self
 
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> Recipe:
+        check_step_order(self.steps)  # known now, not after the earlier steps ran
+        return self
+
     @field_validator("calibration", mode="before")
     @classmethod
     def _calibration(cls, value: Any) -> Any:
@@ -151,6 +159,7 @@ class Recipe(Config):
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
+        check_yaml_size(text, _Loader)  # an alias bomb is refused before it expands
         try:
             data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as err:
@@ -165,7 +174,7 @@ class Recipe(Config):
         path = Path(path)
         if not path.is_file():
             raise SecateurError(f"recipe '{path}' does not exist or is not a file")
-        return cls.from_yaml(path.read_text())
+        return cls.from_yaml(read_recipe_text(path))
 
     def fingerprint(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -330,19 +339,28 @@ def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]
     return fmt
 
 
+RUN_FILES = ("recipe.yaml", "model", "result.json")  # what a run writes in its --out
+
+
 def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: bool = True,
-               say: Any = print) -> RecipeResult:
-    """Run every step in order, checkpointing after each; resume from a checkpoint in `out`."""
+               say: Any = print, inputs: Iterable[str | Path] = ()) -> RecipeResult:
+    """Run every step in order, checkpointing after each; resume from a checkpoint in `out`.
+
+    `inputs`: paths the run reads besides those the recipe names (the recipe file itself),
+    which `out` may not be, hold or replace."""
     out = Path(out)
     if recipe.dtype not in DTYPES:
         raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
     check_free(out)  # a second run on this --out fails here, in one line naming the first
     work = WorkDir(out)
     resumable = (work.folder(CHECKPOINT) / STATE).is_file()
-    replace = out.exists() and (overwrite or not resumable)
-    # a recipe's own earlier output (recipe.yaml beside it) may be replaced whole
-    if replace and not (overwrite and (out / "recipe.yaml").is_file()):
-        check_output_dir(out, overwrite)
+    # every --out rule (secateur.outputs): an earlier output is replaced only if secateur
+    # wrote all of it, never the current folder or one holding an input
+    from secateur.quant.pack import quantizes
+
+    replace = check_run_folder(
+        out, overwrite, [*inputs, *path_values(recipe.to_dict())], resumable,
+        None if any(quantizes(s) for s in recipe.steps) else model_bytes(recipe.model))
     with work:
         return _run_locked(recipe, out, work, replace and overwrite, resumable, progress, say)
 
@@ -372,6 +390,7 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
         result = RecipeResult(recipe=recipe.to_dict())
         result.dense = _evaluate(loaded, recipe.evaluate, progress)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
+        mark_output(out, RUN_FILES)  # what a later --overwrite may replace
     teacher = _teacher_loader(recipe)
     first_ppl = recipe.evaluate.perplexity[0] if recipe.evaluate.perplexity else None
     last: dict[str, Any] | None = None  # the first text's result after the latest step

@@ -118,7 +118,8 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
     cells = grid(spec)
     if spec.evaluation.data is None and spec.zeroshot is None:
         raise SecateurError("a sweep needs something to measure: --eval or --tasks")
-    check_output_folder(out)
+    check_output_folder(out, inputs=[spec.model, spec.calibration.source,
+                                     spec.evaluation.data])
     hold.enter_context(WorkDir(out))
     _check_or_write_identity(out, spec)
     done = finished(out)

@@ -175,7 +175,9 @@ def test_output_dir_refusals(tmp_path, monkeypatch):
                    match="is a file, not a folder; choose")
     one_line_error(check_output_dir, model, False, match="already exists: pass --overwrite")
     one_line_error(check_output_dir, Path("/sys/secateur-out"), False, match="cannot write in")
-    check_output_dir(model, True)  # a model folder may be overwritten
+    # a model folder secateur did not write is never replaced; one it saved may be
+    one_line_error(check_output_dir, model, True, match="no saved model secateur wrote")
+    check_output_dir(save_model(tiny_model("llama"), None, tmp_path / "saved"), True)
     check_output_dir(tmp_path / "new" / "deeper", False)  # created on save
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert [p.name for p in tmp_path.iterdir() if "probe" in p.name] == []

@@ -38,18 +38,20 @@ def _is_packed(name: str) -> bool:
 def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32",
               json_path: Path | None = None,
               warn: Callable[[str], None] | None = None,
-              runtime: str | None = None, head: str = "float16") -> dict[str, Any]:
+              runtime: str | None = None, head: str = "float16",
+              overwrite: bool = False) -> dict[str, Any]:
     """Load MODEL and every --vs model in the same dtype and measure them interleaved.
 
     `runtime` runs the --vs models that are pack-quantized on that CPU runtime (int4/int8),
-    with their lm_head in `head` format (`secateur.runtime.head`)."""
+    with their lm_head in `head` format (`secateur.runtime.head`); `overwrite` replaces an
+    existing JSON file."""
     from secateur.io import check_output_file, write_json_atomic
     from secateur.models.loading import load
     from secateur.runtime.head import check_head
 
     check_head(head, runtime)
     if json_path is not None:  # a bad --json fails now, not after the measurement
-        check_output_file(Path(json_path), "--json", inputs=[model, *vs])
+        check_output_file(Path(json_path), "--json", inputs=[model, *vs], overwrite=overwrite)
     subjects = []
     for name in [model, *vs]:
         packed = runtime is not None and _is_packed(name)

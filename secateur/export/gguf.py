@@ -49,11 +49,10 @@ HF_TO_GGUF = {  # per-layer tensors: transformers' name -> gguf's MODEL_TENSOR
 
 
 def check_gguf_output(out: Path, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
-    """Fail before any work if the file `out` cannot or may not be written."""
-    check_output_file(out, "--out", inputs)
-    if Path(out).exists() and not overwrite:
-        raise SecateurError(f"output file '{out}' already exists: pass --overwrite or choose "
-                            "another --out")
+    """Fail before any work if the file `out` cannot or may not be written (the shared rule,
+    `secateur.outputs`: never an input or a file inside one, an existing file only with
+    --overwrite)."""
+    check_output_file(out, "--out", inputs, overwrite=overwrite)
 
 
 # -- tokenizer ----------------------------------------------------------------------------

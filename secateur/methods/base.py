@@ -149,6 +149,12 @@ def make_config(data: dict[str, Any], kind: StepKind | None = None) -> MethodCon
     return config_class(str(fields.pop("method")), kind)(**fields)
 
 
+def is_layerwise(name: str | None) -> bool:
+    """The method `name` works layer by layer (and so checkpoints each finished layer)."""
+    entry = _REGISTRY.get(name or "")
+    return entry is not None and issubclass(entry[1], LayerwiseMethod)
+
+
 def build_method(config: MethodConfig) -> LayerwiseMethod | ModelMethod:
     if not isinstance(config, MethodConfig):
         raise SecateurError(f"expected a method config such as WandaConfig(sparsity=0.5), got "

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.inputs import check_finite, check_loading_info
 from secateur.io import atomic_dir, clean_stale_partials, write_atomic
 from secateur.models.base import ModelAdapter, adapter_for, supported_model_types
 from secateur.offline import cache_dir, package_dir
@@ -315,15 +316,18 @@ def load(
         elif path.is_dir() and is_compact(path):
             model = load_compact(path, DTYPES[dtype], trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 source, gguf_file=gguf_file, dtype=DTYPES[dtype],
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, output_loading_info=True)
+            if gguf_file is None:  # transformers only logs these, and we mute its log
+                check_loading_info(info, shown)
     except (SecateurError, MemoryError):
         raise
     except Exception as err:
         raise SecateurError(f"cannot load the weights of '{shown}' ({_first_line(err)}): the "
                             f"{where} are damaged or incomplete; re-save or re-download the "
                             "model") from err
+    check_finite(model, shown)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
                                                   trust_remote_code=trust_remote_code)

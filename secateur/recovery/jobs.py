@@ -57,7 +57,7 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
     inputs = [model_dir] + ([teacher] if teacher else [])
     check_output_dir(out, overwrite, inputs=inputs)
     if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=inputs)
+        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
     with WorkDir(out) as work:
         result = _recover(name, model_dir, work, train, evaluation, overwrite, progress,
                           teacher, check)

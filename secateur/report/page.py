@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secateur.io import check_output_folder, write_bytes_atomic, write_text_atomic
+from secateur.io import check_output_folder, mark_output, write_bytes_atomic, write_text_atomic
 from secateur.report import accuracy
 from secateur.report.collect import Collected, Run, collect, why
 from secateur.report.plots import plots as draw_plots
 from secateur.report.runs import parameters, sparsity, target
 
 log = logging.getLogger(__name__)
+REPORT_FILES = ("report.md", "report.html")
 
 # (title, columns, rows, note under the table or None)
 Table = tuple[str, list[str], list[list[str]], str | None]
@@ -258,9 +259,17 @@ def _versions(p: dict[str, Any]) -> str:
     return ", ".join(f"{k} {x}" for k, x in v.items())
 
 
+def _md(text: str) -> str:
+    """Text from result files as Markdown shows it: no raw HTML (a result file is anyone's),
+    no broken table rows, no links; the [P1] tags stay as they are."""
+    text = " ".join(str(text).splitlines())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("](", "]\\(")
+
+
 def _render(title: str, sources: str, tables: list[Table], plots: dict[str, tuple[str, bytes]],
             protos: Protocols, warnings: list[str]) -> tuple[str, str]:
-    md = [f"# {title}", "", f"From: {sources}", ""]
+    md = [f"# {_md(title)}", "", f"From: {_md(sources)}", ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
          "</title><style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
          "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
@@ -269,14 +278,14 @@ def _render(title: str, sources: str, tables: list[Table], plots: dict[str, tupl
          "img{max-width:48%;margin:4px;border:1px solid #ddd}</style></head><body>",
          f"<h1>{html.escape(title)}</h1><p>From: {html.escape(sources)}</p>"]
     if warnings:
-        md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+        md += ["## Warnings", "", *[f"- {_md(w)}" for w in warnings], ""]
         h.append("<h2>Warnings</h2><ul class='warn'>"
                  + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     for name, cols, rows, note in tables:
-        md += [f"## {name}", "", "| " + " | ".join(cols) + " |",
+        md += [f"## {_md(name)}", "", "| " + " | ".join(map(_md, cols)) + " |",
                "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(row) + " |" for row in rows]
-        md += ["", note, ""] if note else [""]
+        md += ["| " + " | ".join(map(_md, row)) + " |" for row in rows]
+        md += ["", _md(note), ""] if note else [""]
         h.append(f"<h2>{html.escape(name)}</h2><table><tr>"
                  + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
         h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>"
@@ -286,7 +295,8 @@ def _render(title: str, sources: str, tables: list[Table], plots: dict[str, tupl
         md += ["## Plots", ""]
         h.append("<h2>Plots</h2><div>")
         for key, (caption, png) in plots.items():
-            md += [f"![{caption}](plots/{key}.png)", ""]
+            alt = _md(caption).replace("[", "\\[").replace("]", "\\]")
+            md += [f"![{alt}](plots/{key}.png)", ""]
             b64 = base64.b64encode(png).decode()
             h.append(f"<img alt='{html.escape(caption)}' title='{html.escape(caption)}' "
                      f"src='data:image/png;base64,{b64}'>")
@@ -295,7 +305,7 @@ def _render(title: str, sources: str, tables: list[Table], plots: dict[str, tupl
     h.append("<h2>Protocols</h2><ul>")
     for tag, p in protos.tags.items():
         text = _protocol_text(tag, p)
-        md.append(f"- **[{tag}]** {text}")
+        md.append(f"- **[{tag}]** {_md(text)}")
         h.append(f"<li><b>[{tag}]</b> {html.escape(text)}</li>")
     h.append("</ul></body></html>")
     return "\n".join(h), "\n".join(md) + "\n"
@@ -308,17 +318,22 @@ def build_report(paths: list[Path], out: Path, title: str = "secateur report",
     Each warning (a result left out, wholly or from one table) is listed in the page, passed
     to `warn` (default: logging) and returned in `Report.warnings`."""
     out = Path(out)
-    check_output_folder(out)
+    # report.md and report.html replace only files secateur wrote there (listed in the
+    # folder's marker), never a file of the user's or a run being reported
+    check_output_folder(out, inputs=paths, files=REPORT_FILES)
     collected = collect(paths)
     protos = Protocols()
     tables = _tables(collected, protos)
     plots = draw_plots(collected)
     page, md = _render(title, ", ".join(map(str, paths)), tables, plots, protos,
                        collected.warnings)
+    pngs = [f"plots/{key}.png" for key in plots]
+    check_output_folder(out, inputs=paths, files=pngs)
     for key, (_, png) in plots.items():
         write_bytes_atomic(out / "plots" / f"{key}.png", png)
     write_text_atomic(out / "report.md", md)
     write_text_atomic(out / "report.html", page)
+    mark_output(out, [*REPORT_FILES, "plots", *pngs])
     for w in collected.warnings:
         (warn or log.warning)(w)
     return Report(out / "report.html", out / "report.md", list(collected.warnings))
