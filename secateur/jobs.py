@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def prune_job(
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
     # --out's working folder (secateur.workdir), locked until the job ends
+    if out is not None and gguf_preset is None:
+        _say_layers_discarded(WorkDir(Path(out)), resume, overwrite)
     work = None if out is None or gguf_preset is not None else hold.enter_context(
         WorkDir(Path(out)))
     # Loaded once, before the model: a missing eval text fails before any pruning.
@@ -164,6 +167,16 @@ def prune_job(
     return result
 
 
+def _say_layers_discarded(work: WorkDir, resume: bool, overwrite: bool) -> None:
+    """A rerun without --resume starts afresh, throwing away an interrupted run's finished
+    layers: never silently (with --overwrite the user asked for it)."""
+    layers = work.folder("layers")
+    if not resume and not overwrite and layers.is_dir() and any(layers.iterdir()):
+        warnings.warn(f"'{work.out}' held the finished layers of an interrupted run; starting "
+                      "over without them (rerun with --resume to continue from them instead)",
+                      stacklevel=2)
+
+
 def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
              dtype: str = "float32", progress: bool = True,
              zeroshot: ZeroShotSpec | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -209,6 +222,7 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
     check_output_dir(Path(out), overwrite, inputs=inputs, needed_bytes=model_bytes(model_name))
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
+    _say_layers_discarded(WorkDir(Path(out)), resume, overwrite)
     work = hold.enter_context(WorkDir(Path(out)))  # locked until the job ends
     loaded, weights = load_streamed(model_name, dtype=dtype)
     windows, calib_record = resolve_data(loaded, calibration, calibration.seed)

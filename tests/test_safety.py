@@ -408,6 +408,16 @@ def test_an_interrupted_layerwise_prune_says_how_to_resume():
     assert "same command" in _then(["run", "r.yaml", "--out", "o"])
 
 
+def test_a_rerun_without_resume_says_it_starts_over(workdir, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(workdir)
+    out = tmp_path / "interrupted"  # what a killed layer-wise prune leaves (secateur.workdir)
+    (out / ".secateur-work" / "layers").mkdir(parents=True)
+    (out / ".secateur-work" / "layers" / "checkpoint.json").write_text("{}")
+    with pytest.warns(UserWarning, match="interrupted run; starting over .* --resume"):
+        code, _, err = run_cli([*PRUNE, "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+
+
 def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(workdir):
     exe = Path(sys.executable).parent / "secateur"
     # were the imports done before the signal, the evaluation is interrupted: the same line
