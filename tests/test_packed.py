@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from secateur.models import adapter_for
 from secateur.quant.pack import WEIGHTS, pack_codes, round_kept_tensors, save_packed
 from secateur.quant.state import QuantState, set_quant_state
 from secateur.surgery.save import save_model
+from tests.reload import reload_without_secateur as reload
 from tests.tiny_models import byte_tokenizer, tiny_model
 
 IDS = [[256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 84]]
@@ -71,24 +70,11 @@ def logits(model) -> torch.Tensor:
     return model(torch.tensor(IDS)).logits
 
 
-RELOAD = """
-import json, sys, torch
-from transformers import AutoModelForCausalLM
-ids = torch.tensor(json.loads(sys.argv[1]))
-for d in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(d)
-    with torch.no_grad():
-        torch.save(model(ids).logits, d + ".logits.pt")
-assert "secateur" not in sys.modules, "the reload must not need secateur"
-"""
-
-
 def reload_without_secateur(dirs, cwd) -> list[torch.Tensor]:
-    """Logits of each directory loaded by plain transformers in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(IDS), *map(str, dirs)],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(f"{d}.logits.pt") for d in dirs]
+    """Logits of each directory loaded by plain transformers in a fresh process (which also
+    generates from each, with and without the KV cache), in the checkpoint's own dtype."""
+    got = reload({str(d): d for d in dirs}, IDS, cwd, trust_remote_code=False, dtype=None)
+    return [torch.tensor(got[str(d)]["logits"])[None] for d in dirs]
 
 
 CASES = {  # name: (bits, group size, symmetric)
@@ -101,6 +87,7 @@ CASES = {  # name: (bits, group size, symmetric)
 }
 
 
+@pytest.mark.reload
 def test_packed_reloads_in_transformers_without_secateur(tmp_path):
     dirs, expected = [], []
     for name, (bits, group, sym) in CASES.items():
@@ -169,6 +156,7 @@ def test_packed_is_much_smaller_than_fp32(tmp_path):
     assert w4 < 0.3 and w8 < 0.4 and w4 < w8
 
 
+@pytest.mark.reload
 def test_mixed_schemes_get_one_config_group_each(tmp_path):
     model = tiny_model("llama")
     adapter = adapter_for(model)
@@ -251,6 +239,7 @@ def run_method(model, config) -> None:
                     progress=False)
 
 
+@pytest.mark.reload
 def test_secateur_rtn_and_gptq_outputs_pack_and_reload(tmp_path):
     """The real quantizers' grids (not this file's RTN) survive packing."""
     from secateur.methods.gptq import GPTQConfig

@@ -14,6 +14,7 @@ import yaml
 from secateur.config import ConfigError
 from secateur.errors import SecateurError
 from secateur.recipe import Recipe, run_recipe
+from tests.reload import reload_one
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 SMALL_CALIB = {"source": "c4-sample", "nsamples": 2, "seqlen": 32, "seed": 0}
@@ -50,16 +51,7 @@ def test_every_shipped_recipe_round_trips_through_yaml():
         assert [type(s) for s in again.steps] == [type(s) for s in recipe.steps]
 
 
-RELOAD = """
-import json, sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-assert "secateur" not in sys.modules, "secateur was imported"
-ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
-print(json.dumps(m(ids).logits[0, -1, :8].tolist()))
-"""
-
-
+@pytest.mark.reload
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, tiny_dir,
                                                                           tmp_path):
@@ -78,10 +70,8 @@ def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, 
         assert final["parameters"] < dense["parameters"]
     if "wanda" in methods:
         assert final["nonzero"] < 0.8 * final["parameters"]
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out / "model")],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert all(torch.isfinite(torch.tensor(json.loads(proc.stdout))))
+    got = reload_one(out / "model", [[1, 2, 3, 4, 5, 6]], tmp_path)
+    assert torch.isfinite(torch.tensor(got["logits"])).all()
 
 
 def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_path,

@@ -4,48 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from secateur.surgery.flexmodel import LayerSpec, SecateurLlamaForCausalLM, convert_llama
+from tests.reload import reload_one
 from tests.tiny_models import tiny_model
-
-# Runs a saved model in a fresh interpreter that cannot import secateur: the repo, the
-# editable-install finder and the current directory are all taken off the import path.
-_NO_SECATEUR = textwrap.dedent("""
-    import importlib.util, json, sys
-    sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                     and "editable" not in str(f).lower()]
-    sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith({repo!r})
-                or "site-packages" in p]
-    sys.path_hooks = [h for h in sys.path_hooks if "editable" not in str(h).lower()]
-    sys.path_importer_cache.clear()
-    assert importlib.util.find_spec("secateur") is None, "secateur is still importable"
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)
-    ids = torch.tensor({ids})
-    with torch.no_grad():
-        logits = model(ids).logits
-    print(json.dumps({{"cls": type(model).__name__, "logits": logits[0, -1].tolist(),
-                      "secateur": [m for m in sys.modules if m.startswith("secateur")]}}))
-""")
-
-
-def run_without_secateur(path, ids: torch.Tensor, cwd) -> dict:
-    import secateur
-
-    repo = str(__import__("pathlib").Path(secateur.__file__).resolve().parents[1])
-    code = _NO_SECATEUR.format(repo=repo, path=str(path), ids=ids.tolist())
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_flex_convert_keeps_outputs_and_drops_blocks(tmp_path):
@@ -72,13 +38,16 @@ def test_flex_convert_keeps_outputs_and_drops_blocks(tmp_path):
         convert_llama(copy.deepcopy(model), [LayerSpec(num_heads=2)] * 3)
 
 
+@pytest.mark.reload
 def test_flex_saves_and_loads_without_secateur(tmp_path):
     torch.manual_seed(0)
     model = convert_llama(tiny_model("llama"), [LayerSpec(has_attention=False), LayerSpec(),
                                                 LayerSpec(has_mlp=False)])
     ids = torch.randint(0, 250, (1, 9))
     with torch.no_grad():
-        want = model(ids).logits[0, -1]
+        want = model(ids).logits[0]
+        tokens = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                pad_token_id=0)[0].tolist()
     out = tmp_path / "flex"
     model.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())
@@ -86,9 +55,34 @@ def test_flex_saves_and_loads_without_secateur(tmp_path):
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_secateur.SecateurLlamaForCausalLM"
     assert (out / "modeling_secateur.py").is_file()
     assert (out / "configuration_secateur.py").is_file()
-    got = run_without_secateur(out, ids, tmp_path)
-    assert got["cls"] == "SecateurLlamaForCausalLM" and got["secateur"] == []
+    got = reload_one(out, ids.tolist(), tmp_path)
+    assert got["cls"] == "SecateurLlamaForCausalLM"
     assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-5)
+    assert got["cached"] == tokens
+
+
+@pytest.mark.reload
+def test_flex_modules_are_built_by_the_stock_inits_and_keep_the_shared_config(tmp_path):
+    """The attention and MLP modules come from the stock `__init__`s (what the kernel hub
+    wraps) fed a per-layer copy of the config, yet must read the model's own config: the
+    attention implementation is set on it after the modules are built."""
+    model = convert_llama(tiny_model("llama"), [LayerSpec(has_attention=False), LayerSpec(),
+                                                LayerSpec(has_mlp=False)])
+    model.save_pretrained(tmp_path)
+    again = SecateurLlamaForCausalLM.from_pretrained(tmp_path)
+    again.set_attn_implementation("eager")
+    layers = again.model.layers
+    assert layers[0].self_attn is None and layers[0].input_layernorm is None
+    assert layers[2].mlp is None and layers[2].post_attention_layernorm is None
+    blocks = [b for layer in layers for b in (layer.self_attn, layer.mlp) if b is not None]
+    assert len(blocks) == 4 and all(b.config is again.config for b in blocks)
+    assert layers[1].self_attn.config._attn_implementation == "eager"
+    assert [layers[i].self_attn.layer_idx for i in (1, 2)] == [0, 1]  # KV cache positions
+    for i in (1, 2):  # the per-layer widths, not the copy's leftovers
+        attn, want = layers[i].self_attn, model.model.layers[i].self_attn
+        assert attn.q_proj.weight.shape == want.q_proj.weight.shape
+        assert attn.k_proj.weight.shape == want.k_proj.weight.shape
+        assert attn.num_key_value_groups == want.num_key_value_groups
 
 
 # -- llm-pruner on tiny models ----------------------------------------------------------------
@@ -166,6 +160,7 @@ def test_removed_groups_are_the_least_important(tiny_dir):
     assert torch.equal(kept_k, dense_k[keep * 16:(keep + 1) * 16])
 
 
+@pytest.mark.reload
 def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
     from secateur.models.loading import load
 
@@ -180,6 +175,8 @@ def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
     ids = torch.randint(0, 250, (1, 12))
     with torch.no_grad():
         want = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                pad_token_id=0)[0].tolist()
     from secateur.surgery.save import save_model
 
     save_model(model, loaded.tokenizer, tmp_path / "out")
@@ -187,8 +184,9 @@ def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
     again = load(tmp_path / "out")
     with torch.no_grad():
         assert torch.allclose(again.model(ids).logits, want, atol=1e-5)
-    got = run_without_secateur(tmp_path / "out", ids, tmp_path)
-    assert torch.allclose(torch.tensor(got["logits"]), want[0, -1], atol=1e-5)
+    got = reload_one(tmp_path / "out", ids.tolist(), tmp_path)
+    assert torch.allclose(torch.tensor(got["logits"]), want[0], atol=1e-5)
+    assert got["cached"] == tokens
 
 
 def test_gemma3_uniform_width(tiny_dir):

@@ -12,9 +12,10 @@ themselves in the KV cache, so a first layer without attention keeps the cache r
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -22,60 +23,63 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
-    LlamaRMSNorm,
 )
 
 from .configuration_decilm import DeciLMConfig, ffn_mult_to_intermediate_size
 
 
+def _layer_config(config: DeciLMConfig, **widths: int) -> DeciLMConfig:
+    """A shallow copy of the shared config carrying one layer's widths.
+
+    The stock `__init__`s read their widths from the config. Calling them, rather than building
+    the modules by hand, runs whatever transformers wraps around them: the kernel hub's
+    `use_kernelized_func` (transformers >= 5.25 with `kernels` installed) sets in `__init__`
+    what its wrapped `forward` reads, so a module built by hand fails at its first forward.
+    The copy only feeds those `__init__`s; the modules keep the shared config afterwards.
+    """
+    layer_config = copy.copy(config)
+    for key, value in widths.items():
+        setattr(layer_config, key, value)
+    return layer_config
+
+
 class DeciLMAttention(LlamaAttention):
     def __init__(self, config: DeciLMConfig, num_kv_heads: int, cache_index: int) -> None:
-        nn.Module.__init__(self)
+        # layer_idx is the position in the KV cache, among attention layers only
+        super().__init__(_layer_config(config, num_key_value_heads=num_kv_heads), cache_index)
+        # The shared config, not the copy: `_attn_implementation` may be set on it after the
+        # modules are built (`set_attn_implementation`), and the forward reads it from here.
         self.config = config
-        self.layer_idx = cache_index
-        self.head_dim = config.head_dim
-        heads = config.num_attention_heads
-        self.num_key_value_groups = heads // num_kv_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        h, d = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(h, heads * d, bias=False)
-        self.k_proj = nn.Linear(h, num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(heads * d, h, bias=False)
 
 
 class DeciLMMLP(LlamaMLP):
     def __init__(self, config: DeciLMConfig, intermediate_size: int) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.hidden_size = config.hidden_size
-        self.intermediate_size = intermediate_size
-        self.gate_proj = nn.Linear(self.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(self.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, self.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
+        super().__init__(_layer_config(config, intermediate_size=intermediate_size))
+        self.config = config  # the shared one, as in DeciLMAttention
 
 
 class DeciLMDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: DeciLMConfig, layer_idx: int) -> None:
-        nn.Module.__init__(self)
         block = config.block_configs[layer_idx]
-        self.hidden_size = config.hidden_size
-        self.gradient_checkpointing = False
-        eps = config.rms_norm_eps
-        self.self_attn = self.input_layernorm = None
-        self.mlp = self.post_attention_layernorm = None
-        if not block.attention.no_op:
-            kv = config.num_attention_heads // block.attention.n_heads_in_group
+        kv = (None if block.attention.no_op
+              else config.num_attention_heads // block.attention.n_heads_in_group)
+        size = (None if block.ffn.no_op
+                else ffn_mult_to_intermediate_size(block.ffn.ffn_mult, config.hidden_size))
+        # The stock __init__ (so whatever transformers sets or wraps there applies here too) on
+        # this layer's widths, the smallest valid ones for a no-op branch; the stock blocks it
+        # builds are then replaced by this file's classes or dropped. from_pretrained builds
+        # on the meta device, where the throwaway blocks cost nothing.
+        super().__init__(_layer_config(config, num_key_value_heads=kv or 1,
+                                       intermediate_size=size or 1), layer_idx)
+        if kv is None:
+            self.self_attn = self.input_layernorm = None
+        else:
             cache_index = sum(not b.attention.no_op for b in config.block_configs[:layer_idx])
             self.self_attn = DeciLMAttention(config, kv, cache_index)
-            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
-        if not block.ffn.no_op:
-            size = ffn_mult_to_intermediate_size(block.ffn.ffn_mult, config.hidden_size)
+        if size is None:
+            self.mlp = self.post_attention_layernorm = None
+        else:
             self.mlp = DeciLMMLP(config, size)
-            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         # kwargs (mask, positions, rotary embeddings, the cache under whichever name this

@@ -27,11 +27,11 @@ attention is gone.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -39,63 +39,70 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
-    LlamaRMSNorm,
 )
 
 from .configuration_secateur import SecateurLlamaConfig
+
+
+def _layer_config(config: SecateurLlamaConfig, **widths: int) -> SecateurLlamaConfig:
+    """A shallow copy of the shared config carrying one layer's widths.
+
+    The stock `__init__`s read their widths from the config. Calling them, rather than building
+    the modules by hand, runs whatever transformers wraps around them: the kernel hub's
+    `use_kernelized_func` (transformers >= 5.25 with `kernels` installed) sets in `__init__`
+    what its wrapped `forward` reads, so a module built by hand fails at its first forward.
+    The copy only feeds those `__init__`s; the modules keep the shared config afterwards.
+    """
+    layer_config = copy.copy(config)
+    for key, value in widths.items():
+        setattr(layer_config, key, value)
+    return layer_config
 
 
 class SecateurAttention(LlamaAttention):
     """Llama attention with its own head counts (the forward infers heads from the shapes)."""
 
     def __init__(self, config: SecateurLlamaConfig, layer_idx: int, cache_index: int) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.layer_idx = cache_index  # position in the KV cache, among attention layers only
-        self.head_dim = config.head_dim
         heads, kv = config.layer_num_heads[layer_idx], config.layer_num_kv_heads[layer_idx]
+        # layer_idx is the position in the KV cache, among attention layers only
+        super().__init__(_layer_config(config, num_attention_heads=heads,
+                                       num_key_value_heads=kv), cache_index)
+        # The shared config, not the copy: `_attn_implementation` may be set on it after the
+        # modules are built (`set_attn_implementation`), and the forward reads it from here.
+        self.config = config
         self.num_heads, self.num_key_value_heads = heads, kv
-        self.num_key_value_groups = heads // kv
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
 
 
 class SecateurMLP(LlamaMLP):
     def __init__(self, config: SecateurLlamaConfig, layer_idx: int) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.hidden_size = config.hidden_size
-        self.intermediate_size = config.layer_intermediate_sizes[layer_idx]
-        bias = config.mlp_bias
-        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        super().__init__(_layer_config(
+            config, intermediate_size=config.layer_intermediate_sizes[layer_idx]))
+        self.config = config  # the shared one, as in SecateurAttention
 
 
 class SecateurDecoderLayer(LlamaDecoderLayer):
     """A pre-norm layer whose attention and/or MLP block (with its norm) may be absent."""
 
     def __init__(self, config: SecateurLlamaConfig, layer_idx: int) -> None:
-        nn.Module.__init__(self)
-        self.hidden_size = config.hidden_size
-        self.gradient_checkpointing = False
-        eps = config.rms_norm_eps
-        self.self_attn = self.input_layernorm = None
-        self.mlp = self.post_attention_layernorm = None
+        # The stock __init__ (so whatever transformers sets or wraps there applies here too) on
+        # this layer's widths, the smallest valid ones for an absent block; the stock blocks it
+        # builds are then replaced by this file's classes or dropped. from_pretrained builds
+        # on the meta device, where the throwaway blocks cost nothing.
+        super().__init__(_layer_config(
+            config,
+            num_attention_heads=config.layer_num_heads[layer_idx] or 1,
+            num_key_value_heads=config.layer_num_kv_heads[layer_idx] or 1,
+            intermediate_size=config.layer_intermediate_sizes[layer_idx] or 1,
+        ), layer_idx)
         if config.layer_has_attention[layer_idx]:
             cache_index = sum(config.layer_has_attention[:layer_idx])
             self.self_attn = SecateurAttention(config, layer_idx, cache_index)
-            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
+        else:
+            self.self_attn = self.input_layernorm = None
         if config.layer_has_mlp[layer_idx]:
             self.mlp = SecateurMLP(config, layer_idx)
-            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=eps)
+        else:
+            self.mlp = self.post_attention_layernorm = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                 use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
