@@ -190,6 +190,20 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
     if json_path is not None:
         check_output_file(Path(json_path), "--json", inputs=[model_name, evaluation.data],
                           overwrite=overwrite)
+    from secateur.eval.gguf import gguf_perplexity, is_gguf
+
+    if is_gguf(model_name):  # a llama.cpp file: scored by llama.cpp, on the same windows
+        if zeroshot is not None:
+            raise SecateurError("zero-shot tasks run in transformers; evaluate the model "
+                                "folder the GGUF was made from, or drop --tasks")
+        result = {"model": model_name, "runtime": "llama.cpp",
+                  **gguf_perplexity(model_name, eval_text, evaluation.seqlen,
+                                    evaluation.max_windows, evaluation.protocol,
+                                    evaluation.bos).to_dict(),
+                  "bytes_on_disk": Path(model_name).stat().st_size}
+        if json_path is not None:
+            write_json_atomic(Path(json_path), result)
+        return result
     loaded = load(model_name, dtype=dtype)
     result: dict[str, Any] = {"model": model_name}
     if evaluation.data is not None:

@@ -68,3 +68,26 @@ def test_preset_table_is_llama_cpps_own_choice(tmp_path, preset, with_imatrix):
     runtime.quantize(f32, dst, preset, imatrix)
     theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(dst).tensors if t.name in ours}
     assert theirs == ours
+
+
+def test_cli_quantizes_into_gguf_and_evaluates_it_in_llama_cpp(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.test_export import save
+    from tests.test_loading_and_cli import run_cli
+
+    src = save(tiny_llama(6), tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the {w} thing" for w in range(600)))
+    out = tmp_path / "m.gguf"
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", src, "--method", "gguf",
+                           "--preset", "q4_0", "--calib", text, "--nsamples", "4", "--seqlen",
+                           "32", "--eval", "none", "--out", out)
+    assert code == 0, err
+    assert gguf.GGUFReader(out).tensors[0].tensor_type.name in ("Q4_0", "Q4_1", "Q8_0", "Q6_K")
+    code, _, err = run_cli(monkeypatch, capsys, "eval", out, "--data", text, "--seqlen", "32",
+                           "--max-windows", "4", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["runtime"] == "llama.cpp" and record["protocol"]["windows"] == 4
+    assert record["tokens"] == 4 * 31 and 1 < record["perplexity"] < 2000
