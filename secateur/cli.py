@@ -290,6 +290,11 @@ def bench_cmd(
     result = bench_job(model, vs or [], spec, dtype, json, runtime=runtime, head=head,
                        warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"),
                        overwrite=overwrite)
+    if "runtime" in result and str(result["runtime"]).startswith("llama.cpp"):
+        from secateur.report.tables import print_gguf_bench
+
+        print_gguf_bench(out_console, result)
+        return
     print_bench(out_console, result)
 
 

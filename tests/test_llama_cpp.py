@@ -91,3 +91,24 @@ def test_cli_quantizes_into_gguf_and_evaluates_it_in_llama_cpp(tmp_path, monkeyp
     record = json.loads((tmp_path / "e.json").read_text())
     assert record["runtime"] == "llama.cpp" and record["protocol"]["windows"] == 4
     assert record["tokens"] == 4 * 31 and 1 < record["perplexity"] < 2000
+
+
+def test_cli_bench_times_gguf_files_in_llama_cpp(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.test_loading_and_cli import run_cli
+
+    model = tiny_llama(8)
+    paths = []
+    for outtype in ("f16", "q4_0"):
+        paths.append(tmp_path / f"{outtype}.gguf")
+        export_model(model, bpe_tokenizer(), "gguf", paths[-1], outtype=outtype)
+    code, out, err = run_cli(monkeypatch, capsys, "bench", paths[0], "--vs", paths[1],
+                             "--lengths", "16", "--decode-tokens", "4", "--repeats", "2",
+                             "--warmup", "0", "--threads", "1", "--json", tmp_path / "b.json")
+    assert code == 0, err
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["runtime"].startswith("llama.cpp")
+    assert set(record["speedup_vs_baseline"][str(paths[1])]) == {"decode", "prefill 16"}
+    assert record["models"][str(paths[1])]["tensor_types"].startswith("Q4_0")
+    assert "vs" in out

@@ -52,6 +52,22 @@ def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32"
     check_head(head, runtime)
     if json_path is not None:  # a bad --json fails now, not after the measurement
         check_output_file(Path(json_path), "--json", inputs=[model, *vs], overwrite=overwrite)
+    from secateur.errors import SecateurError
+
+    names = [model, *vs]
+    if all(str(n).endswith(".gguf") for n in names):  # llama.cpp files: timed in llama.cpp
+        from secateur.bench.gguf import bench_gguf
+
+        if runtime is not None:
+            raise SecateurError("GGUF files run in llama.cpp; --runtime is for packed folders")
+        result = bench_gguf([str(n) for n in names], spec)
+        if json_path is not None:
+            write_json_atomic(Path(json_path), result)
+        return result
+    if any(str(n).endswith(".gguf") for n in names):
+        raise SecateurError("compare GGUF files with GGUF files (llama.cpp) and model folders "
+                            "with folders (transformers); export the folder with secateur "
+                            "export --format gguf")
     subjects = []
     for name in [model, *vs]:
         packed = runtime is not None and _is_packed(name)

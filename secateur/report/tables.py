@@ -60,6 +60,23 @@ def print_bench(console: Console, res: dict[str, Any]) -> None:
                   f"decode bound = bandwidth / weight bytes per token")
 
 
+def print_gguf_bench(console: Console, res: dict[str, Any]) -> None:
+    p = res["protocol"]
+    keys = ["decode", *[f"prefill {n}" for n in p["prompt_lengths"]]]
+    table = Table(title=f"{res['runtime']}, {p['threads']} thread(s), median [min-max] of "
+                        f"{p['repeats']} interleaved rounds, tokens/s")
+    for c in ("file", "MiB", *keys, "tensor types"):
+        table.add_column(c)
+    for name, m in res["models"].items():
+        table.add_row(name, f"{m['bytes_on_disk'] / 2**20:.1f}",
+                      *[f"{m[k]['median']:.1f} [{m[k]['min']:.1f}-{m[k]['max']:.1f}]"
+                        for k in keys], m["tensor_types"])
+    console.print(table)
+    for name, r in res["speedup_vs_baseline"].items():
+        parts = [f"{k} {v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]" for k, v in r.items()]
+        console.print(f"{name} vs {res['baseline']}: " + ", ".join(parts))
+
+
 def print_sweep(console: Console, results: dict[str, dict[str, Any]]) -> None:
     table = Table(title="sweep")
     for col in ("cell", "sparsity", "perplexity", "zero-shot avg %", "MiB on disk"):
