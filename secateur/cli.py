@@ -549,6 +549,54 @@ def report_cmd(
         out_console.print(str(p))
 
 
+@app.command("frontier")
+def frontier_cmd(
+    model: Annotated[str, typer.Argument(help="A model secateur loads (dense, or a pruned or "
+                                              "recovered folder).")],
+    out: Annotated[Path, typer.Option(help="Folder for frontier.json, frontier.png, the "
+                                           "imatrix and kept GGUF files.")],
+    presets: Annotated[str, typer.Option(help="llama.cpp's ladder: its own quantizer at these "
+                                              "presets, without and with an imatrix.")]
+    = "q8_0,q6_k,q5_k_m,q4_k_m,q4_1,q4_0",
+    secateur_presets: Annotated[str, typer.Option(help="secateur's rounding at these presets.")]
+    = "q5_k_m,q4_k_m,q4_1,q4_0",
+    roundings: Annotated[str, typer.Option(help="secateur's roundings: rtn, gptq.")]
+    = "rtn,gptq",
+    keep: Annotated[str, typer.Option(help="secateur points whose .gguf stays in --out, "
+                                           "e.g. 'q4_k_m gptq' (comma-separated).")] = "",
+    calib: Calib = "c4-sample",
+    nsamples: NSamples = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    windows: Annotated[int, typer.Option(help="Evaluation windows per text.")] = 16,
+    eval_seqlen: Annotated[int, typer.Option(help="Evaluation window length.")] = 512,
+    threads: Annotated[int, typer.Option(help="llama.cpp threads.")] = 1,
+    speed: Annotated[bool, typer.Option(help="Also time decode and prefill (on a quiet "
+                                             "machine).")] = False,
+    resume: Annotated[bool, typer.Option(help="Add to --out's frontier.json, skipping the "
+                                              "points it has.")] = False,
+) -> None:
+    """Secateur's GGUF outputs against llama.cpp's own quantizer, measured in llama.cpp."""
+    from secateur.api import CalibrationConfig
+    from secateur.frontier import FrontierSpec, frontier, winners
+
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    spec = FrontierSpec(split(presets), split(secateur_presets), split(roundings),
+                        CalibrationConfig(calib, nsamples, seqlen, 0), windows, eval_seqlen,
+                        threads, speed, keep=split(keep))
+    result = frontier(model, spec, out, resume, say=lambda m: console.print(m, highlight=False))
+    table = Table(title=f"{model} in llama.cpp ({result['runtime']})")
+    for col in ("point", "MiB", "wiki ppl", "tiny-stories ppl", "decode tok/s"):
+        table.add_column(col)
+    for name, p in result["points"].items():
+        tok = p.get("speed", {}).get("decode_tokens_per_second", {}).get("median")
+        table.add_row(name, f"{p['mib']:.1f}", f"{p['wiki']:.3f}", f"{p['tiny-stories']:.3f}",
+                      "-" if tok is None else f"{tok:.1f}")
+    out_console.print(table)
+    best = winners(result)
+    out_console.print("beats every llama.cpp point of no more bytes (wiki): "
+                      + (", ".join(best) if best else "none"), highlight=False)
+
+
 @app.command("export")
 def export_cmd(
     model: Annotated[str, typer.Argument(help="A saved (pruned) Llama-family model directory, "
@@ -558,7 +606,9 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (nemotron-nas) or .gguf file.")],
     outtype: Annotated[str | None, typer.Option(
         help="Weights: f32 (nemotron-nas default), f16 (gguf default), bf16 (nemotron-nas), "
-             "q8_0 (gguf).")] = None,
+             "q8_0 (gguf), or a llama.cpp preset for gguf (q6_k, q5_k_m, q5_k_s, q5_1, q5_0, "
+             "q4_k_m, q4_k_s, q4_1, q4_0: its tensor types, importance-weighted nearest "
+             "rounding without calibration).")] = None,
     overwrite: Overwrite = False,
     json: Json = None,
 ) -> None:

@@ -112,3 +112,34 @@ def test_cli_bench_times_gguf_files_in_llama_cpp(tmp_path, monkeypatch, capsys):
     assert set(record["speedup_vs_baseline"][str(paths[1])]) == {"decode", "prefill 16"}
     assert record["models"][str(paths[1])]["tensor_types"].startswith("Q4_0")
     assert "vs" in out
+
+
+def test_cli_frontier_measures_both_quantizers_and_resumes(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.test_export import save
+    from tests.test_loading_and_cli import run_cli
+
+    src = save(tiny_llama(9), tmp_path / "src")
+    out = tmp_path / "frontier"
+    args = ["frontier", src, "--out", out, "--presets", "q4_0", "--secateur-presets", "q4_0",
+            "--roundings", "gptq", "--keep", "q4_0 gptq", "--nsamples", "4", "--seqlen", "32",
+            "--windows", "2", "--eval-seqlen", "32"]
+    code, printed, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    record = json.loads((out / "frontier.json").read_text())
+    assert set(record["points"]) == {"f32", "llama.cpp q4_0", "llama.cpp q4_0 imatrix",
+                                     "secateur q4_0 gptq"}
+    ours = record["points"]["secateur q4_0 gptq"]
+    theirs = record["points"]["llama.cpp q4_0 imatrix"]
+    # the same tensor types, so the same bytes but for a few metadata keys
+    assert abs(ours["mib"] / theirs["mib"] - 1) < 1e-3
+    assert record["protocol"]["wiki"]["windows"] == 2
+    for name in ("frontier.png", "imatrix.gguf", "secateur-q4_0-gptq.gguf"):
+        assert (out / name).is_file(), name
+    assert "beats every llama.cpp point" in printed
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--resume")  # nothing left to measure
+    assert code == 0, err
+    assert json.loads((out / "frontier.json").read_text())["points"] == record["points"]
+    code, _, err = run_cli(monkeypatch, capsys, *args[:-2], "--eval-seqlen", "16", "--resume")
+    assert code == 2 and "other settings" in err
