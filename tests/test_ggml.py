@@ -41,11 +41,11 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(TYPES))
-@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+@pytest.mark.parametrize("rounding", ["rtn", "gptq", "gptq-act-order"])
 def test_blocks_dequantize_exactly_to_the_weights_in_memory(name, rounding):
     w, h = problem()
     deq, state = (rtn_ggml(w, name, torch.diag(h)) if rounding == "rtn"
-                  else gptq_ggml(w, h, name))
+                  else gptq_ggml(w, h, name, act_order=rounding == "gptq-act-order"))
     raw = pack(state)
     t = TYPES[name]
     assert raw.shape == (w.shape[0], w.shape[1] // t.block * t.nbytes)
@@ -61,7 +61,9 @@ def test_gptq_beats_nearest_rounding_on_the_same_grids(name):
     w, h = problem(1)
     rtn_err = output_error(w, rtn_ggml(w, name, torch.diag(h))[0], h)
     gptq_err = output_error(w, gptq_ggml(w, h, name)[0], h)
+    act_err = output_error(w, gptq_ggml(w, h, name, act_order=True)[0], h)
     assert gptq_err < 0.9 * rtn_err
+    assert act_err < gptq_err  # loud columns first, as GPTQ's act-order
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])

@@ -39,6 +39,8 @@ class GGUFConfig(MethodConfig):
     rounding: Literal["gptq", "rtn"] = Field("gptq", description="gptq: error-compensating "
                                              "codes on llama.cpp's grids; rtn: the nearest "
                                              "codes (llama-quantize --imatrix).")
+    act_order: bool = Field(False, description="GPTQ: fix every block's grid first, then "
+                                               "solve columns by decreasing Hessian diagonal.")
     percdamp: float = Field(PERCDAMP, gt=0, lt=1, description="GPTQ dampening: this share of "
                                                               "the mean Hessian diagonal.")
     sequential: bool = Field(True, description="Feed each layer the quantized layers' outputs "
@@ -85,7 +87,7 @@ class GGUFQuantize(LayerwiseMethod):
             before = proj.weight.detach().clone()
             if cfg.rounding == "gptq":
                 new, state = gptq_ggml(before, hessian.sum, ggml_type, cfg.percdamp,
-                                       BLOCKSIZE, name)
+                                       BLOCKSIZE, name, cfg.act_order)
             else:
                 new, state = rtn_ggml(before, ggml_type, torch.diag(hessian.sum), name)
             extra = {"output_error": output_error(before, new, hessian.sum)}
@@ -101,4 +103,5 @@ class GGUFQuantize(LayerwiseMethod):
 
     def summary(self) -> dict[str, Any]:
         return {"preset": self.config.preset, "rounding": self.config.rounding,
+                "act_order": self.config.act_order,
                 "matrices_per_type": dict(sorted(self.counts.items()))}

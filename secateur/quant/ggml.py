@@ -272,10 +272,16 @@ def _stack_fields(fields: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 @torch.no_grad()
 def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
-              percdamp: float = PERCDAMP, blocksize: int = BLOCKSIZE, name: str = "weight"
-              ) -> tuple[torch.Tensor, GGMLState]:
-    """GPTQ onto llama.cpp's block grids, columns in order; each block's grid is chosen with
-    the Hessian diagonal as imatrix when the solve reaches it."""
+              percdamp: float = PERCDAMP, blocksize: int = BLOCKSIZE, name: str = "weight",
+              act_order: bool = False) -> tuple[torch.Tensor, GGMLState]:
+    """GPTQ onto llama.cpp's block grids, with the Hessian diagonal as imatrix.
+
+    In order (default), each block's grid is chosen when the solve reaches it, on the weights
+    as updated so far. With `act_order`, every grid is fixed first on the original weights
+    (the blocks stay contiguous, as the format needs) and columns are solved by decreasing
+    Hessian diagonal (GPTQ's act-order with static groups)."""
+    if act_order:
+        return _gptq_ggml_static(weight, hessian, type_name, percdamp, blocksize, name)
     t = block_type(type_name)
     w = weight.detach().clone().float()
     rows, cols = w.shape
@@ -323,6 +329,55 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
             w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
     state = GGMLState(t.name, codes, torch.cat(s_all, 1), torch.cat(b_all, 1),
                       _stack_fields(fields))
+    return state.dequantize(), state
+
+
+@torch.no_grad()
+def _gptq_ggml_static(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
+                      percdamp: float, blocksize: int, name: str
+                      ) -> tuple[torch.Tensor, GGMLState]:
+    t = block_type(type_name)
+    w = weight.detach().clone().float()
+    rows, cols = w.shape
+    _check_width(t, cols, name)
+    with one_thread():
+        h = hessian.detach().clone().float()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        w[:, dead] = 0
+        imatrix = torch.diag(h).clone()
+        sigma2 = _sigma2(w, t)
+        s_all, b_all, fields = [], [], []
+        for c in range(0, cols, t.block):
+            x = w[:, c:c + t.block]
+            s, b, f = choose_grid(t, x, importance_weights(x, imatrix[c:c + t.block], sigma2))
+            s_all.append(s)
+            b_all.append(b)
+            fields.append(f)
+        s_grid, b_grid = torch.cat(s_all, 1), torch.cat(b_all, 1)
+        perm = torch.argsort(imatrix, descending=True, stable=True)
+        s_col = s_grid.repeat_interleave(t.sub, 1)[:, perm]
+        b_col = b_grid.repeat_interleave(t.sub, 1)[:, perm]
+        w = w[:, perm]
+        hinv = inverse_hessian_factor(h[perm][:, perm], percdamp, "GPTQ")
+        del h
+        codes = torch.zeros(rows, cols, dtype=torch.uint8)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                sj, bj = s_col[:, col], b_col[:, col]
+                q = _codes(w1[:, i], sj, bj, t)
+                codes[:, col] = q.to(torch.uint8)
+                qv = sj * (q - t.zero) + bj
+                torch.div(w1[:, i] - qv, hinv1[i, i], out=err1[:, i])
+                w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
+            w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+        codes = codes[:, torch.argsort(perm)]
+    state = GGMLState(t.name, codes, s_grid, b_grid, _stack_fields(fields))
     return state.dequantize(), state
 
 
