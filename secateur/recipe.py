@@ -45,7 +45,7 @@ from secateur.params import count_parameters
 from secateur.surgery.save import dir_bytes, write_json_atomic
 from secateur.workdir import WORK, WorkDir, check_free
 
-SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask"]
+SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -208,8 +208,13 @@ def _save_checkpoint(folder: Path, loaded: Loaded, result: RecipeResult) -> None
     """The model after step n in `step-00n/` as secateur saves outputs, then recipe.json naming
     it (replaced last, so a kill at any instant leaves the previous step or this one), then
     the previous step's folder goes."""
+    from secateur.quant.ggml import ggml_states
     from secateur.quant.state import is_quantized
 
+    if ggml_states(loaded.model):
+        # llama.cpp's block codes live beside the weights, not in a format this checkpoint
+        # reloads: a resumed run redoes the rounding step rather than lose its codes
+        return
     name = f"step-{len(result.steps):03d}"
     shutil.rmtree(folder / name, ignore_errors=True)  # a kill's leftover, never committed
     if is_quantized(loaded.model):
@@ -312,9 +317,26 @@ def _teacher_loader(recipe: Recipe) -> Any:
 
 
 def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]) -> str:
+    from secateur.quant.ggml import ggml_states
     from secateur.quant.state import is_quantized
 
     fmt = recipe.save_format
+    states = ggml_states(loaded.model)
+    if states:  # a gguf step: llama.cpp's block types, as the step rounded them
+        if fmt not in ("auto", "gguf"):
+            raise SecateurError(f"save_format {fmt} cannot hold llama.cpp's block types: use "
+                                "gguf (or auto)")
+        from secateur.export import export_model
+
+        preset = [s for s in recipe.steps if s.method == "gguf"][-1].preset
+        target.mkdir(parents=True, exist_ok=True)
+        export_model(loaded.model, loaded.tokenizer, "gguf", target / "model.gguf",
+                     overwrite=True, outtype=preset, name=recipe.model, quantized=states,
+                     has_imatrix=True)
+        write_json_atomic(target / "result.json", metadata)
+        return "gguf"
+    if fmt == "gguf":
+        raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
     quantized = is_quantized(loaded.model)
     if fmt == "auto":
         fmt = "compressed-tensors" if quantized else "safetensors"
@@ -413,7 +435,10 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
     fmt = _save(loaded, recipe, out / "model", result.to_dict())
     result.final["format"] = fmt
     result.final["bytes_on_disk"] = dir_bytes(out / "model")
-    if recipe.bench is not None:
+    if recipe.bench is not None and fmt == "gguf":
+        del loaded
+        result.final["bench"] = _bench_gguf(recipe, out / "model" / "model.gguf")
+    elif recipe.bench is not None:
         bits = {getattr(m.secateur_quant, "bits", None) for m in loaded.model.modules()
                 if hasattr(m, "secateur_quant")}
         del loaded  # the bench loads both models afresh, side by side
@@ -421,6 +446,27 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
     write_json_atomic(out / "result.json", result.to_dict())
     work.discard(CHECKPOINT)
     return result
+
+
+def _bench_gguf(recipe: Recipe, saved: Path) -> dict[str, Any]:
+    """A GGUF output against the unquantized model's F16 GGUF, both in llama.cpp."""
+    import tempfile
+
+    from secateur.bench import BenchSpec
+    from secateur.bench.gguf import bench_gguf
+    from secateur.export import export_model
+
+    settings = recipe.bench
+    spec = BenchSpec(prompt_lengths=settings.lengths, decode_tokens=settings.decode_tokens,
+                     repeats=settings.repeats, threads=settings.threads)
+    base = load(recipe.model, dtype=recipe.dtype)
+    with tempfile.TemporaryDirectory(dir=saved.parent) as tmp:
+        f16 = Path(tmp) / "unquantized-f16.gguf"
+        export_model(base.model, base.tokenizer, "gguf", f16, outtype="f16", name=recipe.model)
+        del base
+        out = bench_gguf([str(f16), str(saved)], spec)
+    out["baseline"] = f"{recipe.model} (F16 GGUF)"
+    return out
 
 
 def _bench(recipe: Recipe, saved: Path, bits: set[int | None]) -> dict[str, Any]:

@@ -143,3 +143,30 @@ def test_cli_frontier_measures_both_quantizers_and_resumes(tmp_path, monkeypatch
     assert json.loads((out / "frontier.json").read_text())["points"] == record["points"]
     code, _, err = run_cli(monkeypatch, capsys, *args[:-2], "--eval-seqlen", "16", "--resume")
     assert code == 2 and "other settings" in err
+
+
+def test_recipe_with_a_gguf_step_saves_llama_cpp_blocks_and_benches_them(tmp_path):
+    from secateur.recipe import Recipe, run_recipe
+    from tests.test_export import save
+
+    src = save(tiny_llama(10), tmp_path / "src")
+    recipe = Recipe(model=str(src),
+                    calibration={"source": "c4-sample", "nsamples": 2, "seqlen": 32, "seed": 0},
+                    steps=[{"method": "shortgpt", "layers": 1},
+                           {"method": "gguf", "preset": "q4_0", "act_order": True}],
+                    evaluate={"perplexity": [{"data": "wiki", "seqlen": 32, "max_windows": 2}]},
+                    bench={"lengths": [16], "decode_tokens": 4, "repeats": 1, "threads": 1})
+    result = run_recipe(recipe, tmp_path / "run", progress=False, say=lambda _: None)
+    saved = tmp_path / "run" / "model" / "model.gguf"
+    assert result.final["format"] == "gguf" and saved.is_file()
+    reader = gguf.GGUFReader(saved)
+    assert reader.fields["llama.block_count"].contents() == 3  # one layer cut before rounding
+    assert {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name} == {"Q4_0"}
+    bench = result.final["bench"]
+    assert bench["runtime"].startswith("llama.cpp") and len(bench["models"]) == 2
+    # the file holds what the recipe evaluated: llama.cpp scores it as transformers did
+    from secateur.data.sources import load_text
+    from secateur.eval.gguf import gguf_perplexity
+
+    ours = gguf_perplexity(saved, load_text("wiki", split="test"), 32, 2).perplexity
+    assert abs(ours / result.final["perplexity"][0]["perplexity"] - 1) < 0.02
