@@ -19,6 +19,7 @@ chooses each super-block's grid when the solve reaches it, on the weights as alr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -280,8 +281,6 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
     as updated so far. With `act_order`, every grid is fixed first on the original weights
     (the blocks stay contiguous, as the format needs) and columns are solved by decreasing
     Hessian diagonal (GPTQ's act-order with static groups)."""
-    if act_order:
-        return _gptq_ggml_static(weight, hessian, type_name, percdamp, blocksize, name)
     t = block_type(type_name)
     w = weight.detach().clone().float()
     rows, cols = w.shape
@@ -296,89 +295,62 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
         w[:, dead] = 0
         imatrix = torch.diag(h).clone()
         sigma2 = _sigma2(w, t)
+        grids: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+
+        def choose(x: torch.Tensor, col: int) -> None:
+            grids.append(choose_grid(t, x, importance_weights(
+                x, imatrix[col:col + t.block], sigma2)))
+
+        perm = None
+        if act_order:
+            for c in range(0, cols, t.block):
+                choose(w[:, c:c + t.block], c)
+            perm = torch.argsort(imatrix, descending=True, stable=True)
+            w, h = w[:, perm], h[perm][:, perm]
         hinv = inverse_hessian_factor(h, percdamp, "GPTQ")
         del h
-        codes = torch.zeros(rows, cols, dtype=torch.uint8)
-        s_all, b_all, fields = [], [], []
-        s_col = b_col = None
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            w1 = w[:, i1:i2].clone()
-            err1 = torch.zeros_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if col % t.block == 0:
-                    # the block's weights as updated so far: inside this lazy block from w1,
-                    # a super-block longer than it starts with it (i == 0), so from w
-                    x = w1[:, i:i + t.block] if i + t.block <= i2 - i1 else w[:, col:col + t.block]
-                    s, b, f = choose_grid(t, x, importance_weights(
-                        x, imatrix[col:col + t.block], sigma2))
-                    s_all.append(s)
-                    b_all.append(b)
-                    fields.append(f)
-                    s_col = s.repeat_interleave(t.sub, 1)
-                    b_col = b.repeat_interleave(t.sub, 1)
-                j = col % t.block
-                sj, bj = s_col[:, j], b_col[:, j]
-                q = _codes(w1[:, i], sj, bj, t)
-                codes[:, col] = q.to(torch.uint8)
-                qv = sj * (q - t.zero) + bj
-                torch.div(w1[:, i] - qv, hinv1[i, i], out=err1[:, i])
-                w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
-            w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
-    state = GGMLState(t.name, codes, torch.cat(s_all, 1), torch.cat(b_all, 1),
-                      _stack_fields(fields))
+        codes = _solve_on_grids(w, hinv, t, blocksize, perm, grids, choose)
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+    state = GGMLState(t.name, codes, torch.cat([g[0] for g in grids], 1),
+                      torch.cat([g[1] for g in grids], 1), _stack_fields([g[2] for g in grids]))
     return state.dequantize(), state
 
 
-@torch.no_grad()
-def _gptq_ggml_static(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
-                      percdamp: float, blocksize: int, name: str
-                      ) -> tuple[torch.Tensor, GGMLState]:
-    t = block_type(type_name)
-    w = weight.detach().clone().float()
+def _solve_on_grids(w: torch.Tensor, hinv: torch.Tensor, t: BlockType, blocksize: int,
+                    perm: torch.Tensor | None, grids: list, choose: Any) -> torch.Tensor:
+    """GPTQ's column loop with lazy block updates. `perm` set: every grid is in `grids` and
+    column j of `w` is original column perm[j]; else `choose(x, col)` appends each block's
+    grid when the solve reaches its first column."""
     rows, cols = w.shape
-    _check_width(t, cols, name)
-    with one_thread():
-        h = hessian.detach().clone().float()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1
-        w[:, dead] = 0
-        imatrix = torch.diag(h).clone()
-        sigma2 = _sigma2(w, t)
-        s_all, b_all, fields = [], [], []
-        for c in range(0, cols, t.block):
-            x = w[:, c:c + t.block]
-            s, b, f = choose_grid(t, x, importance_weights(x, imatrix[c:c + t.block], sigma2))
-            s_all.append(s)
-            b_all.append(b)
-            fields.append(f)
-        s_grid, b_grid = torch.cat(s_all, 1), torch.cat(b_all, 1)
-        perm = torch.argsort(imatrix, descending=True, stable=True)
-        s_col = s_grid.repeat_interleave(t.sub, 1)[:, perm]
-        b_col = b_grid.repeat_interleave(t.sub, 1)[:, perm]
-        w = w[:, perm]
-        hinv = inverse_hessian_factor(h[perm][:, perm], percdamp, "GPTQ")
-        del h
-        codes = torch.zeros(rows, cols, dtype=torch.uint8)
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            w1 = w[:, i1:i2].clone()
-            err1 = torch.zeros_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    if perm is not None:
+        s_col = torch.cat([g[0] for g in grids], 1).repeat_interleave(t.sub, 1)[:, perm]
+        b_col = torch.cat([g[1] for g in grids], 1).repeat_interleave(t.sub, 1)[:, perm]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if perm is None and col % t.block == 0:
+                # the block's weights as updated so far: inside this lazy block from w1, a
+                # super-block longer than it starts with it (i == 0), so from w
+                choose(w1[:, i:i + t.block] if i + t.block <= i2 - i1
+                       else w[:, col:col + t.block], col)
+                s_blk = grids[-1][0].repeat_interleave(t.sub, 1)
+                b_blk = grids[-1][1].repeat_interleave(t.sub, 1)
+            if perm is None:
+                sj, bj = s_blk[:, col % t.block], b_blk[:, col % t.block]
+            else:
                 sj, bj = s_col[:, col], b_col[:, col]
-                q = _codes(w1[:, i], sj, bj, t)
-                codes[:, col] = q.to(torch.uint8)
-                qv = sj * (q - t.zero) + bj
-                torch.div(w1[:, i] - qv, hinv1[i, i], out=err1[:, i])
-                w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
-            w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
-        codes = codes[:, torch.argsort(perm)]
-    state = GGMLState(t.name, codes, s_grid, b_grid, _stack_fields(fields))
-    return state.dequantize(), state
+            q = _codes(w1[:, i], sj, bj, t)
+            codes[:, col] = q.to(torch.uint8)
+            torch.div(w1[:, i] - (sj * (q - t.zero) + bj), hinv1[i, i], out=err1[:, i])
+            w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
+        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    return codes
 
 
 # -- packing into ggml's block bytes ------------------------------------------------------
