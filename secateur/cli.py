@@ -333,33 +333,52 @@ def _evaluation(eval_data: str | None, eval_seqlen: int | None, eval_windows: in
 @app.command("recover", cls=RecoverCommand)
 def recover_cmd(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="A pruned model directory (or any model).")],
-    method: Annotated[str | None, typer.Option(help="Recovery method (lora); its flags "
-                                                    "appear with --method NAME --help.")]
+    model: Annotated[str, typer.Argument(help="A pruned model directory (or any model); for "
+                                              "dwq a compressed-tensors quantized folder.")],
+    method: Annotated[str | None, typer.Option(help="Recovery method (lora, or dwq: learn a "
+                                                    "quantized model's scales from its "
+                                                    "teacher); its flags appear with "
+                                                    "--method NAME --help.")]
     = None,
     lora: Annotated[bool, typer.Option("--lora", help="Same as --method lora.")] = False,
+    teacher: Annotated[str | None, typer.Option(help="dwq: the unquantized model (same "
+                                                     "tokenizer).")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation text before and "
                                                                  "after; 'none' skips.")] = "wiki",
     eval_windows: EvalWindows = None,
     eval_seqlen: Annotated[int | None, typer.Option(help="Eval window length.")] = None,
     out: Annotated[Path | None, typer.Option(help="Save the merged model here (default: "
-                                                  "DIR-lora).")] = None,
+                                                  "DIR-lora, DIR-dwq).")] = None,
     overwrite: Overwrite = False,
     json: Json = None,
 ) -> None:
-    """Recover a pruned model's quality by LoRA fine-tuning; saves the merged model."""
+    """Recover a pruned model's quality by LoRA fine-tuning (saves the merged model), or a
+    quantized one's by DWQ (saves it packed again, same format and size)."""
     from secateur.recovery.lora import recover_job
 
     if ctx.meta.get("secateur_method") is None:
-        raise SecateurError("say how to recover: --method lora (or --lora); distillation is "
-                            "`secateur distill`")
+        raise SecateurError("say how to recover: --method lora (or --lora) or --method dwq; "
+                            "distillation is `secateur distill`")
     config = _config_from_flags(ctx)
-    if config.method != "lora":
-        raise SecateurError(f"secateur recover runs lora; for {config.method} use "
+    if config.method not in ("lora", "dwq"):
+        raise SecateurError(f"secateur recover runs lora and dwq; for {config.method} use "
                             f"`secateur {config.method}`")
+    evaluation = _evaluation(eval_data, eval_seqlen, eval_windows)
+    if config.method == "dwq":
+        from secateur.recovery.dwq import dwq_job
+
+        if teacher is None:
+            raise SecateurError("dwq learns from the unquantized model: give it with --teacher")
+        target = out or Path(str(model).rstrip("/") + "-dwq")
+        result = dwq_job(model, teacher, target, config, evaluation, json, overwrite)
+        out_console.print_json(data={k: result[k] for k in result
+                                     if k in ("perplexity_before", "perplexity",
+                                              "teacher_perplexity", "gap_recovered", "out")})
+        return
+    if teacher is not None:
+        raise SecateurError("--teacher is for --method dwq; LoRA trains on the text alone")
     target = out or Path(str(model).rstrip("/") + "-lora")
-    result = recover_job(model, target, config, _evaluation(eval_data, eval_seqlen,
-                                                            eval_windows), json, overwrite)
+    result = recover_job(model, target, config, evaluation, json, overwrite)
     table = Table(title=f"{model}: LoRA recovery")
     for col in ("perplexity before", "perplexity after", "parameters", "saved"):
         table.add_column(col)
@@ -560,8 +579,9 @@ def frontier_cmd(
     = "q8_0,q6_k,q5_k_m,q4_k_m,q4_1,q4_0",
     secateur_presets: Annotated[str, typer.Option(help="secateur's rounding at these presets.")]
     = "q5_k_m,q4_k_m,q4_1,q4_0",
-    roundings: Annotated[str, typer.Option(help="secateur's roundings: rtn, gptq.")]
-    = "rtn,gptq",
+    roundings: Annotated[str, typer.Option(help="secateur's roundings: rtn, gptq, "
+                                                "gptq-act-order.")]
+    = "rtn,gptq,gptq-act-order",
     keep: Annotated[str, typer.Option(help="secateur points whose .gguf stays in --out, "
                                            "e.g. 'q4_k_m gptq' (comma-separated).")] = "",
     calib: Calib = "c4-sample",

@@ -10,7 +10,8 @@ and optionally greedy decode / prefill tokens per second at a stated thread coun
   gathered by secateur on the unquantized model: what `llama-imatrix` computes);
 - secateur's rounding at the same presets, so the same tensor types and bytes: `rtn` (the
   nearest codes on the grids llama-quantize --imatrix chooses: the two should agree) and
-  `gptq` (GPTQ's error-compensating codes on those grids).
+  `gptq` (GPTQ's error-compensating codes on those grids, each grid chosen when the solve
+  reaches it) and `gptq-act-order` (grids fixed first, columns by decreasing importance).
 The model may be any folder secateur wrote (pruned, recovered): the ladder is then llama.cpp's
 quantizer of that model. Results are written after every point to OUT/frontier.json, a rerun
 with `resume` skips the points already there (same settings), and OUT/frontier.png plots
@@ -47,6 +48,9 @@ from secateur.quant.ggml_presets import check_preset
 from secateur.runtime import llama_cpp as runtime
 
 TEXTS = ("wiki", "tiny-stories")
+# a point's rounding -> the gguf step's settings
+ROUNDINGS = {"rtn": {"rounding": "rtn"}, "gptq": {"rounding": "gptq"},
+             "gptq-act-order": {"rounding": "gptq", "act_order": True}}
 
 
 @dataclass
@@ -68,8 +72,8 @@ class FrontierSpec:
         for p in (*self.presets, *self.secateur_presets):
             check_preset(p)
         for r in self.roundings:
-            if r not in ("rtn", "gptq"):
-                raise SecateurError(f"rounding is rtn or gptq, got '{r}'")
+            if r not in ROUNDINGS:
+                raise SecateurError(f"rounding is one of {', '.join(ROUNDINGS)}, got '{r}'")
 
     def settings(self) -> dict[str, Any]:
         out = asdict(self)
@@ -187,8 +191,8 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
                     continue
                 model = _copy(base)
                 t = time.perf_counter()
-                quantize(model, GGUFConfig(preset=preset, rounding=rounding), spec.calibration,
-                         progress=False)
+                quantize(model, GGUFConfig(preset=preset, **ROUNDINGS[rounding]),
+                         spec.calibration, progress=False)
                 seconds = time.perf_counter() - t
                 kept = gguf_name(preset, rounding) in keep
                 path = out / gguf_name(preset, rounding) if kept else Path(tmp) / "ours.gguf"
