@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from secateur.api import CalibrationConfig, prune
@@ -65,23 +64,10 @@ def variants(base: Loaded) -> dict[str, Loaded]:
 
 
 def llama_cpp_nll(path: Path, windows: list[torch.Tensor], threads: int) -> tuple[float, int]:
-    from llama_cpp import Llama
+    from secateur.runtime.llama_cpp import perplexity as llama_cpp_perplexity
 
-    seqlen = windows[0].shape[1]
-    llm = Llama(model_path=str(path), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen,
-                logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
-    total, count = 0.0, 0
-    for w in windows:
-        toks = w[0].tolist()
-        llm.reset()
-        llm.eval(toks)
-        logits = np.asarray(llm.scores[: len(toks) - 1], dtype=np.float64)
-        top = logits.max(-1, keepdims=True)
-        logz = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
-        total += float((logz - logits[np.arange(len(toks) - 1), toks[1:]]).sum())
-        count += len(toks) - 1
-    del llm
-    return total / count, count
+    scored = llama_cpp_perplexity(path, windows, threads)
+    return math.log(scored["perplexity"]), scored["tokens"]
 
 
 def main() -> None:
