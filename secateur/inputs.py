@@ -21,8 +21,9 @@ MAX_YAML_NODES = 100_000  # after aliases are expanded
 # Steps that may follow a quantizing one: they zero weights (zero is on every grid, the zero
 # point being an integer) or remove whole layers, so every kept weight stays on its grid. Any
 # other step (a second quantization, SparseGPT's weight updates, width pruning, training)
-# moves weights off the grid that is saved, and fails only after the earlier steps ran.
-KEEP_GRID = ("blockpruner", "magnitude", "shortgpt", "sleb", "wanda")
+# moves weights off the grid that is saved, and fails only after the earlier steps ran. DWQ
+# trains only the grids themselves, codes frozen, and rebuilds the weights on them.
+KEEP_GRID = ("blockpruner", "dwq", "magnitude", "shortgpt", "sleb", "wanda")
 _CHUNK = 1 << 24  # elements checked at a time: a bool mask of a whole embedding is large
 
 
@@ -109,6 +110,9 @@ def check_step_order(steps: Sequence[Any]) -> None:
             raise ValueError(f"step {i} ({step.method}) cannot follow step {j} ({by}), which "
                              f"quantized the weights: only {', '.join(KEEP_GRID)} keep them on "
                              "their grid; put the quantization after it")
+        if quantized is None and step.method == "dwq":
+            raise ValueError(f"step {i} (dwq) learns the grids of a quantized model: put a "
+                             "quantize step (gptq, rtn, gguf) before it")
         if quantized is None and quantizes(step):
             quantized = (i, step.method)
 

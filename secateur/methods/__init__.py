@@ -33,6 +33,7 @@ from secateur.methods.wanda import WandaConfig
 
 # Recovery steps live beside their training loops; importing them registers them too.
 from secateur.recovery import distill as _distill  # noqa: E402, F401
+from secateur.recovery import dwq as _dwq  # noqa: E402, F401
 from secateur.recovery import lora as _lora  # noqa: E402, F401
 
 __all__ = [

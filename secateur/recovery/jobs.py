@@ -18,12 +18,18 @@ Trainer = Callable[[Loaded, Loaded | None, Path], TrainResult]
 
 def save_like_input(loaded: Loaded, model_dir: str, out: Path, result: dict[str, Any],
                     overwrite: bool) -> None:
-    """A compact (bitmask) input is saved compact again, anything else as safetensors."""
+    """A compact (bitmask) input is saved compact again, a model holding quantization grids
+    (DWQ's) packed again, anything else as safetensors."""
+    from secateur.quant.state import is_quantized
     from secateur.surgery.compact import is_compact, save_compact
     from secateur.surgery.save import save_model
 
     source = Path(model_dir)
-    if source.is_dir() and is_compact(source):
+    if is_quantized(loaded.model):
+        from secateur.quant.pack import save_packed
+
+        save_packed(loaded.model, loaded.tokenizer, out, result, overwrite)
+    elif source.is_dir() and is_compact(source):
         save_compact(loaded.model, loaded.tokenizer, out, result, overwrite)
     else:
         save_model(loaded.model, loaded.tokenizer, out, result, overwrite)
@@ -45,7 +51,8 @@ def checkpoint_dir(out: Path, name: str) -> Path:
 def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluation: Any = None,
                  json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
                  teacher: str | None = None,
-                 check: Callable[[Loaded, Loaded | None], None] | None = None) -> dict[str, Any]:
+                 check: Callable[[Loaded, Loaded | None], None] | None = None,
+                 load_student: Callable[[str], Loaded] | None = None) -> dict[str, Any]:
     """Check outputs, load (and `check`) the model and any teacher, evaluate, train with a
     checkpoint in `out`'s working folder (locked: a second run on `out` fails at once),
     evaluate again, save, write the JSON. With a teacher the result also holds its perplexity
@@ -60,7 +67,7 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
         check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
     with WorkDir(out) as work:
         result = _recover(name, model_dir, work, train, evaluation, overwrite, progress,
-                          teacher, check)
+                          teacher, check, load_student)
     result["out"] = str(out)
     result["bytes_on_disk"] = dir_bytes(out)
     if json_path is not None:
@@ -70,8 +77,10 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
 
 def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluation: Any,
              overwrite: bool, progress: bool, teacher: str | None,
-             check: Callable[[Loaded, Loaded | None], None] | None) -> dict[str, Any]:
-    """`recovery_job` once `out` is checked and locked: everything up to the saved model."""
+             check: Callable[[Loaded, Loaded | None], None] | None,
+             load_student: Callable[[str], Loaded] | None) -> dict[str, Any]:
+    """`recovery_job` once `out` is checked and locked: everything up to the saved model
+    (`load_student`: how the model is read, default `load`)."""
     from secateur.bench.memory import peak_rss_mib
     from secateur.data.sources import load_text
     from secateur.jobs import evaluate_perplexity
@@ -81,7 +90,7 @@ def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluatio
     out = work.out
     evaluate = evaluation is not None and evaluation.data is not None
     eval_text = load_text(evaluation.data, split="test") if evaluate else None
-    student = load(model_dir)
+    student = (load_student or load)(model_dir)
     reference = load(teacher) if teacher else None
     if check is not None:
         check(student, reference)

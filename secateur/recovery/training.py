@@ -34,7 +34,8 @@ from secateur.recovery.data import TokenWindows
 from secateur.recovery.masks import Masks, projection_modules, record_masks
 from secateur.recovery.state_file import load_state, read_meta, save_state
 
-Mode = Literal["full", "lora"]
+# selected: only the parameters the caller left trainable (DWQ's scales and norms)
+Mode = Literal["full", "lora", "selected"]
 
 
 class TrainConfig(MethodConfig):
@@ -128,6 +129,8 @@ def target_modules(loaded: Loaded) -> list[str]:
 
 
 def _wrap(loaded: Loaded, config: TrainConfig, mode: Mode) -> tuple[nn.Module, list[nn.Parameter]]:
+    if mode == "selected":
+        return loaded.model, [p for p in loaded.model.parameters() if p.requires_grad]
     if mode == "full":
         model = loaded.model
         for p in model.parameters():
