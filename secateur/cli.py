@@ -235,7 +235,9 @@ def _print_prune(result: dict) -> None:
     for col in ("", "perplexity", "parameters", "non-zero"):
         table.add_column(col)
     params = result["parameters"]
-    table.add_row("dense", _fmt(result.get("dense_perplexity")),
+    # a cached dense figure is marked, so nobody mistakes it for one measured in this run
+    cached = " (cached)" if result.get("dense_perplexity_source") == "cache" else ""
+    table.add_row(f"dense{cached}", _fmt(result.get("dense_perplexity")),
                   f"{params['dense']['parameters']:,}", f"{params['dense']['nonzero']:,}")
     table.add_row("pruned", _fmt(result.get("perplexity")),
                   f"{params['pruned']['parameters']:,}", f"{params['pruned']['nonzero']:,}")

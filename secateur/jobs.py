@@ -102,11 +102,10 @@ def prune_job(
     timings: dict[str, float] = {}
     if evaluation.data is not None and dense_perplexity is not None:
         result["dense_perplexity"] = dense_perplexity
+        result["dense_perplexity_source"] = "given"
     elif evaluation.data is not None:
-        t = time.perf_counter()
-        dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
-        timings["dense_eval_seconds"] = time.perf_counter() - t
-        result["dense_perplexity"] = dense["perplexity"]
+        result.update(_dense_perplexity(loaded, model_name, evaluation, eval_text, dtype,
+                                        progress, timings))
     # in --out's working folder, where a rerun with --resume finds it; kept until the output
     # is saved (replacing --out removes it)
     checkpoint = None if work is None else work.folder("layers")
@@ -165,6 +164,25 @@ def prune_job(
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
     return result
+
+
+def _dense_perplexity(loaded, model_name: str, evaluation: EvalSpec, eval_text: TextSource,
+                      dtype: str, progress: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """The dense figure from the perplexity cache (`secateur.eval.cache`), else evaluated and
+    stored there; says which, and the cache file."""
+    from secateur.eval import cache
+
+    key = cache.key_for(model_name, eval_text, evaluation, dtype)
+    hit = cache.read(key) if key is not None else None
+    if hit is not None:
+        return {"dense_perplexity": hit[0]["perplexity"], "dense_perplexity_source": "cache",
+                "dense_perplexity_cache": str(hit[1])}
+    t = time.perf_counter()
+    dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
+    timings["dense_eval_seconds"] = time.perf_counter() - t
+    stored = cache.write(key, dense) if key is not None else None
+    return {"dense_perplexity": dense["perplexity"], "dense_perplexity_source": "computed",
+            "dense_perplexity_cache": None if stored is None else str(stored)}
 
 
 def _say_layers_discarded(work: WorkDir, resume: bool, overwrite: bool) -> None:

@@ -19,6 +19,14 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _perplexity_cache(tmp_path, monkeypatch):
+    """Each test its own empty dense-perplexity cache: none writes into the user's, and no
+    test's figure leaks into another. Only this cache moves: the built-in models' dequantized
+    copies (SECATEUR_CACHE) stay shared, as rebuilding them per test would take minutes."""
+    monkeypatch.setenv("SECATEUR_PERPLEXITY_CACHE", str(tmp_path / "perplexity-cache"))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled real model, loaded once per session; tests that change it take a copy."""
