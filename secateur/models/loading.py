@@ -20,6 +20,7 @@ from secateur.errors import SecateurError
 from secateur.inputs import check_finite, check_loading_info
 from secateur.io import atomic_dir, clean_stale_partials, write_atomic
 from secateur.models.base import ModelAdapter, adapter_for, supported_model_types
+from secateur.models.load_report import describe_mismatch, mismatched_shapes
 from secateur.offline import cache_dir, package_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -245,6 +246,16 @@ def _check_supported(config) -> None:
         )
 
 
+def _dequantizing(config):
+    """`config` with its compressed-tensors quantization_config set to dequantize at load."""
+    qc = config.quantization_config
+    if isinstance(qc, dict):
+        config.quantization_config = {**qc, "dequantize": True}
+    else:
+        qc.dequantize = True
+    return config
+
+
 def load(
     name_or_path: str | Path,
     dtype: str = "float32",
@@ -303,7 +314,15 @@ def load(
         check_model_weights(path, name)
     # transformers logs a long warning for GGUF dequantization on every load; we know.
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    from secateur.quant.unpack import ct_quantization_config, read_quantized, reads_integer_grids
     from secateur.surgery.compact import is_compact, load_compact
+
+    # compressed-tensors folders (llm-compressor's and ours) come back as plain dense models,
+    # the way every command takes them (a prune or LoRA moves weights off the grids, so none
+    # is kept; `load_quantized` keeps them): our reader for integer grids, which transformers
+    # refuses when zero points are packed, else transformers' dequantize-at-load. Activations
+    # of W8A8 run unquantized here; runtime="int8" runs them as vLLM does.
+    quantized = ct_quantization_config(path) if gguf_file is None and path.is_dir() else None
 
     # Local files passed the checks above; whatever else breaks in the loaders is damage the
     # checks cannot see (a corrupt tensor, an unreadable tokenizer): one line, not a traceback.
@@ -315,15 +334,21 @@ def load(
             model = load_packed(path, runtime, dtype, head)
         elif path.is_dir() and is_compact(path):
             model = load_compact(path, DTYPES[dtype], trust_remote_code)
+        elif quantized is not None and reads_integer_grids(quantized):
+            model = read_quantized(path, dtype, grids=False)
         else:
+            extra = {"config": _dequantizing(config)} if quantized is not None else {}
             model, info = AutoModelForCausalLM.from_pretrained(
                 source, gguf_file=gguf_file, dtype=DTYPES[dtype],
-                trust_remote_code=trust_remote_code, output_loading_info=True)
+                trust_remote_code=trust_remote_code, output_loading_info=True, **extra)
             if gguf_file is None:  # transformers only logs these, and we mute its log
                 check_loading_info(info, shown)
     except (SecateurError, MemoryError):
         raise
     except Exception as err:
+        mismatched = mismatched_shapes(err)
+        if mismatched:
+            raise SecateurError(describe_mismatch(shown, mismatched)) from err
         raise SecateurError(f"cannot load the weights of '{shown}' ({_first_line(err)}): the "
                             f"{where} are damaged or incomplete; re-save or re-download the "
                             "model") from err

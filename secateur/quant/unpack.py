@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.quant.pack import WEIGHTS, compressed_tensors, read_quantization_config
+from secateur.quant.pack import (
+    INT_QUANTIZED,
+    PACK_QUANTIZED,
+    WEIGHTS,
+    compressed_tensors,
+    read_quantization_config,
+)
 from secateur.quant.state import QuantState, set_quant_state
 from secateur.runtime.int8 import INT8_TOKEN, mark_w8a8
 
@@ -34,6 +40,42 @@ def weight_files(path: Path) -> list[Path]:
     if (path / WEIGHTS).is_file():
         return [path / WEIGHTS]
     raise SecateurError(f"'{path}' has no {WEIGHTS}: give the directory save_packed wrote")
+
+
+def ct_quantization_config(path: Path) -> dict | None:
+    """The compressed-tensors `quantization_config` of a model folder's config.json, or None
+    (no such key, another quantizer's, or an unreadable file, which `load` reports itself)."""
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    qc = data.get("quantization_config") if isinstance(data, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        return qc
+    return None
+
+
+def _dynamic_int8_tokens(inputs: dict | None) -> bool:
+    return not inputs or (inputs.get("type", "int") == "int" and int(inputs["num_bits"]) == 8
+                          and inputs.get("strategy") == "token" and bool(inputs.get("dynamic"))
+                          and inputs.get("symmetric", True))
+
+
+def reads_integer_grids(qc: dict) -> bool:
+    """Whether `load_quantized` reads every group of `qc`: integer weights stored
+    pack-quantized or int-quantized (llm-compressor's W4A16/W8A16, symmetric or not, by group
+    or channel, and W8A8 with dynamic per-token activations), nothing on the outputs."""
+    groups = qc.get("config_groups") or {}
+    formats = (PACK_QUANTIZED, INT_QUANTIZED)
+    try:
+        return bool(groups) and all(
+            (g.get("format") or qc.get("format")) in formats and g.get("weights")
+            and g["weights"].get("type", "int") == "int"
+            and _dynamic_int8_tokens(g.get("input_activations"))
+            and not g.get("output_activations")
+            for g in groups.values())
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False  # malformed: the transformers route reports it
 
 
 def _matches(name: str, target: str) -> bool:
@@ -121,15 +163,15 @@ def _read_all(path: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_quantized(path: str | Path, dtype: str = "float32") -> Any:
-    """A `save_packed` folder as a `Loaded` model whose quantized linears are dense weights on
-    their grids with their `QuantState` (and W8A8 mark) restored, ready for further steps or to
-    be packed again."""
+def read_quantized(path: str | Path, dtype: str = "float32", grids: bool = True) -> nn.Module:
+    """The model of a compressed-tensors folder, its quantized linears dense weights on their
+    grids with (`grids`) their `QuantState` and W8A8 mark restored, or (not `grids`) as a plain
+    dense model. This reads what transformers' default load refuses: compressed-tensors 0.20
+    stores asymmetric pack-quantized zero points packed, while transformers prepares the
+    empty model for them unpacked."""
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoTokenizer, GenerationConfig
 
-    from secateur.models.base import adapter_for
-    from secateur.models.loading import DTYPES, Loaded
+    from secateur.models.loading import DTYPES
     from secateur.surgery import registry  # noqa: F401 (secateur's per-layer-width classes)
 
     path = Path(path)
@@ -149,9 +191,10 @@ def load_quantized(path: str | Path, dtype: str = "float32") -> Any:
             weight = state.dequantize(codes).to(torch_dtype)
             set_module_tensor_to_device(model, f"{prefix}.weight", "cpu", value=weight)
             module = model.get_submodule(prefix)
-            set_quant_state(module, state)
-            if act == INT8_TOKEN:
-                mark_w8a8(module)
+            if grids:
+                set_quant_state(module, state)
+                if act == INT8_TOKEN:
+                    mark_w8a8(module)
             used |= {k for k in keys if k.rsplit(".", 1)[0] == prefix} - {f"{prefix}.bias"}
         for key in sorted(keys - used):
             tensor = tensors.pop(key)
@@ -168,7 +211,22 @@ def load_quantized(path: str | Path, dtype: str = "float32") -> Any:
         raise SecateurError(f"'{path}' lacks {len(missing)} tensors (e.g. {missing[0]}): the "
                             "checkpoint is incomplete")
     if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
         model.generation_config = GenerationConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
+    return model
+
+
+def load_quantized(path: str | Path, dtype: str = "float32") -> Any:
+    """A `save_packed` folder as a `Loaded` model whose quantized linears are dense weights on
+    their grids with their `QuantState` (and W8A8 mark) restored, ready for further steps or to
+    be packed again."""
+    from transformers import AutoTokenizer
+
+    from secateur.models.base import adapter_for
+    from secateur.models.loading import Loaded
+
+    model = read_quantized(path, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     return Loaded(model, tokenizer, adapter_for(model), str(path), str(path))
