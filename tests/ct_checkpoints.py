@@ -11,10 +11,10 @@ import torch
 from tests.tiny_models import byte_tokenizer, tiny_model
 
 
-def _scheme(bits: int, symmetric: bool, group: int | None, activations: bool):
+def _scheme(bits: int, symmetric: bool, group: int | None, activations: bool, kind: str):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+    weights = QuantizationArgs(num_bits=bits, type=kind, symmetric=symmetric,
                                strategy="group" if group else "channel", group_size=group)
     inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token",
                               dynamic=True) if activations else None
@@ -41,7 +41,7 @@ def _calibrate(model: torch.nn.Module) -> None:
 
 
 def write_ct_checkpoint(out: Path, bits: int = 4, symmetric: bool = False,
-                        group: int | None = 64, activations: bool = False,
+                        group: int | None = 64, activations: bool = False, kind: str = "int",
                         family: str = "llama", seed: int = 0, model=None,
                         tokenizer=None) -> Path:
     """A tiny model (or `model`) quantized and saved by compressed-tensors' own API, lm_head
@@ -55,7 +55,7 @@ def write_ct_checkpoint(out: Path, bits: int = 4, symmetric: bool = False,
 
     model = tiny_model(family, seed) if model is None else model
     config = QuantizationConfig(
-        config_groups={"group_0": _scheme(bits, symmetric, group, activations)},
+        config_groups={"group_0": _scheme(bits, symmetric, group, activations, kind)},
         ignore=["lm_head"], quantization_status=QuantizationStatus.INITIALIZED)
     apply_quantization_config(model, config)
     _calibrate(model)

@@ -21,6 +21,8 @@ SCHEMES = {
     "w8-sym-channel": dict(bits=8, symmetric=True, group=None),
     "w8-asym-g64": dict(bits=8, symmetric=False, group=64),
     "w8a8": dict(bits=8, symmetric=True, group=None, activations=True),
+    # not read by secateur's reader: transformers dequantizes it at load
+    "fp8-channel": dict(bits=8, symmetric=True, group=None, kind="float"),
 }
 
 
