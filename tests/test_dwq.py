@@ -214,3 +214,30 @@ def test_recipe_refuses_dwq_without_a_quantize_step_before_it(tiny_dir):
 
     with pytest.raises(ConfigError, match="put a quantize step"):
         Recipe(model=str(tiny_dir("llama")), steps=[{"method": "dwq", "steps": 3}])
+
+
+def test_recipe_gguf_then_dwq_saves_learnt_blocks_of_the_same_types_and_size(tmp_path, text):
+    from secateur.recipe import Recipe, run_recipe
+    from tests.test_export import save
+
+    src = save(teacher_model(), tmp_path / "src")
+    files = {}
+    for name, extra in (("plain", []), ("dwq", [{"method": "dwq", "data": text, "steps": 3,
+                                                "seqlen": 32, "lr": 0.01,
+                                                "warmup_steps": 0}])):
+        recipe = Recipe(model=str(src),
+                        calibration={"source": "c4-sample", "nsamples": 2, "seqlen": 32,
+                                     "seed": 0},
+                        steps=[{"method": "gguf", "preset": "q4_0"}, *extra],
+                        evaluate={"perplexity": [{"data": "wiki", "seqlen": 32,
+                                                  "max_windows": 2}]})
+        run_recipe(recipe, tmp_path / name, progress=False, say=lambda _: None)
+        files[name] = tmp_path / name / "model" / "model.gguf"
+    plain, learnt = (gguf.GGUFReader(files[n]) for n in ("plain", "dwq"))
+    assert files["plain"].stat().st_size == files["dwq"].stat().st_size
+    assert ([(t.name, t.tensor_type) for t in plain.tensors]
+            == [(t.name, t.tensor_type) for t in learnt.tensors])
+    q = {t.name: t for t in plain.tensors}
+    changed = [t.name for t in learnt.tensors if t.name.endswith("attn_q.weight")
+               and not np.array_equal(t.data, q[t.name].data)]
+    assert changed  # the learnt scales are in the file
