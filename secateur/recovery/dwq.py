@@ -39,7 +39,6 @@ from secateur.quant.ggml import TYPES, GGMLState, ggml_state, set_ggml_state
 from secateur.quant.state import QuantState, quant_state, set_quant_state
 from secateur.recovery import jobs
 from secateur.recovery.data import pack
-from secateur.recovery.distill import Distillation
 from secateur.recovery.kd_loss import Divergence
 from secateur.recovery.training import TrainConfig, TrainResult, train
 
@@ -256,6 +255,9 @@ def dwq(student: Loaded, teacher: Loaded, config: DWQConfig, checkpoint: Path | 
         ) -> TrainResult:
     """Learn `student`'s grids in place against `teacher`; its codes stay exactly as they were,
     its weights equal what its quantized format stores."""
+    # here, not at the top: importing distill first registers the methods, which import this
+    from secateur.recovery.distill import Distillation
+
     if not isinstance(config, DWQConfig):
         raise SecateurError(f"expected a DWQConfig, got {type(config).__name__}")
     check_models(student, teacher)
