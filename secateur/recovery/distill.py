@@ -36,9 +36,8 @@ from secateur.params import count_parameters
 from secateur.recovery import jobs
 from secateur.recovery.data import TokenWindows, pack
 from secateur.recovery.generation import complete
-from secateur.recovery.kd_loss import Divergence, TeacherTargets, kd_loss, teacher_targets
+from secateur.recovery.kd_loss import Divergence, TeacherTargets, kd_loss, lm_loss, teacher_targets
 from secateur.recovery.layer_map import layer_map
-from secateur.recovery.lora import lm_loss
 from secateur.recovery.teacher_cache import TeacherCache
 from secateur.recovery.training import (
     TrainConfig,

@@ -91,3 +91,9 @@ def kd_loss(student_logits: torch.Tensor, teacher: TeacherTargets, kind: Diverge
     (Hinton et al.); `student_logits` and the targets cover the same positions."""
     logq = student_logp(student_logits, temperature, teacher.index)
     return divergence(teacher.logp, logq, kind).mean() * temperature**2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy of positions start .. seqlen - 2."""
+    logits = logits[:, start:-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start + 1:].reshape(-1))

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from secateur.config import StepKind
@@ -24,6 +23,7 @@ from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
 from secateur.recovery import jobs
 from secateur.recovery.data import TokenWindows, pack
+from secateur.recovery.kd_loss import lm_loss
 from secateur.recovery.training import TrainConfig, TrainResult, train
 from secateur.recovery.training import target_modules as target_modules  # re-exported
 
@@ -36,12 +36,6 @@ class LoRAConfig(TrainConfig):
     kind: ClassVar[StepKind] = "recover"
 
 
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy of positions start .. seqlen - 2."""
-    logits = logits[:, start:-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start + 1:].reshape(-1))
 
 
 class LanguageModeling:
