@@ -582,7 +582,7 @@ def frontier_cmd(
     secateur_presets: Annotated[str, typer.Option(help="secateur's rounding at these presets.")]
     = "q5_k_m,q4_k_m,q4_1,q4_0",
     roundings: Annotated[str, typer.Option(help="secateur's roundings: rtn, gptq, "
-                                                "gptq-act-order.")]
+                                                "gptq-act-order, each optionally +dwq.")]
     = "rtn,gptq,gptq-act-order",
     keep: Annotated[str, typer.Option(help="secateur points whose .gguf stays in --out, "
                                            "e.g. 'q4_k_m gptq' (comma-separated).")] = "",
@@ -594,6 +594,8 @@ def frontier_cmd(
     threads: Annotated[int, typer.Option(help="llama.cpp threads.")] = 1,
     speed: Annotated[bool, typer.Option(help="Also time decode and prefill (on a quiet "
                                              "machine).")] = False,
+    dwq_steps: Annotated[int, typer.Option(help="DWQ steps (256 tokens each) of the +dwq "
+                                                "roundings.")] = 200,
     resume: Annotated[bool, typer.Option(help="Add to --out's frontier.json, skipping the "
                                               "points it has.")] = False,
 ) -> None:
@@ -604,7 +606,7 @@ def frontier_cmd(
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     spec = FrontierSpec(split(presets), split(secateur_presets), split(roundings),
                         CalibrationConfig(calib, nsamples, seqlen, 0), windows, eval_seqlen,
-                        threads, speed, keep=split(keep))
+                        threads, speed, keep=split(keep), dwq_steps=dwq_steps)
     result = frontier(model, spec, out, resume, say=lambda m: console.print(m, highlight=False))
     table = Table(title=f"{model} in llama.cpp ({result['runtime']})")
     for col in ("point", "MiB", "wiki ppl", "tiny-stories ppl", "decode tok/s"):

@@ -11,7 +11,9 @@ and optionally greedy decode / prefill tokens per second at a stated thread coun
 - secateur's rounding at the same presets, so the same tensor types and bytes: `rtn` (the
   nearest codes on the grids llama-quantize --imatrix chooses: the two should agree) and
   `gptq` (GPTQ's error-compensating codes on those grids, each grid chosen when the solve
-  reaches it) and `gptq-act-order` (grids fixed first, columns by decreasing importance).
+  reaches it) and `gptq-act-order` (grids fixed first, columns by decreasing importance);
+  any of them followed by `+dwq`: DWQ then learns the blocks' scales (fp16 d, m, dmin; codes
+  frozen) by distillation from the unquantized model on the calibration text.
 The model may be any folder secateur wrote (pruned, recovered): the ladder is then llama.cpp's
 quantizer of that model. Results are written after every point to OUT/frontier.json, a rerun
 with `resume` skips the points already there (same settings), and OUT/frontier.png plots
@@ -51,6 +53,8 @@ TEXTS = ("wiki", "tiny-stories")
 # a point's rounding -> the gguf step's settings
 ROUNDINGS = {"rtn": {"rounding": "rtn"}, "gptq": {"rounding": "gptq"},
              "gptq-act-order": {"rounding": "gptq", "act_order": True}}
+# ROUNDING+dwq: then DWQ learns the blocks' scales from the unquantized model, codes frozen
+DWQ_SUFFIX = "+dwq"
 
 
 @dataclass
@@ -67,12 +71,13 @@ class FrontierSpec:
     new_tokens: int = 64
     rounds: int = 5
     keep: tuple[str, ...] = ()  # secateur points whose .gguf stays in OUT, e.g. "q4_k_m gptq"
+    dwq_steps: int = 200  # DWQ steps of 256 tokens of the calibration text, lr 1e-3
 
     def check(self) -> None:
         for p in (*self.presets, *self.secateur_presets):
             check_preset(p)
         for r in self.roundings:
-            if r not in ROUNDINGS:
+            if r.removesuffix(DWQ_SUFFIX) not in ROUNDINGS:
                 raise SecateurError(f"rounding is one of {', '.join(ROUNDINGS)}, got '{r}'")
 
     def settings(self) -> dict[str, Any]:
@@ -191,8 +196,17 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
                     continue
                 model = _copy(base)
                 t = time.perf_counter()
-                quantize(model, GGUFConfig(preset=preset, **ROUNDINGS[rounding]),
+                quantize(model, GGUFConfig(preset=preset,
+                                           **ROUNDINGS[rounding.removesuffix(DWQ_SUFFIX)]),
                          spec.calibration, progress=False)
+                if rounding.endswith(DWQ_SUFFIX):
+                    from secateur.recovery.dwq import DWQConfig, dwq
+
+                    dwq(model, base, DWQConfig(data=spec.calibration.source,
+                                               steps=spec.dwq_steps, lr=1e-3,
+                                               seqlen=min(256, spec.calibration.seqlen),
+                                               batch_size=1, seed=spec.calibration.seed),
+                        progress=False)
                 seconds = time.perf_counter() - t
                 kept = gguf_name(preset, rounding) in keep
                 path = out / gguf_name(preset, rounding) if kept else Path(tmp) / "ours.gguf"

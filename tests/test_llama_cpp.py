@@ -170,3 +170,23 @@ def test_recipe_with_a_gguf_step_saves_llama_cpp_blocks_and_benches_them(tmp_pat
 
     ours = gguf_perplexity(saved, load_text("wiki", split="test"), 32, 2).perplexity
     assert abs(ours / result.final["perplexity"][0]["perplexity"] - 1) < 0.02
+
+
+def test_frontier_dwq_point_keeps_the_bytes_and_lowers_the_divergence(tmp_path, monkeypatch,
+                                                                      capsys):
+    import json
+
+    from tests.test_export import save
+    from tests.test_loading_and_cli import run_cli
+
+    src = save(tiny_llama(11), tmp_path / "src")
+    out = tmp_path / "f"
+    code, _, err = run_cli(monkeypatch, capsys, "frontier", src, "--out", out, "--presets",
+                           "q4_0", "--secateur-presets", "q4_0", "--roundings", "rtn,rtn+dwq",
+                           "--nsamples", "4", "--seqlen", "32", "--windows", "2",
+                           "--eval-seqlen", "32", "--dwq-steps", "6")
+    assert code == 0, err
+    pts = json.loads((out / "frontier.json").read_text())["points"]
+    plain, learnt = pts["secateur q4_0 rtn"], pts["secateur q4_0 rtn+dwq"]
+    assert learnt["mib"] == plain["mib"]  # same types, same codes: same bytes
+    assert learnt["wiki"] != plain["wiki"]  # the scales moved
