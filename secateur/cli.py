@@ -470,7 +470,11 @@ def _print_recipe(result: dict) -> None:
     out_console.print(table)
     out_console.print(f"saved {final['format']} to {result['out']} "
                       f"({final['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
-    if final.get("bench"):
+    if final.get("bench") and str(final["bench"].get("runtime", "")).startswith("llama.cpp"):
+        from secateur.report.tables import print_gguf_bench
+
+        print_gguf_bench(out_console, final["bench"])  # GGUF output vs the F16 GGUF
+    elif final.get("bench"):
         _print_side_by_side(ppl(dense), ppl(final), final["bench"])
 
 

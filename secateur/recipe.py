@@ -465,7 +465,7 @@ def _bench_gguf(recipe: Recipe, saved: Path) -> dict[str, Any]:
         export_model(base.model, base.tokenizer, "gguf", f16, outtype="f16", name=recipe.model)
         del base
         out = bench_gguf([str(f16), str(saved)], spec)
-    out["baseline"] = f"{recipe.model} (F16 GGUF)"
+    out["baseline_is"] = f"{recipe.model}, unquantized, as an F16 GGUF"
     return out
 
 

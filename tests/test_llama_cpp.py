@@ -164,6 +164,10 @@ def test_recipe_with_a_gguf_step_saves_llama_cpp_blocks_and_benches_them(tmp_pat
     assert {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name} == {"Q4_0"}
     bench = result.final["bench"]
     assert bench["runtime"].startswith("llama.cpp") and len(bench["models"]) == 2
+    assert bench["baseline"] in bench["models"]
+    from secateur.cli import _print_recipe  # what `secateur run` prints, GGUF bench included
+
+    _print_recipe({**result.to_dict(), "out": str(tmp_path / "run")})
     # the file holds what the recipe evaluated: llama.cpp scores it as transformers did
     from secateur.data.sources import load_text
     from secateur.eval.gguf import gguf_perplexity
