@@ -18,7 +18,7 @@ The model may be any folder secateur wrote (pruned, recovered): the ladder is th
 quantizer of that model. Results are written after every point to OUT/frontier.json, a rerun
 with `resume` skips the points already there (same settings), and OUT/frontier.png plots
 perplexity against MiB (and against decode speed when measured), marking the secateur points
-that beat every llama.cpp point of no fewer bytes.
+that beat every llama.cpp point of no more bytes.
 """
 
 from __future__ import annotations
@@ -227,15 +227,15 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
 
 
 def winners(result: dict[str, Any], text: str = "wiki") -> list[str]:
-    """secateur points with lower perplexity than every llama.cpp point of no fewer bytes
-    (2% slack on bytes, as the issue's test allows)."""
+    """secateur points with lower perplexity than every llama.cpp point of no more bytes
+    (llama.cpp given 2% slack on bytes, as the issue's test allows): beyond its ladder."""
     pts = result["points"]
     theirs = [p for n, p in pts.items() if n.startswith("llama.cpp")]
     out = []
     for name, p in pts.items():
         if not name.startswith("secateur"):
             continue
-        rivals = [q for q in theirs if q["mib"] * 1.02 >= p["mib"]]
+        rivals = [q for q in theirs if q["mib"] <= p["mib"] * 1.02]
         if rivals and all(p[text] < q[text] for q in rivals):
             out.append(name)
     return out
@@ -267,8 +267,8 @@ def plot_frontier(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("wiki perplexity (llama.cpp)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_title(f"{result['model']}: secateur (red; * beats every llama.cpp point of "
-                         "no fewer bytes) vs llama.cpp (blue; square: imatrix)", fontsize=9)
+    axes[0][0].set_title(f"{result['model']}: secateur (red; * beats every llama.cpp point of\n"
+                         "no more bytes) vs llama.cpp (blue; square: imatrix)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
