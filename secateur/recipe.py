@@ -334,6 +334,7 @@ def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]
                      overwrite=True, outtype=preset, name=recipe.model, quantized=states,
                      has_imatrix=True)
         write_json_atomic(target / "result.json", metadata)
+        mark_output(target)  # a later --overwrite may replace what is in it
         return "gguf"
     if fmt == "gguf":
         raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
@@ -460,7 +461,9 @@ def _bench_gguf(recipe: Recipe, saved: Path) -> dict[str, Any]:
     spec = BenchSpec(prompt_lengths=settings.lengths, decode_tokens=settings.decode_tokens,
                      repeats=settings.repeats, threads=settings.threads)
     base = load(recipe.model, dtype=recipe.dtype)
-    with tempfile.TemporaryDirectory(dir=saved.parent) as tmp:
+    work = saved.parent.parent / WORK  # the run's working folder: never a user's file
+    work.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
         f16 = Path(tmp) / "unquantized-f16.gguf"
         export_model(base.model, base.tokenizer, "gguf", f16, outtype="f16", name=recipe.model)
         del base

@@ -168,6 +168,10 @@ def test_recipe_with_a_gguf_step_saves_llama_cpp_blocks_and_benches_them(tmp_pat
     from secateur.cli import _print_recipe  # what `secateur run` prints, GGUF bench included
 
     _print_recipe({**result.to_dict(), "out": str(tmp_path / "run")})
+    # the README's main-job command again: --overwrite replaces the run it wrote
+    again = run_recipe(recipe, tmp_path / "run", overwrite=True, progress=False,
+                       say=lambda _: None)
+    assert again.final["format"] == "gguf" and saved.is_file()
     # the file holds what the recipe evaluated: llama.cpp scores it as transformers did
     from secateur.data.sources import load_text
     from secateur.eval.gguf import gguf_perplexity
