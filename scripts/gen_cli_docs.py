@@ -21,19 +21,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from secateur.cli_flags import _unwrap  # the CLI reads `X | None` fields the same way
+
 OUT = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
 def _cell(text: Any) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        return (inner[0] if len(inner) == 1 else annotation), True
-    return annotation, False
 
 
 def _type_name(annotation: Any, flags: bool = True) -> str:
