@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secateur import distributed
 from secateur.api import CalibrationConfig, count_parameters, peak_rss_mib, run_step
 from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
@@ -65,8 +66,13 @@ def prune_job(
 ) -> dict[str, Any]:
     """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict.
 
-    A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval."""
+    A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval.
+    Under torchrun only rank 0 evaluates, shows progress and writes; the others compute."""
     build_method(config)  # not a method config: fail before the model loads
+    if not distributed.is_main():
+        out = json_path = None
+        evaluation = EvalSpec(None)
+        progress = False
     if out is not None:  # a second run on this --out fails here, naming the first one's pid
         check_free(Path(out))
     gguf_preset = getattr(config, "preset", None) if config.method == "gguf" else None
@@ -127,6 +133,7 @@ def prune_job(
         "timings": timings,
         "peak_rss_mib": peak_rss_mib(),
         "calibration": run.calibration,
+        "distributed": distributed.record(),
         "options": run.config,
         "summary": run.summary,
         "layers": run.layers,

@@ -10,6 +10,7 @@ keeps only the current layer's weights in memory (`secateur.models.streaming`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateur import distributed
 from secateur.engine.capture import (
     CapturedInputs,
     LayerCall,
@@ -25,6 +27,7 @@ from secateur.engine.capture import (
     full_precision,
 )
 from secateur.engine.checkpoint import LayerCheckpoint, fingerprint
+from secateur.errors import SecateurError
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.base import ModelAdapter, Projection
 from secateur.models.streaming import StreamedWeights
@@ -100,6 +103,8 @@ def run_with_stats(
     finally:
         for h in handles:
             h.remove()
+    # under torch.distributed: every rank's windows counted before anything is decided
+    distributed.reduce_statistics(s for per in stats.values() for s in per.values())
     return result, stats
 
 
@@ -143,16 +148,17 @@ def apply_in_groups(method: LayerwiseMethod, index: int, layer: nn.Module,
         sub = {name: projections[name] for name in group}
         _, stats = run_with_stats(layer, sub, method.needs, inputs, call,
                                   share=method.shares_statistics, outputs=False)
-        part = method.apply(index, sub, stats)
+        part = distributed.solve_layer(method, index, layer, sub, stats)
         report.matrices.update(part.matrices)
         report.target = part.target if part.target is not None else report.target
     return report
 
 
 def relative_error(pruned: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
-    num = sum(((p - d).double() ** 2).sum() for p, d in zip(pruned, dense, strict=True))
-    den = sum((d.double() ** 2).sum() for d in dense)
-    return float((num / den).sqrt()) if den > 0 else 0.0
+    num = sum(float(((p - d).double() ** 2).sum()) for p, d in zip(pruned, dense, strict=True))
+    den = sum(float((d.double() ** 2).sum()) for d in dense)
+    num, den = distributed.sum_scalars(num, den)  # each rank saw its own windows
+    return math.sqrt(num / den) if den > 0 else 0.0
 
 
 def _to(inputs: list[torch.Tensor], device: torch.device | None) -> list[torch.Tensor]:
@@ -200,12 +206,14 @@ def walk_layers(
     if captured is None:
         if stream is not None:
             stream.load_rest()
-        captured = capture_layer_inputs(model, adapter, calibration)
+        # under torch.distributed each rank propagates its own share of the windows
+        captured = capture_layer_inputs(model, adapter, distributed.shard(calibration))
         if stream is not None:  # only decoder layers run from here on
             stream.unload_rest()
     hidden = _to(captured.hidden if hidden is None else hidden, device)
     layers = adapter.layers
-    bar = tqdm(range(start, len(layers)), desc=desc, disable=not progress, initial=start,
+    show = progress and distributed.is_main()  # one bar, not one per rank
+    bar = tqdm(range(start, len(layers)), desc=desc, disable=not show, initial=start,
                total=len(layers))
     for index in bar:
         layer = layers[index]
@@ -264,6 +272,12 @@ def prune_layerwise(
     """
     if sequential is None:
         sequential = getattr(method, "sequential", True)
+    if distributed.world() > 1:
+        if stream is not None:
+            raise SecateurError("--stream writes layers as it goes from one process; run it "
+                                "without torchrun")
+        # a checkpoint would hold only rank 0's share of the hidden states: no resume
+        checkpoint = None
     ckpt: LayerCheckpoint | None = None
     resumed = None
     if checkpoint is not None:
@@ -292,7 +306,8 @@ def prune_layerwise(
     def visit(index, layer, inputs, call):
         projections = adapter.linears(layer)
         if not runs_layers:
-            reports.append(method.apply(index, projections, {n: {} for n in projections}))
+            reports.append(distributed.solve_layer(method, index, layer, projections,
+                                       {n: {} for n in projections}))
             return inputs
         # The dense outputs feed the next layer (non-sequential) or the error report.
         dense_needed = report_error or not sequential
@@ -302,7 +317,7 @@ def prune_layerwise(
         else:
             dense, stats = run_with_stats(layer, projections, method.needs, inputs, call,
                                           share=method.shares_statistics, outputs=dense_needed)
-            report = method.apply(index, projections, stats)
+            report = distributed.solve_layer(method, index, layer, projections, stats)
             del stats
         pruned = None
         if report_error or (sequential and index < last):

@@ -54,6 +54,10 @@ class LayerwiseMethod(Handler):
     # object between them, gathered once; a method that frees a statistic after each matrix
     # must leave it False.
     shares_statistics: ClassVar[bool] = False
+    # True: `apply` treats each projection on its own, so under torch.distributed each rank
+    # may be handed only the projections it solves (`secateur.distributed.solve_layer`).
+    # False (the safe default): every rank runs the whole layer and rank 0's is kept.
+    splits_solves: ClassVar[bool] = False
 
     @property
     def sequential(self) -> bool:

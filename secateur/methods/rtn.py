@@ -53,6 +53,7 @@ class QuantizeMethod(LayerwiseMethod):
     """Quantizes each projection of a layer; subclasses say how (`quantize_matrix`)."""
 
     config: QuantizeConfig
+    splits_solves = True  # each matrix is quantized on its own statistics alone
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter,
                 context: PruneContext | None = None) -> None:

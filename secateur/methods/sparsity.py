@@ -84,6 +84,7 @@ class SparsityMethod(LayerwiseMethod):
 
     config: SparsityConfig
     shares_statistics = True  # statistics are read, never freed, until the layer is done
+    splits_solves = True  # one matrix's mask never depends on another's
 
     def __init__(self, config: SparsityConfig) -> None:
         super().__init__(config)
