@@ -1,19 +1,26 @@
 """llama.cpp's block quantization types (ggml), filled by secateur's rounding.
 
-Every supported type reads back as `value = s * (q - zero) + b` per sub-block of a row, with
-integer codes q in [0, maxq]: Q8_0/Q4_0/Q5_0 (symmetric, one fp16 scale per 32 weights),
-Q4_1/Q5_1 (scale and minimum per 32), Q4_K/Q5_K (256-weight super-blocks of 8 x 32 with 6-bit
-scales and minimums under two fp16 factors) and Q6_K (16 x 16 with int8 scales under one fp16
-factor). `s` and `b` are computed with the same float32 operations as ggml's dequantization
-(and the `gguf` package's), so the weights held in memory equal the file's blocks bit for bit.
+Every supported type reads back as `value = s * level(q) + b` per sub-block of a row, with
+integer codes q in [0, maxq]; level(q) = q - zero for the linear types: Q8_0/Q4_0/Q5_0
+(symmetric, one fp16 scale per 32 weights), Q4_1/Q5_1 (scale and minimum per 32), Q4_K/Q5_K
+(256-weight super-blocks of 8 x 32 with 6-bit scales and minimums under two fp16 factors), Q6_K
+(16 x 16 with int8 scales under one fp16 factor) and Q3_K (16 x 16 with 6-bit signed scales
+under one fp16 factor, codes -4..3). The non-linear IQ4_NL (one fp16 scale per 32) and IQ4_XS
+(256-weight super-blocks of 8 x 32 with 6-bit signed scales) take level(q) from llama.cpp's
+table `kvalues_iq4nl`. `s` and `b` are computed with the same float32 operations as ggml's
+dequantization (and the `gguf` package's), so the weights held in memory equal the file's
+blocks bit for bit.
 
 How a block's grid is chosen follows llama.cpp's importance-weighted quantizers
-(`make_qx_quants`, `make_qkx3_quants` in ggml-quants.c): a search over candidate scales
-minimising sum(w * (x - x_hat)^2), where w = imatrix[j] * sqrt(sigma2 + x_j^2) and the
-imatrix is the mean of x_j^2 over calibration tokens (the Hessian diagonal). The scales and
-minimums of K-types are then rounded to their 6 bits. Which codes fill that fixed grid is
-the rounding: nearest (RTN, what llama.cpp does) or GPTQ's error-compensating solve, which
-chooses each super-block's grid when the solve reaches it, on the weights as already updated.
+(`make_qx_quants`, `make_qkx3_quants`, `quantize_row_iq4_nl_impl` in ggml-quants.c): a search
+over candidate scales minimising sum(w * (x - x_hat)^2), where w = imatrix[j] * sqrt(sigma2 +
+x_j^2) and the imatrix is the mean of x_j^2 over calibration tokens (the Hessian diagonal). The
+scales and minimums of K-types are then rounded to their 6 bits. Which codes fill that fixed
+grid is the rounding: nearest (RTN, what llama.cpp does) or GPTQ's error-compensating solve,
+which chooses each super-block's grid when the solve reaches it, on the weights as already
+updated. For Q3_K, IQ4_NL and IQ4_XS the nearest rounding is llama.cpp's own, step for step
+(sigma2 per super-block, codes from the unrounded scale where llama.cpp takes them so), so
+its codes are llama-quantize --imatrix's up to float32 summation order in near-ties.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ class BlockType:
     zero: int  # value = s * (q - zero) + b
     has_min: bool  # b is a stored minimum (else 0)
     nbytes: int  # bytes per block
+    # non-linear types: value = s * levels[q] + b (zero is then the code of a zero scale)
+    levels: tuple[int, ...] | None = None
+
+
+# llama.cpp's kvalues_iq4nl (ggml-common.h)
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 TYPES: dict[str, BlockType] = {t.name: t for t in (
@@ -48,7 +61,12 @@ TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_K", 256, 32, 15, 0, True, 144),
     BlockType("Q5_K", 256, 32, 31, 0, True, 176),
     BlockType("Q6_K", 256, 16, 63, 32, False, 210),
+    BlockType("Q3_K", 256, 16, 7, 4, False, 110),
+    BlockType("IQ4_NL", 32, 32, 15, 8, False, 18, KVALUES_IQ4NL),
+    BlockType("IQ4_XS", 256, 32, 15, 8, False, 136, KVALUES_IQ4NL),
 )}
+# types whose llama.cpp quantizer takes sigma2 from each (super-)block, twice its mean square
+_BLOCK_SIGMA = ("Q3_K", "IQ4_NL", "IQ4_XS")
 
 
 def block_type(name: str) -> BlockType:
@@ -75,7 +93,13 @@ class GGMLState:
     def dequantize(self) -> torch.Tensor:
         t = TYPES[self.type]
         rep = lambda v: v.repeat_interleave(t.sub, dim=1)  # noqa: E731
-        return rep(self.s) * (self.codes.float() - t.zero) + rep(self.b)
+        return _value(t, self.codes, rep(self.s), rep(self.b))
+
+
+def _value(t: BlockType, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if t.levels is not None:
+        return s * torch.tensor(t.levels, dtype=torch.float32)[q.long()] + b
+    return s * (q.float() - t.zero) + b
 
 
 # -- choosing a block's grid (llama.cpp's searches, vectorised over blocks) -----------------
@@ -171,11 +195,106 @@ def _positive_scale(x: torch.Tensor, w: torch.Tensor, nmax: int
     return torch.where(alive, d, torch.zeros_like(d)), torch.where(alive[:, None], lv, 0 * lv)
 
 
+def _rowsum(v: torch.Tensor) -> torch.Tensor:
+    """Sums along rows in llama.cpp's order, one float32 add at a time: torch's own (pairwise)
+    sums differ in the last bits, and that flips llama.cpp's searches where two candidate
+    scales nearly tie (on random weights ~0.3% of blocks, ~0.05% in order)."""
+    acc = v[:, 0].clone()
+    for j in range(1, v.shape[1]):
+        acc += v[:, j]
+    return acc
+
+
+def _qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(rmse_type=1, weights) as llama.cpp runs it, in its float32 operations:
+    the scale and the codes l + nmax (l in [-nmax, nmax-1]) of the best of 19 candidate
+    grids, by llama.cpp's own comparison (ties keep the earlier candidate)."""
+    idx = x.abs().argmax(1, keepdim=True)
+    mx = x.gather(1, idx).squeeze(1)
+    alive = mx.abs() >= 1e-15
+    mx = torch.where(alive, mx, torch.ones_like(mx))
+
+    def trial(num: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        iscale = torch.full_like(mx, -num) / mx
+        lv = torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
+        return lv, _rowsum(w * x * lv), _rowsum(w * lv * lv)
+
+    lv, sumlx, suml2 = trial(float(nmax))
+    zero = torch.zeros_like(mx)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1), zero)
+    best = scale * sumlx
+    codes = lv
+    for step in [*range(-9, 0), *range(1, 10)]:
+        num = float(np.float32(nmax) + np.float32(0.1) * np.float32(step))  # nmax + 0.1f*is
+        lv, sumlx, suml2 = trial(num)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new = sumlx / torch.where(suml2 > 0, suml2, 1)
+        scale = torch.where(better, new, scale)
+        best = torch.where(better, new * sumlx, best)
+        codes = torch.where(better[:, None], lv, codes)
+    return (torch.where(alive, scale, zero),
+            torch.where(alive[:, None], codes + nmax, torch.zeros_like(codes)))
+
+
+def _best_index(v: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """best_index_int8: the nearest table entry (a tie goes up), as llama.cpp finds it."""
+    vals = torch.tensor(levels, dtype=torch.float32)
+    n = len(levels)
+    mu = torch.searchsorted(vals, v.contiguous(), right=True).clamp_(1, n - 1)
+    idx = torch.where(v - vals[mu - 1] < vals[mu] - v, mu - 1, mu)
+    idx = torch.where(v <= vals[0], torch.zeros_like(idx), idx)
+    return torch.where(v >= vals[-1], torch.full_like(idx, n - 1), idx)
+
+
+def _iq4_scale(x: torch.Tensor, w: torch.Tensor, levels: tuple[int, ...], ntry: int = 7
+               ) -> torch.Tensor:
+    """quantize_row_iq4_nl_impl's scale search of each row's block (float32, unrounded)."""
+    vals = torch.tensor(levels, dtype=torch.float32)
+    idx = x.abs().argmax(1, keepdim=True)
+    mx = x.gather(1, idx).squeeze(1)
+    alive = mx.abs() >= 1e-15
+    mx = torch.where(alive, mx, torch.ones_like(mx))
+
+    def sums(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = vals[_best_index(inv[:, None] * x, levels)]
+        return _rowsum(w * q * x), _rowsum(w * q * q)
+
+    d = -mx / torch.full_like(mx, float(levels[0]))
+    sumqx, sumq2 = sums(torch.ones_like(d) / d)
+    zero = torch.zeros_like(mx)
+    d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, 1), zero)
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        sumqx, sumq2 = sums(torch.full_like(mx, float(itry + levels[0])) / mx)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        new = sumqx / torch.where(sumq2 > 0, sumq2, 1)
+        d = torch.where(better, new, d)
+        best = torch.where(better, new * sumqx, best)
+    return torch.where(alive, d, zero)
+
+
+def _inverse(v: torch.Tensor) -> torch.Tensor:
+    """1/v where v != 0, else 0 (llama.cpp's `d ? 1/d : 0`)."""
+    nz = v != 0
+    return torch.where(nz, torch.ones_like(v) / torch.where(nz, v, 1), torch.zeros_like(v))
+
+
 def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, sigma2: torch.Tensor
                        ) -> torch.Tensor:
     """llama.cpp's per-weight weights: imatrix * sqrt(sigma2 + x^2) (imatrix 1 without data)."""
     base = torch.sqrt(sigma2[:, None] + x * x)
     return base if imatrix is None else imatrix[None, :] * base
+
+
+def _weights(t: BlockType, x: torch.Tensor, imp: torch.Tensor | None, sigma2: torch.Tensor
+             ) -> torch.Tensor:
+    """A block's weights as llama.cpp's quantizer of type t computes them."""
+    if t.name in _BLOCK_SIGMA:
+        if imp is None and t.levels is not None:
+            return x * x  # quantize_iq4_nl / _xs without an imatrix
+        sigma2 = 2 * _rowsum(x * x) / t.block
+    return importance_weights(x, imp, sigma2)
 
 
 def choose_grid(t: BlockType, x: torch.Tensor, w: torch.Tensor
@@ -219,12 +338,48 @@ def choose_grid(t: BlockType, x: torch.Tensor, w: torch.Tensor
                               torch.zeros_like(top)))
         s = d[:, None] * sc
         return s, torch.zeros_like(s), {"d": d, "sc": sc.to(torch.int8)}
+    if t.name == "Q3_K":  # quantize_row_q3_K_impl
+        scale, first = _qx_quants(xs, ws, 4)
+        scale = scale.reshape(rows, nsub)
+        sw = _rowsum(ws).reshape(rows, nsub)
+        d_block, sc = _qx_quants(scale, sw, 32)  # sc = 6-bit scale + 32
+        d = _fp16(d_block)
+        s = d[:, None] * (sc - 32)
+        xb = x.reshape(rows, nsub, t.sub)
+        q = torch.round(xb / torch.where(s != 0, s, 1)[..., None]).clamp_(-4, 3) + 4
+        # a zero sub-block scale keeps the codes of its own search, as llama.cpp does
+        q = torch.where(s[..., None] != 0, q, first.reshape(rows, nsub, t.sub))
+        return s, torch.zeros_like(s), {"d": d, "sc": sc.to(torch.uint8),
+                                        "codes": q.reshape(rows, t.block).to(torch.uint8)}
+    if t.name == "IQ4_NL":  # quantize_row_iq4_nl_impl, one block
+        d32 = _iq4_scale(x, w, t.levels)
+        d = _fp16(d32)
+        q = _best_index(_inverse(d32)[:, None] * x, t.levels)
+        return d[:, None], torch.zeros_like(d)[:, None], {"d": d, "codes": q.to(torch.uint8)}
+    if t.name == "IQ4_XS":  # the same, eight sub-blocks under 6-bit scales
+        scale = _iq4_scale(xs, ws, t.levels).reshape(rows, nsub)
+        top = scale.gather(1, scale.abs().argmax(1, keepdim=True)).squeeze(1)
+        d32 = -top / torch.full_like(top, 32.0)
+        lv = torch.round(_inverse(d32)[:, None] * scale).clamp_(-32, 31)
+        idl = _inverse(d32[:, None] * lv)
+        q = _best_index(idl.repeat_interleave(t.sub, 1) * x, t.levels)
+        d = _fp16(d32)
+        s = d[:, None] * lv
+        return s, torch.zeros_like(s), {"d": d, "sc": (lv + 32).to(torch.uint8),
+                                        "codes": q.to(torch.uint8)}
     raise SecateurError(f"no grid search for ggml type {t.name}")
 
 
 def _codes(col: torch.Tensor, s: torch.Tensor, b: torch.Tensor, t: BlockType) -> torch.Tensor:
+    """The nearest codes on a fixed grid (a zero scale: code `zero`)."""
     safe = torch.where(s != 0, s, torch.ones_like(s))
-    q = torch.round((col - b) / safe + t.zero).clamp_(0, t.maxq)
+    v = (col - b) / safe
+    if t.levels is not None:
+        q = _best_index(v, t.levels).float()
+    elif t.name == "Q3_K":  # llama.cpp rounds before the offset
+        q = torch.round(v).clamp_(-4, 3) + 4
+    else:
+        q = torch.round(v + t.zero).clamp_(0, t.maxq)
     return torch.where(s != 0, q, torch.full_like(q, t.zero))
 
 
@@ -245,17 +400,19 @@ def rtn_ggml(weight: torch.Tensor, type_name: str, imatrix: torch.Tensor | None 
     rows, cols = w.shape
     _check_width(t, cols, name)
     sigma2 = _sigma2(w, t)
-    s_all, b_all, fields = [], [], []
+    s_all, b_all, fields, own = [], [], [], []
     for c in range(0, cols, t.block):
         x = w[:, c:c + t.block]
         imp = None if imatrix is None else imatrix[c:c + t.block].float()
-        s, b, f = choose_grid(t, x, importance_weights(x, imp, sigma2))
+        s, b, f = choose_grid(t, x, _weights(t, x, imp, sigma2))
         s_all.append(s)
         b_all.append(b)
+        own.append(f.pop("codes", None))  # llama.cpp's own codes where the search gives them
         fields.append(f)
     s = torch.cat(s_all, 1)
     b = torch.cat(b_all, 1)
-    codes = _codes(w, s.repeat_interleave(t.sub, 1), b.repeat_interleave(t.sub, 1), t)
+    codes = (torch.cat(own, 1) if own[0] is not None else
+             _codes(w, s.repeat_interleave(t.sub, 1), b.repeat_interleave(t.sub, 1), t))
     state = GGMLState(t.name, codes.to(torch.uint8), s, b, _stack_fields(fields))
     return state.dequantize(), state
 
@@ -298,8 +455,9 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, type_name: str,
         grids: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
         def choose(x: torch.Tensor, col: int) -> None:
-            grids.append(choose_grid(t, x, importance_weights(
-                x, imatrix[col:col + t.block], sigma2)))
+            s, b, f = choose_grid(t, x, _weights(t, x, imatrix[col:col + t.block], sigma2))
+            f.pop("codes", None)  # GPTQ solves its own
+            grids.append((s, b, f))
 
         perm = None
         if act_order:
@@ -347,7 +505,7 @@ def _solve_on_grids(w: torch.Tensor, hinv: torch.Tensor, t: BlockType, blocksize
                 sj, bj = s_col[:, col], b_col[:, col]
             q = _codes(w1[:, i], sj, bj, t)
             codes[:, col] = q.to(torch.uint8)
-            torch.div(w1[:, i] - (sj * (q - t.zero) + bj), hinv1[i, i], out=err1[:, i])
+            torch.div(w1[:, i] - _value(t, q, sj, bj), hinv1[i, i], out=err1[:, i])
             w1[:, i:].addr_(err1[:, i], hinv1[i, i:], alpha=-1)
         w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
     return codes
@@ -406,6 +564,29 @@ def pack(state: GGMLState) -> np.ndarray:
         qh = (hb << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(3, dtype=np.uint8)
         parts = [ql, qh.reshape(rows, nb, 64), f["sc"].numpy().view(np.uint8),
                  _f16_bytes(f["d"])]
+    elif t.name == "Q3_K":
+        hb = (q >> 2).reshape(rows, nb, 8, 32).astype(np.uint8)  # bit j // 32 of hmask[j % 32]
+        hmask = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(2, dtype=np.uint8)
+        lo = (q & 3).reshape(rows, nb, 2, 4, 32).astype(np.uint8)  # 128-weight halves
+        qs = (lo << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(3, dtype=np.uint8)
+        sc = f["sc"].numpy().astype(np.uint8)  # (rows, nb, 16), 0..63
+        low = sc & 0xF
+        high = (sc >> 4).reshape(rows, nb, 4, 4)  # [j // 4, j % 4]
+        scales = np.concatenate([
+            low[..., :8] | (low[..., 8:] << 4),
+            (high << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(2, dtype=np.uint8)],
+            -1).astype(np.uint8)
+        parts = [hmask, qs.reshape(rows, nb, 64), scales, _f16_bytes(f["d"])]
+    elif t.name == "IQ4_NL":
+        parts = [_f16_bytes(f["d"]), _nibbles(q[..., :16], q[..., 16:])]
+    elif t.name == "IQ4_XS":
+        sc = f["sc"].numpy().astype(np.uint16)  # (rows, nb, 8), 0..63
+        scales_h = ((sc >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)
+        scales_l = _nibbles(sc[..., 0::2].astype(np.uint8), sc[..., 1::2].astype(np.uint8))
+        sub = q.reshape(rows, nb, 8, 32)
+        qs = _nibbles(sub[..., :16], sub[..., 16:]).reshape(rows, nb, 128)
+        parts = [_f16_bytes(f["d"]),
+                 scales_h.astype("<u2").view(np.uint8).reshape(rows, nb, 2), scales_l, qs]
     else:
         raise SecateurError(f"no packer for ggml type {t.name}")
     blocks = np.concatenate(parts, axis=-1)

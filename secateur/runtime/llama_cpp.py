@@ -115,3 +115,32 @@ def quantize(src: str | Path, dst: str | Path, preset: str,
                                         ctypes.byref(params))
     if rc != 0:
         raise SecateurError(f"llama.cpp could not quantize '{src}' to {preset} (code {rc})")
+
+
+def quantize_rows(weight: torch.Tensor, ggml_type: str,
+                  imatrix: torch.Tensor | None = None) -> np.ndarray:
+    """ggml's own quantizer (`ggml_quantize_chunk`, what llama-quantize calls per tensor) on
+    a float matrix: its block bytes, (rows, row_bytes) uint8, with `imatrix` (mean x^2 per
+    input column) as the importance where given."""
+    import gguf
+
+    llama_cpp = _llama_cpp()
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    kind = getattr(gguf.GGMLQuantizationType, ggml_type.upper())
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    src = np.ascontiguousarray(weight.detach().float().numpy(), dtype=np.float32)
+    rows, cols = src.shape
+    if cols % block:
+        raise SecateurError(f"rows of {cols} do not split into {ggml_type} blocks of {block}")
+    dst = np.zeros((rows, cols // block * size), dtype=np.uint8)
+    imp = None if imatrix is None else np.ascontiguousarray(imatrix.float().numpy(),
+                                                            dtype=np.float32)
+    written = lib.ggml_quantize_chunk(int(kind), src.ctypes.data, dst.ctypes.data, 0, rows,
+                                      cols, None if imp is None else imp.ctypes.data)
+    if written != dst.nbytes:
+        raise SecateurError(f"ggml wrote {written} bytes of {ggml_type}, {dst.nbytes} expected")
+    return dst
