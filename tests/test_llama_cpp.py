@@ -36,7 +36,7 @@ def transformers_perplexity(model: torch.nn.Module, wins: list[torch.Tensor]) ->
     return float(torch.exp(torch.tensor(total / count)))
 
 
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q3_k_s", "iq4_xs"])
 def test_quantized_gguf_runs_in_llama_cpp_as_it_does_in_transformers(tmp_path, preset):
     torch.set_num_threads(1)
     model = tiny_llama(3)
@@ -53,21 +53,71 @@ def test_quantized_gguf_runs_in_llama_cpp_as_it_does_in_transformers(tmp_path, p
     assert speed["decode_tokens_per_second"]["median"] > 0
 
 
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q5_k_m", "q6_k"])
-@pytest.mark.parametrize("with_imatrix", [False, True])
-def test_preset_table_is_llama_cpps_own_choice(tmp_path, preset, with_imatrix):
-    model = tiny_llama(4)
+def _compare_preset_tables(tmp_path, model, preset, with_imatrix):
     f32 = tmp_path / "f32.gguf"
     export_model(model, bpe_tokenizer(), "gguf", f32, outtype="f32")
     ours = gguf_tensor_types(read_layout(model, "m"), preset, with_imatrix)
     imatrix = None
     if with_imatrix:
-        imatrix = {k: torch.ones(512 if "ffn_down" in k else 64) for k in ours
-                   if k.startswith("blk.")}
+        imatrix = {t.name: torch.ones(int(t.shape[0])) for t in gguf.GGUFReader(f32).tensors
+                   if t.name.startswith("blk.") and t.name in ours}
     dst = tmp_path / "q.gguf"
     runtime.quantize(f32, dst, preset, imatrix)
     theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(dst).tensors if t.name in ours}
     assert theirs == ours
+    return ours
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q5_k_m", "q6_k", "q3_k_s", "q3_k_m",
+                                    "q3_k_l", "iq4_nl", "iq4_xs"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_preset_table_is_llama_cpps_own_choice(tmp_path, preset, with_imatrix):
+    """64-wide rows (every 256-block type falls back) and 512-wide ffn_down."""
+    _compare_preset_tables(tmp_path, tiny_llama(4), preset, with_imatrix)
+
+
+@pytest.mark.parametrize("preset", ["q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_preset_table_on_a_deeper_gqa_model_is_llama_cpps(tmp_path, preset, with_imatrix):
+    """256-wide rows (no fallbacks), 16 layers (llama.cpp's n/16 and n/8 layer rules) and 4
+    query heads per KV head (its IQ4 attn_v rule)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=256, intermediate_size=256,
+                      num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=64, bos_token_id=256,
+                      eos_token_id=257)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    ours = _compare_preset_tables(tmp_path, model, preset, with_imatrix)
+    assert ours["blk.0.attn_v.weight"] == "Q5_K" != ours["blk.0.attn_q.weight"]  # a bump
+
+
+@pytest.mark.parametrize(("name", "with_imatrix"), [
+    ("Q3_K", True), ("IQ4_NL", True), ("IQ4_NL", False), ("IQ4_XS", True), ("IQ4_XS", False)])
+def test_nearest_rounding_is_llama_cpps_own_quantizer(name, with_imatrix):
+    """secateur's RTN against ggml's own quantizer (`ggml_quantize_chunk`, what llama-quantize
+    runs) with the same importance: the same bytes, block for block, but for near-ties of
+    llama.cpp's scale search that its float32 arithmetic settles another way. (Q3_K without
+    an imatrix is llama.cpp's older reference search, which secateur does not port.)"""
+    from secateur.quant.ggml import TYPES, pack, rtn_ggml
+    from tests.test_ggml import problem
+
+    w, h = problem(3, rows=64, cols=512)
+    w[0] = 0  # a dead row
+    w[1, 16:32] = 0  # a zero sub-block
+    w[2, 32:48] *= 1e-3  # a sub-block whose 6-bit scale rounds to zero
+    imatrix = torch.diag(h) / 4096 if with_imatrix else None
+    deq, state = rtn_ggml(w, name, imatrix)
+    ours, theirs = pack(state), runtime.quantize_rows(w, name, imatrix)
+    t = TYPES[name]
+    same = (ours.reshape(-1, t.nbytes) == theirs.reshape(-1, t.nbytes)).all(1)
+    assert same.mean() >= 0.99, same.mean()
+    assert (ours[:3] == theirs[:3]).all()  # the corner cases exactly
+    kind = getattr(gguf.GGMLQuantizationType, name)
+    their_deq = torch.from_numpy(gguf.quants.dequantize(theirs, kind))
+    mine, other = ((deq - w) ** 2).sum(), ((their_deq - w) ** 2).sum()
+    assert abs(float(mine / other) - 1) < 1e-3
 
 
 def test_cli_quantizes_into_gguf_and_evaluates_it_in_llama_cpp(tmp_path, monkeypatch, capsys):

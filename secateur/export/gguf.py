@@ -291,7 +291,9 @@ def _slots(layout: LlamaLayout) -> tuple[list[TensorSlot], int]:
 def gguf_tensor_types(layout: LlamaLayout, preset: str, has_imatrix: bool) -> dict[str, str]:
     """The ggml type llama.cpp's preset gives every matrix of this layout's file."""
     slots, blocks = _slots(layout)
-    return tensor_types(preset, slots, blocks, has_imatrix)
+    first = layout.layers[0]  # llama.cpp's n_gqa(): query heads per KV head of layer 0
+    n_gqa = first.num_heads // first.num_kv_heads if first.num_kv_heads else 0
+    return tensor_types(preset, slots, blocks, has_imatrix, n_gqa)
 
 
 def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool = False,
