@@ -155,6 +155,8 @@ def search(args: argparse.Namespace, base: Loaded, result: dict) -> None:
                   - 1e-9}
     if method != "shortgpt":
         amount.update(search_samples=args.search_samples, search_shortlist=args.search_shortlist)
+    else:  # the results record every method's curve: ShortGPT computes it only when asked
+        amount.update(curve=True)
     config = make_config({"method": method, **amount, **extra})
     t = time.perf_counter()
     run = prune(work, config, calib, progress=False)

@@ -222,6 +222,8 @@ def main() -> None:
         if method != "shortgpt":  # one pass over all windows; the greedy ones search
             amount.update(search_samples=args.search_samples,
                           search_shortlist=args.search_shortlist)
+        else:  # the plot draws every method's curve: ShortGPT computes it only when asked
+            amount.update(curve=True)
         options = make_config({"method": method, **amount})
         work = copy_loaded(base)
         t = time.perf_counter()

@@ -238,7 +238,8 @@ EXACT = {"search_dtype": "float32"}  # tests compare the search's numbers with f
 def test_methods_remove_the_count_asked_and_report_the_curve(method, flag):
     loaded = tiny_loaded()
     dense = total_parameters(loaded.model)
-    run = prune(loaded, make_step(method=method, **EXACT, **{flag: 2}), CALIB,
+    curve = {"curve": True} if method == "shortgpt" else {}  # the greedy ones always have it
+    run = prune(loaded, make_step(method=method, **EXACT, **curve, **{flag: 2}), CALIB,
                 progress=False)
     s = run.summary
     assert len(s["removed"]) == 2 and len(s["calibration_perplexity"]) == 3
@@ -278,6 +279,49 @@ def test_blockpruner_prunes_a_model_it_already_pruned():
     wins = calibration_data(again, CALIB)[0]
     assert run.summary["calibration_perplexity"][-1] == pytest.approx(
         torch.tensor(model_nll(again.model, wins)).exp().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("amount", [{"layers": 2}, {"ratio": 0.3}])
+def test_shortgpt_without_the_curve_removes_the_same_layers_in_one_pass(amount):
+    with_curve = tiny_loaded()
+    on = prune(with_curve, make_step(method="shortgpt", curve=True, **EXACT, **amount), CALIB,
+               progress=False).summary
+    without = tiny_loaded()
+    off = prune(without, make_step(method="shortgpt", **EXACT, **amount), CALIB,
+                progress=False).summary
+    assert off["removed"] == on["removed"] and len(off["removed"]) >= 1
+    assert off["block_influence"] == on["block_influence"]
+    assert "calibration_perplexity" not in off and len(on["calibration_perplexity"]) == len(
+        on["removed"]) + 1
+    # off: only the influence trace, one pass over the layers; on: a loss pass per point
+    assert off["search"]["head_forwards"] == 0 and on["search"]["head_forwards"] == len(
+        on["calibration_perplexity"])
+    assert off["search"]["layer_forwards"] == tiny_loaded().adapter.num_layers
+    for a, b in zip(with_curve.model.state_dict().values(), without.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_shortgpt_job_without_the_curve_prints_the_order_and_draws_no_plot(tiny_dir, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from secateur.jobs import EvalSpec, prune_job
+    from secateur.report.depth import print_depth
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox." for i in range(40)))
+    js = tmp_path / "result.json"
+    result = prune_job(str(tiny_dir("llama")), make_step(method="shortgpt", layers=1),
+                       CalibrationConfig(str(text), 2, 32, 0), EvalSpec(None), tmp_path / "out",
+                       js, progress=False)
+    assert result["options"]["curve"] is False and "removal_plot" not in result
+    assert not js.with_suffix(".png").exists()
+    printed = StringIO()
+    print_depth(Console(file=printed, width=200), result)
+    assert "not computed" in printed.getvalue() and result["summary"]["removed"][0] in (
+        printed.getvalue())
 
 
 def test_shortgpt_block_influence_is_one_minus_cosine():
@@ -384,7 +428,8 @@ def test_prune_job_saves_reloadable_model_json_and_plot(tiny_dir, tmp_path, meth
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog "
                                   f"{i} times, then rests." for i in range(40)))
-    result = prune_job(str(src), make_step(method=method, **{flag: 2}),
+    curve = {"curve": True} if method == "shortgpt" else {}  # the plot draws the curve
+    result = prune_job(str(src), make_step(method=method, **curve, **{flag: 2}),
                        CalibrationConfig(str(text), 2, 32, 0), EvalSpec(str(text), 32, 2), out,
                        js, progress=False)
     saved = json.loads(js.read_text())

@@ -2,9 +2,11 @@
 
 ShortGPT scores each decoder layer once, on the dense model, by its Block Influence
 BI_i = 1 - E_tokens[cos(x_i, x_{i+1})] (how much the layer turns the hidden state) and removes
-the lowest-BI layers. SLEB removes layers greedily: every remaining layer is tried, the one
-whose removal leaves the lowest calibration perplexity goes, and the scores are recomputed
-after each removal. Both save a stock config with fewer layers.
+the lowest-BI layers: one forward over the calibration windows (`--curve` adds a calibration
+perplexity after every removal, a full pass each, for the removal plot). SLEB removes layers
+greedily: every remaining layer is tried, the one whose removal leaves the lowest calibration
+perplexity goes, and the scores are recomputed after each removal. Both save a stock config
+with fewer layers.
 
 How much to remove: `--layers K`, or `--ratio R` meaning the smallest removal whose parameters
 reach R of ALL parameters (embeddings and head included, counted once when tied), the
@@ -46,11 +48,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def search_dtype(name: str) -> torch.dtype:
-    """`auto`: bf16 (BlockPruner's reference choice) where the CPU or a GPU runs it natively,
-    else exact fp32."""
+def search_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """`auto`: bf16 (BlockPruner's reference choice) where the search's device runs it
+    natively (a GPU, or a CPU with AVX-512 BF16/AMX), else exact fp32. Without `device`: a GPU
+    if torch sees one."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_bf16() else torch.float32
+        gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+        return torch.bfloat16 if gpu or cpu_has_bf16() else torch.float32
     return SEARCH_DTYPES[name]
 
 
@@ -81,6 +85,11 @@ class ShortGPTConfig(DepthConfig):
     method = "shortgpt"
     unit = "layers"
     layers: int | None = Field(None, ge=1, description="Layers to remove.")
+    # Off: the ranking needs one forward; each curve point is a full calibration pass (about
+    # 100 s each for smollm2-135m at 32 x 512 tokens on 2 CPU cores). SLEB and BlockPruner
+    # have no such switch: their curve is the loss their greedy search already computed.
+    curve: bool = Field(False, description="Also compute the calibration perplexity after "
+                                           "every removal (one full pass each).")
 
 
 class GreedyDepthConfig(DepthConfig):
@@ -107,6 +116,7 @@ class DepthTarget:
         self.flag = f"--{config.unit}"
         self.search_samples = config.search_samples
         self.shortlist = getattr(config, "search_shortlist", None)
+        self.search_dtype_name = config.search_dtype
         self.search_dtype = search_dtype(config.search_dtype)
 
     def check_feasible(self, available: int, removable_params: int, total: int) -> None:
@@ -154,6 +164,9 @@ def start_search(context: PruneContext, target: DepthTarget) -> Any:
     windows = search_windows(context, target)
     # the shortlist screens on the first quarter of the batches: make sure there are four
     batch = 8 if target.shortlist is None else max(1, min(8, math.ceil(len(windows) / 4)))
+    # the device the search runs on (the API moved the model there), not any GPU torch sees
+    device = next(context.model.parameters()).device
+    target.search_dtype = search_dtype(target.search_dtype_name, device)
     return context.block_search(windows, batch_size=batch, dtype=target.search_dtype)
 
 
@@ -162,19 +175,21 @@ def ppl(nll: float) -> float:
 
 
 def finish(context: PruneContext, target: DepthTarget, search: Any, order: list[Block],
-           curve: list[float], total: int, removed_params: int,
+           curve: list[float] | None, total: int, removed_params: int,
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Physically remove `order`, and the summary every depth method returns."""
+    """Physically remove `order`, and the summary every depth method returns (`curve` None:
+    not computed, and not recorded)."""
     surgery = remove_blocks(context.model, context.adapter, order)
     # the real count after surgery (norms go with a removed block in secateur's own class)
     removed_params = total - total_parameters(context.model)
-    summary: dict[str, Any] = {
-        "removed": [str(b) for b in order],
-        "calibration_perplexity": curve,  # [dense, after 1st removal, after 2nd, ...]
+    summary: dict[str, Any] = {"removed": [str(b) for b in order]}
+    if curve is not None:
+        summary["calibration_perplexity"] = curve  # [dense, after 1st removal, after 2nd, ...]
+    summary.update({
         "ratio": target.record(removed_params, total),
         "search": {**search.summary(), "shortlist": target.shortlist},
         "surgery": surgery,
-    }
+    })
     summary.update(extra or {})
     return summary
 
@@ -205,7 +220,7 @@ class ShortGPT(_WholeLayers):
 
         def on_layer(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
             cos = F.cosine_similarity(x.double(), y.double(), dim=-1)
-            cos_sum[i] += cos.sum()
+            cos_sum[i] += cos.sum().cpu()  # the search may run on a GPU; the sums stay here
             tokens[i] += cos.numel()
 
         search.trace(on_layer)
@@ -213,16 +228,17 @@ class ShortGPT(_WholeLayers):
         ranking = sorted(range(n), key=lambda i: (influence[i], i))
         order: list[Block] = []
         removed_params = 0
-        curve = [ppl(search.loss())]
+        curve = [ppl(search.loss())] if self.config.curve else None
         for i in tqdm(ranking[:-1], desc="shortgpt removals", leave=False,
-                      disable=not context.progress):
+                      disable=not context.progress or curve is None):
             if self.target.done(len(order), removed_params, total):
                 break
             block = Block(i, "layer")
             search.remove(block)
             order.append(block)
             removed_params += sizes[i]
-            curve.append(ppl(search.loss()))
+            if curve is not None:
+                curve.append(ppl(search.loss()))
         return finish(context, self.target, search, order, curve, total, removed_params,
                       {"block_influence": influence})
 

@@ -12,21 +12,36 @@ from secateur.io import write_atomic
 
 
 def is_depth_summary(summary: dict[str, Any]) -> bool:
-    return "removed" in summary and "calibration_perplexity" in summary
+    return "removed" in summary and "surgery" in summary and "ratio" in summary
+
+
+def has_curve(summary: dict[str, Any]) -> bool:
+    """ShortGPT computes the perplexity after each removal only with --curve."""
+    return isinstance(summary.get("calibration_perplexity"), list)
 
 
 def print_depth(console: Console, result: dict[str, Any]) -> None:
     s = result["summary"]
-    curve = s["calibration_perplexity"]
     search = s["search"]
-    table = Table(title=f"{result['method']}: removals in order (calibration perplexity, "
-                        f"{search['windows']} windows, {search['dtype']})")
-    for col in ("step", "removed", "calibration ppl"):
-        table.add_column(col)
-    table.add_row("0", "(dense)", f"{curve[0]:.3f}")
-    for step, (block, value) in enumerate(zip(s["removed"], curve[1:], strict=True), 1):
-        table.add_row(str(step), block, f"{value:.3f}")
+    if has_curve(s):
+        curve = s["calibration_perplexity"]
+        table = Table(title=f"{result['method']}: removals in order (calibration perplexity, "
+                            f"{search['windows']} windows, {search['dtype']})")
+        for col in ("step", "removed", "calibration ppl"):
+            table.add_column(col)
+        table.add_row("0", "(dense)", f"{curve[0]:.3f}")
+        for step, (block, value) in enumerate(zip(s["removed"], curve[1:], strict=True), 1):
+            table.add_row(str(step), block, f"{value:.3f}")
+    else:
+        table = Table(title=f"{result['method']}: removals in order")
+        for col in ("step", "removed"):
+            table.add_column(col)
+        for step, block in enumerate(s["removed"], 1):
+            table.add_row(str(step), block)
     console.print(table)
+    if not has_curve(s):
+        console.print("calibration perplexity after each removal: not computed (--curve adds "
+                      "it)")
     ratio = s["ratio"]
     target = "" if ratio["target"] is None else f" (target {ratio['target']})"
     console.print(f"removed {ratio['removed_parameters']:,} of {ratio['total_parameters']:,} "
