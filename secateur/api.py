@@ -26,6 +26,7 @@ from secateur.bench.memory import peak_rss_mib
 from secateur.config import Config, MethodConfig, StepKind
 from secateur.data.sources import load_text
 from secateur.data.windows import calibration_windows, fit_seqlen
+from secateur.device import device_record, on_device, resolve_device, synchronize
 from secateur.engine.block_search import BlockSearch
 from secateur.engine.capture import compute_dtype
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
@@ -71,6 +72,8 @@ class StepResult:
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
     perplexity: float | None = None  # after the step, when a recipe asks for it
+    device: str = "cpu"  # where it computed; beside RSS, a CUDA device's peak allocation
+    peak_device_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,15 +159,20 @@ def run_step(
     tokenizer: Any = None,
     teacher: Any = None,
     progress: bool = True,
-    device: torch.device | None = None,
+    device: str | torch.device | None = "auto",
     checkpoint: Path | None = None,
 ) -> StepResult:
     """Carry out one method on the model in place (a recovery may replace `loaded.model`).
+
+    `device`: auto (CUDA if available), cpu, cuda, cuda:N, or None (where the model is). The
+    model stays where it is: a layer-wise method moves one layer at a time to the device, a
+    whole-model method (depth search, Taylor scores, LoRA/KD) the model for the step.
 
     `checkpoint`: a folder where a layer-wise method records every finished layer; a rerun
     with the same settings continues from it bit-identically. The caller removes it
     (`secateur.engine.checkpoint.remove_checkpoint`) once the result is safely saved."""
     method = build_method(config)  # refuses anything that is not a registered config
+    dev = None if device is None else resolve_device(device)  # before the model loads
     if kind is not None and config.kind != kind:
         raise SecateurError(f"{config.method} is a {config.kind} method, not a {kind} one: "
                             f"call secateur.{config.kind} with it")
@@ -184,18 +192,20 @@ def run_step(
         progress=progress, loaded=loaded,
         layerwise_stats=lambda needs, on_layer: _with_dtype(forward_dtype, collect_layer_stats,
                                                             m, adapter, windows, needs,
-                                                            on_layer, progress),
+                                                            on_layer, progress, None, dev),
         block_search=lambda subset=None, batch_size=8, dtype=None: BlockSearch(
             m, adapter, windows if subset is None else subset, batch_size, progress, dtype),
         teacher=teacher,
     )
     result = StepResult(method=config.method, kind=config.kind, config=config.settings(),
                         calibration=calib_record)
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     if isinstance(method, LayerwiseMethod):
         method.prepare(m, adapter, context)
         with compute_dtype(forward_dtype):
             reports = prune_layerwise(m, adapter, method, windows, method.sequential,
-                                      progress, device, checkpoint,
+                                      progress, dev, checkpoint,
                                       keep_checkpoint=checkpoint is not None)
         result.layers = [asdict(r) for r in reports]
         result.summary = method.summary()
@@ -206,13 +216,30 @@ def run_step(
             # exactly what will be saved
             round_kept_tensors(m)
     else:
-        result.summary = method.run(context)
-        if loaded.model is not m:  # a recovery merged adapters into a new module
-            loaded.adapter = adapter_for(loaded.model)
+        result.summary = _run_on(method, context, loaded, dev)
     result.parameters = {"before": before, "after": count_parameters(loaded.model)}
+    synchronize(dev)
     result.seconds = time.perf_counter() - start
     result.peak_rss_mib = peak_rss_mib()
+    record = device_record(dev)
+    result.device, result.peak_device_mib = record["device"], record.get("peak_device_mib")
     return result
+
+
+def _run_on(method: Any, context: PruneContext, loaded: Loaded,
+            device: torch.device | None) -> dict[str, Any]:
+    """A whole-model method with the model (and its calibration windows) on `device` for the
+    step, back home after, also when a recovery replaced the module."""
+    m = context.model
+    home = next(m.parameters()).device
+    if device is not None and device != home:
+        context.calibration = [w.to(device) for w in context.calibration]
+    with on_device(m, device):
+        summary = method.run(context)
+    if loaded.model is not m:  # a recovery merged adapters into a new module
+        loaded.model.to(home)
+        loaded.adapter = adapter_for(loaded.model)
+    return summary
 
 
 def _with_dtype(dtype: str | None, fn: Any, *args: Any) -> Any:

@@ -33,6 +33,19 @@ Json = Annotated[Path | None, typer.Option("--json", help="Write the result as J
                                                           "(an existing file: --overwrite).")]
 JsonOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json.")]
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option(help="Where to compute: auto (cuda if available, else "
+                                          "cpu), cpu, cuda or cuda:N. The model stays on the "
+                                          "CPU; layer-wise methods move one layer at a time "
+                                          "to the device.")]
+
+
+def _device(name: str | None) -> str:
+    """The flag checked before anything loads: `--device cuda` without CUDA is one line and
+    exit 2 here, not a traceback after minutes of loading."""
+    from secateur.device import resolve_device
+
+    resolve_device(name)
+    return "auto" if name is None else name
 
 
 def _int_flag(text: str, flag: str) -> int:
@@ -78,12 +91,17 @@ def eval_cmd(
              "NLL and log-softmax stay fp32. Measure first: bf16 is slow without "
              "AVX-512 BF16/AMX.")] = None,
     dtype: Dtype = "float32",
+    device: Device = "auto",
     json: Json = None,
     overwrite: JsonOverwrite = False,
 ) -> None:
     """Perplexity of a model on a text and zero-shot accuracy (--tasks)."""
     from secateur.eval.config import PerplexityConfig, ZeroShotConfig
+    from secateur.eval.gguf import is_gguf
     from secateur.jobs import EvalSpec, eval_job
+
+    if not is_gguf(model):  # llama.cpp scores a GGUF file itself
+        _device(device)
 
     zs = None
     text = ("wiki" if tasks is None else None) if data is None else data
@@ -99,7 +117,7 @@ def eval_cmd(
                          compute_dtype=compute_dtype)
     result = eval_job(model, EvalSpec(text, seqlen, max_windows, protocol, bos,
                                       8 if batch == "auto" else batch, compute_dtype),
-                      json, dtype, zeroshot=zs, overwrite=overwrite)
+                      json, dtype, zeroshot=zs, overwrite=overwrite, device=device)
     if zs is not None:
         from secateur.report.tables import print_zeroshot
 
@@ -159,10 +177,11 @@ def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen:
               seed: int, eval_data: str | None, eval_windows: int | None,
               eval_seqlen: int | None, out: Path | None, overwrite: bool, compact: bool,
               dtype: str, json: Path | None, resume: bool = False, stream: bool = False,
-              calib_dtype: str = "float32") -> None:
+              calib_dtype: str = "float32", device: str = "auto") -> None:
     from secateur.api import CalibrationConfig
     from secateur.jobs import EvalSpec, prune_job, prune_streamed_job
 
+    _device(device)
     config = _config_from_flags(ctx)
     calibration = CalibrationConfig(calib, nsamples, seqlen, seed, compute_dtype=calib_dtype)
     if stream:
@@ -172,7 +191,7 @@ def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen:
             raise SecateurError("--stream saves plain safetensors and evaluates nothing in "
                                 "memory: drop --compact/--eval and run `secateur eval OUT`")
         result = prune_streamed_job(model, config, calibration, out, json, overwrite, dtype,
-                                    resume=resume)
+                                    resume=resume, device=device)
         out_console.print(f"streamed {config.method} into {out}: peak RSS "
                           f"{result['peak_rss_mib']:.0f} MiB for {result['model_mib']:.0f} MiB "
                           "of weights")
@@ -180,7 +199,7 @@ def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen:
     evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
                           eval_seqlen or seqlen, eval_windows)
     result = prune_job(model, config, calibration, evaluation, out, json, overwrite, dtype,
-                       compact=compact, resume=resume)
+                       compact=compact, resume=resume, device=device)
     _print_prune(result)
 
 
@@ -207,11 +226,12 @@ def prune_cmd(
                                               "needs --out, evaluates nothing).")] = False,
     dtype: Dtype = "float32",
     calib_dtype: CalibDtype = "float32",
+    device: Device = "auto",
     json: Json = None,
 ) -> None:
     """Prune a model, compare dense and pruned perplexity, save a reloadable model."""
     _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
-              out, overwrite, compact, dtype, json, resume, stream, calib_dtype)
+              out, overwrite, compact, dtype, json, resume, stream, calib_dtype, device)
 
 
 def _print_prune(result: dict) -> None:
@@ -318,11 +338,13 @@ def quantize_cmd(
     resume: Resume = False,
     dtype: Dtype = "float32",
     calib_dtype: CalibDtype = "float32",
+    device: Device = "auto",
     json: Json = None,
 ) -> None:
     """Quantize a model (GPTQ, RTN, W8A8); saves compressed-tensors pack-quantized."""
     _compress(ctx, model, calib, nsamples, seqlen, seed, eval_data, eval_windows, eval_seqlen,
-              out, overwrite, False, dtype, json, resume, calib_dtype=calib_dtype)
+              out, overwrite, False, dtype, json, resume, calib_dtype=calib_dtype,
+              device=device)
 
 
 def _evaluation(eval_data: str | None, eval_seqlen: int | None, eval_windows: int | None):
@@ -352,12 +374,14 @@ def recover_cmd(
     out: Annotated[Path | None, typer.Option(help="Save the merged model here (default: "
                                                   "DIR-lora, DIR-dwq).")] = None,
     overwrite: Overwrite = False,
+    device: Device = "auto",
     json: Json = None,
 ) -> None:
     """Recover a pruned model's quality by LoRA fine-tuning (saves the merged model), or a
     quantized one's by DWQ (saves it packed again, same format and size)."""
     from secateur.recovery.lora import recover_job
 
+    _device(device)
     if ctx.meta.get("secateur_method") is None:
         raise SecateurError("say how to recover: --method lora (or --lora) or --method dwq; "
                             "distillation is `secateur distill`")
@@ -371,6 +395,9 @@ def recover_cmd(
 
         if teacher is None:
             raise SecateurError("dwq learns from the unquantized model: give it with --teacher")
+        if device.startswith("cuda"):
+            raise SecateurError("dwq runs on the CPU for now: drop --device or give --device "
+                                "cpu")
         target = out or Path(str(model).rstrip("/") + "-dwq")
         result = dwq_job(model, teacher, target, config, evaluation, json, overwrite)
         out_console.print_json(data={k: result[k] for k in result
@@ -380,7 +407,7 @@ def recover_cmd(
     if teacher is not None:
         raise SecateurError("--teacher is for --method dwq; LoRA trains on the text alone")
     target = out or Path(str(model).rstrip("/") + "-lora")
-    result = recover_job(model, target, config, evaluation, json, overwrite)
+    result = recover_job(model, target, config, evaluation, json, overwrite, device=device)
     table = Table(title=f"{model}: LoRA recovery")
     for col in ("perplexity before", "perplexity after", "parameters", "saved"):
         table.add_column(col)
@@ -407,15 +434,18 @@ def distill_cmd(
     out: Annotated[Path | None, typer.Option(help="Save the distilled student here (default: "
                                                   "STUDENT-kd).")] = None,
     overwrite: Overwrite = False,
+    device: Device = "auto",
     json: Json = None,
 ) -> None:
     """Knowledge distillation: train a pruned student on its dense teacher's distribution."""
     from secateur.recovery.distill import distill_job
 
+    _device(device)
     config = _config_from_flags(ctx)
     target = out or Path(str(student).rstrip("/") + "-kd")
     result = distill_job(student, teacher, target, config,
-                         _evaluation(eval_data, eval_seqlen, eval_windows), json, overwrite)
+                         _evaluation(eval_data, eval_seqlen, eval_windows), json, overwrite,
+                         device=device)
     out_console.print_json(data={k: result[k] for k in result
                                  if k in ("perplexity_before", "perplexity",
                                           "teacher_perplexity", "gap_recovered", "out")})
@@ -428,6 +458,9 @@ def run_cmd(
     out: Annotated[Path, typer.Option(help="Output folder: model/, result.json, recipe.yaml; "
                                            "a rerun resumes from the last finished step.")],
     overwrite: Overwrite = False,
+    device: Annotated[str | None, typer.Option(help="Where to compute (auto, cpu, cuda, "
+                                                    "cuda:N); default: the recipe's device "
+                                                    "field (auto).")] = None,
     json: Json = None,
 ) -> None:
     """Run a recipe: every step in order on one model, checkpointed after each."""
@@ -436,12 +469,15 @@ def run_cmd(
     from secateur.recipe import Recipe, run_recipe
     from secateur.surgery.save import write_json_atomic
 
+    if device is not None:
+        _device(device)
     parsed = Recipe.load(recipe)  # a bad recipe fails before the model loads
     inputs = [recipe, *path_values(parsed.to_dict())]
     if json is not None:
         check_output_file(json, "--json", inputs=inputs, overwrite=overwrite)
     result = run_recipe(parsed, out, overwrite,
-                        say=lambda m: console.print(m, highlight=False), inputs=inputs)
+                        say=lambda m: console.print(m, highlight=False), inputs=inputs,
+                        device=device)
     if json is not None:
         write_json_atomic(json, result.to_dict())
     _print_recipe(result.to_dict())
@@ -537,6 +573,7 @@ def sweep_cmd(
     keep_models: Annotated[bool, typer.Option(help="Keep each pruned model in models/.")]
     = False,
     dtype: Dtype = "float32",
+    device: Device = "auto",
 ) -> None:
     """Prune a grid of methods x sparsities; each finished cell is saved, reruns resume."""
     from secateur.api import CalibrationConfig
@@ -545,6 +582,7 @@ def sweep_cmd(
     from secateur.report.tables import print_sweep
     from secateur.sweep import SweepSpec, run_sweep
 
+    _device(device)
     split = [m.strip() for m in methods.split(",") if m.strip()]
     values = [v.strip() for v in sparsities.split(",") if v.strip()]
     zs = None if tasks is None else ZeroShotSpec(parse_tasks(tasks), limit)
@@ -552,7 +590,7 @@ def sweep_cmd(
                                                                           seed),
                      EvalSpec(None if eval_data == "none" else eval_data,
                               eval_seqlen or seqlen, eval_windows), zs, dtype, compact,
-                     keep_models)
+                     keep_models, device)
     results = run_sweep(spec, out, say=lambda m: console.print(m, highlight=False))
     print_sweep(out_console, results)
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from secateur import distributed
 from secateur.api import CalibrationConfig, count_parameters, peak_rss_mib, run_step
 from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
+from secateur.device import device_record, resolve_device, timer
 from secateur.engine.capture import compute_dtype
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
@@ -23,7 +25,7 @@ from secateur.io import check_output_dir, check_output_file
 from secateur.methods import build_method
 from secateur.models.loading import load
 from secateur.outputs import model_bytes
-from secateur.report.depth import is_depth_summary, plot_removals
+from secateur.report.depth import has_curve, is_depth_summary, plot_removals
 from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
 from secateur.workdir import WorkDir, check_free, with_exit_stack
 
@@ -40,12 +42,14 @@ class EvalSpec:
 
 
 def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
-                        source: TextSource | None = None) -> dict[str, Any]:
-    """`source`, when the caller already loaded `spec.data`, saves parsing it again."""
+                        source: TextSource | None = None,
+                        device: torch.device | None = None) -> dict[str, Any]:
+    """`source`, when the caller already loaded `spec.data`, saves parsing it again; `device`:
+    the model runs there for the evaluation (None: where it is)."""
     source = source or load_text(spec.data, split="test")
     return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
                       spec.protocol, spec.bos, progress, batch_size=spec.batch_size,
-                      compute_dtype=spec.compute_dtype).to_dict()
+                      compute_dtype=spec.compute_dtype, device=device).to_dict()
 
 
 @with_exit_stack
@@ -63,12 +67,14 @@ def prune_job(
     compact: bool = False,
     dense_perplexity: float | None = None,
     resume: bool = False,
+    device: str | None = "auto",
 ) -> dict[str, Any]:
     """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict.
 
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval.
     Under torchrun only rank 0 evaluates, shows progress and writes; the others compute."""
     build_method(config)  # not a method config: fail before the model loads
+    dev = resolve_device(device)  # --device cuda without CUDA: before anything loads
     if not distributed.is_main():
         out = json_path = None
         evaluation = EvalSpec(None)
@@ -111,18 +117,19 @@ def prune_job(
         result["dense_perplexity_source"] = "given"
     elif evaluation.data is not None:
         result.update(_dense_perplexity(loaded, model_name, evaluation, eval_text, dtype,
-                                        progress, timings))
+                                        progress, timings, dev))
     # in --out's working folder, where a rerun with --resume finds it; kept until the output
     # is saved (replacing --out removes it)
     checkpoint = None if work is None else work.folder("layers")
     if work is not None and not resume:
         work.discard("layers")
-    run = run_step(loaded, config, calibration, progress=progress, checkpoint=checkpoint)
+    run = run_step(loaded, config, calibration, progress=progress, checkpoint=checkpoint,
+                   device=dev)
     timings["prune_seconds"] = run.seconds
     if evaluation.data is not None:
-        t = time.perf_counter()
-        pruned = evaluate_perplexity(loaded, evaluation, progress, eval_text)
-        timings["eval_seconds"] = time.perf_counter() - t
+        t = timer(dev)
+        pruned = evaluate_perplexity(loaded, evaluation, progress, eval_text, dev)
+        timings["eval_seconds"] = timer(dev) - t
         result["perplexity"] = pruned["perplexity"]
         result["tokens"] = pruned["tokens"]
         result["protocol"] = pruned["protocol"]
@@ -132,6 +139,7 @@ def prune_job(
         "parameters": {"dense": dense_params, "pruned": pruned_params},
         "timings": timings,
         "peak_rss_mib": peak_rss_mib(),
+        **device_record(dev),  # device, and a CUDA device's name and peak allocation
         "calibration": run.calibration,
         "distributed": distributed.record(),
         "options": run.config,
@@ -164,7 +172,7 @@ def prune_job(
         result["bytes_on_disk"] = dir_bytes(Path(out))
     if checkpoint is not None:
         remove_checkpoint(checkpoint)
-    if is_depth_summary(run.summary):
+    if is_depth_summary(run.summary) and has_curve(run.summary):
         plots = [p for p in (json_path and Path(json_path).with_suffix(".png"),
                              out and Path(out) / "removals.png") if p is not None]
         result["removal_plot"] = [str(plot_removals(result, p)) for p in plots]
@@ -174,19 +182,20 @@ def prune_job(
 
 
 def _dense_perplexity(loaded, model_name: str, evaluation: EvalSpec, eval_text: TextSource,
-                      dtype: str, progress: bool, timings: dict[str, float]) -> dict[str, Any]:
+                      dtype: str, progress: bool, timings: dict[str, float],
+                      device: torch.device | None = None) -> dict[str, Any]:
     """The dense figure from the perplexity cache (`secateur.eval.cache`), else evaluated and
     stored there; says which, and the cache file."""
     from secateur.eval import cache
 
-    key = cache.key_for(model_name, eval_text, evaluation, dtype)
+    key = cache.key_for(model_name, eval_text, evaluation, dtype, str(device or "cpu"))
     hit = cache.read(key) if key is not None else None
     if hit is not None:
         return {"dense_perplexity": hit[0]["perplexity"], "dense_perplexity_source": "cache",
                 "dense_perplexity_cache": str(hit[1])}
-    t = time.perf_counter()
-    dense = evaluate_perplexity(loaded, evaluation, progress, eval_text)
-    timings["dense_eval_seconds"] = time.perf_counter() - t
+    t = timer(device)
+    dense = evaluate_perplexity(loaded, evaluation, progress, eval_text, device)
+    timings["dense_eval_seconds"] = timer(device) - t
     stored = cache.write(key, dense) if key is not None else None
     return {"dense_perplexity": dense["perplexity"], "dense_perplexity_source": "computed",
             "dense_perplexity_cache": None if stored is None else str(stored)}
@@ -204,11 +213,16 @@ def _say_layers_discarded(work: WorkDir, resume: bool, overwrite: bool) -> None:
 
 def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
              dtype: str = "float32", progress: bool = True,
-             zeroshot: ZeroShotSpec | None = None, overwrite: bool = False) -> dict[str, Any]:
+             zeroshot: ZeroShotSpec | None = None, overwrite: bool = False,
+             device: str | None = "auto") -> dict[str, Any]:
     """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks.
     `overwrite`: replace an existing JSON file."""
     if evaluation.data is None and zeroshot is None:
         raise SecateurError("nothing to evaluate: give --data or --tasks")
+    from secateur.eval.gguf import is_gguf
+
+    # llama.cpp scores a GGUF file on its own: the flag is checked for torch's runs only
+    dev = None if is_gguf(model_name) else resolve_device(device)
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     if zeroshot is not None:  # unknown task names fail before the model loads
         check_tasks(zeroshot.tasks, resolve_data(zeroshot.data))
@@ -232,9 +246,11 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
     loaded = load(model_name, dtype=dtype)
     result: dict[str, Any] = {"model": model_name}
     if evaluation.data is not None:
-        result.update(evaluate_perplexity(loaded, evaluation, progress, eval_text))
+        result.update(evaluate_perplexity(loaded, evaluation, progress, eval_text, dev))
     if zeroshot is not None:
-        result["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype)
+        result["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype,
+                                          device=dev)
+    result.update(device_record(dev))
     result["parameters"] = count_parameters(loaded.model)["parameters"]
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
@@ -246,7 +262,7 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
                        calibration: CalibrationConfig,
                        out: Path, json_path: Path | None = None, overwrite: bool = False,
                        dtype: str = "float32", progress: bool = True,
-                       resume: bool = False) -> dict[str, Any]:
+                       resume: bool = False, device: str | None = "auto") -> dict[str, Any]:
     """A layer-wise prune with one decoder layer in memory at a time, written to `out`.
 
     The model never exists whole in memory, so it is evaluated by loading `out` afterwards
@@ -256,6 +272,7 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
     from secateur.models.streaming import load_streamed
 
     method = build_method(config)
+    dev = resolve_device(device)  # before anything loads
     check_free(Path(out))  # a second run on this --out fails here, naming the first one's pid
     inputs = [model_name, calibration.source]
     check_output_dir(Path(out), overwrite, inputs=inputs, needed_bytes=model_bytes(model_name))
@@ -270,12 +287,13 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
         work.discard("layers")
     result: dict[str, Any] = {"model": model_name, "method": config.method,
                               "options": config.settings(), "calibration": calib_record,
-                              "streamed": True}
+                              "streamed": True, "device": str(dev)}
     with compute_dtype(calibration.compute_dtype):
         run = prune_streamed(loaded, weights, method, windows, Path(out), overwrite=overwrite,
-                             checkpoint=checkpoint, progress=progress,
+                             checkpoint=checkpoint, progress=progress, device=dev,
                              metadata=lambda r: {**result, **r.to_dict()})
     result.update(run.to_dict())
+    result.update(device_record(dev))
     result["bytes_on_disk"] = dir_bytes(Path(out))
     if json_path is not None:
         write_json_atomic(Path(json_path), result)

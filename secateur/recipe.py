@@ -30,11 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import Field, field_validator, model_validator
 
 from secateur.api import CalibrationConfig, StepResult, peak_rss_mib, run_step
 from secateur.config import Config, ConfigError, MethodConfig
+from secateur.device import check_spelling, resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
@@ -100,12 +102,21 @@ class BenchSettings(Config):
 class Recipe(Config):
     model: str = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where the steps and evaluations compute (secateur.device); `secateur run --device`
+    # overrides it. Not part of what a resumed run must match: a run may resume elsewhere.
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda "
+                                            "or cuda:N.")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     steps: list[MethodConfig] = Field(min_length=1)
     evaluate: Evaluation = Field(default_factory=Evaluation)
     # auto: compressed-tensors pack-quantized when a step quantized, else safetensors
     save_format: SaveFormat = "auto"
     bench: BenchSettings | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_spelling(value)  # a machine without CUDA is refused when the run starts
 
     @field_validator("bench", mode="before")
     @classmethod
@@ -177,7 +188,7 @@ class Recipe(Config):
         return cls.from_yaml(read_recipe_text(path))
 
     def fingerprint(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return _fingerprint(self.to_dict())
 
 
 @dataclass
@@ -197,6 +208,11 @@ class RecipeResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecipeResult:
         return cls(**data)
+
+
+def _fingerprint(recipe: dict[str, Any]) -> str:
+    """What a resumed run must share with the interrupted one: all but the device."""
+    return json.dumps({k: v for k, v in recipe.items() if k != "device"}, sort_keys=True)
 
 
 CHECKPOINT = "recipe"  # in --out's working folder (secateur.workdir)
@@ -246,7 +262,7 @@ def _load_checkpoint(folder: Path, recipe: Recipe) -> tuple[Loaded, RecipeResult
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise SecateurError(f"{damaged} ({type(err).__name__}): pass --overwrite to start "
                             "afresh") from None
-    if json.dumps(result.recipe, sort_keys=True) != recipe.fingerprint():
+    if _fingerprint(result.recipe) != recipe.fingerprint():
         raise SecateurError(f"'{folder.parent.parent}' holds a checkpoint of a different "
                             "recipe: use another --out, or --overwrite to start afresh")
     if not (isinstance(name, str) and _MODEL.match(name) and (folder / name).is_dir()):
@@ -285,22 +301,25 @@ def _clear_for_overwrite(out: Path) -> None:
             entry.unlink()
 
 
-def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool) -> dict[str, Any]:
+def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool,
+                device: torch.device | None = None) -> dict[str, Any]:
     from secateur.eval.api import evaluate
 
-    return evaluate(loaded, config, progress=progress).to_dict()
+    return evaluate(loaded, config, progress=progress, device=device).to_dict()
 
 
 def _evaluate(loaded: Loaded, evaluation: Evaluation, progress: bool,
-              first: dict[str, Any] | None = None) -> dict[str, Any]:
+              first: dict[str, Any] | None = None,
+              device: torch.device | None = None) -> dict[str, Any]:
     """`first`: the first text's result when it was just measured on this very model."""
     from secateur.eval.api import evaluate
 
     out: dict[str, Any] = {"perplexity": [
-        first if i == 0 and first is not None else _perplexity(loaded, p, progress)
+        first if i == 0 and first is not None else _perplexity(loaded, p, progress, device)
         for i, p in enumerate(evaluation.perplexity)]}
     if evaluation.zeroshot is not None:
-        out["zeroshot"] = evaluate(loaded, evaluation.zeroshot, progress=progress).to_dict()
+        out["zeroshot"] = evaluate(loaded, evaluation.zeroshot, progress=progress,
+                                   device=device).to_dict()
     out["parameters"] = count_parameters(loaded.model)
     return out
 
@@ -366,14 +385,16 @@ RUN_FILES = ("recipe.yaml", "model", "result.json")  # what a run writes in its 
 
 
 def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: bool = True,
-               say: Any = print, inputs: Iterable[str | Path] = ()) -> RecipeResult:
+               say: Any = print, inputs: Iterable[str | Path] = (),
+               device: str | None = None) -> RecipeResult:
     """Run every step in order, checkpointing after each; resume from a checkpoint in `out`.
 
     `inputs`: paths the run reads besides those the recipe names (the recipe file itself),
-    which `out` may not be, hold or replace."""
+    which `out` may not be, hold or replace. `device` overrides the recipe's own."""
     out = Path(out)
     if recipe.dtype not in DTYPES:
         raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
+    dev = resolve_device(recipe.device if device is None else device)  # before any loading
     check_free(out)  # a second run on this --out fails here, in one line naming the first
     work = WorkDir(out)
     resumable = (work.folder(CHECKPOINT) / STATE).is_file()
@@ -385,11 +406,12 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
         out, overwrite, [*inputs, *path_values(recipe.to_dict())], resumable,
         None if any(quantizes(s) for s in recipe.steps) else model_bytes(recipe.model))
     with work:
-        return _run_locked(recipe, out, work, replace and overwrite, resumable, progress, say)
+        return _run_locked(recipe, out, work, replace and overwrite, resumable, progress, say,
+                           dev)
 
 
 def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable: bool,
-                progress: bool, say: Any) -> RecipeResult:
+                progress: bool, say: Any, device: torch.device | None = None) -> RecipeResult:
     checkpoint = work.folder(CHECKPOINT)
     start = time.perf_counter()
     loaded = load(recipe.model, dtype=recipe.dtype)
@@ -411,7 +433,7 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
         say(f"resuming after step {len(result.steps)} of {len(recipe.steps)}")
     else:
         result = RecipeResult(recipe=recipe.to_dict())
-        result.dense = _evaluate(loaded, recipe.evaluate, progress)
+        result.dense = _evaluate(loaded, recipe.evaluate, progress, device=device)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
         mark_output(out, RUN_FILES)  # what a later --overwrite may replace
     teacher = _teacher_loader(recipe)
@@ -421,15 +443,15 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
         step = recipe.steps[i]
         say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
         record: StepResult = run_step(loaded, step, recipe.calibration, teacher=teacher,
-                                      progress=progress)
+                                      progress=progress, device=device)
         last = None
         if recipe.evaluate.after_each_step and first_ppl is not None:
-            last = _perplexity(loaded, first_ppl, progress)
+            last = _perplexity(loaded, first_ppl, progress, device)
             record.perplexity = last["perplexity"]
         result.steps.append(record.to_dict())
         _save_checkpoint(checkpoint, loaded, result)
     # the last step's perplexity is the final model's: not measured twice
-    result.final = _evaluate(loaded, recipe.evaluate, progress, last)
+    result.final = _evaluate(loaded, recipe.evaluate, progress, last, device)
     result.out = str(out / "model")
     result.seconds = time.perf_counter() - start
     result.peak_rss_mib = peak_rss_mib()

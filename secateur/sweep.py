@@ -43,6 +43,8 @@ class SweepSpec:
     dtype: str = "float32"
     compact: bool = False  # store masks as bitmasks: bytes_on_disk then shows the saving
     keep_models: bool = False
+    # where cells compute; not part of the identity: a sweep may resume on another device
+    device: str = "auto"
 
     def identity(self) -> dict[str, Any]:
         """What must not change between an interrupted sweep and its resumption."""
@@ -113,6 +115,9 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
               say: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every missing cell; returns all results in the directory, keyed by cell. The
     folder is locked while the sweep runs: a second sweep on it fails at once."""
+    from secateur.device import resolve_device
+
+    dev = resolve_device(spec.device)  # --device cuda without CUDA: before anything loads
     out = Path(out)
     check_free(out)
     cells = grid(spec)
@@ -125,7 +130,8 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
     done = finished(out)
     if "dense" not in done:
         say("dense: evaluating the unpruned model")
-        res = eval_job(spec.model, spec.evaluation, None, spec.dtype, progress, spec.zeroshot)
+        res = eval_job(spec.model, spec.evaluation, None, spec.dtype, progress, spec.zeroshot,
+                       device=str(dev))
         res.update({"cell": "dense", "method": "dense", "sparsity": 0.0})
         write_json_atomic(out / "results" / "dense.json", res)
         done["dense"] = res
@@ -138,13 +144,14 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
         model_dir = out / "models" / cid
         res = prune_job(spec.model, options, spec.calibration, spec.evaluation, model_dir,
                         overwrite=True, dtype=spec.dtype, progress=progress,
-                        compact=spec.compact, dense_perplexity=dense_ppl)
+                        compact=spec.compact, dense_perplexity=dense_ppl, device=str(dev))
         if spec.zeroshot is not None:
             from secateur.eval.zeroshot import zeroshot
             from secateur.models.loading import load
 
             loaded = load(str(model_dir), dtype=spec.dtype)
-            res["zeroshot"] = zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, spec.dtype)
+            res["zeroshot"] = zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, spec.dtype,
+                                       device=dev)
             del loaded
         res["cell"] = cid
         if not spec.keep_models:

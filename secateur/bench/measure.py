@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.bench.memory import peak_rss_mib, peak_tensor_mib
+from secateur.device import timer
 from secateur.errors import SecateurError
 from secateur.eval.protocol import library_versions
 from secateur.io import dir_bytes
@@ -84,9 +85,10 @@ def prompt_ids(tokenizer, text: str, length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
-    t = time.perf_counter()
+    device = ids.device  # on a GPU the clock waits for the queued kernels (timer syncs)
+    t = timer(device)
     model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - t
+    return timer(device) - t
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -102,12 +104,12 @@ def decode_seconds(model: nn.Module, ids: torch.Tensor, tokens: int) -> float:
     out = model(input_ids=ids, use_cache=True)
     past = getattr(out, key)
     nxt = out.logits[:, -1:].argmax(-1)
-    t = time.perf_counter()
+    t = timer(ids.device)
     for _ in range(tokens):
         out = model(input_ids=nxt, use_cache=True, **{key: past})
         past = getattr(out, key)
         nxt = out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - t) / tokens
+    return (timer(ids.device) - t) / tokens
 
 
 def same_tokenizer(a, b) -> bool:

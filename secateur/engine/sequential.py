@@ -41,6 +41,21 @@ def _run(layer: nn.Module, inputs: list[torch.Tensor], call: LayerCall) -> list[
     return [call_layer(layer, x, call) for x in inputs]
 
 
+def _device(layer: nn.Module) -> torch.device:
+    param = next(layer.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def _on(stat: Statistic, device: torch.device) -> Statistic:
+    """The statistic's accumulators on the layer's device: X^T X of activations on a GPU is
+    summed there (in fp32 or fp64 as the statistic says), not copied back per window."""
+    if device.type != "cpu":
+        for name, value in vars(stat).items():
+            if isinstance(value, torch.Tensor):
+                setattr(stat, name, value.to(device))
+    return stat
+
+
 class _Seen(Exception):
     """Raised once every projection has seen its input, when the layer's output is unused."""
 
@@ -64,7 +79,8 @@ def run_with_stats(
     (the rest of the layer, e.g. the down projection, is not computed); returns no outputs.
     """
     stats: LayerStats = {
-        name: {cls.name: cls(p.in_features) for cls in needs} for name, p in projections.items()
+        name: {cls.name: _on(cls(p.in_features), _device(layer))
+               for cls in needs} for name, p in projections.items()
     }
     owner: dict[str, str] = {}  # name -> the projection whose statistics it shares
     window = {"index": 0, "seen": 0, "last": None, "last_name": ""}
@@ -219,11 +235,12 @@ def walk_layers(
         layer = layers[index]
         if stream is not None:
             stream.load_layer(index)
+        home = _device(layer)  # back where it was: the CPU, unless the caller put it elsewhere
         if device is not None:
             layer.to(device)
         hidden = visit(index, layer, hidden, _call_to(captured.calls[index], device))
         if device is not None:
-            layer.to("cpu")
+            layer.to(home)
         if after is not None:
             after(index, layer, hidden)
         if stream is not None:
@@ -353,9 +370,11 @@ def collect_layer_stats(
     on_layer: Callable[[int, dict[str, Projection], LayerStats], None],
     progress: bool = True,
     stream: StreamedWeights | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """A dense pass that hands each layer's statistics to `on_layer` and prunes nothing;
-    with `stream`, each layer is read from disk for its turn and freed after."""
+    with `stream`, each layer is read from disk for its turn and freed after; with `device`,
+    each layer runs there (`on_layer` gets the statistics on it, the layer back home)."""
 
     def visit(index, layer, inputs, call):
         projections = adapter.linears(layer)
@@ -363,4 +382,5 @@ def collect_layer_stats(
         on_layer(index, projections, stats)
         return outputs
 
-    walk_layers(model, adapter, calibration, visit, "statistics", progress, stream=stream)
+    walk_layers(model, adapter, calibration, visit, "statistics", progress, device,
+                stream=stream)

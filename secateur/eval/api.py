@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, overload
 
+import torch
 from torch import nn
 
 from secateur.data.sources import TextSource, load_text
+from secateur.device import resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.eval.perplexity import PerplexityResult, perplexity
@@ -50,19 +52,21 @@ def evaluate(model: Loaded | nn.Module | str | Path, config: ZeroShotConfig,
 
 
 def evaluate(model: Loaded | nn.Module | str | Path, config: EvalConfig, progress: bool = True,
-             *, tokenizer: Any = None, source: TextSource | None = None
-             ) -> PerplexityResult | ZeroShotResult:
+             *, tokenizer: Any = None, source: TextSource | None = None,
+             device: str | torch.device | None = "auto") -> PerplexityResult | ZeroShotResult:
     """Evaluate a model as `config` says; the model is not changed.
 
     `source`, for a perplexity, is the text already loaded (saves parsing `config.data` again
-    when one text serves several evaluations)."""
+    when one text serves several evaluations). `device`: auto (CUDA if available), cpu, cuda,
+    cuda:N, or None (where the model is); the model goes back where it was after."""
     if not isinstance(config, PerplexityConfig | ZeroShotConfig):
         raise SecateurError(f"evaluate takes a PerplexityConfig or a ZeroShotConfig, got "
                             f"{type(config).__name__}")
+    dev = None if device is None else resolve_device(device)  # before the model loads
     m, tok = _model_and_tokenizer(model, tokenizer)
     if isinstance(config, PerplexityConfig):
         text = source if source is not None else load_text(config.data, split="test")
         return perplexity(m, tok, text, config.seqlen, config.max_windows, config.protocol,
                           config.bos, progress, batch_size=config.batch_size,
-                          compute_dtype=config.compute_dtype)
-    return ZeroShotResult.from_dict(zeroshot(m, tok, config))
+                          compute_dtype=config.compute_dtype, device=dev)
+    return ZeroShotResult.from_dict(zeroshot(m, tok, config, device=dev))

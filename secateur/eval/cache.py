@@ -128,8 +128,14 @@ def write(key: dict[str, Any], result: dict[str, Any]) -> Path | None:
     return path
 
 
-def key_for(model_name: str, source: Any, spec: Any, dtype: str) -> dict[str, Any] | None:
-    """The cache key of `model_name` evaluated as `spec` on `source`, or None (uncacheable)."""
+def key_for(model_name: str, source: Any, spec: Any, dtype: str, device: str = "cpu"
+            ) -> dict[str, Any] | None:
+    """The cache key of `model_name` evaluated as `spec` on `source`, or None (uncacheable).
+    A figure from another device is another entry (CPU keys are as before the device flag)."""
     digest = model_hash(model_name)
-    return None if digest is None else {"model_sha256": digest,
-                                        **protocol_key(source, spec, dtype)}
+    if digest is None:
+        return None
+    key = {"model_sha256": digest, **protocol_key(source, spec, dtype)}
+    if device != "cpu":
+        key["device"] = device
+    return key

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from secateur.data.sources import TextSource
 from secateur.data.windows import eval_windows, tokenize_stream
+from secateur.device import on_device
 from secateur.errors import SecateurError
 from secateur.eval.protocol import PROTOCOLS, PerplexityProtocol, library_versions
 from secateur.models.base import ModelAdapter, adapter_for, get_submodule
@@ -175,6 +176,7 @@ def perplexity(
     progress: bool = True,
     batch_size: int = DEFAULT_BATCH_SIZE,
     compute_dtype: str | None = None,
+    device: torch.device | None = None,
 ) -> PerplexityResult:
     """exp(mean next-token NLL) over non-overlapping windows of the joined text.
 
@@ -183,7 +185,16 @@ def perplexity(
     have the same length). Windows run `batch_size` at a time (they all have the same length,
     so no padding; the number does not depend on it beyond float rounding). `compute_dtype`
     None runs in the weights' dtype; "bfloat16" runs an fp32 model's matmuls in bf16.
+    `device`: the model runs there for the evaluation and goes back after (None: where it is).
     """
+    with on_device(model, device):
+        return _perplexity(model, tokenizer, source, seqlen, max_windows, protocol, bos,
+                           progress, batch_size, compute_dtype)
+
+
+def _perplexity(model: nn.Module, tokenizer, source: TextSource, seqlen: int | None,
+                max_windows: int | None, protocol: str, bos: str, progress: bool,
+                batch_size: int, compute_dtype: str | None) -> PerplexityResult:
     if max_windows is not None and max_windows < 1:
         raise SecateurError(f"--max-windows must be at least 1, got {max_windows}")
     if batch_size < 1:
@@ -212,6 +223,6 @@ def perplexity(
         join=source.join, seqlen=seqlen, stride=windows.stride, windows=count,
         windows_available=windows.available, tokens_scored=tokens, bos=bos,
         dtype=_dtype_name(next(model.parameters()).dtype), versions=library_versions(),
-        compute_dtype=compute,
+        compute_dtype=compute, device=str(device),
     )
     return PerplexityResult(math.exp(nll), nll, tokens, proto)

@@ -43,6 +43,8 @@ class PerplexityProtocol:
     versions: dict
     # the dtype the forward ran in (bf16 moves perplexity by ~0.1-1%); the NLL is fp32 either way
     compute_dtype: str = ""
+    # where the forward ran: a GPU's kernels sum in another order (~1e-5 relative in fp32)
+    device: str = "cpu"
 
     def to_dict(self) -> dict:
         return asdict(self)

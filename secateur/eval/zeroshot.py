@@ -291,11 +291,17 @@ def run_harness(model, tokenizer, spec: ZeroShotSpec, log_samples: bool = False
     return out, run_names, data, include, {**model_args, "compute_dtype": compute}
 
 
-def zeroshot(model, tokenizer, spec: ZeroShotSpec, dtype: str | None = None) -> dict[str, Any]:
+def zeroshot(model, tokenizer, spec: ZeroShotSpec, dtype: str | None = None,
+             device: Any = None) -> dict[str, Any]:
     """Run lm-eval on an already-loaded model; acc and acc_norm per task, and the average.
 
-    `spec` may also be a `ZeroShotConfig` (same field names)."""
-    out, run_names, data, include, settings = run_harness(model, tokenizer, spec)
+    `spec` may also be a `ZeroShotConfig` (same field names). `device` (a torch.device): the
+    model runs there (lm-eval follows the model's device) and goes back after."""
+    from secateur.device import on_device
+
+    with on_device(model, device):
+        out, run_names, data, include, settings = run_harness(model, tokenizer, spec)
+        settings["device"] = str(next(model.parameters()).device)
     return summarize(out, spec.tasks, run_names, data, spec, include,
                      dtype or settings["dtype"], settings)
 
@@ -346,9 +352,10 @@ def summarize(out: dict, names: tuple[str, ...], run_names: list[str], data: str
                        "the mean of acc over all tasks (LLM-Pruner style)",
             "dtype": dtype,
             "compute_dtype": (settings or {}).get("compute_dtype", dtype),
+            "device": (settings or {}).get("device", "cpu"),
             # the same run from lm-eval's CLI: --model hf --batch_size B --model_args ...
             "lm_eval_model_args": {k: v for k, v in (settings or {}).items()
-                                   if k != "compute_dtype"},
+                                   if k not in ("compute_dtype", "device")},
             "versions": library_versions(),
         },
     }

@@ -330,7 +330,8 @@ def checkpoint_dir(out: Path) -> Path:
 def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig,
                 evaluation: Any = None, json_path: Path | None = None,
                 overwrite: bool = False, progress: bool = True,
-                on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                on_step: Callable[[int, float], None] | None = None,
+                device: str | None = "auto") -> dict[str, Any]:
     """Load student and teacher, evaluate both, distill with checkpoints, evaluate, save.
 
     `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity). The result holds
@@ -340,7 +341,8 @@ def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig
         lambda student, reference, ckpt: distill(student, reference, config, ckpt, progress,
                                                  on_step),
         evaluation, json_path, overwrite, progress, teacher=teacher,
-        check=lambda student, reference: check_models(student, reference, config))
+        check=lambda student, reference: check_models(student, reference, config),
+        device=device)
 
 
 @register_method(DistillConfig)
@@ -351,5 +353,7 @@ class Distill(ModelMethod):
         if context.teacher is None:
             raise SecateurError("distillation needs a teacher: run it as a recipe step after "
                                 "a prune, or call secateur.recovery.distill.distill")
-        return distill(jobs.recovery_loaded(context), context.teacher(), self.config, None,
-                       context.progress).to_dict()
+        student, teacher = jobs.recovery_loaded(context), context.teacher()
+        # the API moved the student to its device; the teacher joins it for the step
+        with jobs.training_on(next(student.model.parameters()).device, student, teacher):
+            return distill(student, teacher, self.config, None, context.progress).to_dict()

@@ -75,14 +75,16 @@ def checkpoint_dir(out: Path) -> Path:
 def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any = None,
                 json_path: Path | None = None, overwrite: bool = False,
                 progress: bool = True,
-                on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+                on_step: Callable[[int, float], None] | None = None,
+                device: str | None = "auto") -> dict[str, Any]:
     """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save.
 
-    `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity)."""
+    `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity); `device`: where it
+    evaluates and trains (auto, cpu, cuda, cuda:N)."""
     return jobs.recovery_job(
         "lora", model_dir, out,
         lambda student, _, ckpt: train_lora(student, config, ckpt, progress, on_step),
-        evaluation, json_path, overwrite, progress)
+        evaluation, json_path, overwrite, progress, device=device)
 
 
 @register_method(LoRAConfig)
@@ -90,5 +92,7 @@ class LoRA(ModelMethod):
     needs_calibration = False
 
     def run(self, context: PruneContext) -> dict[str, Any]:
-        return train_lora(jobs.recovery_loaded(context), self.config, None,
-                          context.progress).to_dict()
+        loaded = jobs.recovery_loaded(context)
+        # the API moved the model to its device; checkpointing there as the CLI job does
+        with jobs.training_on(next(loaded.model.parameters()).device, loaded):
+            return train_lora(loaded, self.config, None, context.progress).to_dict()
