@@ -120,6 +120,72 @@ def test_streamed_prune_resumes_from_a_checkpoint(tiny_dir, tmp_path, monkeypatc
     assert not ckpt.exists()
 
 
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_streamed_gptq_is_saved_packed_as_in_memory(group_size, tiny_dir, tmp_path):
+    """A streamed quantization writes compressed-tensors packed layers and config, the same
+    tensors and quantization_config that save_packed writes of the model quantized in memory
+    (save_packed's embeddings in the model's dtype here, as streaming copies them)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from secateur.engine.streamed import prune_streamed
+    from secateur.methods import build_method
+    from secateur.methods.gptq import GPTQConfig
+    from secateur.models.streaming import load_streamed
+    from secateur.quant.pack import save_packed
+    from secateur.quant.state import quant_state
+
+    model_dir, calib = tiny_dir("llama"), _windows()
+    config = GPTQConfig(bits=4, group_size=group_size)
+    reference, ref_reports, _ = _in_memory(model_dir, config, calib)
+    ref_dir = save_packed(reference, None, tmp_path / "ref", keep_dtype=None)
+    out = tmp_path / "streamed"
+    loaded, weights = load_streamed(model_dir)
+    result = prune_streamed(loaded, weights, build_method(config), calib, out, progress=False,
+                            checkpoint=tmp_path / "ckpt")
+    assert result.layers == [asdict(r) for r in ref_reports]
+    ref, got = _all_tensors(ref_dir), _all_tensors(out)
+    assert got.keys() == ref.keys()
+    assert any(k.endswith(".weight_packed") for k in got)
+    assert not any(k.endswith("proj.weight") for k in got)  # no dense copy beside the codes
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant == json.loads((ref_dir / "config.json").read_text())["quantization_config"]
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # transformers reads it back
+    ref_loaded = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    assert torch.equal(loaded(calib[0]).logits, ref_loaded(calib[0]).logits)
+    # the grids went out with their layers: none is left on the meta model
+    assert not any(quant_state(m) is not None for m in loaded.model.modules())
+
+
+def test_streamed_quantization_refuses_to_resume(tiny_dir, tmp_path):
+    from secateur.errors import SecateurError
+    from secateur.methods.rtn import RTNConfig
+
+    model_dir, calib = tiny_dir("llama"), _windows()
+    out, ckpt = tmp_path / "streamed", tmp_path / "ckpt"
+
+    def stop(index: int) -> None:
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _streamed(model_dir, out, RTNConfig(bits=4, group_size=-1), calib, checkpoint=ckpt,
+                  on_layer_done=stop)
+    with pytest.raises(SecateurError, match="cannot resume"):
+        _streamed(model_dir, out, RTNConfig(bits=4, group_size=-1), calib, checkpoint=ckpt)
+
+
 def test_streaming_refuses_what_it_cannot_read(tiny_dir, tmp_path):
     from secateur.errors import SecateurError
     from secateur.models.streaming import load_streamed

@@ -8,6 +8,12 @@ rest and an index, so the output is an ordinary sharded model folder that
 `AutoModelForCausalLM.from_pretrained` loads. Resident weights: the non-layer tensors plus
 one layer.
 
+A quantize method (GPTQ, RTN, W8A8) leaves a grid on each linear it quantized
+(`secateur.quant.state`): such a layer is written packed, in compressed-tensors' layout
+(`secateur.quant.pack`), and `finish` writes the `quantization_config`, so the streamed output
+is the same checkpoint `save_packed` makes of the model quantized in memory, except that the
+embeddings keep the source's bytes (save_packed stores them in float16).
+
 Tensors are read and written with plain file I/O in the safetensors format rather than
 through mmap: a mapped file's touched pages count towards this process's resident memory
 until it is unmapped, and `safetensors.torch.save_file` serialises to one more in-memory copy.
@@ -289,6 +295,11 @@ class StreamedWeights:
         self.num_layers = adapter.num_layers
         self.work: Path | None = None
         self.written: dict[int, Path] = {}
+        # per written layer: its linears written packed (name -> Scheme as stored) and the
+        # linears it left unquantized
+        self.packed: dict[int, dict[str, Any]] = {}
+        self.unpacked: dict[int, list[str]] = {}
+        self._widths: list[int] | None = None
         self.rest_loaded = False
         state = model.state_dict(keep_vars=True)
         self.model_bytes = sum(t.numel() * t.element_size()
@@ -379,10 +390,65 @@ class StreamedWeights:
             _set_tensor(layer, n, tensors[prefix + n])
 
     def unload_layer(self, index: int) -> None:
-        """Back to meta tensors of the same shapes: the weights' memory is freed."""
+        """Back to meta tensors of the same shapes: the weights' memory is freed, and so are
+        the grids a quantize method left (they are in the written shard)."""
+        from secateur.quant.state import ATTR
+
         layer = self.adapter.layers[index]
         for n, t in layer.state_dict(keep_vars=True).items():
             _set_tensor(layer, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        for module in layer.modules():
+            if hasattr(module, ATTR):
+                delattr(module, ATTR)
+
+    def _loaded(self, index: int) -> bool:
+        return not any(t.is_meta for t in
+                       self.adapter.layers[index].state_dict(keep_vars=True).values())
+
+    def _quantized(self, index: int) -> bool:
+        from secateur.quant.state import quant_state
+
+        return any(quant_state(m) is not None for m in self.adapter.layers[index].modules())
+
+    def _linear_widths(self) -> list[int]:
+        """Input widths of every decoder-layer linear (known on the meta device too): the
+        stored group size is their gcd with the grid's, as `save_packed` makes it."""
+        if self._widths is None:
+            self._widths = sorted({
+                p.module.in_features for layer in self.adapter.layers
+                for p in self.adapter.linears(layer).values()
+                if isinstance(p.module, nn.Linear)})
+        return self._widths
+
+    def _output_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s tensors as saved: quantized linears packed (compressed-tensors)."""
+        tensors = self.layer_tensors(index)
+        self.packed.pop(index, None)
+        self.unpacked.pop(index, None)
+        if not self._quantized(index):
+            return tensors
+        from dataclasses import replace
+
+        from secateur.quant.pack import packed_tensors, scheme_of, stored_group
+        from secateur.quant.state import quant_state
+
+        packed: dict[str, Any] = {}
+        unpacked: list[str] = []
+        for name, module in self.adapter.layers[index].named_modules():
+            full = self.prefix(index) + name
+            state = quant_state(module)
+            if state is None:
+                if isinstance(module, nn.Linear):
+                    unpacked.append(full)
+                continue
+            scheme = scheme_of(full, module, state)
+            stored = replace(scheme, group_size=stored_group(scheme.group_size,
+                                                             self._linear_widths()))
+            del tensors[f"{full}.weight"]
+            tensors.update(packed_tensors(full, module, state, stored))
+            packed[full] = stored
+        self.packed[index], self.unpacked[index] = packed, unpacked
+        return tensors
 
     def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s saved tensors under their names in the whole model."""
@@ -406,12 +472,20 @@ class StreamedWeights:
 
     def write_layer(self, index: int) -> Path:
         path = self._need_work() / self._shard(index + 2)
-        write_tensors(path, self.layer_tensors(index))
+        write_tensors(path, self._output_tensors(index))
         self.written[index] = path
         return path
 
     def adopt_layer(self, index: int, file: Path) -> Path:
-        """A finished layer already saved (by a checkpoint) becomes its output shard."""
+        """A finished layer already saved (by a checkpoint) becomes its output shard. A
+        quantized layer is written packed instead, from memory: the checkpoint holds it
+        dequantized."""
+        if self._loaded(index) and self._quantized(index):
+            return self.write_layer(index)
+        if (Path(file).parent / Path(file).name.replace("layer-", "quant-", 1)).is_file():
+            raise SecateurError("a streamed quantization cannot resume from its checkpoint "
+                                "yet (the checkpoint holds dequantized layers): run it again "
+                                "without --resume")
         path = self._need_work() / self._shard(index + 2)
         path.unlink(missing_ok=True)
         try:
@@ -419,7 +493,28 @@ class StreamedWeights:
         except OSError:
             shutil.copyfile(file, path)
         self.written[index] = path
+        self.packed.pop(index, None)
+        self.unpacked.pop(index, None)
         return path
+
+    def _quantization_config(self, work: Path) -> None:
+        """config.json with compressed-tensors' quantization_config, as `save_packed` writes
+        it: one config group per scheme, every other linear (the head) ignored."""
+        from secateur.quant.pack import _config_json
+
+        if len(self.packed) != self.num_layers:
+            plain = sorted(set(range(self.num_layers)) - set(self.packed))
+            raise SecateurError(f"layers {plain} were written unquantized while others are "
+                                "packed: run the quantization again from the start")
+        groups: dict[Any, list[str]] = {}
+        for index in sorted(self.packed):
+            for name, scheme in self.packed[index].items():
+                groups.setdefault(scheme, []).append(name)
+        layers = f"{self.adapter.layers_path}."
+        ignore = [n for n, m in self.model.named_modules()
+                  if isinstance(m, nn.Linear) and not n.startswith(layers)]
+        ignore += [n for index in sorted(self.unpacked) for n in self.unpacked[index]]
+        _config_json(self.model, groups, ignore, work)
 
     def finish(self, tokenizer: Any = None) -> Path:
         """The non-layer tensors (copied from the source file when their dtype is kept), the
@@ -450,7 +545,10 @@ class StreamedWeights:
         total = sum((work / f).stat().st_size for f in set(weight_map.values()))
         (work / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                               "weight_map": weight_map}, indent=2) + "\n")
-        self.model.config.save_pretrained(work)
+        if self.packed:
+            self._quantization_config(work)
+        else:
+            self.model.config.save_pretrained(work)
         generation = self.source.folder / "generation_config.json"
         if generation.is_file():
             shutil.copyfile(generation, work / generation.name)
