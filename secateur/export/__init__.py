@@ -45,14 +45,14 @@ def export_model(model: nn.Module, tokenizer: Any, fmt: str, out: str | Path,
                  has_imatrix: bool = False) -> dict[str, Any]:
     """Write an in-memory model (e.g. just pruned) in format `fmt` to `out`; `quantized`
     holds the codes a gguf quantize step chose (`secateur.quant.ggml.ggml_states`)."""
-    from secateur.export.gguf import write_gguf
+    from secateur.export.gguf import read_gguf_layout, write_gguf
     from secateur.export.layout import read_layout
     from secateur.export.nemotron_nas import write_nemotron_nas
     from secateur.io import dir_bytes
 
     out = Path(out)
     outtype = _check(fmt, outtype, out, overwrite, inputs)
-    layout = read_layout(model, name)
+    layout = read_gguf_layout(model, name) if fmt == "gguf" else read_layout(model, name)
     if fmt == "gguf":
         written = write_gguf(layout, tokenizer, out, overwrite, outtype, inputs, quantized,
                              has_imatrix)

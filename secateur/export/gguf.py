@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from secateur.errors import SecateurError
-from secateur.export.layout import LayerShape, LlamaLayout
+from secateur.export import gguf_gemma3
+from secateur.export.gguf_gemma3 import Gemma3Layout
+from secateur.export.layout import LayerShape, LlamaLayout, read_layout
 from secateur.io import atomic_file, check_output_file
 from secateur.quant.ggml import GGMLState, pack, rtn_ggml
 from secateur.quant.ggml_presets import PRESETS, TensorSlot, tensor_types
@@ -46,6 +48,16 @@ HF_TO_GGUF = {  # per-layer tensors: transformers' name -> gguf's MODEL_TENSOR
     "post_attention_layernorm": "FFN_NORM", "mlp.gate_proj": "FFN_GATE",
     "mlp.up_proj": "FFN_UP", "mlp.down_proj": "FFN_DOWN",
 }
+
+
+def read_gguf_layout(model: torch.nn.Module, name: str) -> LlamaLayout | Gemma3Layout:
+    """The model as the GGUF writer's architecture for its family (the adapter says which:
+    llama/deci or gemma3); one line if llama.cpp has no architecture for it."""
+    from secateur.models.base import adapter_for
+
+    if adapter_for(model).gguf_architecture == gguf_gemma3.ARCH:
+        return gguf_gemma3.read_gemma3_layout(model, name)
+    return read_layout(model, name)
 
 
 def check_gguf_output(out: Path, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
@@ -270,9 +282,15 @@ def _add_hparams(writer: Any, layout: LlamaLayout, arch_layers: list[LayerShape]
         writer.add_feed_forward_length([s.intermediate_size for s in arch_layers])
 
 
-def _slots(layout: LlamaLayout) -> tuple[list[TensorSlot], int]:
+def _slots(layout: LlamaLayout | Gemma3Layout) -> tuple[list[TensorSlot], int]:
     """Every matrix in the file's order with its llama.cpp role, and the block count."""
     import gguf
+
+    if isinstance(layout, Gemma3Layout):
+        role = gguf_gemma3.roles(layout)
+        return ([TensorSlot(k, role[k], t.shape[1])
+                 for k, _, t in gguf_gemma3.tensor_order(layout) if k in role],
+                len(layout.layers))
 
     name = gguf.TENSOR_NAMES
     hidden = layout.hidden_size
@@ -288,7 +306,8 @@ def _slots(layout: LlamaLayout) -> tuple[list[TensorSlot], int]:
     return slots, len(blocks)
 
 
-def gguf_tensor_types(layout: LlamaLayout, preset: str, has_imatrix: bool) -> dict[str, str]:
+def gguf_tensor_types(layout: LlamaLayout | Gemma3Layout, preset: str, has_imatrix: bool
+                      ) -> dict[str, str]:
     """The ggml type llama.cpp's preset gives every matrix of this layout's file."""
     slots, blocks = _slots(layout)
     first = layout.layers[0]  # llama.cpp's n_gqa(): query heads per KV head of layer 0
@@ -296,11 +315,11 @@ def gguf_tensor_types(layout: LlamaLayout, preset: str, has_imatrix: bool) -> di
     return tensor_types(preset, slots, blocks, has_imatrix, n_gqa)
 
 
-def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool = False,
-               outtype: str = "f16", inputs: tuple[str, ...] = (),
+def write_gguf(layout: LlamaLayout | Gemma3Layout, tokenizer: Any, out: Path,
+               overwrite: bool = False, outtype: str = "f16", inputs: tuple[str, ...] = (),
                quantized: dict[str, GGMLState] | None = None, has_imatrix: bool = False
                ) -> dict[str, Any]:
-    """One .gguf file (architecture `llama` or `deci`); returns what was written.
+    """One .gguf file (architecture `llama`, `deci` or `gemma3`); returns what was written.
 
     With a llama.cpp preset as `outtype`, `quantized` maps transformers weight names to the
     codes a quantize step chose (`secateur.quant.ggml`); they are written as they are, and
@@ -313,9 +332,11 @@ def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool =
     if tokenizer is None:
         raise SecateurError("GGUF export needs the model's tokenizer (llama.cpp reads it from "
                             "the file)")
-    _vocab(tokenizer, layout.vocab_size)  # refuse an unsupported tokenizer before writing
-    arch_layers = None if layout.is_stock else gguf_layers(layout)
-    arch = "llama" if arch_layers is None else "deci"
+    gemma = isinstance(layout, Gemma3Layout)
+    if not gemma:
+        _vocab(tokenizer, layout.vocab_size)  # refuse an unsupported tokenizer before writing
+    arch_layers = None if gemma or layout.is_stock else gguf_layers(layout)
+    arch = gguf_gemma3.ARCH if gemma else "llama" if arch_layers is None else "deci"
     preset = outtype if outtype in PRESETS and outtype not in PLAIN_OUTTYPES else None
     types = gguf_tensor_types(layout, preset, has_imatrix) if preset else {}
     states = quantized or {}
@@ -331,6 +352,16 @@ def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool =
 
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
+        if gemma:
+            gguf_gemma3.add_hparams(writer, layout, FILE_TYPES[outtype])
+            gguf_gemma3.add_spm_tokenizer(writer, tokenizer, layout.vocab_size)
+            for key, _, t in gguf_gemma3.tensor_order(layout):
+                add(key, t)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            return _written(arch, outtype, len(layout.layers), preset, types, hf_name, states)
         _add_hparams(writer, layout, arch_layers, outtype)
         _add_tokenizer(writer, tokenizer, layout.vocab_size)
         name = gguf.TENSOR_NAMES
@@ -350,8 +381,13 @@ def write_gguf(layout: LlamaLayout, tokenizer: Any, out: Path, overwrite: bool =
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    written: dict[str, Any] = {"architecture": arch, "outtype": outtype,
-                               "layers": len(layout.layers if arch_layers is None else arch_layers)}
+    return _written(arch, outtype, len(layout.layers if arch_layers is None else arch_layers),
+                    preset, types, hf_name, states)
+
+
+def _written(arch: str, outtype: str, layers: int, preset: str | None, types: dict[str, str],
+             hf_name: dict[str, str], states: dict[str, GGMLState]) -> dict[str, Any]:
+    written: dict[str, Any] = {"architecture": arch, "outtype": outtype, "layers": layers}
     if preset:
         written["tensor_types"] = types
         written["rounded_by_quantize_step"] = sorted(k for k in types
@@ -363,9 +399,12 @@ def _kept_layers(layout: LlamaLayout) -> list[int]:
     return [i for i, s in enumerate(layout.layers) if s.has_attention or s.has_mlp]
 
 
-def hf_weight_names(layout: LlamaLayout) -> dict[str, str]:
+def hf_weight_names(layout: LlamaLayout | Gemma3Layout) -> dict[str, str]:
     """GGUF matrix name -> the transformers weight it was written from (stand-ins have none)."""
     import gguf
+
+    if isinstance(layout, Gemma3Layout):
+        return {k: hf for k, hf, _ in gguf_gemma3.tensor_order(layout)}
 
     name = gguf.TENSOR_NAMES
     out = {name[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight": "model.embed_tokens.weight",

@@ -66,11 +66,10 @@ class GGUFQuantize(LayerwiseMethod):
                 context: PruneContext | None = None) -> None:
         # The file's tensor names and llama.cpp's per-tensor rules live with the GGUF writer;
         # read here once so each projection knows its type before it is rounded.
-        from secateur.export.gguf import gguf_tensor_types, hf_weight_names
-        from secateur.export.layout import read_layout
+        from secateur.export.gguf import gguf_tensor_types, hf_weight_names, read_gguf_layout
 
         refuse_quantized(model)
-        layout = read_layout(model, "model")
+        layout = read_gguf_layout(model, "model")
         types = gguf_tensor_types(layout, self.config.preset, has_imatrix=True)
         names = hf_weight_names(layout)
         self.types = {names[k]: t for k, t in types.items() if k in names}

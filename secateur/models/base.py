@@ -128,6 +128,8 @@ class ModelAdapter:
     embed_path: ClassVar[str]
     final_norm_path: ClassVar[str]
     lm_head_path: ClassVar[str] = "lm_head"
+    # llama.cpp architecture the GGUF writer uses for this family (None: no GGUF export)
+    gguf_architecture: ClassVar[str | None] = None
     attn_in: ClassVar[tuple[str, ...]]  # q, k, v (or the fused qkv)
     attn_out: ClassVar[str]
     mlp_in: ClassVar[tuple[str, ...]]  # gate and up, or fc1

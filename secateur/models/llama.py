@@ -39,6 +39,7 @@ class LlamaAdapter(ModelAdapter):
     attn_norm = "input_layernorm"
     mlp_norm = "post_attention_layernorm"
     stock_widths = True
+    gguf_architecture = "llama"  # "deci" when layers differ (secateur.export.gguf)
     # The forward infers heads from the shapes; only the GQA repeat count is stored (older
     # transformers also kept num_heads / num_key_value_heads).
     width_attributes = {"self_attn.num_key_value_groups": "groups",
