@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from secateur.api import CalibrationConfig
-from secateur.frontier import FrontierSpec, frontier, winners
+from secateur.frontier import FrontierSpec, frontier
+from secateur.report.frontier import winners
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -643,7 +643,8 @@ def frontier_cmd(
 ) -> None:
     """Secateur's GGUF outputs against llama.cpp's own quantizer, measured in llama.cpp."""
     from secateur.api import CalibrationConfig
-    from secateur.frontier import FrontierSpec, frontier, winners
+    from secateur.frontier import FrontierSpec, frontier
+    from secateur.report.frontier import winners
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     spec = FrontierSpec(split(presets), split(secateur_presets), split(roundings),

@@ -47,6 +47,7 @@ from secateur.models.loading import Loaded, load
 from secateur.outputs import check_output_folder, mark_output
 from secateur.quant.ggml import ggml_states
 from secateur.quant.ggml_presets import check_preset
+from secateur.report.frontier import figure
 from secateur.runtime import llama_cpp as runtime
 
 TEXTS = ("wiki", "tiny-stories")
@@ -226,49 +227,12 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
     return result
 
 
-def winners(result: dict[str, Any], text: str = "wiki") -> list[str]:
-    """secateur points with lower perplexity than every llama.cpp point of no more bytes
-    (llama.cpp given 2% slack on bytes, as the issue's test allows): beyond its ladder."""
-    pts = result["points"]
-    theirs = [p for n, p in pts.items() if n.startswith("llama.cpp")]
-    out = []
-    for name, p in pts.items():
-        if not name.startswith("secateur"):
-            continue
-        rivals = [q for q in theirs if q["mib"] <= p["mib"] * 1.02]
-        if rivals and all(p[text] < q[text] for q in rivals):
-            out.append(name)
-    return out
-
-
 def plot_frontier(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = {n: p for n, p in result["points"].items() if n != "f32"}
-    speed = all("speed" in p for p in pts.values())
-    fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(12 if speed else 7, 5),
-                             squeeze=False)
-    best = set(winners(result))
-    for ax, x_of, xlabel in [(axes[0][0], lambda p: p["mib"], "MiB on disk"),
-                             *([(axes[0][1], lambda p: p["speed"]["decode_tokens_per_second"]
-                                 ["median"], "decode tokens/s (llama.cpp)")] if speed else [])]:
-        for name, p in pts.items():
-            ours = name.startswith("secateur")
-            marker = "*" if name in best else ("o" if ours else ("s" if "imatrix" in name
-                                                                  else "^"))
-            ax.scatter(x_of(p), p["wiki"], marker=marker, s=120 if name in best else 40,
-                       color="tab:red" if ours else "tab:blue")
-            ax.annotate(name.replace("llama.cpp ", "").replace("secateur ", "S "),
-                        (x_of(p), p["wiki"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("wiki perplexity (llama.cpp)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_title(f"{result['model']}: secateur (red; * beats every llama.cpp point of\n"
-                         "no more bytes) vs llama.cpp (blue; square: imatrix)", fontsize=9)
-    fig.tight_layout()
+    fig = figure(result, plt)
     fig.savefig(path, dpi=110)
     plt.close(fig)

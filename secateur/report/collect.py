@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.errors import SecateurError
+from secateur.report.frontier import is_frontier
 
 SKIP = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "sweep.json", "model.safetensors.index.json"}
@@ -25,12 +26,15 @@ class Run:
 class Collected:
     runs: list[Run] = field(default_factory=list)
     benches: list[Run] = field(default_factory=list)
+    frontiers: list[Run] = field(default_factory=list)  # `secateur frontier`'s frontier.json
     warnings: list[str] = field(default_factory=list)
 
 
 def kind(data: Any) -> str | None:
     if not isinstance(data, dict):
         return None
+    if is_frontier(data):
+        return "frontier"
     if "speedup_vs_baseline" in data and "models" in data:
         return "bench"
     if "perplexity" in data or "zeroshot" in data or "options" in data:
@@ -81,11 +85,13 @@ def collect(paths: list[Path]) -> Collected:
             found += 1
             label = data.get("cell") or f.stem
             name = f"{path.name}/{label}" if path.is_dir() and len(paths) > 1 else label
-            (out.benches if found_kind == "bench" else out.runs).append(Run(name, data))
+            {"bench": out.benches, "frontier": out.frontiers}.get(found_kind, out.runs).append(
+                Run(name, data))
         if not found:
             seen = [w for w in out.warnings if str(path) in w]
             detail = f" ({seen[-1]})" if seen else ""
             raise SecateurError(
                 f"no results in '{path}'{detail}: expected results/*.json (from `secateur "
-                "sweep`) or the .json written by `secateur prune/eval/bench --json`")
+                "sweep`), frontier.json (from `secateur frontier`) or the .json written by "
+                "`secateur prune/eval/bench --json`")
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.io import check_output_folder, mark_output, write_bytes_atomic, write_text_atomic
-from secateur.report import accuracy
+from secateur.report import accuracy, frontier
 from secateur.report.collect import Collected, Run, collect, why
 from secateur.report.plots import plots as draw_plots
 from secateur.report.runs import parameters, sparsity, target
@@ -225,6 +225,23 @@ def _tables(c: Collected, protos: Protocols) -> list[Table]:
     dense = _dense_zeroshot(c)
     tables = [_runs_table(c, protos, dense), _zeroshot_table(c, protos, dense),
               _speed_table(c, protos)]
+    for f in c.frontiers:
+        settings = f.data.get("settings") or {}
+        model = f.data.get("model") or settings.get("model") or f.name
+        cols = ["point", "MiB", *[f"{t} ppl" for t in frontier.texts(f.data)],
+                "decode tok/s", "verdict"]
+        cal = settings.get("calibration") or {"source": settings.get("calib"),
+                                              "nsamples": settings.get("nsamples"),
+                                              "seqlen": settings.get("calib_seqlen")}
+        note = (f"{model} in {f.data.get('runtime') or f.data.get('llama_cpp')}: every point "
+                f"a GGUF file measured by llama.cpp ({settings.get('windows')} windows x "
+                f"{settings.get('seqlen')} tokens per text, {settings.get('threads')} "
+                f"thread(s)); secateur's rounding and the imatrix calibrated on "
+                f"{cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')}). 'beyond "
+                f"the ladder': lower perplexity than every llama.cpp point of no more bytes (2% "
+                f"slack); 'dominates': no more bytes and lower perplexity, or faster decode at "
+                f"no worse perplexity.")
+        tables.append((f"Frontier: {model} (llama.cpp)", cols, frontier.rows(f.data), note))
     depth = [r for r in c.runs if isinstance(r.data.get("summary"), dict)
              and r.data["summary"].get("removed")]
     if depth:

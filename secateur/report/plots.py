@@ -6,6 +6,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from secateur.report import frontier
 from secateur.report.collect import Collected, why
 from secateur.report.runs import nonzero_parameters, series, sparsity
 
@@ -124,6 +125,14 @@ def plots(c: Collected) -> dict[str, tuple[str, bytes]]:
     import matplotlib.pyplot as plt
 
     out: dict[str, tuple[str, bytes]] = {}
+    for f in c.frontiers:
+        key = "frontier_" + "".join(ch if ch.isalnum() else "_" for ch in f.name)
+        try:
+            out[key] = (f"Frontier of {f.data.get('model', f.name)} in llama.cpp: perplexity "
+                        "vs MiB (and vs decode speed)", _png(frontier.figure(f.data, plt)))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            plt.close("all")
+            c.warnings.append(f"plot of {f.name} left out: {type(err).__name__}: {why(err)}")
     for key, (caption, draw) in PLOTS.items():
         try:
             fig = draw(c, plt)
