@@ -12,11 +12,10 @@ import torch
 from secateur.api import quantize
 from secateur.errors import SecateurError
 from secateur.export import export_model
-from secateur.export.gguf import gguf_tensor_types, read_gguf_layout
 from secateur.methods.gguf import GGUFConfig
 from secateur.quant.ggml import ggml_states
 from secateur.runtime import llama_cpp as runtime
-from tests.test_llama_cpp import transformers_perplexity
+from tests.test_llama_cpp import compare_preset_tables, transformers_perplexity
 
 VOCAB = 320
 
@@ -125,18 +124,9 @@ def test_quantized_gemma3_runs_in_llama_cpp_as_in_transformers(tmp_path, preset)
 @pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q6_k"])
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_gemma3_preset_table_is_llama_cpps_own_choice(tmp_path, preset, with_imatrix):
-    model = tiny_gemma3(8, hidden=256)  # 256-wide rows: K-quants without fallbacks
-    f32 = tmp_path / "f32.gguf"
-    export_model(model, spm_tokenizer(), "gguf", f32, outtype="f32")
-    ours = gguf_tensor_types(read_gguf_layout(model, "m"), preset, with_imatrix)
-    imatrix = None
-    if with_imatrix:
-        imatrix = {t.name: torch.ones(int(t.shape[0])) for t in gguf.GGUFReader(f32).tensors
-                   if t.name.startswith("blk.") and t.name in ours}
-    dst = tmp_path / "q.gguf"
-    runtime.quantize(f32, dst, preset, imatrix)
-    theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(dst).tensors if t.name in ours}
-    assert theirs == ours
+    # 256-wide rows: K-quants without fallbacks
+    compare_preset_tables(tmp_path, tiny_gemma3(8, hidden=256), preset, with_imatrix,
+                          spm_tokenizer())
 
 
 def test_pruned_gemma3_is_refused_in_one_line(tmp_path):

@@ -13,8 +13,7 @@ import torch
 
 from secateur.api import quantize
 from secateur.export import export_model
-from secateur.export.gguf import gguf_tensor_types
-from secateur.export.layout import read_layout
+from secateur.export.gguf import gguf_tensor_types, read_gguf_layout
 from secateur.methods.gguf import GGUFConfig
 from secateur.quant.ggml import ggml_states
 from secateur.runtime import llama_cpp as runtime
@@ -53,10 +52,10 @@ def test_quantized_gguf_runs_in_llama_cpp_as_it_does_in_transformers(tmp_path, p
     assert speed["decode_tokens_per_second"]["median"] > 0
 
 
-def _compare_preset_tables(tmp_path, model, preset, with_imatrix):
+def compare_preset_tables(tmp_path, model, preset, with_imatrix, tokenizer=None):
     f32 = tmp_path / "f32.gguf"
-    export_model(model, bpe_tokenizer(), "gguf", f32, outtype="f32")
-    ours = gguf_tensor_types(read_layout(model, "m"), preset, with_imatrix)
+    export_model(model, tokenizer or bpe_tokenizer(), "gguf", f32, outtype="f32")
+    ours = gguf_tensor_types(read_gguf_layout(model, "m"), preset, with_imatrix)
     imatrix = None
     if with_imatrix:
         imatrix = {t.name: torch.ones(int(t.shape[0])) for t in gguf.GGUFReader(f32).tensors
@@ -73,7 +72,7 @@ def _compare_preset_tables(tmp_path, model, preset, with_imatrix):
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_preset_table_is_llama_cpps_own_choice(tmp_path, preset, with_imatrix):
     """64-wide rows (every 256-block type falls back) and 512-wide ffn_down."""
-    _compare_preset_tables(tmp_path, tiny_llama(4), preset, with_imatrix)
+    compare_preset_tables(tmp_path, tiny_llama(4), preset, with_imatrix)
 
 
 @pytest.mark.parametrize("preset", ["q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs"])
@@ -89,7 +88,7 @@ def test_preset_table_on_a_deeper_gqa_model_is_llama_cpps(tmp_path, preset, with
                       head_dim=32, max_position_embeddings=64, bos_token_id=256,
                       eos_token_id=257)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    ours = _compare_preset_tables(tmp_path, model, preset, with_imatrix)
+    ours = compare_preset_tables(tmp_path, model, preset, with_imatrix)
     assert ours["blk.0.attn_v.weight"] == "Q5_K" != ours["blk.0.attn_q.weight"]  # a bump
 
 
