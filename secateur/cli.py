@@ -674,8 +674,8 @@ def export_cmd(
     outtype: Annotated[str | None, typer.Option(
         help="Weights: f32 (nemotron-nas default), f16 (gguf default), bf16 (nemotron-nas), "
              "q8_0 (gguf), or a llama.cpp preset for gguf (q6_k, q5_k_m, q5_k_s, q5_1, q5_0, "
-             "q4_k_m, q4_k_s, q4_1, q4_0: its tensor types, importance-weighted nearest "
-             "rounding without calibration).")] = None,
+             "q4_k_m, q4_k_s, q4_1, q4_0, iq4_xs, iq4_nl, q3_k_l, q3_k_m, q3_k_s: its tensor "
+             "types, importance-weighted nearest rounding without calibration).")] = None,
     overwrite: Overwrite = False,
     json: Json = None,
 ) -> None:
