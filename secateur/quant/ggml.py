@@ -18,9 +18,12 @@ x_j^2) and the imatrix is the mean of x_j^2 over calibration tokens (the Hessian
 scales and minimums of K-types are then rounded to their 6 bits. Which codes fill that fixed
 grid is the rounding: nearest (RTN, what llama.cpp does) or GPTQ's error-compensating solve,
 which chooses each super-block's grid when the solve reaches it, on the weights as already
-updated. For Q3_K, IQ4_NL and IQ4_XS the nearest rounding is llama.cpp's own, step for step
-(sigma2 per super-block, codes from the unrounded scale where llama.cpp takes them so), so
-its codes are llama-quantize --imatrix's up to float32 summation order in near-ties.
+updated. With an imatrix, the nearest rounding is llama.cpp's own for every type, step for
+step (sigma2 per row or super-block as each quantizer takes it, Q6_K's imatrix alone, the
+search's later candidates measured from its best minimum so far, make_qp_quants' code
+refinement, codes from the unrounded scale where llama.cpp keeps them, sums in its order), so
+its bytes are llama-quantize --imatrix's but for near-ties of the searches (>= 99% of blocks
+identical on random weights, tests/test_llama_cpp.py).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("IQ4_XS", 256, 32, 15, 8, False, 136, KVALUES_IQ4NL),
 )}
 # types whose llama.cpp quantizer takes sigma2 from each (super-)block, twice its mean square
-_BLOCK_SIGMA = ("Q3_K", "IQ4_NL", "IQ4_XS")
+_BLOCK_SIGMA = ("Q3_K", "Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS")
 
 
 def block_type(name: str) -> BlockType:
@@ -108,51 +111,35 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-def _symmetric_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
-    """make_qx_quants(rmse_type=1, weights): codes in [-nmax, nmax-1]; the best scale per row."""
-    idx = x.abs().argmax(1, keepdim=True)
-    mx = x.gather(1, idx).squeeze(1)
-    alive = mx.abs() >= 1e-15
-    mx = torch.where(alive, mx, torch.ones_like(mx))
-    best_score = torch.full_like(mx, -1.0)
-    best_scale = torch.zeros_like(mx)
-    for step in [0, *range(-9, 0), *range(1, 10)]:
-        iscale = -(nmax + 0.1 * step) / mx
-        lv = torch.round(iscale[:, None] * x).clamp_(-nmax, nmax - 1)
-        sumlx = (w * x * lv).sum(1)
-        suml2 = (w * lv * lv).sum(1)
-        ok = suml2 > 0
-        score = torch.where(ok, sumlx * sumlx / suml2.clamp(min=1e-30), torch.zeros_like(mx))
-        better = ok & (score > best_score)
-        best_scale = torch.where(better, sumlx / suml2.clamp(min=1e-30), best_scale)
-        best_score = torch.where(better, score, best_score)
-    return torch.where(alive, best_scale, torch.zeros_like(mx))
-
-
 def _affine_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.9,
-                  rdelta: float = 0.05, nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qkx3_quants: value = scale * q + minimum, q in [0, nmax], minimum <= 0."""
+                  rdelta: float = 0.05, nstep: int = 36
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx3_quants as llama.cpp runs it: value = scale * q + minimum, q in [0, nmax],
+    minimum <= 0; returns the scale, the minimum and the search's own codes."""
     mn = x.min(1).values.clamp(max=0)
     mx = x.max(1).values
     span = mx - mn
     alive = span > 0
     span = torch.where(alive, span, torch.ones_like(span))
-    sum_w = w.sum(1)
-    sum_x = (w * x).sum(1)
+    sum_w = _rowsum(w)
+    sum_x = _rowsum(w * x)
 
     def err(scale: torch.Tensor, minimum: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        return (w * (scale[:, None] * lv + minimum[:, None] - x) ** 2).sum(1)
+        return _rowsum(w * (scale[:, None] * lv + minimum[:, None] - x) ** 2)
 
     iscale = nmax / span
     lv = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
-    best_scale, best_min = 1 / iscale, mn.clone()
+    best_scale, best_min, codes = 1 / iscale, mn.clone(), lv
     best = err(best_scale, best_min, lv)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * step + nmax) / span
-        lv = torch.round(iscale[:, None] * (x - mn[:, None])).clamp_(0, nmax)
-        sum_l = (w * lv).sum(1)
-        sum_l2 = (w * lv * lv).sum(1)
-        sum_xl = (w * lv * x).sum(1)
+        # llama.cpp measures every later candidate from the best minimum found so far, not
+        # from the block's own minimum (its `min` is overwritten on improvement): so here
+        cur = torch.where(alive, mx - best_min, torch.ones_like(span))
+        iscale = (rmin + rdelta * step + nmax) / cur
+        lv = torch.round(iscale[:, None] * (x - best_min[:, None])).clamp_(0, nmax)
+        sum_l = _rowsum(w * lv)
+        sum_l2 = _rowsum(w * lv * lv)
+        sum_xl = _rowsum(w * lv * x)
         d = sum_w * sum_l2 - sum_l * sum_l
         ok = d > 0
         dd = torch.where(ok, d, torch.ones_like(d))
@@ -165,9 +152,10 @@ def _affine_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.
         better = ok & (e < best)
         best_scale = torch.where(better, scale, best_scale)
         best_min = torch.where(better, minimum, best_min)
+        codes = torch.where(better[:, None], lv, codes)
         best = torch.where(better, e, best)
     return (torch.where(alive, best_scale, torch.zeros_like(span)),
-            torch.where(alive, best_min, mn))
+            torch.where(alive, best_min, mn), torch.where(alive[:, None], codes, 0 * codes))
 
 
 def _positive_scale(x: torch.Tensor, w: torch.Tensor, nmax: int
@@ -189,8 +177,27 @@ def _positive_scale(x: torch.Tensor, w: torch.Tensor, nmax: int
             best_mse = torch.where(better, mse, best_mse)
             best_iscale = torch.where(better, iscale, best_iscale)
     lv = torch.round(best_iscale[:, None] * x).clamp_(0, nmax)
-    sumlx = (w * x * lv).sum(1)
-    suml2 = (w * lv * lv).sum(1)
+    sumlx = _rowsum(w * x * lv)
+    suml2 = _rowsum(w * lv * lv)
+    # then up to five passes moving one code at a time where that raises the fit's
+    # sumlx^2 / suml2, in llama.cpp's order (it changes ~90% of Q4_K/Q5_K super-blocks' codes)
+    for _ in range(5):
+        changed = torch.zeros_like(alive)
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], lv[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = torch.round(xi * sl2 / torch.where(ok, slx, 1)).clamp_(max=nmax)
+            slx = slx + wi * xi * new
+            sl2 = sl2 + wi * new * new
+            take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            lv[:, i] = torch.where(take, new, li)
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+            changed |= take
+        if not changed.any():
+            break
     d = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
     return torch.where(alive, d, torch.zeros_like(d)), torch.where(alive[:, None], lv, 0 * lv)
 
@@ -290,6 +297,8 @@ def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, sigma2: to
 def _weights(t: BlockType, x: torch.Tensor, imp: torch.Tensor | None, sigma2: torch.Tensor
              ) -> torch.Tensor:
     """A block's weights as llama.cpp's quantizer of type t computes them."""
+    if t.name == "Q6_K" and imp is not None:
+        return imp[None, :].expand_as(x)  # quantize_row_q6_K_impl: the imatrix alone
     if t.name in _BLOCK_SIGMA:
         if imp is None and t.levels is not None:
             return x * x  # quantize_iq4_nl / _xs without an imatrix
@@ -309,25 +318,29 @@ def choose_grid(t: BlockType, x: torch.Tensor, w: torch.Tensor
         d = _fp16(x.abs().amax(1) / 127)
         return d[:, None], torch.zeros_like(d)[:, None], {"d": d}
     if t.name in ("Q4_0", "Q5_0"):
-        d = _fp16(_symmetric_scale(x, w, (t.maxq + 1) // 2))
-        return d[:, None], torch.zeros_like(d)[:, None], {"d": d}
+        # quantize_row_q4_0/5_0_impl store the search's own codes (from the unrounded scale)
+        scale, codes = _qx_quants(x, w, (t.maxq + 1) // 2)
+        d = _fp16(scale)
+        return d[:, None], torch.zeros_like(d)[:, None], {"d": d, "codes": codes.to(torch.uint8)}
     if t.name in ("Q4_1", "Q5_1"):
-        scale, minimum = _affine_scale(x, w, t.maxq)
+        # quantize_row_q4_1/5_1_impl store the search's own codes
+        scale, minimum, codes = _affine_scale(x, w, t.maxq)
         d, m = _fp16(scale), _fp16(minimum)
-        return d[:, None], m[:, None], {"d": d, "m": m}
+        return d[:, None], m[:, None], {"d": d, "m": m, "codes": codes.to(torch.uint8)}
     if t.name in ("Q4_K", "Q5_K"):
-        scale, minimum = _affine_scale(xs, ws, t.maxq)
+        scale, minimum, _ = _affine_scale(xs, ws, t.maxq)
         scale = scale.reshape(rows, nsub).clamp(min=0)
         mins = (-minimum).reshape(rows, nsub)
-        sw = ws.reshape(rows, nsub, t.sub).sum(2)
+        sw = _rowsum(ws).reshape(rows, nsub)
         d, sc = _positive_scale(scale, sw, 63)
         dmin, mq = _positive_scale(mins, sw, 63)
         d, dmin = _fp16(d), _fp16(dmin)
         s = d[:, None] * sc
         b = -(dmin[:, None] * mq)
         return s, b, {"d": d, "dmin": dmin, "sc": sc.to(torch.uint8), "m": mq.to(torch.uint8)}
-    if t.name == "Q6_K":
-        scale = _symmetric_scale(xs, ws, 32).reshape(rows, nsub)
+    if t.name == "Q6_K":  # quantize_row_q6_K_impl
+        scale, search = _qx_quants(xs, ws, 32)
+        scale = scale.reshape(rows, nsub)
         idx = scale.abs().argmax(1, keepdim=True)
         top = scale.gather(1, idx).squeeze(1)
         alive = top.abs() >= 1e-15
@@ -337,7 +350,13 @@ def choose_grid(t: BlockType, x: torch.Tensor, w: torch.Tensor
         d = _fp16(torch.where(alive, 1 / torch.where(alive, iscale, torch.ones_like(top)),
                               torch.zeros_like(top)))
         s = d[:, None] * sc
-        return s, torch.zeros_like(s), {"d": d, "sc": sc.to(torch.int8)}
+        # a sub-block whose scale is zero keeps its search's codes, a dead block is all zero
+        rep = s.repeat_interleave(t.sub, 1)
+        codes = torch.where(rep != 0, _codes(x, rep, torch.zeros_like(rep), t),
+                            search.reshape(rows, t.block).float())
+        codes = torch.where(alive[:, None], codes, torch.zeros_like(codes))
+        return s, torch.zeros_like(s), {"d": d, "sc": sc.to(torch.int8),
+                                        "codes": codes.to(torch.uint8)}
     if t.name == "Q3_K":  # quantize_row_q3_K_impl
         scale, first = _qx_quants(xs, ws, 4)
         scale = scale.reshape(rows, nsub)
