@@ -281,15 +281,16 @@ def fmt_bytes(n: float) -> str:
 
 def table(data: dict) -> str:
     rows = ["| arm | parameters | layers | windows x seqlen | peak RSS | model on disk | "
-            "disk read | all reads (rchar) | s / layer (median, wall) | total s (wall) | "
+            "disk read | all reads (rchar) | output | s / layer (median, wall) | total s (wall) | "
             "CPU s | s / layer, one dedicated thread (est.) |",
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, a in data["arms"].items():
         rows.append(
             f"| {name} | {a['parameters'] / 1e9:.2f}B | {a['shape']['layers']} | "
             f"{a['calibration']['windows']} x {a['calibration']['seqlen']} | "
             f"{fmt_bytes(a['peak_rss_mib'] * MIB)} | {fmt_bytes(a['model_file_bytes'])} | "
             f"{fmt_bytes(a['disk_read_bytes'])} | {fmt_bytes(a['rchar_bytes'])} | "
+            f"{fmt_bytes(a['output_bytes'])} | "
             f"{a['seconds_per_layer_median']:.1f} | {a['seconds_total']:.0f} | "
             + (f"{a['cpu_seconds']:.0f} | {cpu_per_layer(a):.1f} |" if "cpu_seconds" in a
                else "- | - |"))
@@ -327,6 +328,10 @@ def plot(data: dict) -> None:
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(FuncFormatter(
             lambda v, _: f"{v:g}" if f"{v:g}".lstrip("0.")[:1] in ("2", "3", "5") else ""))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: f"{v / 1e9:.2g}B" if v >= 1e9 else f"{v / 1e6:.0f}M"))
+        ax.set_xticks(sorted({a["parameters"] for a in data["arms"].values()}))
         ax.set_xlabel("parameters")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
@@ -375,6 +380,24 @@ def growth_md(data: dict) -> list[str]:
             f"{cpu_per_layer(b) / cpu_per_layer(a):.1f} (one-thread estimate) against x"
             f"{work:.1f} in layer parameters x tokens; bytes read (rchar) x"
             f"{b['rchar_bytes'] / a['rchar_bytes']:.1f}.")
+    g1 = arms.get("llama-1b-shape/gptq4")
+    if g1 is not None:
+        base = 600  # MiB: interpreter, torch, transformers (smollm2's arms peak at ~650)
+        layer = g1["job"]["largest_layer_mib"]
+        hess = 4 * g1["shape"]["intermediate"] ** 2 / MIB  # down_proj's fp32 X^T X
+        k = (g1["peak_rss_mib"] - base - layer) / hess
+        m8 = MODELS["llama-8b-shape"]
+        hess8 = 4 * m8["intermediate"] ** 2 / MIB
+        layer8 = layer_params(m8) * 2 / MIB
+        est = base + layer8 + k * hess8
+        out += [f"- gptq4 at the 1B shape peaks at {g1['peak_rss_mib'] / 1024:.2f} GiB: "
+                f"about {k:.1f} x down_proj's fp32 Hessian ({hess:.0f} MiB; the copies "
+                "`secateur/quant/gptq.py` makes while damping and inverting it) above ~0.6 GiB "
+                "of libraries and the layer. *Extrapolated* to the 8B shape "
+                f"(intermediate {m8['intermediate']}, Hessian {hess8:.0f} MiB): peak ~"
+                f"{est / 1024:.1f} GiB = 0.6 + {layer8 / 1024:.2f} + {k:.1f} x "
+                f"{hess8 / 1024:.2f} GiB; not run here. Damping and inverting in place would "
+                "take it to about 3 GiB (estimate)."]
     big = arms.get("llama-8b-shape/wanda")
     if big is not None:
         ok = big["peak_rss_mib"] < 6 * 1024
@@ -505,10 +528,15 @@ def readme_md(data: dict) -> list[str]:
         f"{cpu_h:.0f} h (divide by the cores you give it, roughly) |",
         f"| 1 GPU (*extrapolated*) | 128 x 2048 | ~{rss + act_full:.0f} GiB | "
         f"~{big['job']['largest_layer_mib'] / 1024 + act_full + 1:.0f} GiB | "
-        f"~{g1 + 16e9 / 1e9 / 60 / 2:.0f} min (mostly reading 16 GB) |",
+        f"~{g1:.1f} min of matmul at an assumed 300 TFLOP/s, plus reading 16 GB "
+        "(~10 s at 2 GB/s) and startup |",
         f"| 4 GPUs (*extrapolated*) | 128 x 2048 | ~{rss + act_full / 4:.0f} GiB per rank | "
         f"~{big['job']['largest_layer_mib'] / 1024 + act_full / 4 + 1:.0f} GiB per GPU | "
-        "a few minutes, bound by disk reads |", "",
+        f"~{g1 / 4 * 60:.0f} s of matmul; reading the model and startup dominate |", "",
+        "Time scales with layer parameters x calibration tokens (attention adds ~8% at "
+        "seqlen 2048 for this shape); the 128 x 2048 CPU row's host memory is mostly the "
+        "layer's inputs and outputs (2 x 128 x 2048 x 4096 x 2 bytes = 4 GiB): use fewer "
+        "windows to stay lower.", "",
         "Peak host memory does not grow with the number of layers: one layer, its inputs "
         "and outputs, and ~0.5 GiB of libraries. The pruned folder is ordinary sharded "
         "safetensors that `AutoModelForCausalLM.from_pretrained` loads. GPTQ streams the "
