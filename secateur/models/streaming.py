@@ -500,7 +500,7 @@ class StreamedWeights:
     def _quantization_config(self, work: Path) -> None:
         """config.json with compressed-tensors' quantization_config, as `save_packed` writes
         it: one config group per scheme, every other linear (the head) ignored."""
-        from secateur.quant.pack import _config_json
+        from secateur.quant.pack import write_quantization_config
 
         if len(self.packed) != self.num_layers:
             plain = sorted(set(range(self.num_layers)) - set(self.packed))
@@ -514,7 +514,7 @@ class StreamedWeights:
         ignore = [n for n, m in self.model.named_modules()
                   if isinstance(m, nn.Linear) and not n.startswith(layers)]
         ignore += [n for index in sorted(self.unpacked) for n in self.unpacked[index]]
-        _config_json(self.model, groups, ignore, work)
+        write_quantization_config(self.model, groups, ignore, work)
 
     def finish(self, tokenizer: Any = None) -> Path:
         """The non-layer tensors (copied from the source file when their dtype is kept), the

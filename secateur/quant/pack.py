@@ -44,10 +44,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.io import atomic_dir, write_json_atomic
 from secateur.quant.state import QuantState, quant_state
 from secateur.runtime.base import check_bits, codes_on_grid
 from secateur.runtime.int8 import INT8_TOKEN, activation_quant
-from secateur.surgery.save import atomic_dir, write_json_atomic
 
 WEIGHTS = "model.safetensors"
 PACK_QUANTIZED = "pack-quantized"
@@ -216,8 +216,9 @@ def round_kept_tensors(model: nn.Module, keep_dtype: torch.dtype | None = torch.
             w.copy_(w.to(storage_dtype(w, keep_dtype)).to(w.dtype))
 
 
-def _config_json(model: nn.Module, groups: dict[Scheme, list[str]], ignore: list[str],
-                 directory: Path) -> None:
+def write_quantization_config(model: nn.Module, groups: dict[Scheme, list[str]],
+                              ignore: list[str], directory: Path) -> None:
+    """config.json's quantization_config for the packed groups, as compressed-tensors writes it."""
     compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -303,7 +304,7 @@ def save_packed(model: nn.Module, tokenizer: Any, out: Path, metadata: dict | No
     tensors, groups, ignore = packed_state_dict(model, keep_dtype)  # every check runs here
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _config_json(model, groups, ignore, tmp)
+        write_quantization_config(model, groups, ignore, tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)

@@ -7,10 +7,7 @@ from typing import Any
 
 from torch import nn
 
-# The writers live in secateur.io; these names stay importable from here for existing callers.
-from secateur.io import atomic_dir, check_output_dir, dir_bytes, write_json_atomic
-
-__all__ = ["atomic_dir", "check_output_dir", "dir_bytes", "save_model", "write_json_atomic"]
+from secateur.io import atomic_dir, write_json_atomic
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: Path, metadata: dict | None = None,
