@@ -3,7 +3,7 @@
 A method is a frozen pydantic model that forbids unknown fields, so a field of another method,
 a misspelt field, a wrong type or an out-of-range value fails at construction with one line
 that names the field. Each config class names its method and the kind of step it is; the
-registry (`secateur.methods.registry`) maps it to the handler that carries it out.
+registry (`secateur.methods.base.register_method`) maps it to the handler that carries it out.
 """
 
 from __future__ import annotations
