@@ -212,7 +212,7 @@ def test_the_readme_shows_the_commands_this_test_runs():
     verbs = {c.split()[1] for c in commands}
     assert {"run", "prune", "quantize", "recover", "distill", "eval", "bench", "sweep",
             "report", "export"} <= verbs, verbs
-    assert commands[0].startswith("secateur run recipes/smollm2-gguf-q4_0-dwq.yaml")
+    assert commands[0].startswith("secateur run recipes/smollm2-gguf-q4_k_m-dwq.yaml")
 
 
 def test_readme_commands_are_many_and_grouped_whole():
