@@ -9,13 +9,14 @@ import gguf
 import pytest
 import torch
 
-from secateur.api import quantize
 from secateur.errors import SecateurError
 from secateur.export import export_model
-from secateur.methods.gguf import GGUFConfig
-from secateur.quant.ggml import ggml_states
 from secateur.runtime import llama_cpp as runtime
-from tests.test_llama_cpp import compare_preset_tables, transformers_perplexity
+from tests.test_llama_cpp import (
+    compare_preset_tables,
+    quantized_in_both,
+    transformers_perplexity,
+)
 
 VOCAB = 320
 
@@ -102,15 +103,9 @@ def test_vocabulary_tokenizes_as_the_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
 def test_quantized_gemma3_runs_in_llama_cpp_as_in_transformers(tmp_path, preset):
-    torch.set_num_threads(1)
     model = tiny_gemma3()
-    quantize(model, GGUFConfig(preset=preset), windows(8, 64), progress=False)
-    out = tmp_path / "q.gguf"
-    export_model(model, spm_tokenizer(), "gguf", out, outtype=preset,
-                 quantized=ggml_states(model), has_imatrix=True)
-    wins = windows()
-    theirs = runtime.perplexity(out, wins)["perplexity"]
-    ours = transformers_perplexity(model, wins)
+    out, theirs, ours = quantized_in_both(tmp_path, model, spm_tokenizer(), preset,
+                                          windows(8, 64), windows())
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)  # llama.cpp's 8-bit activations
     # the codes in the file are the quantize step's own: dequantized, they are the weights
     reader = {t.name: t for t in gguf.GGUFReader(out).tensors}

@@ -35,17 +35,22 @@ def transformers_perplexity(model: torch.nn.Module, wins: list[torch.Tensor]) ->
     return float(torch.exp(torch.tensor(total / count)))
 
 
+def quantized_in_both(tmp_path, model, tokenizer, preset, calibration, wins):
+    """A gguf quantize step at `preset`, its GGUF written; (file, llama.cpp's perplexity,
+    transformers' perplexity of the same weights) on `wins`."""
+    torch.set_num_threads(1)
+    quantize(model, GGUFConfig(preset=preset), calibration, progress=False)
+    out = tmp_path / "m.gguf"
+    export_model(model, tokenizer, "gguf", out, outtype=preset,
+                 quantized=ggml_states(model), has_imatrix=True)
+    return out, runtime.perplexity(out, wins)["perplexity"], transformers_perplexity(model, wins)
+
+
 @pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "q3_k_s", "iq4_xs"])
 def test_quantized_gguf_runs_in_llama_cpp_as_it_does_in_transformers(tmp_path, preset):
-    torch.set_num_threads(1)
-    model = tiny_llama(3)
-    quantize(model, GGUFConfig(preset=preset), windows(8, 64), progress=False)
-    out = tmp_path / "m.gguf"
-    export_model(model, bpe_tokenizer(), "gguf", out, outtype=preset,
-                 quantized=ggml_states(model), has_imatrix=True)
     wins = windows()
-    theirs = runtime.perplexity(out, wins)["perplexity"]
-    ours = transformers_perplexity(model, wins)
+    out, theirs, ours = quantized_in_both(tmp_path, tiny_llama(3), bpe_tokenizer(), preset,
+                                          windows(8, 64), wins)
     # llama.cpp rounds activations to 8 bits for quantized matmuls: close, not equal
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
     speed = runtime.decode_speed(out, wins[0][0, :8].tolist(), new_tokens=8, rounds=1)
