@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.export.layout import LayerShape
+from secateur.export.layout import DecoderDims, LayerShape
 
 ARCH = "gemma3"
 # per-layer tensors: transformers' short name -> gguf MODEL_TENSOR
@@ -43,15 +43,9 @@ NORM_SHIFT = 1.0
 
 
 @dataclass
-class Gemma3Layout:
+class Gemma3Layout(DecoderDims):
     """A stock Gemma 3 text decoder as the GGUF writer needs it."""
 
-    name: str
-    hidden_size: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    max_position_embeddings: int
     sliding_window: int
     swa_layers: list[bool]
     rope_theta: float

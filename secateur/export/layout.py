@@ -39,13 +39,19 @@ class LayerShape:
 
 
 @dataclass
-class LlamaLayout:
+class DecoderDims:
+    """What every exported decoder's file header states, whatever its architecture."""
+
     name: str
     hidden_size: int
     head_dim: int
     vocab_size: int
     rms_norm_eps: float
     max_position_embeddings: int
+
+
+@dataclass
+class LlamaLayout(DecoderDims):
     rope: dict[str, Any]  # rope_type, rope_theta and the type's own fields
     tie_word_embeddings: bool
     special_ids: dict[str, int | list[int] | None]  # bos/eos/pad token ids from the config
