@@ -437,8 +437,9 @@ def rtn_ggml(weight: torch.Tensor, type_name: str, imatrix: torch.Tensor | None 
 
 
 def _sigma2(w: torch.Tensor, t: BlockType) -> torch.Tensor:
-    # llama.cpp's 32-weight types take the row's mean square; its K-types twice the mean square
-    # of each super-block (close to the row's), here the row's for both
+    # llama.cpp's 32-weight types take the row's mean square; the super-block types recompute
+    # theirs per block (_BLOCK_SIGMA) or, Q6_K with an imatrix, take none: the 256 case only
+    # serves Q6_K without an imatrix, where twice the row's mean square stands in
     ms = (w * w).mean(1)
     return 2 * ms if t.block == 256 else ms
 
