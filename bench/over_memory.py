@@ -155,9 +155,10 @@ def main() -> None:
         return
 
     from secateur.errors import SecateurError
-    from secateur.io import check_output_file, write_json_atomic
+    from secateur.io import write_json_atomic
     from secateur.models.loading import load
     from secateur.models.streaming import streamable_path
+    from secateur.outputs import check_output_file
 
     check_output_file(args.json)
     try:

@@ -465,7 +465,8 @@ def run_cmd(
 ) -> None:
     """Run a recipe: every step in order on one model, checkpointed after each."""
     from secateur.inputs import path_values
-    from secateur.io import check_output_file, write_json_atomic
+    from secateur.io import write_json_atomic
+    from secateur.outputs import check_output_file
     from secateur.recipe import Recipe, run_recipe
 
     if device is not None:
@@ -680,7 +681,8 @@ def export_cmd(
 ) -> None:
     """Write a pruned model for another runtime: vLLM (Nemotron-NAS) or llama.cpp (GGUF)."""
     from secateur.export import export
-    from secateur.io import check_output_file, write_json_atomic
+    from secateur.io import write_json_atomic
+    from secateur.outputs import check_output_file
 
     if json is not None:
         check_output_file(json, "--json", inputs=[model], overwrite=overwrite)

@@ -24,123 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
-import re
-import secrets
 import shutil
 import stat
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from secateur.errors import DiskFullError
-from secateur.outputs import (  # noqa: F401 (the path rules, importable from here as before)
+from secateur.outputs import (
+    MARKER,
     check_output_dir,
     check_output_file,
-    check_output_folder,
-    mark_output,
+    clean_stale_partials,
+    marked_files,
+    partial_name,
 )
-
-STALE_SECONDS = 12 * 3600  # a partial this old is debris even if its pid is alive (pid reuse)
-
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-(?P<time>\d+)-[0-9a-f]{8}"
-                      r"(?P<old>-old)?(?:\.[^./]*)?$")
-# Earlier versions named partial folders `.NAME.partial.<mkdtemp random>` with no pid.
-_LEGACY_PARTIAL = re.compile(r"^\..+\.partial\.[a-z0-9_]{8}$")
-
-
-def partial_name(name: str, suffix: str = "") -> str:
-    """A fresh temporary sibling name for NAME, recognisable by `clean_stale_partials`."""
-    return f".{name}.partial-{os.getpid()}-{int(time.time())}-{secrets.token_hex(4)}{suffix}"
-
-
-def is_partial_name(name: str) -> bool:
-    """`name` is one of secateur's temporary siblings (any process's, any version's)."""
-    return bool(_PARTIAL.match(name) or _LEGACY_PARTIAL.match(name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _is_stale(entry: Path, now: float, max_age: float) -> bool:
-    m = _PARTIAL.match(entry.name)
-    if m:
-        pid, born = int(m["pid"]), int(m["time"])
-        if now - born > max_age:
-            return True
-        return pid != os.getpid() and not _alive(pid)
-    if _LEGACY_PARTIAL.match(entry.name):
-        try:
-            return now - entry.lstat().st_mtime > max_age
-        except OSError:
-            return False
-    return False
-
-
-def clean_stale_partials(folder: Path, max_age: float = STALE_SECONDS) -> list[Path]:
-    """Remove partials in `folder` left by dead processes (or older than max_age); only those."""
-    folder = Path(folder)
-    removed: list[Path] = []
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    now = time.time()
-    for entry in entries:
-        if not _is_stale(entry, now, max_age) or _restore(entry):
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(entry)
-        except OSError:
-            pass  # another process cleaning the same folder, or not ours to remove
-    return removed
-
-
-def _restore(entry: Path) -> bool:
-    """A stale `-old` partial is the previous output, moved aside by a replace that was killed
-    before it moved the new one in: if nothing took its name since, it goes back."""
-    m = _PARTIAL.match(entry.name)
-    if not m or not m["old"]:
-        return False
-    target = entry.with_name(m["name"])
-    if os.path.lexists(target):
-        return False  # the replace finished: the old copy is debris
-    try:
-        entry.rename(target)
-    except OSError:
-        return False
-    return True
-
-
-def recover_replaced(out: Path) -> None:
-    """Put back `out`'s previous copy if a replace of it was killed between its two renames;
-    call before deciding whether `out` exists."""
-    out = Path(out)
-    if os.path.lexists(out):
-        return
-    now = time.time()
-    try:
-        entries = sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*-old"),
-                         key=lambda e: e.name, reverse=True)  # the newest first
-    except OSError:
-        return
-    for entry in entries:
-        if _is_stale(entry, now, STALE_SECONDS) and _restore(entry):
-            return
 
 
 def disk_full(err: BaseException | None, where: Path | None = None) -> bool:
@@ -266,6 +166,23 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _walk(folder: Path) -> list[str]:
+    names = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        names += [(rel / n).as_posix() for n in dirs + files]
+    return sorted(n for n in names if n != MARKER)
+
+
+def mark_output(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Record that secateur wrote `folder`: `names` (relative paths) are added to its marker,
+    or, without names, everything under it now (a folder built whole in a temporary place)."""
+    folder = Path(folder)
+    listed = marked_files(folder) or set()
+    listed.update(_walk(folder) if names is None else names)
+    write_json_atomic(folder / MARKER, {"written_by": "secateur", "files": sorted(listed)})
 
 
 @contextlib.contextmanager

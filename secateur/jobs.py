@@ -21,10 +21,10 @@ from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
-from secateur.io import check_output_dir, check_output_file, dir_bytes, write_json_atomic
+from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods import build_method
 from secateur.models.loading import load
-from secateur.outputs import model_bytes
+from secateur.outputs import check_output_dir, check_output_file, model_bytes
 from secateur.report.depth import has_curve, is_depth_summary, plot_removals
 from secateur.surgery.save import save_model
 from secateur.workdir import WorkDir, check_free, with_exit_stack

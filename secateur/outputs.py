@@ -15,10 +15,13 @@ an estimate, too little free space each fail in one line before the work starts.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from secateur.workdir import WORK, check_free
 MARKER = ".secateur-output"
 # Files the desktop adds to any folder it shows; they do not make a folder the user's.
 _DESKTOP_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
-# What `secateur.io.partial_name` adds to a name: `.` + `.partial-<pid>-<time>-<8 hex>-old`,
+# What `partial_name` adds to a name: `.` + `.partial-<pid>-<time>-<8 hex>-old`,
 # with a pid of up to 7 digits (Linux's pid_max is at most 2**22) and a 10-digit time.
 PARTIAL_EXTRA = len("." + ".partial-" + "9" * 7 + "-" + "9" * 10 + "-" + "f" * 8 + "-old")
 # Names of files inside an output folder (shards, their temporary siblings) on top of its path.
@@ -36,15 +39,109 @@ _INNER_PATH = 128
 _SHOWN_FOREIGN = 3
 
 
+# -- secateur's temporary siblings ---------------------------------------------------------
+
+STALE_SECONDS = 12 * 3600  # a partial this old is debris even if its pid is alive (pid reuse)
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-(?P<time>\d+)-[0-9a-f]{8}"
+                      r"(?P<old>-old)?(?:\.[^./]*)?$")
+# Earlier versions named partial folders `.NAME.partial.<mkdtemp random>` with no pid.
+_LEGACY_PARTIAL = re.compile(r"^\..+\.partial\.[a-z0-9_]{8}$")
+
+
+def partial_name(name: str, suffix: str = "") -> str:
+    """A fresh temporary sibling name for NAME, recognisable by `clean_stale_partials`."""
+    return f".{name}.partial-{os.getpid()}-{int(time.time())}-{secrets.token_hex(4)}{suffix}"
+
+
+def is_partial_name(name: str) -> bool:
+    """`name` is one of secateur's temporary siblings (any process's, any version's)."""
+    return bool(_PARTIAL.match(name) or _LEGACY_PARTIAL.match(name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _is_stale(entry: Path, now: float, max_age: float) -> bool:
+    m = _PARTIAL.match(entry.name)
+    if m:
+        pid, born = int(m["pid"]), int(m["time"])
+        if now - born > max_age:
+            return True
+        return pid != os.getpid() and not _alive(pid)
+    if _LEGACY_PARTIAL.match(entry.name):
+        try:
+            return now - entry.lstat().st_mtime > max_age
+        except OSError:
+            return False
+    return False
+
+
+def clean_stale_partials(folder: Path, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Remove partials in `folder` left by dead processes (or older than max_age); only those."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not _is_stale(entry, now, max_age) or _restore(entry):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass  # another process cleaning the same folder, or not ours to remove
+    return removed
+
+
+def _restore(entry: Path) -> bool:
+    """A stale `-old` partial is the previous output, moved aside by a replace that was killed
+    before it moved the new one in: if nothing took its name since, it goes back."""
+    m = _PARTIAL.match(entry.name)
+    if not m or not m["old"]:
+        return False
+    target = entry.with_name(m["name"])
+    if os.path.lexists(target):
+        return False  # the replace finished: the old copy is debris
+    try:
+        entry.rename(target)
+    except OSError:
+        return False
+    return True
+
+
+def recover_replaced(out: Path) -> None:
+    """Put back `out`'s previous copy if a replace of it was killed between its two renames;
+    call before deciding whether `out` exists."""
+    out = Path(out)
+    if os.path.lexists(out):
+        return
+    now = time.time()
+    try:
+        entries = sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*-old"),
+                         key=lambda e: e.name, reverse=True)  # the newest first
+    except OSError:
+        return
+    for entry in entries:
+        if _is_stale(entry, now, STALE_SECONDS) and _restore(entry):
+            return
+
+
+
 # -- the marker: which files secateur wrote ------------------------------------------------
-
-
-def _walk(folder: Path) -> list[str]:
-    names = []
-    for root, dirs, files in os.walk(folder):
-        rel = Path(root).relative_to(folder)
-        names += [(rel / n).as_posix() for n in dirs + files]
-    return sorted(n for n in names if n != MARKER)
 
 
 def marked_files(folder: Path) -> set[str] | None:
@@ -59,22 +156,9 @@ def marked_files(folder: Path) -> set[str] | None:
     return {f for f in files if isinstance(f, str)}
 
 
-def mark_output(folder: Path, names: Iterable[str] | None = None) -> None:
-    """Record that secateur wrote `folder`: `names` (relative paths) are added to its marker,
-    or, without names, everything under it now (a folder built whole in a temporary place)."""
-    from secateur.io import write_json_atomic
-
-    folder = Path(folder)
-    listed = marked_files(folder) or set()
-    listed.update(_walk(folder) if names is None else names)
-    write_json_atomic(folder / MARKER, {"written_by": "secateur", "files": sorted(listed)})
-
-
 def _ours_by_name(name: str) -> bool:
     """secateur's working files, in any folder it writes: temporary siblings, a run's
     working folder, a write probe."""
-    from secateur.io import is_partial_name
-
     return (is_partial_name(name) or name in (WORK, MARKER)
             or name.startswith(".secateur-probe-"))
 
@@ -271,8 +355,6 @@ def check_output_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path] = 
 
     `inputs` are the paths the job reads (model, texts, recipe). `needed_bytes`, an estimate
     of the output's size, is checked against the free space."""
-    from secateur.io import recover_replaced
-
     out = Path(out)
     _check_not_link(out, flag)
     where = resolve(out, flag)

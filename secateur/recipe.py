@@ -40,10 +40,10 @@ from secateur.device import check_spelling, resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
-from secateur.io import dir_bytes, write_json_atomic
+from secateur.io import dir_bytes, mark_output, write_json_atomic
 from secateur.methods import make_config
 from secateur.models.loading import DTYPES, Loaded, load
-from secateur.outputs import check_run_folder, mark_output, model_bytes
+from secateur.outputs import check_run_folder, model_bytes
 from secateur.params import count_parameters
 from secateur.workdir import WORK, WorkDir, check_free
 

@@ -16,19 +16,16 @@ import pytest
 from secateur.data.sources import load_text
 from secateur.data.windows import fit_seqlen
 from secateur.errors import SecateurError
-from secateur.io import (
-    atomic_dir,
-    atomic_file,
+from secateur.io import atomic_dir, atomic_file, write_atomic, write_json_atomic
+from secateur.models import loading
+from secateur.models.loading import load
+from secateur.outputs import (
     check_output_dir,
     check_output_file,
     check_output_folder,
     clean_stale_partials,
     partial_name,
-    write_atomic,
-    write_json_atomic,
 )
-from secateur.models import loading
-from secateur.models.loading import load
 from secateur.surgery.save import save_model
 from tests.tiny_models import byte_tokenizer, save_tiny, tiny_model
 

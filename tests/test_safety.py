@@ -334,7 +334,7 @@ def test_a_kill_between_the_two_renames_gives_the_old_copy_back(tmp_path):
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.endswith("-old")]
-    from secateur.io import check_output_dir
+    from secateur.outputs import check_output_dir
 
     with pytest.raises(Exception, match="already exists"):  # the next run sees it back
         check_output_dir(out, overwrite=False)

@@ -23,7 +23,7 @@ def _check(fmt: str, outtype: str | None, out: Path, overwrite: bool,
     """Validate everything about the output before any model is read; returns the outtype."""
     from secateur.export.gguf import OUTTYPES, check_gguf_output
     from secateur.export.nemotron_nas import DTYPES
-    from secateur.io import check_output_dir
+    from secateur.outputs import check_output_dir
 
     if fmt not in FORMATS:
         raise SecateurError(f"--format is one of {', '.join(FORMATS)}, got '{fmt}'")

@@ -32,7 +32,8 @@ from secateur.errors import SecateurError
 from secateur.export import gguf_gemma3
 from secateur.export.gguf_gemma3 import Gemma3Layout
 from secateur.export.layout import LayerShape, LlamaLayout, read_layout
-from secateur.io import atomic_file, check_output_file
+from secateur.io import atomic_file
+from secateur.outputs import check_output_file
 from secateur.quant.ggml import GGMLState, pack, rtn_ggml
 from secateur.quant.ggml_presets import PRESETS, TensorSlot, tensor_types
 

@@ -18,10 +18,11 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.inputs import check_finite, check_loading_info
-from secateur.io import atomic_dir, clean_stale_partials, write_atomic
+from secateur.io import atomic_dir, write_atomic
 from secateur.models.base import ModelAdapter, adapter_for, supported_model_types
 from secateur.models.load_report import describe_mismatch, mismatched_shapes
 from secateur.offline import cache_dir, package_dir
+from secateur.outputs import clean_stale_partials
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

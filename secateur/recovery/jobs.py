@@ -88,7 +88,8 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
     evaluate again, save, write the JSON. With a teacher the result also holds its perplexity
     and the share of the perplexity gap recovered. `device`: where evaluation and training
     run (the models are loaded on the CPU and saved from it)."""
-    from secateur.io import check_output_dir, check_output_file, dir_bytes, write_json_atomic
+    from secateur.io import dir_bytes, write_json_atomic
+    from secateur.outputs import check_output_dir, check_output_file
 
     dev = resolve_device(device)  # --device cuda without CUDA: before anything loads
     out = Path(out)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secateur.io import check_output_folder, mark_output, write_bytes_atomic, write_text_atomic
+from secateur.io import mark_output, write_bytes_atomic, write_text_atomic
+from secateur.outputs import check_output_folder
 from secateur.report import accuracy, frontier
 from secateur.report.collect import Collected, Run, collect, why
 from secateur.report.plots import plots as draw_plots
