@@ -63,3 +63,8 @@ class MethodConfig(Config):
     def settings(self) -> dict[str, Any]:
         """Every field, defaults included: what a result records."""
         return {"method": self.method, **self.model_dump(mode="json")}
+
+
+def quantizes(config: MethodConfig) -> bool:
+    """The step leaves quantized weights (a quantize step, or SparseGPT with a grid)."""
+    return config.kind == "quantize" or getattr(config, "quantize", None) is not None

@@ -101,7 +101,7 @@ def check_yaml_size(text: str, loader: type) -> None:
 
 def check_step_order(steps: Sequence[Any]) -> None:
     """Each step can take the model the steps before it leave (a ValueError, for pydantic)."""
-    from secateur.quant.pack import quantizes
+    from secateur.config import quantizes
 
     quantized: tuple[int, str] | None = None
     for i, step in enumerate(steps, 1):

@@ -88,7 +88,7 @@ def prune_job(
 
         check_gguf_output(Path(out), overwrite, tuple(str(i) for i in inputs if i))
     elif out is not None:
-        from secateur.quant.pack import quantizes
+        from secateur.config import quantizes
 
         check_output_dir(Path(out), overwrite, inputs=inputs,  # a pruned copy: about as big
                          needed_bytes=None if quantizes(config) else model_bytes(model_name))
@@ -103,7 +103,8 @@ def prune_job(
     eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
     loaded = load(model_name, dtype=dtype)
     if out is not None:
-        from secateur.quant.pack import check_packable, quantizes
+        from secateur.config import quantizes
+        from secateur.quant.pack import check_packable
 
         # refused here, not after the whole run when saving
         if quantizes(config) and gguf_preset is None:

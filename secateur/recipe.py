@@ -400,7 +400,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: boo
     resumable = (work.folder(CHECKPOINT) / STATE).is_file()
     # every --out rule (secateur.outputs): an earlier output is replaced only if secateur
     # wrote all of it, never the current folder or one holding an input
-    from secateur.quant.pack import quantizes
+    from secateur.config import quantizes
 
     replace = check_run_folder(
         out, overwrite, [*inputs, *path_values(recipe.to_dict())], resumable,
@@ -416,7 +416,8 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
     start = time.perf_counter()
     loaded = load(recipe.model, dtype=recipe.dtype)
     if recipe.save_format in ("auto", "compressed-tensors"):
-        from secateur.quant.pack import check_packable, quantizes
+        from secateur.config import quantizes
+        from secateur.quant.pack import check_packable
 
         if any(quantizes(step) for step in recipe.steps):  # before anything is written
             check_packable(loaded.adapter)

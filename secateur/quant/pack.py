@@ -124,11 +124,6 @@ def stored_grid(state: QuantState, in_features: int, size: int
     return state.scale[:, index].float(), state.zero[:, index].float()
 
 
-def quantizes(config: Any) -> bool:
-    """The step leaves quantized weights (a quantize step, or SparseGPT with a grid)."""
-    return config.kind == "quantize" or getattr(config, "quantize", None) is not None
-
-
 def require_linear(name: str, module: nn.Module) -> None:
     if not isinstance(module, nn.Linear):
         raise SecateurError(
