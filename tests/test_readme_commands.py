@@ -1,11 +1,17 @@
-"""Every `secateur` command the README shows runs, on a tiny model, as written.
+"""Every `secateur` command the README and the docs pages show runs, on a tiny model, as written.
 
-The commands are read from the README's ```bash blocks, so a command added there is tested
-without touching this file. Each is rewritten only where the real model would be too slow
-here: the model names become a saved tiny model, output names fresh folders, and the sizes
-(steps, windows, samples, documents, tokens) shrink to seconds; every flag and method stays
-as the README spells it. `a|b|c` alternatives run once each; `[--flag]` runs with the flag;
-`...` stands for the calibration and output flags of the line above it.
+The commands are read from the ```bash blocks of README.md and docs/*.md (not docs/cli.md, which
+is generated from the flags themselves), so a command added there is tested without touching
+this file. Each is rewritten only where the real model would be too slow here: the model names
+become a saved tiny model, output names fresh folders, and the sizes (steps, windows, samples,
+documents, tokens, presets) shrink to seconds; every flag and method stays as the page spells
+it. `a|b|c` alternatives run once each; `[--flag]` runs with the flag; `...` stands for the
+calibration and output flags of the line above it. `torchrun ... -m secateur CMD` runs as
+`secateur CMD` in one process. The other lines of a bash block are checked without running
+them: `secateur run recipes/X.yaml` names a shipped recipe (each runs shrunk in
+tests/test_recipe.py), `python bench/X.py` names a script whose parser has every flag shown,
+`bash scripts/X.sh` names a script, and anything else is one of a few outside tools (hf,
+llama-server, vllm); a line that is none of these fails.
 """
 
 from __future__ import annotations
@@ -24,14 +30,21 @@ import torch
 from tests.test_loading_and_cli import run_cli
 from tests.test_recipe import shrink
 
-README = Path(__file__).parent.parent / "README.md"
-MODEL_NAMES = {"MODEL", "smollm2-135m", "BIG"}
-# inputs that name an earlier output of the README's own story: a pruned model
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+# every page whose bash blocks are run; docs/cli.md is generated from the flags
+PAGES = [README, *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "cli.md")]
+README_LIMIT = 12_000  # bytes: the README is the quick starts; the rest lives in docs/
+MODEL_NAMES = {"MODEL", "smollm2-135m", "BIG", "Llama-3.1-8B"}
+# inputs that name an earlier output of the page's own story: a pruned model, a packed one
 PRUNED_INPUTS = {"DIR", "pruned", "./pruned"}
+QUANTIZED_INPUTS = {"DIR-w4"}
+# programs a page may show that are not run here: downloads, serving, other machines
+OUTSIDE_TOOLS = {"hf", "llama-server", "llama-cli", "vllm"}
 SMALL = {"--steps": "2", "--max-windows": "1", "--eval-windows": "1", "--seqlen": "32",
          "--nsamples": "2", "--limit": "2", "--repeats": "1", "--decode-tokens": "2",
          "--lengths": "16", "--layers": "1", "--search-samples": "2", "--search-shortlist": "2",
-         "--warmup": "0"}
+         "--warmup": "0", "--presets": "q4_0"}
 ELLIPSIS = ["--calib", "c4-sample", "--nsamples", "2", "--seqlen", "32", "--eval", "none"]
 # flags whose defaults are sized for real models, added where the README leaves them out
 DEFAULTS = {"prune": {"--nsamples": "2", "--seqlen": "32", "--eval-windows": "1"},
@@ -50,24 +63,35 @@ DEFAULTS = {"prune": {"--nsamples": "2", "--seqlen": "32", "--eval-windows": "1"
 REFUSED_ON_TINY = {("export", "nemotron-nas"): "256"}
 
 
-def readme_blocks() -> list[list[str]]:
-    """`secateur ...` lines of each bash block, continuations joined, comments dropped."""
-    text = README.read_text(encoding="utf-8")
-    blocks = []
+def bash_lines(page: Path) -> list[str]:
+    """Every line of the page's bash blocks, continuations joined, comments dropped."""
+    text = page.read_text(encoding="utf-8")
+    lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
-        commands = []
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            line = re.sub(r"^(bash scripts/setup.sh && )?\.venv/bin/", "", line)
-            if line.startswith("secateur "):
-                commands.append(line)
-        if commands:
-            blocks.append(commands)
-    return blocks
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def as_secateur(line: str) -> str | None:
+    """The `secateur ...` command a line runs, if it runs one."""
+    line = re.sub(r"^(bash scripts/setup.sh && )?\.venv/bin/", "", line)
+    line = re.sub(r"^torchrun( --[\w-]+[ =]\S+)* -m secateur ", "secateur ", line)
+    return line if line.startswith("secateur ") else None
+
+
+def page_commands(page: Path) -> list[str]:
+    return [c for line in bash_lines(page) if (c := as_secateur(line))]
 
 
 def readme_commands() -> list[str]:
-    return [c for block in readme_blocks() for c in block]
+    return page_commands(README)
+
+
+def documented_commands() -> list[str]:
+    return [c for page in PAGES for c in page_commands(page)]
 
 
 def _produced(command: str) -> set[str]:
@@ -76,19 +100,19 @@ def _produced(command: str) -> set[str]:
     return made | ({"bench.json"} if words[1] == "bench" else set())
 
 
-def command_groups() -> list[list[str]]:
-    """One group per README command (each a test of its own, run in parallel), except that a
-    command naming an output an earlier one makes (`report runs/s1 bench.json`) joins the group
-    of the name's latest producer (the story maps a name to its last output).
-    The main job's `secateur run recipes/...` runs shrunk in tests/test_recipe.py."""
+def command_groups(commands: list[str] | None = None) -> list[list[str]]:
+    """One group per command of a page (each a test of its own), except that a command naming
+    an output an earlier one makes (`report runs/s1 bench.json`) joins the group of the name's
+    latest producer (the story maps a name to its last output).
+    `secateur run recipes/...` runs shrunk in tests/test_recipe.py."""
     groups: list[list[str]] = []
     producer: dict[str, int] = {}  # output name -> the group of its latest producer
-    for command in readme_commands():
+    for command in readme_commands() if commands is None else commands:
         if command.startswith("secateur run recipes/"):
             continue
         words = set(shlex.split(command.replace("[", "").replace("]", "")))
-        joined = sorted({producer[w] for w in words - MODEL_NAMES - PRUNED_INPUTS
-                         if w in producer})
+        inputs = MODEL_NAMES | PRUNED_INPUTS | QUANTIZED_INPUTS
+        joined = sorted({producer[w] for w in words - inputs if w in producer})
         if len(joined) > 1:  # reads the outputs of several groups: they become one
             for i in reversed(joined[1:]):
                 groups[joined[0]] += groups[i]
@@ -190,6 +214,8 @@ class Story:
                 out.append(self.model)
             elif word in PRUNED_INPUTS:
                 out.append(str(self.pruned))
+            elif word in QUANTIZED_INPUTS:
+                out.append(str(self.packed))
             elif word == "RECIPE.yaml":
                 out.append(self.recipe())
             elif word in self.outputs:  # e.g. `report runs/s1 bench.json`
@@ -207,29 +233,97 @@ class Story:
         return out
 
 
+def page_groups() -> list[tuple[str, list[str]]]:
+    """(test id, commands) per group of every page; a group another page already shows word for
+    word runs once."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for page in PAGES:
+        for i, group in enumerate(command_groups(page_commands(page))):
+            if tuple(group) not in seen:
+                seen.add(tuple(group))
+                out.append((f"{page.stem}-{i}-{group[0].split()[1]}", group))
+    return out
+
+
 def test_the_readme_shows_the_commands_this_test_runs():
-    commands = readme_commands()
-    verbs = {c.split()[1] for c in commands}
+    assert readme_commands()[0].startswith("secateur run recipes/smollm2-gguf-q4_k_m-dwq.yaml")
+    assert bash_lines(README)[:2] == [
+        "bash scripts/setup.sh && .venv/bin/secateur run recipes/smollm2-gguf-q4_k_m-dwq.yaml "
+        "--out runs/smollm2-gguf-q4_k_m-dwq --overwrite", "bash scripts/test.sh"]
+    verbs = {c.split()[1] for c in documented_commands()}
     assert {"run", "prune", "quantize", "recover", "distill", "eval", "bench", "sweep",
-            "report", "export"} <= verbs, verbs
-    assert commands[0].startswith("secateur run recipes/smollm2-gguf-q4_k_m-dwq.yaml")
+            "report", "export", "frontier"} <= verbs, verbs
+    assert {p.name for p in PAGES} >= {"README.md", "protocol.md", "formats.md", "methods.md",
+                                       "benchmarks.md", "architecture.md"}
 
 
-def test_readme_commands_are_many_and_grouped_whole():
-    grouped = [c for group in command_groups() for c in group]
-    assert sorted(grouped) == sorted(c for c in readme_commands()
-                                     if not c.startswith("secateur run recipes/"))
-    assert sum(len(expand(c)) for c in grouped) >= 20
-    report = next(g for g in command_groups() if any(" report " in c for c in g))
+def test_the_readme_stays_short():
+    size = len(README.read_bytes())
+    assert size <= README_LIMIT, f"README.md is {size} bytes: move detail into docs/"
+
+
+def test_commands_are_many_and_grouped_whole():
+    grouped = [c for _, group in page_groups() for c in group]
+    assert sorted(set(grouped)) == sorted({c for c in documented_commands()
+                                           if not c.startswith("secateur run recipes/")})
+    assert sum(len(expand(c)) for c in grouped) >= 30
+    report = next(g for _, g in page_groups() if any(" report " in c for c in g))
     assert [c.split()[1] for c in report] == ["bench", "sweep", "report"], report
 
 
-GROUPS = command_groups()
+def _script_flags(script: Path) -> set[str]:
+    return set(re.findall(r"""["'](--[\w-]+)["']""", script.read_text(encoding="utf-8")))
 
 
-@pytest.mark.parametrize("commands", GROUPS, ids=[f"{i}-{g[0].split()[1]}"
-                                                  for i, g in enumerate(GROUPS)])
-def test_readme_commands_run_on_a_tiny_model(commands, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_the_lines_not_run_here_name_what_exists(page):
+    """Recipes, bench scripts with their flags, shell scripts and outside tools, as shown."""
+    for line in bash_lines(page):
+        command = as_secateur(line)
+        if command is not None:
+            if command.startswith("secateur run recipes/"):
+                recipe = ROOT / shlex.split(command)[2]
+                assert recipe.is_file(), f"{page.name}: {line}: no {recipe.name} in recipes/"
+            continue
+        for part in line.split("&&"):
+            words = shlex.split(part)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # OMP_NUM_THREADS=1
+                words = words[1:]
+            if words[0] == "python" and words[1].startswith("bench/"):
+                script = ROOT / words[1]
+                assert script.is_file(), f"{page.name}: {line}: no {words[1]}"
+                text, flags = script.read_text(encoding="utf-8"), _script_flags(script)
+                for word in words[2:]:
+                    if word.startswith("--"):
+                        assert word.split("=")[0] in flags, f"{page.name}: {line}: {word}?"
+                    elif "|" in word:  # sub-commands, e.g. search|evaluate
+                        for alt in word.split("|"):
+                            assert f'"{alt}"' in text, f"{page.name}: {line}: {alt}?"
+            elif words[0] == "bash":
+                assert (ROOT / words[1]).is_file(), f"{page.name}: {line}: no {words[1]}"
+            else:
+                assert words[0] in OUTSIDE_TOOLS, f"{page.name}: what runs `{line}`?"
+
+
+def test_the_recipe_yaml_the_readme_shows_is_a_shipped_recipe():
+    """A ```yaml block of a page is a valid recipe, with the steps of one in recipes/."""
+    from secateur.recipe import Recipe
+
+    shipped = [Recipe.load(p).to_dict()["steps"] for p in sorted((ROOT / "recipes").glob("*.yaml"))]
+    blocks = [(page, block) for page in PAGES for block in
+              re.findall(r"```yaml\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)]
+    assert any(page == README for page, _ in blocks)
+    for page, block in blocks:
+        recipe = Recipe.from_yaml(block)  # unknown keys and methods are refused
+        assert recipe.to_dict()["steps"] in shipped, f"{page.name}: {block}"
+
+
+GROUPS = page_groups()
+
+
+@pytest.mark.parametrize("commands", [g for _, g in GROUPS], ids=[i for i, _ in GROUPS])
+def test_documented_commands_run_on_a_tiny_model(commands, tmp_path, monkeypatch, capsys):
     story = Story(tmp_path, monkeypatch, capsys)
     for command in commands:
         for argv in expand(command):
@@ -243,16 +337,16 @@ def test_readme_commands_run_on_a_tiny_model(commands, tmp_path, monkeypatch, ca
             refusal = next((words for key, words in REFUSED_ON_TINY.items()
                             if set(key) <= set(argv)), None)
             if refusal is not None:
-                assert code == 2 and refusal in err, f"README: {command}\n{err}"
+                assert code == 2 and refusal in err, f"{command}\n{err}"
                 continue
             device = argv[argv.index("--device") + 1] if "--device" in argv else "auto"
             if device.startswith("cuda") and not torch.cuda.is_available():
                 # the GPU commands, on a machine without one: refused early in one line
-                assert code == 2 and "no CUDA device" in err, f"README: {command}\n{err}"
+                assert code == 2 and "no CUDA device" in err, f"{command}\n{err}"
                 continue
-            assert code == 0, f"README: {command}\nran: {argv}\n{err}"
-            if "--help" in argv:
-                assert "--sparsity" in out and "--ratio" not in out
+            assert code == 0, f"{command}\nran: {argv}\n{err}"
+            if "--help" in argv:  # a method's own flags, listed
+                assert "--method" in out, out
             if argv[0] == "report":
                 report = Path(argv[argv.index("--out") + 1])
                 assert (report / "report.html").is_file() and (report / "report.md").is_file()
