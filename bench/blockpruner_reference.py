@@ -107,8 +107,8 @@ def main() -> None:
 
     import secateur
     from secateur.api import calibration_data
+    from secateur.formats.loader import load
     from secateur.io import write_json_atomic
-    from secateur.models.loading import load
 
     base = load("smollm2-135m")
     calib = secateur.CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed)

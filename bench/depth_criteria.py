@@ -42,10 +42,11 @@ from depth_pruning import copy_loaded, prefix_for, proportional_speedup, time_mo
 from secateur.api import CalibrationConfig, calibration_data, prune  # noqa: E402
 from secateur.data.sources import TextSource, load_text  # noqa: E402
 from secateur.eval.perplexity import perplexity  # noqa: E402
+from secateur.formats.loader import load  # noqa: E402
 from secateur.io import write_json_atomic  # noqa: E402
 from secateur.methods import make_config  # noqa: E402
 from secateur.models import adapter_for  # noqa: E402
-from secateur.models.loading import Loaded, load  # noqa: E402
+from secateur.models.loading import Loaded  # noqa: E402
 from secateur.surgery.depth import (  # noqa: E402
     Block,
     block_parameters,

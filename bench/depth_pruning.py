@@ -33,12 +33,13 @@ from secateur.api import CalibrationConfig, prune
 from secateur.bench.measure import decode_seconds, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
+from secateur.formats.loader import load
+from secateur.io import write_json_atomic
 from secateur.methods import make_config
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.report.depth import plot_removals
 from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
-from secateur.surgery.save import write_json_atomic
 
 OUT = Path(__file__).parent / "results"
 METHODS = ("shortgpt", "blockpruner", "sleb")

@@ -78,7 +78,7 @@ def statistic_split_error(model: str, nsamples: int, seqlen: int) -> dict:
     the sum over all windows vs the sum of the two halves' sums."""
     from secateur.api import CalibrationConfig, resolve_data
     from secateur.engine.sequential import collect_layer_stats
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
     from secateur.stats import ColumnSquares, Hessian
 
     loaded = load(model)

@@ -20,8 +20,8 @@ import torch
 from secateur.api import CalibrationConfig, quantize
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
+from secateur.formats.loader import load
 from secateur.methods.gguf import GGUFConfig
-from secateur.models.loading import load
 from secateur.quant.ggml import GGMLState, ggml_states, set_ggml_state
 from secateur.recovery.dwq import DWQConfig, dwq, frozen_codes
 
@@ -48,7 +48,7 @@ def restore_states(model: torch.nn.Module, path: Path) -> None:
     """The quantize step's result again: weights on the saved blocks, embeddings in fp16."""
     from safetensors import safe_open
 
-    from secateur.quant.pack import round_kept_tensors
+    from secateur.formats.packed_save import round_kept_tensors
 
     modules = dict(model.named_modules())
     with safe_open(str(path), "pt") as f:

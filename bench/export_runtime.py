@@ -28,11 +28,12 @@ from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.eval.perplexity import _bos_each, perplexity, resolve_bos
 from secateur.export import export_model
+from secateur.formats.loader import load
+from secateur.io import write_json_atomic
 from secateur.methods import make_config
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.surgery.depth import Block, remove_blocks, total_parameters
-from secateur.surgery.save import write_json_atomic
 
 OUT = Path(__file__).parent / "results" / "export_runtime.json"
 # Hand-picked blocks: the point is the runtime's agreement, not the best choice of blocks.

@@ -110,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from secateur.formats.loader import load
     from secateur.io import write_json_atomic
-    from secateur.models.loading import load
 
     results: dict[str, Any] = (json.loads(args.out.read_text()) if args.out.is_file() else {
         "protocol": {"calibration": BASE_CALIB, "eval": {"texts": list(TEXTS), "seqlen": 512,

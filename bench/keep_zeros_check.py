@@ -11,9 +11,9 @@ import torch
 from secateur.api import CalibrationConfig, quantize
 from secateur.eval.api import evaluate
 from secateur.eval.config import PerplexityConfig
+from secateur.formats.loader import load
 from secateur.io import write_json_atomic
 from secateur.methods.gptq import GPTQConfig
-from secateur.models.loading import load
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from secateur.engine.streamed import prune_streamed
-    from secateur.models.streaming import load_streamed
+    from secateur.formats.streaming import load_streamed
 
     torch.set_num_threads(args.threads)
     loaded, weights = load_streamed(args.model)
@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def _fp32_bytes(folder: Path) -> int:
     """The weights at 4 bytes each, from the safetensors headers (a tied head is stored once)."""
-    from secateur.models.streaming import SafetensorsSource
+    from secateur.formats.streaming import SafetensorsSource
 
     total = 0
     for header in SafetensorsSource(folder).headers.values():
@@ -99,7 +99,7 @@ def compare_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from secateur.engine.sequential import prune_layerwise
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     torch.set_num_threads(args.threads)
     loaded = load(args.model)
@@ -155,9 +155,9 @@ def main() -> None:
         return
 
     from secateur.errors import SecateurError
+    from secateur.formats.loader import load
+    from secateur.formats.streaming import streamable_path
     from secateur.io import write_json_atomic
-    from secateur.models.loading import load
-    from secateur.models.streaming import streamable_path
     from secateur.outputs import check_output_file
 
     check_output_file(args.json)

@@ -236,9 +236,9 @@ def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise:
     on the same windows in reverse order (only float summation order changes), which measures
     how far float noise alone moves the perplexity of this configuration; with `mask_rule`
     (SparseGPT runs), secateur again with the reference's mask rule patched in."""
+    from secateur.formats.packed_save import round_kept_tensors
     from secateur.models import adapter_for
     from secateur.models.loading import Loaded
-    from secateur.quant.pack import round_kept_tensors
 
     run = RUNS[name]
     out: dict[str, Any] = {"name": name, "settings": run}
@@ -312,7 +312,7 @@ def main() -> None:
     from secateur.data.sources import load_text
     from secateur.eval.api import evaluate
     from secateur.eval.config import PerplexityConfig
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     nsamples = args.nsamples or (8 if args.quick else 32)

@@ -199,7 +199,8 @@ def _peak_after_load(path: Path, runtime: str, head: str) -> dict:
     code = (_vm_hwm_mib_code() +
             "import json, sys\n"
             "from secateur.params import count_parameters\n"
-            "from secateur.runtime import load_packed, runtime_weight_bytes\n"
+            "from secateur.formats.packed_runtime import load_packed\n"
+            "from secateur.runtime import runtime_weight_bytes\n"
             "import gc\n"
             "m = load_packed(sys.argv[1], sys.argv[2], head=sys.argv[3])\n"
             "gc.collect()\n"
@@ -221,7 +222,7 @@ def _baseline_rss() -> float:
     import subprocess
 
     code = (_vm_hwm_mib_code() +
-            "import accelerate, compressed_tensors, secateur.runtime.packed, torch, "
+            "import accelerate, compressed_tensors, secateur.formats.packed_runtime, torch, "
             "transformers\n"
             "print(hwm())\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
@@ -232,11 +233,12 @@ def _baseline_rss() -> float:
 def models(method: str, quick: bool, out_dir: Path, groups: tuple[int, ...],
            w8a8: bool, threads: int) -> dict:
     from secateur.bench.measure import BenchSpec, Subject, benchmark
-    from secateur.models.loading import load
-    from secateur.quant.pack import save_packed
-    from secateur.runtime import load_packed
+    from secateur.formats.hf import save_model
+    from secateur.formats.loader import load
+    from secateur.formats.packed_runtime import load_packed
+    from secateur.formats.packed_save import save_packed
+    from secateur.io import dir_bytes
     from secateur.runtime.decode import install_decode_path, remove_decode_path
-    from secateur.surgery.save import dir_bytes, save_model
 
     dense = load(MODEL)
     fp32_dir = out_dir / "dense-fp32"

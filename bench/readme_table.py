@@ -20,9 +20,9 @@ import torch
 from secateur.api import CalibrationConfig
 from secateur.bench import BenchSpec, Subject, benchmark
 from secateur.eval.zeroshot import DEFAULT_TASKS, ZeroShotSpec
+from secateur.formats.loader import load
+from secateur.io import write_json_atomic
 from secateur.jobs import EvalSpec
-from secateur.models.loading import load
-from secateur.surgery.save import write_json_atomic
 from secateur.sweep import SweepSpec, run_sweep
 
 RESULTS = Path(__file__).parent / "results"

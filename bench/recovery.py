@@ -44,9 +44,10 @@ from secateur.api import CalibrationConfig, prune
 from secateur.data.sources import TextSource, load_text
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
+from secateur.formats.loader import load
 from secateur.io import write_json_atomic
 from secateur.methods import make_config
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.params import count_parameters
 from secateur.recovery.distill import DistillConfig, distill
 

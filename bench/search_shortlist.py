@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from secateur.api import CalibrationConfig, prune
+from secateur.formats.loader import load
+from secateur.io import write_json_atomic
 from secateur.methods import make_config
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded, load
-from secateur.surgery.save import write_json_atomic
+from secateur.models.loading import Loaded
 
 OUT = Path(__file__).parent / "results" / "search_shortlist.json"
 

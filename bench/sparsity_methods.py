@@ -48,8 +48,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(_one(*args.one, args.dense_ppl)))
         return
+    from secateur.formats.loader import load
     from secateur.jobs import EvalSpec, evaluate_perplexity
-    from secateur.models.loading import load
 
     dense = evaluate_perplexity(load(MODEL), EvalSpec("wiki", 512, 64), progress=False)
     rows = []

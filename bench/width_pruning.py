@@ -29,12 +29,14 @@ from secateur.api import CalibrationConfig, count_parameters, prune
 from secateur.bench.measure import decode_seconds, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
+from secateur.formats.hf import save_model
+from secateur.formats.loader import load
+from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods import make_config
 from secateur.methods.structured import decoder_parameters
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.recovery.lora import LoRAConfig, train_lora
-from secateur.surgery.save import dir_bytes, save_model, write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "width_pruning.json"
 

@@ -33,7 +33,7 @@ _WHERE = {
     "SparseGPTConfig": "secateur.methods",
     "WandaConfig": "secateur.methods",
     "Loaded": "secateur.models.loading",
-    "load": "secateur.models.loading",
+    "load": "secateur.formats.loader",
 }
 
 __all__ = sorted(_WHERE)

@@ -33,9 +33,10 @@ from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
 from secateur.eval.config import ComputeDtype
 from secateur.eval.perplexity import context_length
+from secateur.formats.loader import load
 from secateur.methods import LayerwiseMethod, PruneContext, build_method
 from secateur.models.base import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.params import count_parameters as count_parameters  # re-exported API
 
 
@@ -210,7 +211,7 @@ def run_step(
         result.layers = [asdict(r) for r in reports]
         result.summary = method.summary()
         if config.kind == "quantize":
-            from secateur.quant.pack import round_kept_tensors
+            from secateur.formats.packed_save import round_kept_tensors
 
             # embeddings and head are saved in float16 beside the packed linears: evaluate
             # exactly what will be saved

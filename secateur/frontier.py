@@ -40,10 +40,11 @@ from secateur.errors import SecateurError
 from secateur.eval.perplexity import _bos_each, resolve_bos
 from secateur.export import export_model
 from secateur.export.imatrix import model_imatrix, write_imatrix
+from secateur.formats.loader import load
 from secateur.io import mark_output, write_json_atomic
 from secateur.methods.gguf import GGUFConfig
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.outputs import check_output_folder
 from secateur.quant.ggml import ggml_states
 from secateur.quant.ggml_presets import check_preset

@@ -21,12 +21,12 @@ from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
+from secateur.formats.hf import save_model
+from secateur.formats.loader import load
 from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods import build_method
-from secateur.models.loading import load
 from secateur.outputs import check_output_dir, check_output_file, model_bytes
 from secateur.report.depth import has_curve, is_depth_summary, plot_removals
-from secateur.surgery.save import save_model
 from secateur.workdir import WorkDir, check_free, with_exit_stack
 
 
@@ -104,7 +104,7 @@ def prune_job(
     loaded = load(model_name, dtype=dtype)
     if out is not None:
         from secateur.config import quantizes
-        from secateur.quant.pack import check_packable
+        from secateur.formats.packed_save import check_packable
 
         # refused here, not after the whole run when saving
         if quantizes(config) and gguf_preset is None:
@@ -159,11 +159,11 @@ def prune_job(
                 model_name, (model_name,), quantized=ggml_states(loaded.model),
                 has_imatrix=True)
         elif is_quantized(loaded.model):  # compressed-tensors pack-quantized, as vLLM loads
-            from secateur.quant.pack import save_packed
+            from secateur.formats.packed_save import save_packed
 
             save_packed(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
         elif compact:
-            from secateur.surgery.compact import save_compact
+            from secateur.formats.compact import save_compact
 
             save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite,
                          nm=getattr(config, "nm", None))
@@ -270,7 +270,7 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
     (`secateur eval OUT`); the result records peak RSS against the model's size."""
     from secateur.api import resolve_data
     from secateur.engine.streamed import prune_streamed
-    from secateur.models.streaming import load_streamed
+    from secateur.formats.streaming import load_streamed
 
     method = build_method(config)
     dev = resolve_device(device)  # before anything loads

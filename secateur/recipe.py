@@ -39,10 +39,11 @@ from secateur.config import Config, ConfigError, MethodConfig
 from secateur.device import check_spelling, resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
+from secateur.formats.loader import load
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
 from secateur.io import dir_bytes, mark_output, write_json_atomic
 from secateur.methods import make_config
-from secateur.models.loading import DTYPES, Loaded, load
+from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_run_folder, model_bytes
 from secateur.params import count_parameters
 from secateur.workdir import WORK, WorkDir, check_free
@@ -234,12 +235,12 @@ def _save_checkpoint(folder: Path, loaded: Loaded, result: RecipeResult) -> None
     name = f"step-{len(result.steps):03d}"
     shutil.rmtree(folder / name, ignore_errors=True)  # a kill's leftover, never committed
     if is_quantized(loaded.model):
-        from secateur.quant.pack import save_packed
+        from secateur.formats.packed_save import save_packed
 
         # the model's own dtype for the unquantized tensors: the model comes back exactly
         save_packed(loaded.model, loaded.tokenizer, folder / name, keep_dtype=None)
     else:
-        from secateur.surgery.save import save_model
+        from secateur.formats.hf import save_model
 
         save_model(loaded.model, loaded.tokenizer, folder / name)
     write_json_atomic(folder / STATE, {"model": name, "result": result.to_dict()})
@@ -270,7 +271,7 @@ def _load_checkpoint(folder: Path, recipe: Recipe) -> tuple[Loaded, RecipeResult
                             "afresh")
     try:
         if _is_packed(folder / name):
-            from secateur.quant.unpack import load_quantized
+            from secateur.formats.packed_load import load_quantized
 
             loaded = load_quantized(folder / name, recipe.dtype)
         else:
@@ -367,15 +368,15 @@ def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]
         if not quantized:
             raise SecateurError("save_format compressed-tensors needs a quantization step; use "
                                 "auto or safetensors")
-        from secateur.quant.pack import save_packed
+        from secateur.formats.packed_save import save_packed
 
         save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
     elif fmt == "bitmask":
-        from secateur.surgery.compact import save_compact
+        from secateur.formats.compact import save_compact
 
         save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
     else:
-        from secateur.surgery.save import save_model
+        from secateur.formats.hf import save_model
 
         save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
     return fmt
@@ -417,7 +418,7 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
     loaded = load(recipe.model, dtype=recipe.dtype)
     if recipe.save_format in ("auto", "compressed-tensors"):
         from secateur.config import quantizes
-        from secateur.quant.pack import check_packable
+        from secateur.formats.packed_save import check_packable
 
         if any(quantizes(step) for step in recipe.steps):  # before anything is written
             check_packable(loaded.adapter)

@@ -147,7 +147,7 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
                         compact=spec.compact, dense_perplexity=dense_ppl, device=str(dev))
         if spec.zeroshot is not None:
             from secateur.eval.zeroshot import zeroshot
-            from secateur.models.loading import load
+            from secateur.formats.loader import load
 
             loaded = load(str(model_dir), dtype=spec.dtype)
             res["zeroshot"] = zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, spec.dtype,

@@ -30,7 +30,7 @@ def _perplexity_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled real model, loaded once per session; tests that change it take a copy."""
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     return load("smollm2-135m")
 

@@ -136,9 +136,9 @@ def test_peak_working_memory_is_measured_for_every_model():
 
 def test_bad_json_path_fails_before_any_model_loads(tmp_path, monkeypatch):
     from secateur.bench import bench_job
-    from secateur.models import loading
+    from secateur.formats import loader
 
-    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SecateurError, match="is a folder: give a file path"):
         bench_job("smollm2-135m", [], FAST, json_path=tmp_path)
     with pytest.raises(SecateurError, match="cannot write in"):

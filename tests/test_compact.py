@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from secateur.api import CalibrationConfig, prune
+from secateur.formats.compact import INDEX, WEIGHTS, pack, save_compact, unpack
+from secateur.formats.hf import save_model
+from secateur.formats.loader import load
 from secateur.io import dir_bytes
-from secateur.models.loading import load
-from secateur.surgery.compact import INDEX, WEIGHTS, pack, save_compact, unpack
-from secateur.surgery.save import save_model
 from tests.tiny_models import make_step
 
 

@@ -140,18 +140,18 @@ def _save(loaded, out: Path) -> None:
     from secateur.quant.state import is_quantized
 
     if is_quantized(loaded.model):
-        from secateur.quant.pack import save_packed
+        from secateur.formats.packed_save import save_packed
 
         save_packed(loaded.model, loaded.tokenizer, out)
     else:
-        from secateur.surgery.save import save_model
+        from secateur.formats.hf import save_model
 
         save_model(loaded.model, loaded.tokenizer, out)
 
 
 def run_matrix(families: list[str], root: Path) -> dict[tuple[str, str], dict]:
     """Every method on every family in this process, then one subprocess reloads them all."""
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     torch.set_num_threads(1)
     text = root / "text.txt"

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 from secateur.api import CalibrationConfig, calibration_data, prune
 from secateur.engine.block_search import BlockSearch
 from secateur.errors import SecateurError
+from secateur.formats.loader import load
 from secateur.methods import build_method
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.surgery.depth import Block, remove_blocks, remove_layers, total_parameters
 from tests.tiny_models import byte_tokenizer, make_step, tiny_model
 
@@ -466,9 +467,9 @@ def test_layerwise_pruning_of_a_model_with_removed_branches_in_memory_and_stream
     """Wanda after BlockPruner-style surgery: the removed branches have no matrices to prune,
     and streaming the saved model (secateur's class) gives the in-memory result."""
     from secateur.engine.streamed import prune_streamed
+    from secateur.formats.hf import save_model
+    from secateur.formats.streaming import load_streamed
     from secateur.methods import WandaConfig
-    from secateur.models.streaming import load_streamed
-    from secateur.surgery.save import save_model
 
     loaded = load(tiny_dir(family))
     remove_blocks(loaded.model, loaded.adapter, [Block(0, "attn"), Block(2, "mlp")])

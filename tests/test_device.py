@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
+import secateur.formats.loader
 import secateur.jobs
-import secateur.models.loading
 import secateur.recipe
 from secateur.api import CalibrationConfig, prune, quantize
 from secateur.cli import main
@@ -53,7 +53,7 @@ def _never_load(monkeypatch) -> None:
     def never(*_a, **_k):
         raise AssertionError("a model was loaded before the device was checked")
 
-    for module in (secateur.jobs, secateur.recipe, secateur.models.loading):
+    for module in (secateur.jobs, secateur.recipe, secateur.formats.loader):
         monkeypatch.setattr(module, "load", never)
 
 

@@ -12,7 +12,8 @@ import torch
 
 from secateur.config import ConfigError
 from secateur.errors import SecateurError
-from secateur.models.loading import Loaded, load
+from secateur.formats.loader import load
+from secateur.models.loading import Loaded
 from secateur.recovery.distill import DistillConfig, checkpoint_dir, distill, distill_job
 from secateur.recovery.kd_loss import (
     divergence,

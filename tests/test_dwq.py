@@ -13,10 +13,11 @@ import torch
 
 from secateur.api import quantize, recover
 from secateur.errors import SecateurError
+from secateur.formats.loader import load
 from secateur.methods.gguf import GGUFConfig
 from secateur.methods.gptq import GPTQConfig
 from secateur.models.base import adapter_for
-from secateur.models.loading import Loaded, load
+from secateur.models.loading import Loaded
 from secateur.quant.ggml import ggml_states, pack
 from secateur.recovery.dwq import DWQConfig, dwq, frozen_codes
 from tests.reload import reload_one
@@ -108,7 +109,7 @@ def test_dwq_on_ggml_blocks_lowers_kl_keeps_codes_and_the_gguf_file(preset, text
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_dwq_on_packed_grids_lowers_kl_keeps_codes_size_and_reloads(symmetric, text, tmp_path):
-    from secateur.quant.pack import save_packed
+    from secateur.formats.packed_save import save_packed
 
     teacher = teacher_model()
     student = copy.deepcopy(teacher)
@@ -179,7 +180,7 @@ def test_recover_cli_runs_dwq_on_a_packed_folder(tmp_path, text):
     from typer.testing import CliRunner
 
     from secateur.cli import app
-    from secateur.quant.pack import save_packed
+    from secateur.formats.packed_save import save_packed
 
     teacher = teacher_model()
     teacher.save_pretrained(tmp_path / "dense")
@@ -197,7 +198,7 @@ def test_recover_cli_runs_dwq_on_a_packed_folder(tmp_path, text):
             == (tmp_path / "q4" / "model.safetensors").stat().st_size)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["dwq"]["steps"] == 3 and saved["dwq"]["mode"] == "selected"
-    from secateur.quant.unpack import load_quantized
+    from secateur.formats.packed_load import load_quantized
 
     codes = frozen_codes(load_quantized(tmp_path / "q4").model)
     again = frozen_codes(load_quantized(out).model)

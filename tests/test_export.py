@@ -25,10 +25,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from secateur.errors import SecateurError
 from secateur.export import export
 from secateur.export.nemotron_nas import ffn_mult_for
+from secateur.formats.hf import save_model
+from secateur.formats.loader import load
 from secateur.models import adapter_for
-from secateur.models.loading import load
 from secateur.surgery.depth import Block, remove_blocks
-from secateur.surgery.save import save_model
 from secateur.surgery.width import rewrite_config, shrink_layer
 from tests.tiny_models import save_tiny
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from secateur.errors import SecateurError
-from secateur.models.loading import load
+from secateur.formats.loader import load
 from tests.ct_checkpoints import write_ct_checkpoint
 from tests.test_loading_and_cli import run_cli
 

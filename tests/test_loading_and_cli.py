@@ -6,7 +6,7 @@ import torch
 
 from secateur.cli import main
 from secateur.errors import SecateurError
-from secateur.models.loading import load
+from secateur.formats.loader import load
 
 
 def run_cli(monkeypatch, capsys, *args):

@@ -281,7 +281,7 @@ def test_planted_pickles_in_a_training_checkpoint_never_run(model, text, tmp_pat
 
 def test_planted_pickles_in_distillation_files_never_run(tmp_path, text):
     """Teacher completions and the teacher cache: a planted file is rebuilt, never read."""
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
     from secateur.recovery.distill import DistillConfig, distill
     from tests.test_distill import _depth_student
     from tests.tiny_models import save_tiny

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 
 from secateur.errors import SecateurError
+from secateur.formats.hf import save_model
+from secateur.formats.packed_save import WEIGHTS, pack_codes, round_kept_tensors, save_packed
 from secateur.models import adapter_for
-from secateur.quant.pack import WEIGHTS, pack_codes, round_kept_tensors, save_packed
 from secateur.quant.state import QuantState, set_quant_state
-from secateur.surgery.save import save_model
 from tests.reload import reload_without_secateur as reload
 from tests.tiny_models import byte_tokenizer, tiny_model
 

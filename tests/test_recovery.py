@@ -87,7 +87,7 @@ def test_lora_resumes_bit_identically_from_its_last_checkpoint(tiny_dir, tmp_pat
 
 
 def test_lora_keeps_the_zeros_of_a_sparse_model(tiny_dir, text):
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     loaded = load(tiny_dir("llama"))
     sparsify(loaded.model, loaded.adapter)
@@ -110,9 +110,9 @@ def test_lora_keeps_the_zeros_of_a_sparse_model(tiny_dir, text):
 
 def test_lora_keeps_per_layer_width_class(tiny_dir, tmp_path, text):
     from secateur.api import CalibrationConfig, prune
+    from secateur.formats.hf import save_model
+    from secateur.formats.loader import load
     from secateur.methods import LLMPrunerConfig
-    from secateur.models.loading import load
-    from secateur.surgery.save import save_model
 
     loaded = load(tiny_dir("llama"))
     prune(loaded, LLMPrunerConfig(ratio=0.3, importance="l2", allocation="importance"),
@@ -127,8 +127,8 @@ def test_lora_keeps_per_layer_width_class(tiny_dir, tmp_path, text):
 
 def test_lora_is_a_registered_recovery_step(tiny_dir, text):
     from secateur.api import recover
+    from secateur.formats.loader import load
     from secateur.methods import make_config
-    from secateur.models.loading import load
 
     config = make_config({"method": "lora", "data": text, "steps": 2, "seqlen": 32},
                          kind="recover")
@@ -150,7 +150,7 @@ def test_bad_lora_settings_are_one_line_config_errors(kw, field):
 
 
 def test_text_shorter_than_one_window_fails_before_training(tiny_dir, tmp_path):
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     short = tmp_path / "short.txt"
     short.write_text("too short to fill one window")

@@ -16,9 +16,10 @@ import pytest
 from secateur.data.sources import load_text
 from secateur.data.windows import fit_seqlen
 from secateur.errors import SecateurError
+from secateur.formats.hf import save_model
+from secateur.formats.loader import load
 from secateur.io import atomic_dir, atomic_file, write_atomic, write_json_atomic
 from secateur.models import loading
-from secateur.models.loading import load
 from secateur.outputs import (
     check_output_dir,
     check_output_file,
@@ -26,7 +27,6 @@ from secateur.outputs import (
     clean_stale_partials,
     partial_name,
 )
-from secateur.surgery.save import save_model
 from tests.tiny_models import byte_tokenizer, save_tiny, tiny_model
 
 
@@ -285,7 +285,7 @@ def test_truncated_real_gguf(tmp_path):
 
 
 def test_corrupt_compact_index(model_dir, tmp_path):
-    from secateur.surgery.compact import INDEX, save_compact
+    from secateur.formats.compact import INDEX, save_compact
 
     model = tiny_model("llama")
     model.model.layers[0].mlp.down_proj.weight.data[:, ::2] = 0

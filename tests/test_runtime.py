@@ -9,10 +9,11 @@ import torch
 
 from secateur.engine.sequential import prune_layerwise
 from secateur.errors import SecateurError
+from secateur.formats.packed_runtime import load_packed
+from secateur.formats.packed_save import round_kept_tensors, save_packed
 from secateur.methods.w8a8 import W8A8, W8A8Config, smoothing_scales
 from secateur.models import adapter_for
 from secateur.params import count_parameters
-from secateur.quant.pack import round_kept_tensors, save_packed
 from secateur.runtime import (
     Int4Linear,
     Int8Linear,
@@ -20,7 +21,6 @@ from secateur.runtime import (
     apply_runtime,
     avx2,
     fuse,
-    load_packed,
     runtime_weight_bytes,
 )
 from secateur.runtime.fuse import FusedOutput
@@ -407,6 +407,6 @@ def test_int8_head_in_memory_shares_one_table_with_a_tied_embedding(backend):
     with pytest.raises(SecateurError, match="unknown head format 'int2'"):
         apply_runtime(quantize_tiny(4, 32), "int4", head="int2")
     # a head format without a runtime is refused before anything loads (no such model here)
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
     with pytest.raises(SecateurError, match="give runtime"):
         load("no/such-model", head="int8")

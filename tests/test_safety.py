@@ -177,7 +177,7 @@ def _layers(model_dir: Path, n: int) -> None:
 def workdir(tmp_path_factory) -> Path:
     import shutil
 
-    from secateur.surgery.save import save_model
+    from secateur.formats.hf import save_model
 
     root = tmp_path_factory.mktemp("safety")
     save_tiny("llama", root / "M", 0)
@@ -233,8 +233,8 @@ def _payload_never_runs(monkeypatch, may_load: bool) -> None:
     """The expensive work raises if reached; so does loading the model, unless the check
     needs the loaded model (NaN weights, a config against its weights)."""
     import secateur.export
+    import secateur.formats.loader
     import secateur.jobs
-    import secateur.models.loading
     import secateur.recipe
 
     def never(*_a, **_k):
@@ -245,7 +245,7 @@ def _payload_never_runs(monkeypatch, may_load: bool) -> None:
                          (secateur.recipe, "_evaluate")):
         monkeypatch.setattr(module, name, never)
     if not may_load:
-        for module in (secateur.jobs, secateur.recipe, secateur.models.loading):
+        for module in (secateur.jobs, secateur.recipe, secateur.formats.loader):
             monkeypatch.setattr(module, "load", never)
 
 
@@ -284,7 +284,7 @@ def test_refused_in_one_line_and_every_file_is_left_as_it_was(name, args, code, 
 
 def test_an_output_secateur_wrote_is_replaced_and_nothing_else_changes(workdir, monkeypatch,
                                                                        capsys, tmp_path):
-    from secateur.surgery.save import save_model
+    from secateur.formats.hf import save_model
 
     monkeypatch.chdir(workdir)
     save_model(tiny_model("llama"), None, workdir / "prev", {"v": 1})
@@ -315,7 +315,7 @@ def test_run_overwrites_its_own_output_only(workdir, monkeypatch, capsys):
 
 
 def test_a_kill_between_the_two_renames_gives_the_old_copy_back(tmp_path):
-    from secateur.surgery.save import save_model
+    from secateur.formats.hf import save_model
 
     out = save_model(tiny_model("llama"), None, tmp_path / "m", {"v": 1})
     old = {k: v for k, v in _files(out).items()}

@@ -49,8 +49,8 @@ def _in_memory(model_dir: Path, config, calib):
 
 def _streamed(model_dir: Path, out: Path, config, calib, **kw):
     from secateur.engine.streamed import prune_streamed
+    from secateur.formats.streaming import load_streamed
     from secateur.methods import build_method
-    from secateur.models.streaming import load_streamed
 
     loaded, weights = load_streamed(model_dir)
     return prune_streamed(loaded, weights, build_method(config), calib, out, progress=False,
@@ -88,8 +88,8 @@ def test_streamed_prune_equals_in_memory_prune(family, tiny_dir, tmp_path):
 def test_streamed_prune_resumes_from_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from secateur.formats.streaming import StreamedWeights
     from secateur.methods import SparseGPTConfig
-    from secateur.models.streaming import StreamedWeights
 
     model_dir, calib = tiny_dir("llama"), _windows()
     config = SparseGPTConfig(sparsity=0.5)
@@ -138,10 +138,10 @@ def test_streamed_gptq_is_saved_packed_as_in_memory(group_size, tiny_dir, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from secateur.engine.streamed import prune_streamed
+    from secateur.formats.packed_save import save_packed
+    from secateur.formats.streaming import load_streamed
     from secateur.methods import build_method
     from secateur.methods.gptq import GPTQConfig
-    from secateur.models.streaming import load_streamed
-    from secateur.quant.pack import save_packed
     from secateur.quant.state import quant_state
 
     model_dir, calib = tiny_dir("llama"), _windows()
@@ -188,7 +188,7 @@ def test_streamed_quantization_refuses_to_resume(tiny_dir, tmp_path):
 
 def test_streaming_refuses_what_it_cannot_read(tiny_dir, tmp_path):
     from secateur.errors import SecateurError
-    from secateur.models.streaming import load_streamed
+    from secateur.formats.streaming import load_streamed
 
     with pytest.raises(SecateurError, match="not a local model folder"):
         load_streamed(tmp_path)
@@ -267,8 +267,8 @@ def _data_bytes() -> int:
 
 def _worker(model_dir: str, out: str, result_file: str) -> None:
     from secateur.engine.streamed import prune_streamed
+    from secateur.formats.streaming import load_streamed
     from secateur.methods import WandaConfig, build_method
-    from secateur.models.streaming import load_streamed
 
     torch.set_num_threads(1)
     loaded, weights = load_streamed(model_dir)

@@ -89,7 +89,7 @@ def test_flex_modules_are_built_by_the_stock_inits_and_keep_the_shared_config(tm
 def _prune_tiny(tiny_dir, family: str = "llama", ratio: float = 0.3, importance: str = "l2",
                 **extra):
     from secateur.api import CalibrationConfig, prune
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
     from tests.tiny_models import make_step
 
     loaded = load(tiny_dir(family))
@@ -106,7 +106,7 @@ def _decoder_params(model) -> int:
 
 @pytest.mark.parametrize("importance", ["taylor", "l2", "activation", "random"])
 def test_uniform_removes_ratio_and_saves_stock_config(tiny_dir, tmp_path, importance):
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     dense = _decoder_params(load(tiny_dir("llama")).model)
     loaded, run = _prune_tiny(tiny_dir, importance=importance)
@@ -147,9 +147,9 @@ def test_removed_groups_are_the_least_important(tiny_dir):
     from secateur.methods.structured import random_scores
 
     loaded, run = _prune_tiny(tiny_dir, ratio=0.3, importance="random")
+    from secateur.formats.loader import load
     from secateur.methods.base import PruneContext
     from secateur.models import adapter_for
-    from secateur.models.loading import load
 
     fresh = load(tiny_dir("llama"))
     ctx = PruneContext(fresh.model, None, adapter_for(fresh.model), [], seed=0)
@@ -162,7 +162,7 @@ def test_removed_groups_are_the_least_important(tiny_dir):
 
 @pytest.mark.reload
 def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     loaded, run = _prune_tiny(tiny_dir, ratio=0.3, importance="taylor", allocation="importance",
                               protect_first=1)
@@ -177,7 +177,7 @@ def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
         want = model(ids).logits
         tokens = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                 pad_token_id=0)[0].tolist()
-    from secateur.surgery.save import save_model
+    from secateur.formats.hf import save_model
 
     save_model(model, loaded.tokenizer, tmp_path / "out")
     assert (tmp_path / "out" / "modeling_secateur_flex.py").is_file()
@@ -295,7 +295,7 @@ def test_smollm2_taylor_beats_l2_and_random_at_20_percent(smollm2):
 
 def test_width_pruning_after_branch_removal_is_a_clear_error(tiny_dir):
     from secateur.errors import SecateurError
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
     from secateur.surgery.depth import Block, remove_blocks
 
     loaded = load(tiny_dir("qwen2"))

@@ -64,7 +64,7 @@ def _leaves(tasks):
 
 
 def test_zeroshot_on_a_tiny_model_reports_both_metrics(tiny_dir):
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     loaded = load(str(tiny_dir("llama")))
     result = zs.zeroshot(loaded.model, loaded.tokenizer,
@@ -127,7 +127,7 @@ def _per_document(model, tokenizer, batch_size, compute_dtype=None,
 def test_batch_size_does_not_change_any_document(tiny_dir):
     """lm-eval pads a batch on the right of a causal model, so every scored position sees
     the same tokens: batch 8 equals batch 1 per document, up to float rounding."""
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     loaded = load(str(tiny_dir("llama")))
     one = _per_document(loaded.model, loaded.tokenizer, 1)
@@ -147,7 +147,7 @@ def test_batch_size_does_not_change_any_document(tiny_dir):
 def test_evaluate_with_a_zero_shot_config_records_batch_and_compute_dtype(tiny_dir):
     from secateur.eval.api import evaluate
     from secateur.eval.config import ZeroShotConfig
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     loaded = load(str(tiny_dir("llama")))
     fp32 = evaluate(loaded, ZeroShotConfig(tasks="arc_easy", limit=4, batch_size=4))

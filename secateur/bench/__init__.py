@@ -45,8 +45,8 @@ def bench_job(model: str, vs: list[str], spec: BenchSpec, dtype: str = "float32"
     `runtime` runs the --vs models that are pack-quantized on that CPU runtime (int4/int8),
     with their lm_head in `head` format (`secateur.runtime.head`); `overwrite` replaces an
     existing JSON file."""
+    from secateur.formats.loader import load
     from secateur.io import write_json_atomic
-    from secateur.models.loading import load
     from secateur.outputs import check_output_file
     from secateur.runtime.head import check_head
 

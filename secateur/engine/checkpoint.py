@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.formats.streaming import StreamedWeights, read_header, read_tensors, write_tensors
 from secateur.io import write_atomic, write_json_atomic
 from secateur.methods.base import LayerReport, LayerwiseMethod
-from secateur.models.streaming import StreamedWeights, read_header, read_tensors, write_tensors
 from secateur.outputs import check_output_folder
 from secateur.quant.state import QuantState, quant_state, set_quant_state
 

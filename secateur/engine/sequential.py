@@ -28,9 +28,9 @@ from secateur.engine.capture import (
 )
 from secateur.engine.checkpoint import LayerCheckpoint, fingerprint
 from secateur.errors import SecateurError
+from secateur.formats.streaming import StreamedWeights
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.base import ModelAdapter, Projection
-from secateur.models.streaming import StreamedWeights
 from secateur.stats import Statistic
 
 LayerStats = dict[str, dict[str, Statistic]]

@@ -21,9 +21,9 @@ import torch
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
+from secateur.formats.streaming import StreamedWeights
 from secateur.io import atomic_dir, write_json_atomic
 from secateur.methods.base import LayerReport, LayerwiseMethod, PruneContext
-from secateur.models.streaming import StreamedWeights
 
 MIB = 2**20
 

@@ -18,7 +18,8 @@ from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.eval.perplexity import PerplexityResult, perplexity
 from secateur.eval.zeroshot import ZeroShotResult, zeroshot
-from secateur.models.loading import Loaded, load
+from secateur.formats.loader import load
+from secateur.models.loading import Loaded
 
 EvalConfig = PerplexityConfig | ZeroShotConfig
 

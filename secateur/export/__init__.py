@@ -71,7 +71,7 @@ def export(model: str | Path, fmt: str, out: str | Path, overwrite: bool = False
            outtype: str | None = None) -> dict[str, Any]:
     """Load `model` (a folder, Hub or built-in name) and write it in format `fmt` to `out`
     (a folder for nemotron-nas, a file for gguf)."""
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
 
     inputs = (str(model),)
     _check(fmt, outtype, Path(out), overwrite, inputs)  # before the (slow) load

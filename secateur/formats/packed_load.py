@@ -1,6 +1,6 @@
 """Reading a compressed-tensors pack-quantized folder back (`save_packed` writes them).
 
-Two readers share what is here: the CPU runtimes (`runtime.packed.load_packed`) build integer
+Two readers share what is here: the CPU runtimes (`packed_runtime.load_packed`) build integer
 kernels from each linear's codes and grid, and `load_quantized` puts the model back in memory as
 a quantize step leaves it: dense weights on their grids, each linear's `QuantState` (and W8A8
 mark) beside them. The weights are dequantized with `QuantState.dequantize`, the arithmetic
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.quant.pack import (
+from secateur.formats.packed_save import (
     INT_QUANTIZED,
     PACK_QUANTIZED,
     WEIGHTS,
@@ -153,7 +153,7 @@ def skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
-    from secateur.models.streaming import read_header, read_tensors
+    from secateur.formats.streaming import read_header, read_tensors
 
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
@@ -171,8 +171,8 @@ def read_quantized(path: str | Path, dtype: str = "float32", grids: bool = True)
     empty model for them unpacked."""
     from accelerate.utils import set_module_tensor_to_device
 
+    from secateur.formats import registry  # noqa: F401 (secateur's per-layer-width classes)
     from secateur.models.loading import DTYPES
-    from secateur.surgery import registry  # noqa: F401 (secateur's per-layer-width classes)
 
     path = Path(path)
     if dtype not in DTYPES:

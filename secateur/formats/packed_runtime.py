@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.quant.pack import read_quantization_config
-from secateur.quant.unpack import scheme_for, skeleton, state_and_codes, weight_files
+from secateur.formats.packed_load import scheme_for, skeleton, state_and_codes, weight_files
+from secateur.formats.packed_save import read_quantization_config
 from secateur.runtime.convert import (
     Runtime,
     check_runtime,

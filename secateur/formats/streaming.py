@@ -10,8 +10,8 @@ one layer.
 
 A quantize method (GPTQ, RTN, W8A8) leaves a grid on each linear it quantized
 (`secateur.quant.state`): such a layer is written packed, in compressed-tensors' layout
-(`secateur.quant.pack`), and `finish` writes the `quantization_config`, so the streamed output
-is the same checkpoint `save_packed` makes of the model quantized in memory, except that the
+(`packed_save`), and `finish` writes the `quantization_config`, so the streamed output is the
+same checkpoint `save_packed` makes of the model quantized in memory, except that the
 embeddings keep the source's bytes (save_packed stores them in float16).
 
 Tensors are read and written with plain file I/O in the safetensors format rather than
@@ -429,7 +429,7 @@ class StreamedWeights:
             return tensors
         from dataclasses import replace
 
-        from secateur.quant.pack import packed_tensors, scheme_of, stored_group
+        from secateur.formats.packed_save import packed_tensors, scheme_of, stored_group
         from secateur.quant.state import quant_state
 
         packed: dict[str, Any] = {}
@@ -500,7 +500,7 @@ class StreamedWeights:
     def _quantization_config(self, work: Path) -> None:
         """config.json with compressed-tensors' quantization_config, as `save_packed` writes
         it: one config group per scheme, every other linear (the head) ignored."""
-        from secateur.quant.pack import write_quantization_config
+        from secateur.formats.packed_save import write_quantization_config
 
         if len(self.packed) != self.num_layers:
             plain = sorted(set(range(self.num_layers)) - set(self.packed))
@@ -587,14 +587,14 @@ def load_streamed(name_or_path: str | Path, dtype: str = "float32",
     if dtype not in _TORCH_DTYPES:
         raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(_TORCH_DTYPES)}")
     path = streamable_path(name_or_path)
-    from secateur.surgery.compact import is_compact
+    from secateur.formats.compact import is_compact
 
     if is_compact(path):
         raise SecateurError(f"'{path}' is a compact (per-layer width) model, which cannot be "
                             "streamed yet: load it normally")
     source = SafetensorsSource(path)
     # models saved as secateur's own classes (per-layer widths, removed blocks) need them
-    from secateur.surgery import registry as _registry  # noqa: F401
+    from secateur.formats import registry as _registry  # noqa: F401
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):

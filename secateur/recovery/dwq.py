@@ -291,11 +291,11 @@ def dwq(student: Loaded, teacher: Loaded, config: DWQConfig, checkpoint: Path | 
 
 def load_student(model_dir: str) -> Loaded:
     """A compressed-tensors folder with its grids restored; any other model as usual."""
-    from secateur.models.loading import load
+    from secateur.formats.loader import load
     from secateur.recipe import _is_packed
 
     if Path(model_dir).is_dir() and _is_packed(Path(model_dir)):
-        from secateur.quant.unpack import load_quantized
+        from secateur.formats.packed_load import load_quantized
 
         return load_quantized(model_dir)
     return load(model_dir)

@@ -65,8 +65,8 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor] | None) -> Any:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` (replaced atomically: the previous file or this one)."""
+    from secateur.formats.streaming import write_tensors
     from secateur.io import write_atomic
-    from secateur.models.streaming import write_tensors
 
     tensors: dict[str, torch.Tensor] = {}
     meta = _encode(state, "", tensors, {})
@@ -75,7 +75,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def _header(path: Path) -> tuple[dict[str, Any], Any]:
-    from secateur.models.streaming import read_header
+    from secateur.formats.streaming import read_header
 
     try:
         header, _ = read_header(path)
@@ -95,7 +95,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def load_state(path: Path) -> dict[str, Any]:
     """The state `save_state` wrote, tensors read into memory of their own."""
-    from secateur.models.streaming import read_tensors
+    from secateur.formats.streaming import read_tensors
 
     header, meta = _header(path)
     names = [k for k in header if k != "__metadata__"]

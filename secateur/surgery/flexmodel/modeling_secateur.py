@@ -18,7 +18,7 @@ TinyLlama...; not Mistral's sliding window, Qwen's biases or Gemma), then conver
 match them (shrinking tensors is `secateur.surgery.width`'s job, not this file's). The saved
 directory loads anywhere with
 `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`; with secateur imported
-(`secateur.surgery.registry`), plain `from_pretrained(out)` works too.
+(`secateur.formats.registry`), plain `from_pretrained(out)` works too.
 
 A layer without attention keeps no KV cache entry: attention layers are numbered among
 themselves (`cache_index`), so the cache and the position count stay right when layer 0's

@@ -1,0 +1,13 @@
+"""Every on-disk format secateur reads or writes, behind one boundary above the model code.
+
+- `loader`: `load(name_or_path)` picks the reader for whatever is there;
+- `hf`: a Hugging Face folder (safetensors), secateur's own classes and `auto_map` where
+  per-layer shapes differ (`registry` registers those classes with the Auto classes);
+- `compact`: masked weights as a bitmask plus the kept values;
+- `packed_save`, `packed_load`, `packed_runtime`: compressed-tensors pack-quantized and
+  int-quantized, written, read back onto the grids, or run on the CPU integer kernels;
+- `streaming`: safetensors read and written one decoder layer at a time.
+
+GGUF and Nemotron-NAS are written by `secateur.export`, which loads its input through here.
+The model code (`models`, `quant`, `surgery`, `runtime`) never imports this package.
+"""
