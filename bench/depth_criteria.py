@@ -44,9 +44,9 @@ from secateur.data.sources import TextSource, load_text  # noqa: E402
 from secateur.eval.perplexity import perplexity  # noqa: E402
 from secateur.formats.loader import load  # noqa: E402
 from secateur.io import write_json_atomic  # noqa: E402
-from secateur.methods import make_config  # noqa: E402
 from secateur.models import adapter_for  # noqa: E402
 from secateur.models.loading import Loaded  # noqa: E402
+from secateur.registry import make_config  # noqa: E402
 from secateur.surgery.depth import (  # noqa: E402
     Block,
     block_parameters,

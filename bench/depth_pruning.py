@@ -35,9 +35,9 @@ from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
-from secateur.methods import make_config
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
+from secateur.registry import make_config
 from secateur.report.depth import plot_removals
 from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
 

@@ -30,9 +30,9 @@ from secateur.eval.perplexity import _bos_each, perplexity, resolve_bos
 from secateur.export import export_model
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
-from secateur.methods import make_config
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
+from secateur.registry import make_config
 from secateur.surgery.depth import Block, remove_blocks, total_parameters
 
 OUT = Path(__file__).parent / "results" / "export_runtime.json"

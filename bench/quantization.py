@@ -171,11 +171,11 @@ def _quantize(loaded, method: str, bits: int, group: int, w8a8: bool, quick: boo
 
 
 def _run_method(loaded, step: dict, quick: bool) -> None:
-    import secateur.methods.w8a8  # noqa: F401 (registers w8a8 until methods/__init__ does)
     from secateur.data.sources import load_text
     from secateur.data.windows import calibration_windows
     from secateur.engine.sequential import prune_layerwise
-    from secateur.methods import build_method, make_config
+    from secateur.methods import build_method
+    from secateur.registry import make_config
 
     method = build_method(make_config(step))
     windows = calibration_windows(loaded.tokenizer, load_text("c4-sample", split="train"),

@@ -46,10 +46,10 @@ from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
-from secateur.methods import make_config
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters
 from secateur.recovery.distill import DistillConfig, distill
+from secateur.registry import make_config
 
 RESULTS = Path(__file__).parent / "results" / "recovery.json"
 MODEL = "smollm2-135m"

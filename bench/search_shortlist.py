@@ -21,9 +21,9 @@ import torch
 from secateur.api import CalibrationConfig, prune
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
-from secateur.methods import make_config
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
+from secateur.registry import make_config
 
 OUT = Path(__file__).parent / "results" / "search_shortlist.json"
 

@@ -26,7 +26,7 @@ RUNS = [("magnitude", "0.5"), ("wanda", "0.5"), ("sparsegpt", "0.5"),
 def _one(method: str, target: str, dense_ppl: float | None) -> dict:
     from secateur.api import CalibrationConfig
     from secateur.jobs import EvalSpec, prune_job
-    from secateur.methods import make_config
+    from secateur.registry import make_config
 
     name, owl = method.removesuffix("+owl"), method.endswith("+owl")
     options = make_config(dict(method=name, owl=owl,

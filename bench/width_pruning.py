@@ -32,11 +32,11 @@ from secateur.eval.perplexity import perplexity
 from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.io import dir_bytes, write_json_atomic
-from secateur.methods import make_config
 from secateur.methods.structured import decoder_parameters
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
 from secateur.recovery.lora import LoRAConfig, train_lora
+from secateur.registry import make_config
 
 RESULTS = Path(__file__).parent / "results" / "width_pruning.json"
 

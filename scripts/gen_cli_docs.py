@@ -98,7 +98,7 @@ def _documented_flags(config: type[BaseModel], prefix: str = "") -> set[str]:
 
 
 def _method_section(name: str, kind: str) -> list[str]:
-    from secateur.methods import config_class
+    from secateur.registry import config_class
 
     config = config_class(name, kind)
     missing = _documented_flags(config) ^ _cli_flag_names(config)
@@ -151,7 +151,7 @@ def render() -> str:
 
     from secateur.cli import app
     from secateur.cli_flags import MethodCommand
-    from secateur.methods import method_names
+    from secateur.registry import method_names
 
     group = typer.main.get_command(app)
     out = ["# Command-line reference", "",

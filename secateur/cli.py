@@ -22,7 +22,7 @@ from rich.table import Table
 from secateur.cli_flags import MethodCommand, method_fields
 from secateur.config import MethodConfig
 from secateur.errors import SecateurError
-from secateur.methods import make_config
+from secateur.registry import make_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, quantize and distill causal LMs; measure what it cost and bought.")
@@ -379,7 +379,7 @@ def recover_cmd(
 ) -> None:
     """Recover a pruned model's quality by LoRA fine-tuning (saves the merged model), or a
     quantized one's by DWQ (saves it packed again, same format and size)."""
-    from secateur.recovery.lora import recover_job
+    from secateur.jobs import dwq_job, recover_job
 
     _device(device)
     if ctx.meta.get("secateur_method") is None:
@@ -391,8 +391,6 @@ def recover_cmd(
                             f"`secateur {config.method}`")
     evaluation = _evaluation(eval_data, eval_seqlen, eval_windows)
     if config.method == "dwq":
-        from secateur.recovery.dwq import dwq_job
-
         if teacher is None:
             raise SecateurError("dwq learns from the unquantized model: give it with --teacher")
         if device.startswith("cuda"):
@@ -438,7 +436,7 @@ def distill_cmd(
     json: Json = None,
 ) -> None:
     """Knowledge distillation: train a pruned student on its dense teacher's distribution."""
-    from secateur.recovery.distill import distill_job
+    from secateur.jobs import distill_job
 
     _device(device)
     config = _config_from_flags(ctx)
@@ -740,7 +738,7 @@ def _then(args: list[str]) -> str:
     if command in ("prune", "quantize") and any(a == "--out" or a.startswith("--out=")
                                                 for a in args):
         from secateur.cli_flags import _peek_method
-        from secateur.methods.base import is_layerwise
+        from secateur.registry import is_layerwise
 
         if is_layerwise(_peek_method(args)):
             return ("the finished layers are kept: run the same command with --resume to "

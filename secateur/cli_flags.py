@@ -23,7 +23,7 @@ from typer.core import TyperCommand
 
 from secateur.config import Config, StepKind
 from secateur.errors import SecateurError
-from secateur.methods import config_class, method_names
+from secateur.registry import config_class, method_names
 
 SCALARS = {float: float, int: int, str: str, bool: bool}
 

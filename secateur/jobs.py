@@ -1,12 +1,15 @@
-"""End-to-end jobs behind CLI commands: prune (+ evaluate, save) and evaluate."""
+"""End-to-end jobs behind CLI commands: prune or quantize (+ evaluate, save), recover,
+distill and DWQ (+ evaluate, save), evaluate; and the one rule for the format an output is
+saved in."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -25,9 +28,19 @@ from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods import build_method
+from secateur.models.loading import Loaded
 from secateur.outputs import check_output_dir, check_output_file, model_bytes
 from secateur.report.depth import has_curve, is_depth_summary, plot_removals
 from secateur.workdir import WorkDir, check_free, with_exit_stack
+
+if TYPE_CHECKING:
+    from secateur.recovery.distill import DistillConfig
+    from secateur.recovery.dwq import DWQConfig
+    from secateur.recovery.lora import LoRAConfig
+    from secateur.recovery.training import TrainResult
+
+    # train(student, teacher or None, checkpoint folder) -> the run's result
+    Trainer = Callable[[Loaded, Loaded | None, Path], TrainResult]
 
 
 @dataclass
@@ -50,6 +63,67 @@ def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
     return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
                       spec.protocol, spec.bos, progress, batch_size=spec.batch_size,
                       compute_dtype=spec.compute_dtype, device=device).to_dict()
+
+
+SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
+
+
+def output_format(model: torch.nn.Module, requested: SaveFormat = "auto",
+                  like: str | Path | None = None) -> str:
+    """What an output is saved as, for every command and recipe: llama.cpp's block types as
+    GGUF, quantized linears pack-quantized (compressed-tensors), else what was asked for;
+    `auto` keeps a bitmask (compact) input `like` compact and writes anything else as
+    safetensors. A format that cannot hold the model is refused."""
+    from secateur.formats.compact import is_compact
+    from secateur.quant.ggml import ggml_states
+    from secateur.quant.state import is_quantized
+
+    if ggml_states(model):
+        if requested not in ("auto", "gguf"):
+            raise SecateurError(f"save_format {requested} cannot hold llama.cpp's block types: "
+                                "use gguf (or auto)")
+        return "gguf"
+    if requested == "gguf":
+        raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
+    quantized = is_quantized(model)
+    if requested == "auto":
+        if quantized:
+            return "compressed-tensors"
+        compact = like is not None and Path(like).is_dir() and is_compact(Path(like))
+        return "bitmask" if compact else "safetensors"
+    if quantized and requested != "compressed-tensors":
+        raise SecateurError(f"save_format {requested} cannot hold quantized weights: use "
+                            "compressed-tensors (or auto)")
+    if requested == "compressed-tensors" and not quantized:
+        raise SecateurError("save_format compressed-tensors needs a quantization step; use "
+                            "auto or safetensors")
+    return requested
+
+
+def save_output(loaded: Loaded, fmt: str, target: Path, metadata: dict[str, Any],
+                overwrite: bool = False, *, nm: str | None = None,
+                gguf_preset: str | None = None, name: str = "model",
+                inputs: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """Write `loaded` in `fmt` (from `output_format`) to `target`, a folder, or for gguf the
+    .gguf file itself; a GGUF's export record is returned. `nm`: a bitmask's N:M pattern."""
+    if fmt == "gguf":  # llama.cpp's block types, the codes as the step rounded them
+        from secateur.export import export_model
+        from secateur.quant.ggml import ggml_states
+
+        return export_model(loaded.model, loaded.tokenizer, "gguf", target, overwrite,
+                            gguf_preset, name, inputs, quantized=ggml_states(loaded.model),
+                            has_imatrix=True)
+    if fmt == "compressed-tensors":  # pack-quantized, as vLLM and transformers load it
+        from secateur.formats.packed_save import save_packed
+
+        save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite)
+    elif fmt == "bitmask":
+        from secateur.formats.compact import save_compact
+
+        save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite, nm=nm)
+    else:
+        save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite)
+    return None
 
 
 @with_exit_stack
@@ -148,27 +222,12 @@ def prune_job(
         "layers": run.layers,
     })
     if out is not None:
-        from secateur.quant.state import is_quantized
-
-        if gguf_preset is not None:  # llama.cpp's block types, the codes as rounded
-            from secateur.export import export_model
-            from secateur.quant.ggml import ggml_states
-
-            result["gguf"] = export_model(
-                loaded.model, loaded.tokenizer, "gguf", Path(out), overwrite, gguf_preset,
-                model_name, (model_name,), quantized=ggml_states(loaded.model),
-                has_imatrix=True)
-        elif is_quantized(loaded.model):  # compressed-tensors pack-quantized, as vLLM loads
-            from secateur.formats.packed_save import save_packed
-
-            save_packed(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
-        elif compact:
-            from secateur.formats.compact import save_compact
-
-            save_compact(loaded.model, loaded.tokenizer, Path(out), result, overwrite,
-                         nm=getattr(config, "nm", None))
-        else:
-            save_model(loaded.model, loaded.tokenizer, Path(out), result, overwrite)
+        fmt = output_format(loaded.model, "bitmask" if compact else "auto")
+        exported = save_output(loaded, fmt, Path(out), result, overwrite,
+                               nm=getattr(config, "nm", None), gguf_preset=gguf_preset,
+                               name=model_name, inputs=(model_name,))
+        if exported is not None:
+            result["gguf"] = exported
         result["out"] = str(out)
         result["bytes_on_disk"] = dir_bytes(Path(out))
     if checkpoint is not None:
@@ -298,4 +357,146 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
     result["bytes_on_disk"] = dir_bytes(Path(out))
     if json_path is not None:
         write_json_atomic(Path(json_path), result)
+    return result
+
+
+def checkpoint_dir(out: Path, name: str) -> Path:
+    """Where a recovery `name` into `out` keeps its resumable state: in `out`'s own working
+    folder (`secateur.workdir`), so a rerun of the same command resumes from it."""
+    return WorkDir(Path(out)).folder(name)
+
+
+def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any = None,
+                json_path: Path | None = None, overwrite: bool = False,
+                progress: bool = True,
+                on_step: Callable[[int, float], None] | None = None,
+                device: str | None = "auto") -> dict[str, Any]:
+    """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save.
+
+    `evaluation` is an `EvalSpec` (data None: no perplexity); `device`: where it evaluates and
+    trains (auto, cpu, cuda, cuda:N)."""
+    from secateur.recovery.lora import train_lora
+
+    return recovery_job(
+        "lora", model_dir, out,
+        lambda student, _, ckpt: train_lora(student, config, ckpt, progress, on_step),
+        evaluation, json_path, overwrite, progress, device=device)
+
+
+def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig,
+                evaluation: Any = None, json_path: Path | None = None,
+                overwrite: bool = False, progress: bool = True,
+                on_step: Callable[[int, float], None] | None = None,
+                device: str | None = "auto") -> dict[str, Any]:
+    """Load student and teacher, evaluate both, distill with checkpoints, evaluate, save.
+
+    `evaluation` is an `EvalSpec` (data None: no perplexity). The result holds the
+    dense-to-pruned perplexity gap and the share of it recovered."""
+    from secateur.recovery.distill import check_models, distill
+
+    return recovery_job(
+        "distill", student_dir, out,
+        lambda student, reference, ckpt: distill(student, reference, config, ckpt, progress,
+                                                 on_step),
+        evaluation, json_path, overwrite, progress, teacher=teacher,
+        check=lambda student, reference: check_models(student, reference, config),
+        device=device)
+
+
+def dwq_job(model_dir: str, teacher: str, out: Path, config: DWQConfig, evaluation: Any = None,
+            json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
+            on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Load a quantized (compressed-tensors) model and its teacher, evaluate, learn its grids
+    with checkpoints, evaluate, save packed again."""
+    from secateur.recovery.dwq import check_models, dwq
+
+    return recovery_job(
+        "dwq", model_dir, out,
+        lambda student, reference, ckpt: dwq(student, reference, config, ckpt, progress,
+                                             on_step),
+        evaluation, json_path, overwrite, progress, teacher=teacher,
+        check=check_models, load_student=_with_grids)
+
+
+def _with_grids(model_dir: str) -> Loaded:
+    """A compressed-tensors folder with its grids restored (DWQ learns them); any other model
+    as usual."""
+    from secateur.formats.packed_load import ct_quantization_config, load_quantized
+
+    if Path(model_dir).is_dir() and ct_quantization_config(Path(model_dir)) is not None:
+        return load_quantized(model_dir)
+    return load(model_dir)
+
+
+def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluation: Any = None,
+                 json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
+                 teacher: str | None = None,
+                 check: Callable[[Loaded, Loaded | None], None] | None = None,
+                 load_student: Callable[[str], Loaded] | None = None,
+                 device: str | None = "auto") -> dict[str, Any]:
+    """Check outputs, load (and `check`) the model and any teacher, evaluate, train with a
+    checkpoint in `out`'s working folder (locked: a second run on `out` fails at once),
+    evaluate again, save, write the JSON. With a teacher the result also holds its perplexity
+    and the share of the perplexity gap recovered. `device`: where evaluation and training
+    run (the models are loaded on the CPU and saved from it)."""
+    dev = resolve_device(device)  # --device cuda without CUDA: before anything loads
+    out = Path(out)
+    check_free(out)  # a second run on this --out fails here, in one line naming the first
+    inputs = [model_dir] + ([teacher] if teacher else [])
+    check_output_dir(out, overwrite, inputs=inputs)
+    if json_path is not None:
+        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
+    with WorkDir(out) as work:
+        result = _recover(name, model_dir, work, train, evaluation, overwrite, progress,
+                          teacher, check, load_student, dev)
+    result["out"] = str(out)
+    result["bytes_on_disk"] = dir_bytes(out)
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result
+
+
+def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluation: Any,
+             overwrite: bool, progress: bool, teacher: str | None,
+             check: Callable[[Loaded, Loaded | None], None] | None,
+             load_student: Callable[[str], Loaded] | None,
+             device: torch.device | None = None) -> dict[str, Any]:
+    """`recovery_job` once `out` is checked and locked: everything up to the saved model
+    (`load_student`: how the model is read, default `load`)."""
+    from secateur.recovery.training import training_on
+
+    out = work.out
+    evaluate = evaluation is not None and evaluation.data is not None
+    eval_text = load_text(evaluation.data, split="test") if evaluate else None
+    student = (load_student or load)(model_dir)
+    reference = load(teacher) if teacher else None
+    if check is not None:
+        check(student, reference)
+    result: dict[str, Any] = {"model": str(model_dir), "recovery": name}
+    if teacher:
+        result["teacher"] = str(teacher)
+    if evaluate and reference is not None:
+        result["teacher_perplexity"] = evaluate_perplexity(reference, evaluation, progress,
+                                                           eval_text, device)["perplexity"]
+    if evaluate:
+        result["perplexity_before"] = evaluate_perplexity(student, evaluation, progress,
+                                                          eval_text, device)["perplexity"]
+    ckpt = work.folder(name)
+    with training_on(device, student, reference):
+        result[name] = train(student, reference, ckpt).to_dict()
+    if evaluate:
+        after = evaluate_perplexity(student, evaluation, progress, eval_text, device)
+        result["perplexity"], result["protocol"] = after["perplexity"], after["protocol"]
+        if reference is not None:
+            gap = result["perplexity_before"] - result["teacher_perplexity"]
+            # 1 is all the way back to the teacher; absent when the student was not worse
+            if gap > 0:
+                result["gap_recovered"] = (result["perplexity_before"] - after["perplexity"]) / gap
+    result["parameters"] = count_parameters(student.model)["parameters"]
+    result["peak_rss_mib"] = peak_rss_mib()
+    result.update(device_record(device))
+    # a compact input is saved compact again, DWQ's grids packed again; replaces `out`,
+    # the checkpoint too
+    save_output(student, output_format(student.model, like=model_dir), out, result, overwrite)
+    work.discard(name)
     return result

@@ -42,13 +42,12 @@ from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.formats.loader import load
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
 from secateur.io import dir_bytes, mark_output, write_json_atomic
-from secateur.methods import make_config
+from secateur.jobs import SaveFormat, output_format, save_output
 from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_run_folder, model_bytes
 from secateur.params import count_parameters
+from secateur.registry import make_config
 from secateur.workdir import WORK, WorkDir, check_free
-
-SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -270,24 +269,15 @@ def _load_checkpoint(folder: Path, recipe: Recipe) -> tuple[Loaded, RecipeResult
         raise SecateurError(f"{damaged} (no model folder '{name}'): pass --overwrite to start "
                             "afresh")
     try:
-        if _is_packed(folder / name):
-            from secateur.formats.packed_load import load_quantized
+        from secateur.formats.packed_load import ct_quantization_config, load_quantized
 
+        if ct_quantization_config(folder / name) is not None:
             loaded = load_quantized(folder / name, recipe.dtype)
         else:
             loaded = load(folder / name, dtype=recipe.dtype)
     except SecateurError as err:
         raise SecateurError(f"{damaged} ({err}): pass --overwrite to start afresh") from None
     return loaded, result
-
-
-def _is_packed(path: Path) -> bool:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def _clear_for_overwrite(out: Path) -> None:
@@ -337,48 +327,16 @@ def _teacher_loader(recipe: Recipe) -> Any:
 
 
 def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]) -> str:
-    from secateur.quant.ggml import ggml_states
-    from secateur.quant.state import is_quantized
-
-    fmt = recipe.save_format
-    states = ggml_states(loaded.model)
-    if states:  # a gguf step: llama.cpp's block types, as the step rounded them
-        if fmt not in ("auto", "gguf"):
-            raise SecateurError(f"save_format {fmt} cannot hold llama.cpp's block types: use "
-                                "gguf (or auto)")
-        from secateur.export import export_model
-
+    fmt = output_format(loaded.model, recipe.save_format)
+    if fmt == "gguf":  # one .gguf file in the model folder, with the run's record beside it
         preset = [s for s in recipe.steps if s.method == "gguf"][-1].preset
         target.mkdir(parents=True, exist_ok=True)
-        export_model(loaded.model, loaded.tokenizer, "gguf", target / "model.gguf",
-                     overwrite=True, outtype=preset, name=recipe.model, quantized=states,
-                     has_imatrix=True)
+        save_output(loaded, fmt, target / "model.gguf", metadata, overwrite=True,
+                    gguf_preset=preset, name=recipe.model)
         write_json_atomic(target / "result.json", metadata)
         mark_output(target)  # a later --overwrite may replace what is in it
-        return "gguf"
-    if fmt == "gguf":
-        raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
-    quantized = is_quantized(loaded.model)
-    if fmt == "auto":
-        fmt = "compressed-tensors" if quantized else "safetensors"
-    if quantized and fmt != "compressed-tensors":
-        raise SecateurError(f"save_format {fmt} cannot hold quantized weights: use "
-                            "compressed-tensors (or auto)")
-    if fmt == "compressed-tensors":
-        if not quantized:
-            raise SecateurError("save_format compressed-tensors needs a quantization step; use "
-                                "auto or safetensors")
-        from secateur.formats.packed_save import save_packed
-
-        save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
-    elif fmt == "bitmask":
-        from secateur.formats.compact import save_compact
-
-        save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
     else:
-        from secateur.formats.hf import save_model
-
-        save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite=True)
+        save_output(loaded, fmt, target, metadata, overwrite=True)
     return fmt
 
 

@@ -25,8 +25,8 @@ from secateur.errors import SecateurError
 from secateur.eval.zeroshot import ZeroShotSpec
 from secateur.io import write_json_atomic
 from secateur.jobs import EvalSpec, eval_job, prune_job
-from secateur.methods import make_config
 from secateur.outputs import check_output_folder
+from secateur.registry import make_config
 from secateur.workdir import WorkDir, check_free, with_exit_stack
 
 _NM = re.compile(r"^\d+:\d+$")

@@ -100,7 +100,7 @@ def _lora_after_width(loaded, text: Path) -> None:
     """Recovery on the per-layer-width model: the realistic order, and it checks that the
     trained model keeps secateur's class."""
     from secateur.api import prune, recover
-    from secateur.methods import make_config
+    from secateur.registry import make_config
 
     prune(loaded, _step(method="llm-pruner", ratio=0.3, importance="l2",
                         allocation="importance", protect_first=1), _calibration(),

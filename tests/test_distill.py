@@ -13,8 +13,9 @@ import torch
 from secateur.config import ConfigError
 from secateur.errors import SecateurError
 from secateur.formats.loader import load
+from secateur.jobs import checkpoint_dir, distill_job
 from secateur.models.loading import Loaded
-from secateur.recovery.distill import DistillConfig, checkpoint_dir, distill, distill_job
+from secateur.recovery.distill import DistillConfig, distill
 from secateur.recovery.kd_loss import (
     divergence,
     kd_loss,
@@ -321,7 +322,8 @@ def test_distill_job_saves_a_smaller_model_that_reloads_without_secateur(teacher
     evals = result["distill"]["evals"]
     assert evals[-1]["heldout_kl"] < evals[0]["heldout_kl"]
     assert result["distill"]["settings"]["method"] == "distill"
-    assert not checkpoint_dir(tmp_path / "out").exists() and (tmp_path / "r.json").is_file()
+    assert not checkpoint_dir(tmp_path / "out", "distill").exists()
+    assert (tmp_path / "r.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.config.num_hidden_layers == 2
     assert sum(p.numel() for p in reloaded.parameters()) < \
@@ -332,7 +334,7 @@ def test_distill_job_saves_a_smaller_model_that_reloads_without_secateur(teacher
 
 def test_distill_is_a_registered_recovery_step(teacher_dir, text):
     from secateur.api import recover
-    from secateur.methods import make_config
+    from secateur.registry import make_config
 
     config = make_config({"method": "distill", "data": text, "steps": 2, "seqlen": 32},
                          kind="recover")

@@ -45,8 +45,8 @@ def _windows() -> list[torch.Tensor]:
 def _run_steps() -> dict[str, dict]:
     """Every step on a fresh tiny model: its weights, grids and per-layer reports."""
     from secateur.api import run_step
-    from secateur.methods import make_config
     from secateur.quant.state import quant_state
+    from secateur.registry import make_config
 
     out = {}
     for name, fields in STEPS.items():

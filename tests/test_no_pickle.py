@@ -244,7 +244,7 @@ def _lora(text: str, **kw):
 
 
 def _interrupted_lora(model: str, text: str, out: Path) -> None:
-    from secateur.recovery.lora import recover_job
+    from secateur.jobs import recover_job
 
     def interrupt(step: int, loss: float) -> None:
         if step == 3:
@@ -255,24 +255,24 @@ def _interrupted_lora(model: str, text: str, out: Path) -> None:
 
 
 def test_planted_pickles_in_a_training_checkpoint_never_run(model, text, tmp_path):
-    from secateur.recovery.lora import checkpoint_dir, recover_job
+    from secateur.jobs import checkpoint_dir, recover_job
 
     cut = tmp_path / "cut"
     _interrupted_lora(model, text, cut)
-    state = checkpoint_dir(cut) / "state.safetensors"
+    state = checkpoint_dir(cut, "lora") / "state.safetensors"
     assert state.is_file() and not list(tmp_path.glob(".cut*"))  # nothing beside --out
     # Where earlier versions kept it (beside --out) and a state.pt in the new place: ignored.
     ignored = tmp_path / "ignored"
     shutil.copytree(cut, ignored)
     marker = tmp_path / "ran-ignored"
     plant(tmp_path / ".ignored.lora-checkpoint" / "state.pt", marker, torch_format=True)
-    plant(checkpoint_dir(ignored) / "state.pt", marker, torch_format=True)
+    plant(checkpoint_dir(ignored, "lora") / "state.pt", marker, torch_format=True)
     result = recover_job(model, ignored, _lora(text), progress=False)
     assert result["lora"]["resumed_from"] == 2 and not marker.exists()
     # The state file itself replaced by a pickle: refused in one line.
     refused, marker = tmp_path / "refused", tmp_path / "ran-refused"
     shutil.copytree(cut, refused)
-    plant(checkpoint_dir(refused) / "state.safetensors", marker)
+    plant(checkpoint_dir(refused, "lora") / "state.safetensors", marker)
     with pytest.raises(SecateurError, match="cannot be resumed") as err:
         recover_job(model, refused, _lora(text), progress=False)
     one_line(err.value)

@@ -7,7 +7,8 @@ import torch
 
 from secateur.config import ConfigError
 from secateur.errors import SecateurError
-from secateur.recovery.lora import LoRAConfig, checkpoint_dir, recover_job, train_lora
+from secateur.jobs import checkpoint_dir, recover_job
+from secateur.recovery.lora import LoRAConfig, train_lora
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_lora_trains_merges_and_saves(tiny_dir, tmp_path, text):
     assert set(after) == set(before)  # merged: no lora_A/lora_B tensors left
     changed = [k for k in before if "q_proj" in k and not torch.equal(before[k], after[k])]
     assert changed
-    assert not checkpoint_dir(tmp_path / "out").exists()
+    assert not checkpoint_dir(tmp_path / "out", "lora").exists()
 
 
 def test_lora_resumes_bit_identically_from_its_last_checkpoint(tiny_dir, tmp_path, text):
@@ -76,7 +77,7 @@ def test_lora_resumes_bit_identically_from_its_last_checkpoint(tiny_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         recover_job(src, tmp_path / "cut", _config(text), progress=False, on_step=interrupt)
     assert [p.name for p in (tmp_path / "cut").iterdir()] == [".secateur-work"]  # no output
-    assert (checkpoint_dir(tmp_path / "cut") / "state.safetensors").is_file()
+    assert (checkpoint_dir(tmp_path / "cut", "lora") / "state.safetensors").is_file()
     with pytest.raises(SecateurError, match="other settings"):
         recover_job(src, tmp_path / "cut", _config(text, lr=1e-3), progress=False)
     result = recover_job(src, tmp_path / "cut", _config(text), progress=False)
@@ -128,7 +129,7 @@ def test_lora_keeps_per_layer_width_class(tiny_dir, tmp_path, text):
 def test_lora_is_a_registered_recovery_step(tiny_dir, text):
     from secateur.api import recover
     from secateur.formats.loader import load
-    from secateur.methods import make_config
+    from secateur.registry import make_config
 
     config = make_config({"method": "lora", "data": text, "steps": 2, "seqlen": 32},
                          kind="recover")

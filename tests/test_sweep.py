@@ -43,7 +43,7 @@ def test_cell_values():
     with pytest.raises(SecateurError, match="MagnitudeConfig.ratio: not a field"):
         cell_options("magnitude", "ratio=0.25")
     # text is parsed by the config: 'false' is False, not a truthy string
-    from secateur.methods import make_config
+    from secateur.registry import make_config
 
     assert make_config({"method": "wanda", "sparsity": 0.5, "owl": "false"}).owl is None
     assert make_config({"method": "wanda", "sparsity": 0.5, "sequential": "false"}

@@ -80,6 +80,6 @@ def save_tiny(family: str, path, seed: int = 0):
 
 def make_step(**fields):
     """A method config from keyword fields: make_step(method="wanda", sparsity=0.5)."""
-    from secateur.methods import make_config
+    from secateur.registry import make_config
 
     return make_config(fields)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from secateur.config import MethodConfig, StepKind
+from secateur.config import MethodConfig
 from secateur.errors import SecateurError
 from secateur.models.base import ModelAdapter, Projection
 from secateur.stats import Statistic
@@ -132,31 +132,10 @@ def register_method(config_class: type[MethodConfig]) -> Callable[[HandlerClass]
     return register
 
 
-def method_names(kind: StepKind | None = None) -> list[str]:
-    return sorted(n for n, (c, _) in _REGISTRY.items() if kind is None or c.kind == kind)
-
-
-def config_class(name: str, kind: StepKind | None = None) -> type[MethodConfig]:
-    entry = _REGISTRY.get(name)
-    if entry is None or (kind is not None and entry[0].kind != kind):
-        raise SecateurError(f"unknown method '{name}': use one of "
-                            f"{', '.join(method_names(kind))}")
-    return entry[0]
-
-
-def make_config(data: dict[str, Any], kind: StepKind | None = None) -> MethodConfig:
-    """{'method': 'wanda', 'sparsity': 0.5} -> WandaConfig(sparsity=0.5)."""
-    if not isinstance(data, dict) or "method" not in data:
-        raise SecateurError(f"a step needs a 'method' key naming one of "
-                            f"{', '.join(method_names(kind))}; got {data!r}")
-    fields = dict(data)
-    return config_class(str(fields.pop("method")), kind)(**fields)
-
-
-def is_layerwise(name: str | None) -> bool:
-    """The method `name` works layer by layer (and so checkpoints each finished layer)."""
-    entry = _REGISTRY.get(name or "")
-    return entry is not None and issubclass(entry[1], LayerwiseMethod)
+def registered() -> dict[str, tuple[type[MethodConfig], HandlerClass]]:
+    """Method name -> (config class, handler) for every method registered so far; the names
+    of all built-in ones are looked up through `secateur.registry`, which imports them."""
+    return dict(_REGISTRY)
 
 
 def build_method(config: MethodConfig) -> LayerwiseMethod | ModelMethod:

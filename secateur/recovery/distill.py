@@ -33,7 +33,6 @@ from secateur.errors import SecateurError
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters
-from secateur.recovery import jobs
 from secateur.recovery.data import TokenWindows, pack
 from secateur.recovery.generation import complete
 from secateur.recovery.kd_loss import Divergence, TeacherTargets, kd_loss, lm_loss, teacher_targets
@@ -43,8 +42,10 @@ from secateur.recovery.training import (
     TrainConfig,
     TrainResult,
     load_checkpoint,
+    recovery_loaded,
     run_fingerprint,
     train,
+    training_on,
 )
 
 DistillResult = TrainResult  # one result type for every recovery; `extra` holds KD's details
@@ -323,28 +324,6 @@ def distill(student: Loaded, teacher: Loaded, config: DistillConfig,
     return result
 
 
-def checkpoint_dir(out: Path) -> Path:
-    return jobs.checkpoint_dir(out, "distill")
-
-
-def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig,
-                evaluation: Any = None, json_path: Path | None = None,
-                overwrite: bool = False, progress: bool = True,
-                on_step: Callable[[int, float], None] | None = None,
-                device: str | None = "auto") -> dict[str, Any]:
-    """Load student and teacher, evaluate both, distill with checkpoints, evaluate, save.
-
-    `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity). The result holds
-    the dense-to-pruned perplexity gap and the share of it recovered."""
-    return jobs.recovery_job(
-        "distill", student_dir, out,
-        lambda student, reference, ckpt: distill(student, reference, config, ckpt, progress,
-                                                 on_step),
-        evaluation, json_path, overwrite, progress, teacher=teacher,
-        check=lambda student, reference: check_models(student, reference, config),
-        device=device)
-
-
 @register_method(DistillConfig)
 class Distill(ModelMethod):
     needs_calibration = False
@@ -353,7 +332,7 @@ class Distill(ModelMethod):
         if context.teacher is None:
             raise SecateurError("distillation needs a teacher: run it as a recipe step after "
                                 "a prune, or call secateur.recovery.distill.distill")
-        student, teacher = jobs.recovery_loaded(context), context.teacher()
+        student, teacher = recovery_loaded(context), context.teacher()
         # the API moved the student to its device; the teacher joins it for the step
-        with jobs.training_on(next(student.model.parameters()).device, student, teacher):
+        with training_on(next(student.model.parameters()).device, student, teacher):
             return distill(student, teacher, self.config, None, context.progress).to_dict()

@@ -37,10 +37,9 @@ from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
 from secateur.quant.ggml import TYPES, GGMLState, ggml_state, set_ggml_state
 from secateur.quant.state import QuantState, quant_state, set_quant_state
-from secateur.recovery import jobs
 from secateur.recovery.data import pack
 from secateur.recovery.kd_loss import Divergence
-from secateur.recovery.training import TrainConfig, TrainResult, train
+from secateur.recovery.training import TrainConfig, TrainResult, recovery_loaded, train
 
 Learnable = Literal["scales", "minimums", "norms", "biases"]
 
@@ -289,31 +288,6 @@ def dwq(student: Loaded, teacher: Loaded, config: DWQConfig, checkpoint: Path | 
     return result
 
 
-def load_student(model_dir: str) -> Loaded:
-    """A compressed-tensors folder with its grids restored; any other model as usual."""
-    from secateur.formats.loader import load
-    from secateur.recipe import _is_packed
-
-    if Path(model_dir).is_dir() and _is_packed(Path(model_dir)):
-        from secateur.formats.packed_load import load_quantized
-
-        return load_quantized(model_dir)
-    return load(model_dir)
-
-
-def dwq_job(model_dir: str, teacher: str, out: Path, config: DWQConfig, evaluation: Any = None,
-            json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
-            on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Load a quantized (compressed-tensors) model and its teacher, evaluate, learn its grids
-    with checkpoints, evaluate, save packed again."""
-    return jobs.recovery_job(
-        "dwq", model_dir, out,
-        lambda student, reference, ckpt: dwq(student, reference, config, ckpt, progress,
-                                             on_step),
-        evaluation, json_path, overwrite, progress, teacher=teacher,
-        check=check_models, load_student=load_student)
-
-
 @register_method(DWQConfig)
 class DWQ(ModelMethod):
     needs_calibration = False
@@ -322,5 +296,5 @@ class DWQ(ModelMethod):
         if context.teacher is None:
             raise SecateurError("dwq needs the unquantized teacher: run it as a recipe step "
                                 "after a quantize step, or call secateur.recovery.dwq.dwq")
-        return dwq(jobs.recovery_loaded(context), context.teacher(), self.config, None,
+        return dwq(recovery_loaded(context), context.teacher(), self.config, None,
                    context.progress).to_dict()

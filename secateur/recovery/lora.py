@@ -21,10 +21,15 @@ from torch import nn
 from secateur.config import StepKind
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
-from secateur.recovery import jobs
 from secateur.recovery.data import TokenWindows, pack
 from secateur.recovery.kd_loss import lm_loss
-from secateur.recovery.training import TrainConfig, TrainResult, train
+from secateur.recovery.training import (
+    TrainConfig,
+    TrainResult,
+    recovery_loaded,
+    train,
+    training_on,
+)
 from secateur.recovery.training import target_modules as target_modules  # re-exported
 
 
@@ -68,31 +73,12 @@ def train_lora(loaded: Loaded, config: LoRAConfig, checkpoint: Path | None = Non
                  on_step, desc="LoRA recovery")
 
 
-def checkpoint_dir(out: Path) -> Path:
-    return jobs.checkpoint_dir(out, "lora")
-
-
-def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any = None,
-                json_path: Path | None = None, overwrite: bool = False,
-                progress: bool = True,
-                on_step: Callable[[int, float], None] | None = None,
-                device: str | None = "auto") -> dict[str, Any]:
-    """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save.
-
-    `evaluation` is a `secateur.jobs.EvalSpec` (data None: no perplexity); `device`: where it
-    evaluates and trains (auto, cpu, cuda, cuda:N)."""
-    return jobs.recovery_job(
-        "lora", model_dir, out,
-        lambda student, _, ckpt: train_lora(student, config, ckpt, progress, on_step),
-        evaluation, json_path, overwrite, progress, device=device)
-
-
 @register_method(LoRAConfig)
 class LoRA(ModelMethod):
     needs_calibration = False
 
     def run(self, context: PruneContext) -> dict[str, Any]:
-        loaded = jobs.recovery_loaded(context)
+        loaded = recovery_loaded(context)
         # the API moved the model to its device; checkpointing there as the CLI job does
-        with jobs.training_on(next(loaded.model.parameters()).device, loaded):
+        with training_on(next(loaded.model.parameters()).device, loaded):
             return train_lora(loaded, self.config, None, context.progress).to_dict()

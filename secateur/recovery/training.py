@@ -16,7 +16,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -27,7 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.config import MethodConfig
+from secateur.device import model_device, on_device
 from secateur.errors import SecateurError
+from secateur.methods.base import PruneContext
 from secateur.models.base import adapter_for
 from secateur.models.loading import Loaded
 from secateur.recovery.data import TokenWindows
@@ -342,3 +345,35 @@ def train(loaded: Loaded, config: TrainConfig, objective: Objective, data: Token
         raise
     run.finish()
     return run.result
+
+
+def recovery_loaded(context: PruneContext) -> Loaded:
+    """The model a recovery step trains: the API's Loaded, or one built from the context."""
+    if context.loaded is not None:
+        return context.loaded
+    return Loaded(context.model, context.tokenizer, context.adapter, "", "")
+
+
+@contextmanager
+def training_on(device: torch.device | None, student: Loaded,
+                teacher: Loaded | None = None) -> Iterator[None]:
+    """Student (and teacher) on `device` for the training, back home after, also when the
+    training replaced `student.model` (a LoRA merge). On CUDA the student trains with
+    gradient checkpointing (activations recomputed in the backward: a layer's worth of
+    them resident, not the whole model's); the CPU path is unchanged."""
+    home = model_device(student.model)
+    with ExitStack() as stack:
+        stack.enter_context(on_device(student.model, device))
+        if teacher is not None:
+            stack.enter_context(on_device(teacher.model, device))
+        checkpointing = (device is not None and device.type == "cuda"
+                         and getattr(student.model, "supports_gradient_checkpointing", False))
+        if checkpointing:
+            student.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield
+        finally:
+            if checkpointing and hasattr(student.model, "gradient_checkpointing_disable"):
+                student.model.gradient_checkpointing_disable()
+    student.model.to(home)
