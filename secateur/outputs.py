@@ -213,15 +213,6 @@ def _refuse_unowned(where: Path, shown: Path, flag: str) -> None:
                             f"them out or choose another {flag}")
 
 
-def remove_output(out: Path, flag: str = "--out") -> None:
-    """Delete an earlier output of secateur's, checked again right before (it may have changed
-    since the check at the start of a long run)."""
-    where = resolve(out, flag)
-    if where.is_dir():
-        _refuse_unowned(where, Path(out), flag)
-        shutil.rmtree(where)
-
-
 # -- paths --------------------------------------------------------------------------------
 
 

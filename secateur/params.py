@@ -18,12 +18,6 @@ def unique_parameters(modules: Iterable[nn.Module]) -> Iterator[nn.Parameter]:
                 yield p
 
 
-def parameter_count(modules: Iterable[nn.Module], trainable_only: bool = False) -> int:
-    """How many parameters the modules hold, each shared tensor once."""
-    return sum(p.numel() for p in unique_parameters(modules)
-               if p.requires_grad or not trainable_only)
-
-
 def logical_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
     """Every parameter once, where modules that hold their weights in a kernel's own layout
     (secateur's runtime linears: packed int4 codes, a float16 head) stand for the parameters

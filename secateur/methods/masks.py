@@ -19,12 +19,6 @@ def parse_nm(spec: str) -> tuple[int, int]:
     return n, m
 
 
-def check_sparsity(sparsity: float) -> float:
-    if not 0.0 <= sparsity < 1.0:
-        raise SecateurError(f"sparsity must be in [0, 1), got {sparsity}")
-    return sparsity
-
-
 def check_nm_width(n: int, m: int, in_features: int, name: str) -> None:
     if in_features % m:
         raise SecateurError(f"--nm {n}:{m}: M={m} does not divide the input width "

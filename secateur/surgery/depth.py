@@ -238,8 +238,3 @@ def remove_blocks(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bloc
         kind = "stock" if not renamed else "in-memory only"
     return {"layers_removed": whole, "branches_removed": [str(b) for b in renamed],
             "config": kind}
-
-
-def has_removed_branches(model: nn.Module) -> bool:
-    return any(isinstance(m, RemovedAttention | RemovedMLP | RemovedProjection)
-               for m in model.modules())
