@@ -22,6 +22,7 @@ from torch import nn
 from secateur.errors import SecateurError
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.base import Projection
+from secateur.quant.state import QuantState, clear_quant_state, quant_state, set_quant_state
 from secateur.stats import ColumnSquares, Hessian, Statistic
 from secateur.stats.absmax import ColumnAbsMax
 
@@ -168,9 +169,9 @@ def broadcast_tensor(tensor: torch.Tensor, src: int) -> None:
         _collective(tensor, lambda t: dist.broadcast(t, src))
 
 
-def _states(module: nn.Module) -> dict[str, dict[str, Any]]:
-    return {path: {k: v for k, v in vars(m).items() if k.startswith(STATE_PREFIX)}
-            for path, m in module.named_modules()}
+def _states(module: nn.Module) -> dict[str, tuple[dict[str, Any], QuantState | None]]:
+    return {path: ({k: v for k, v in vars(m).items() if k.startswith(STATE_PREFIX)},
+                   quant_state(m)) for path, m in module.named_modules()}
 
 
 def broadcast_module(module: nn.Module, src: int) -> None:
@@ -178,15 +179,20 @@ def broadcast_module(module: nn.Module, src: int) -> None:
     grids methods leave on its submodules."""
     if not active():
         return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        broadcast_tensor(tensor.data, src)
+    # The grids first: they are buffers that only `src` may have registered yet, and every
+    # rank must hold the same tensors before they are broadcast one by one.
     states = broadcast_object(_states(module) if rank() == src else None, src)
-    for path, attrs in states.items():
+    for path, (attrs, grid) in states.items():
         target = module.get_submodule(path)
+        clear_quant_state(target)
         for key in [k for k in vars(target) if k.startswith(STATE_PREFIX)]:
             delattr(target, key)
         for key, value in attrs.items():
             setattr(target, key, value)
+        if grid is not None:
+            set_quant_state(target, grid)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        broadcast_tensor(tensor.data, src)
 
 
 def solve_layer(method: LayerwiseMethod, index: int, layer: nn.Module,

@@ -446,3 +446,46 @@ def test_partial_groups_must_be_asked_for_and_cut_like_the_reference():
     g, gstate = gptq_quantize(w, torch.eye(64), Grid(4, False), 48)
     # with an identity Hessian GPTQ has nothing to compensate: it is RTN on the same groups
     assert torch.allclose(g, q, atol=1e-6) and gstate.scale.shape == (8, 2)
+
+
+def test_grid_is_in_the_state_dict_and_survives_a_round_trip_and_a_deepcopy():
+    import copy
+
+    loaded = _loaded()
+    quantize(loaded, GPTQConfig(bits=3, group_size=16, act_order=True), data=CALIB,
+             progress=False)
+    layer = loaded.adapter.layers[0]
+    q = layer.self_attn.q_proj
+    state = layer.state_dict()
+    for key in ("weight_scale", "weight_zero_point", "weight_g_idx"):
+        assert f"self_attn.q_proj.{key}" in state
+    assert not any(p is q.weight_scale for p in loaded.model.parameters())  # never trained
+    twin = copy.deepcopy(layer)
+    assert quant_state(twin.self_attn.q_proj).scheme == quant_state(q).scheme
+    fresh = _loaded().adapter.layers[0]
+    for path, module in layer.named_modules():
+        if (s := quant_state(module)) is not None:
+            set_quant_state(fresh.get_submodule(path), QuantState(
+                s.bits, s.group_size, s.symmetric, torch.zeros_like(s.scale),
+                torch.zeros_like(s.zero), torch.zeros_like(s.g_idx), s.actorder))
+    fresh.load_state_dict(state, strict=True)
+    got, want = quant_state(fresh.self_attn.q_proj), quant_state(q)
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.g_idx, want.g_idx)
+    assert torch.equal(got.dequantize(got.codes(fresh.self_attn.q_proj.weight)),
+                       fresh.self_attn.q_proj.weight)
+
+
+def test_a_dense_save_of_a_quantized_model_holds_no_grid_and_reloads_cleanly(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from secateur.formats.hf import save_model
+
+    loaded = _loaded()
+    quantize(loaded, RTNConfig(bits=4, group_size=32), data=CALIB, progress=False)
+    save_model(loaded.model, None, tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("weight_scale" in k or "weight_zero_point" in k for k in keys)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info

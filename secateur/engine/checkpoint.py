@@ -3,8 +3,9 @@
 The checkpoint folder holds
 
     checkpoint.json           the commit point: fingerprint, finished layers, their reports
-    layer-00003.safetensors   layer 3 after the method, tensors named as in the whole model
-    quant-00003.safetensors   its quantization grids and W8A8 marks, when a method left any
+    layer-00003.safetensors   layer 3 after the method, tensors named as in the whole model:
+                              its state_dict, quantization grids included; the grids'
+                              schemes and W8A8 marks as JSON in its metadata
     hidden-00004.safetensors  layer 4's inputs (one tensor per window) and the RNG state
 
 Each file is written under a partial name, flushed and renamed (`secateur.io`), and
@@ -29,7 +30,7 @@ import contextlib
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,20 @@ from secateur.formats.streaming import StreamedWeights, read_header, read_tensor
 from secateur.io import write_atomic, write_json_atomic
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.outputs import check_output_folder
-from secateur.quant.state import QuantState, quant_state, set_quant_state
+from secateur.quant.scheme import QuantScheme
+from secateur.quant.state import (
+    G_IDX,
+    SCALE,
+    ZERO,
+    QuantState,
+    clear_quant_state,
+    quant_scheme,
+    set_quant_state,
+)
 
-VERSION = 2  # 2: every file names the run that wrote it
+VERSION = 3  # 3: grids in the layer's state_dict, their schemes in its metadata
 STATE = "checkpoint.json"
+QUANT = "quant"  # a layer file's metadata key: its grids' schemes and W8A8 marks (JSON)
 _SAMPLE = 4096  # values hashed per tensor: tells models apart without reading every weight
 
 # No live run can hold the checkpoint being read (the jobs lock --out): starting over is safe.
@@ -101,40 +112,34 @@ class Resumed:
     rng: torch.Tensor
 
 
-def _quant_tensors(layer: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """What quantize methods leave on a layer's linears outside its state_dict: the grid
-    (`secateur.quant.state`) and a run-time activation quantization mark (W8A8)."""
+def _quant_marks(layer: nn.Module) -> dict[str, dict[str, Any]]:
+    """What quantize methods leave on a layer's linears besides the state_dict's tensors: each
+    grid's scheme (`secateur.quant.state`) and a run-time activation quantization mark (W8A8)."""
     from secateur.runtime.int8 import activation_quant
 
-    tensors: dict[str, torch.Tensor] = {}
     marks: dict[str, dict[str, Any]] = {}
     for path, module in layer.named_modules():
-        state, act = quant_state(module), activation_quant(module)
-        if state is None and act is None:
-            continue
-        grid: dict[str, Any] | None = None
-        if state is not None:
-            grid = {}
-            for f in fields(state):
-                value = getattr(state, f.name)
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{prefix}{path}.{f.name}"] = value
-                else:
-                    grid[f.name] = value
-        marks[path] = {"grid": grid, "act": act}
-    return tensors, marks
+        scheme, act = quant_scheme(module), activation_quant(module)
+        if scheme is not None or act is not None:
+            marks[path] = {"grid": None if scheme is None else asdict(scheme), "act": act}
+    return marks
 
 
 def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
                    marks: dict[str, dict[str, Any]]) -> None:
+    """Register the saved grids (so that `load_state_dict` finds their keys) and marks."""
     from secateur.runtime.int8 import INT8_TOKEN, mark_w8a8
 
+    for module in layer.modules():
+        clear_quant_state(module)
     for path, mark in marks.items():
         module = layer.get_submodule(path) if path else layer
         if mark["grid"] is not None:
-            key = f"{prefix}{path}."
-            values = {k[len(key):]: v for k, v in tensors.items() if k.startswith(key)}
-            set_quant_state(module, QuantState(**mark["grid"], **values))
+            key = f"{prefix}{path}." if path else prefix
+            scheme = QuantScheme(**mark["grid"])
+            set_quant_state(module, QuantState(
+                scheme.bits, scheme.group_size, scheme.symmetric, tensors[key + SCALE],
+                tensors[key + ZERO], tensors.get(key + G_IDX), scheme.actorder))
         if mark["act"] == INT8_TOKEN:
             mark_w8a8(module)
         elif mark["act"] is not None:
@@ -153,9 +158,6 @@ class LayerCheckpoint:
 
     def layer_file(self, index: int) -> Path:
         return self.folder / f"layer-{index:05d}.safetensors"
-
-    def _quant_file(self, index: int) -> Path:
-        return self.folder / f"quant-{index:05d}.safetensors"
 
     def _hidden_file(self, index: int) -> Path:
         return self.folder / f"hidden-{index:05d}.safetensors"
@@ -234,22 +236,18 @@ class LayerCheckpoint:
     def restore_layer(self, index: int, layer: nn.Module) -> None:
         """Put a finished layer's saved weights (and grids) back into the in-memory model."""
         prefix = self._prefix(index)
-        _, tensors = self._read(self.layer_file(index))
+        header, tensors = self._read(self.layer_file(index))
+        try:
+            marks = json.loads(header["__metadata__"].get(QUANT, "{}"))
+            _restore_quant(layer, prefix, tensors, marks)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SecateurError(f"checkpoint '{self.folder}': {self.layer_file(index).name} is "
+                                f"damaged: {_START_OVER}") from None
         try:
             layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True)
         except RuntimeError:
             raise SecateurError(f"checkpoint '{self.folder}': layer {index} does not fit the "
                                 f"model: {_START_OVER}") from None
-        qpath = self._quant_file(index)
-        if not qpath.is_file():
-            return
-        header, qtensors = self._read(qpath)
-        try:
-            marks = json.loads(header["__metadata__"]["marks"])
-            _restore_quant(layer, prefix, qtensors, marks)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise SecateurError(f"checkpoint '{self.folder}': {qpath.name} is damaged: "
-                                f"{_START_OVER}") from None
 
     # -- writing -----------------------------------------------------------------------------
     def save(self, index: int, layer: nn.Module, hidden: list[torch.Tensor],
@@ -259,13 +257,9 @@ class LayerCheckpoint:
         layer_path = self.layer_file(index)
         run = {"run": self._run}
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
-        write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors, run))
-        qtensors, marks = _quant_tensors(layer, prefix)
-        if marks:
-            write_atomic(self._quant_file(index), lambda tmp: write_tensors(
-                tmp, qtensors, {**run, "marks": json.dumps(marks)}))
-        else:
-            self._quant_file(index).unlink(missing_ok=True)
+        marks = _quant_marks(layer)
+        meta = {**run, QUANT: json.dumps(marks)} if marks else run
+        write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors, meta))
         hidden_path = self._hidden_file(index + 1)
         saved = {f"window-{i:05d}": h for i, h in enumerate(hidden)}
         saved["rng"] = torch.get_rng_state()
@@ -288,7 +282,7 @@ def remove_checkpoint(folder: Path) -> None:
     at missing files), and the folder if nothing else is in it."""
     folder = Path(folder)
     (folder / STATE).unlink(missing_ok=True)
-    for pattern in ("layer-*.safetensors", "quant-*.safetensors", "hidden-*.safetensors"):
+    for pattern in ("layer-*.safetensors", "hidden-*.safetensors"):
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # it holds something else of the user's: leave it

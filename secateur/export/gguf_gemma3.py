@@ -25,6 +25,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.export.layout import DecoderDims, LayerShape
+from secateur.quant.state import weights_state_dict
 
 ARCH = "gemma3"
 # per-layer tensors: transformers' short name -> gguf MODEL_TENSOR
@@ -101,7 +102,7 @@ def read_gemma3_layout(model: nn.Module, name: str) -> Gemma3Layout:
     a stock Gemma 3 text decoder."""
     c = model.config
     tied = bool(getattr(c, "tie_word_embeddings", True))
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach() for k, v in weights_state_dict(model).items()}
     if tied:
         tensors.pop("lm_head.weight", None)
     n, hd = c.num_hidden_layers, c.head_dim

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.quant.state import weights_state_dict
 
 ROPE_TYPES = ("default", "llama3")  # what vLLM's DeciLM and llama.cpp both reproduce exactly
 
@@ -142,7 +143,7 @@ def read_layout(model: nn.Module, name: str) -> LlamaLayout:
     """The model's widths and tensors in the Llama layout; one line if it is not that shape."""
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach() for k, v in weights_state_dict(model).items()}
     if tied:
         tensors.pop("lm_head.weight", None)
     try:

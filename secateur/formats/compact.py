@@ -29,6 +29,7 @@ from torch import nn
 from secateur.errors import SecateurError
 from secateur.io import atomic_dir, write_json_atomic
 from secateur.models import adapter_for
+from secateur.quant.state import weights_state_dict
 
 FORMAT = "secateur-bitmask-v1"
 WEIGHTS = "model.compact.safetensors"
@@ -51,7 +52,7 @@ def unpack(bits: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights_state_dict(model).items():
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())

@@ -45,7 +45,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.io import atomic_dir, write_json_atomic
-from secateur.quant.state import QuantState, quant_state
+from secateur.quant.state import QuantState, quant_state, weights_state_dict
 from secateur.runtime.base import check_bits, codes_on_grid
 from secateur.runtime.int8 import INT8_TOKEN, activation_quant
 
@@ -272,7 +272,7 @@ def packed_state_dict(model: nn.Module, keep_dtype: torch.dtype | None = torch.f
     embeddings = _embedding_ids(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    for key, tensor in weights_state_dict(model, keep_vars=True).items():
         prefix, _, leaf = key.rpartition(".")
         if prefix in quantized and leaf == "weight":
             continue

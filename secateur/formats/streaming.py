@@ -38,6 +38,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.base import ModelAdapter, adapter_for
+from secateur.quant.state import GRID_TENSORS, clear_quant_state, is_quantized, quant_state
 
 _CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -392,23 +393,18 @@ class StreamedWeights:
     def unload_layer(self, index: int) -> None:
         """Back to meta tensors of the same shapes: the weights' memory is freed, and so are
         the grids a quantize method left (they are in the written shard)."""
-        from secateur.quant.state import ATTR
-
         layer = self.adapter.layers[index]
+        for module in layer.modules():
+            clear_quant_state(module)
         for n, t in layer.state_dict(keep_vars=True).items():
             _set_tensor(layer, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-        for module in layer.modules():
-            if hasattr(module, ATTR):
-                delattr(module, ATTR)
 
     def _loaded(self, index: int) -> bool:
         return not any(t.is_meta for t in
                        self.adapter.layers[index].state_dict(keep_vars=True).values())
 
     def _quantized(self, index: int) -> bool:
-        from secateur.quant.state import quant_state
-
-        return any(quant_state(m) is not None for m in self.adapter.layers[index].modules())
+        return is_quantized(self.adapter.layers[index])
 
     def _linear_widths(self) -> list[int]:
         """Input widths of every decoder-layer linear (known on the meta device too): the
@@ -430,8 +426,6 @@ class StreamedWeights:
         from dataclasses import replace
 
         from secateur.formats.packed_save import packed_tensors, scheme_of, stored_group
-        from secateur.quant.state import quant_state
-
         packed: dict[str, Any] = {}
         unpacked: list[str] = []
         for name, module in self.adapter.layers[index].named_modules():
@@ -444,7 +438,8 @@ class StreamedWeights:
             scheme = scheme_of(full, module, state)
             stored = replace(scheme, group_size=stored_group(scheme.group_size,
                                                              self._linear_widths()))
-            del tensors[f"{full}.weight"]
+            for leaf in ("weight", *GRID_TENSORS):
+                tensors.pop(f"{full}.{leaf}", None)
             tensors.update(packed_tensors(full, module, state, stored))
             packed[full] = stored
         self.packed[index], self.unpacked[index] = packed, unpacked
@@ -482,7 +477,8 @@ class StreamedWeights:
         dequantized."""
         if self._loaded(index) and self._quantized(index):
             return self.write_layer(index)
-        if (Path(file).parent / Path(file).name.replace("layer-", "quant-", 1)).is_file():
+        header, _ = read_header(Path(file))
+        if any(key.rpartition(".")[2] in GRID_TENSORS for key in header):
             raise SecateurError("a streamed quantization cannot resume from its checkpoint "
                                 "yet (the checkpoint holds dequantized layers): run it again "
                                 "without --resume")

@@ -1,10 +1,18 @@
-"""What a quantized linear keeps beside its (dequantized) weight.
+"""What a quantized linear keeps beside its (dequantized) weight, in its state_dict.
 
 After a quantization step a linear's `weight` holds the dequantized values, so the model in
-memory evaluates exactly as the saved one will; its grid lives in `module.secateur_quant`.
-Integer codes are not stored: q = round(w / scale + zero) recovers them exactly, because
-every weight sits on the grid. Savers (compressed-tensors pack-quantized) and CPU runtimes
-(int4/int8 kernels) read this state; methods write it.
+memory evaluates exactly as the saved one will. Its grid is registered on the module the way
+compressed-tensors' `initialize_qparams` does it: the tensors `weight_scale`,
+`weight_zero_point` (and `weight_g_idx` for act-order with scattered groups) beside the weight,
+and the scheme (`QuantScheme`: bits, group size, symmetry, act-order) as a plain attribute.
+A layer's `state_dict()` therefore carries its grid, and a checkpoint is safetensors plus the
+scheme as JSON. Integer codes are not stored: q = round(w / scale + zero) recovers them exactly,
+because every weight sits on the grid. Savers (compressed-tensors pack-quantized) and CPU
+runtimes (int4/int8 kernels) read this state; methods write it.
+
+The grid tensors are buffers rather than parameters: `parameters()` feeds parameter counts,
+optimizers and full fine-tuning (which makes every parameter trainable), none of which may see
+them, while buffers still travel with `state_dict`, `load_state_dict`, `deepcopy` and `.to()`.
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-ATTR = "secateur_quant"
+from secateur.quant.scheme import QuantScheme
+
+ATTR = "secateur_quant"  # the module's QuantScheme
+SCALE, ZERO, G_IDX = "weight_scale", "weight_zero_point", "weight_g_idx"
+GRID_TENSORS = (SCALE, ZERO, G_IDX)
 
 
 @dataclass
@@ -28,6 +40,10 @@ class QuantState:
     # act-order without static groups: the group of each input column, in original order
     g_idx: torch.Tensor | None = None
     actorder: Literal["group", "weight"] | None = None
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.symmetric, self.actorder)
 
     def groups_of_columns(self, in_features: int) -> torch.Tensor:
         if self.g_idx is not None:
@@ -46,13 +62,48 @@ class QuantState:
         return (codes.float() - self.zero[:, g]) * self.scale[:, g]
 
 
+def quant_scheme(module: nn.Module) -> QuantScheme | None:
+    return module.__dict__.get(ATTR)
+
+
 def quant_state(module: nn.Module) -> QuantState | None:
-    return getattr(module, ATTR, None)
+    """The module's grid, read from its registered tensors and scheme."""
+    scheme = quant_scheme(module)
+    if scheme is None:
+        return None
+    buffers = module._buffers
+    return QuantState(scheme.bits, scheme.group_size, scheme.symmetric, buffers[SCALE],
+                      buffers[ZERO], buffers.get(G_IDX), scheme.actorder)
 
 
 def set_quant_state(module: nn.Module, state: QuantState) -> None:
-    setattr(module, ATTR, state)
+    """Register the grid's tensors and scheme on the module, replacing any earlier grid."""
+    clear_quant_state(module)
+    module.register_buffer(SCALE, state.scale)
+    module.register_buffer(ZERO, state.zero)
+    if state.g_idx is not None:
+        module.register_buffer(G_IDX, state.g_idx)
+    module.__dict__[ATTR] = state.scheme
+
+
+def clear_quant_state(module: nn.Module) -> None:
+    module.__dict__.pop(ATTR, None)
+    for name in GRID_TENSORS:
+        module._buffers.pop(name, None)
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(quant_state(m) is not None for m in model.modules())
+    return any(quant_scheme(m) is not None for m in model.modules())
+
+
+def grid_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys of the grid tensors (not weights: dense formats leave them out)."""
+    return {f"{name}.{leaf}" if name else leaf
+            for name, module in model.named_modules() if quant_scheme(module) is not None
+            for leaf in GRID_TENSORS if module._buffers.get(leaf) is not None}
+
+
+def weights_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` without the grid tensors: what a dense checkpoint holds."""
+    skip = grid_keys(model)
+    return {k: v for k, v in model.state_dict(keep_vars=keep_vars).items() if k not in skip}
