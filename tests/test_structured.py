@@ -1,4 +1,4 @@
-"""Width pruning (llm-pruner), its surgery, and secateur's per-layer-width model class."""
+"""Width pruning (llm-pruner) and its surgery."""
 
 from __future__ import annotations
 
@@ -9,80 +9,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from secateur.surgery.flexmodel import LayerSpec, SecateurLlamaForCausalLM, convert_llama
 from tests.reload import reload_one
 from tests.tiny_models import tiny_model
-
-
-def test_flex_convert_keeps_outputs_and_drops_blocks(tmp_path):
-    torch.manual_seed(0)
-    model = tiny_model("llama")
-    ids = torch.randint(0, 250, (1, 10))
-    with torch.no_grad():
-        dense = model(ids).logits
-        flex = convert_llama(copy.deepcopy(model))
-        assert isinstance(flex, SecateurLlamaForCausalLM)
-        assert torch.equal(flex(ids).logits, dense)
-        cut = convert_llama(copy.deepcopy(model), [LayerSpec(has_attention=False),
-                                                   LayerSpec(has_mlp=False), LayerSpec()])
-        assert cut.config.layer_has_attention == [False, True, True]
-        assert cut.config.layer_has_mlp == [True, False, True]
-        assert cut.model.layers[0].self_attn is None
-        # Layer 0 has no attention: KV cache numbering must still give cached == uncached.
-        gen = cut.generate(ids, max_new_tokens=4, do_sample=False)
-        x = ids
-        for _ in range(4):
-            x = torch.cat([x, cut(x, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-        assert torch.equal(gen, x)
-    with pytest.raises(ValueError, match="shrink the tensors first"):
-        convert_llama(copy.deepcopy(model), [LayerSpec(num_heads=2)] * 3)
-
-
-@pytest.mark.reload
-def test_flex_saves_and_loads_without_secateur(tmp_path):
-    torch.manual_seed(0)
-    model = convert_llama(tiny_model("llama"), [LayerSpec(has_attention=False), LayerSpec(),
-                                                LayerSpec(has_mlp=False)])
-    ids = torch.randint(0, 250, (1, 9))
-    with torch.no_grad():
-        want = model(ids).logits[0]
-        tokens = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                pad_token_id=0)[0].tolist()
-    out = tmp_path / "flex"
-    model.save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "secateur_llama"
-    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_secateur.SecateurLlamaForCausalLM"
-    assert (out / "modeling_secateur.py").is_file()
-    assert (out / "configuration_secateur.py").is_file()
-    got = reload_one(out, ids.tolist(), tmp_path)
-    assert got["cls"] == "SecateurLlamaForCausalLM"
-    assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-5)
-    assert got["cached"] == tokens
-
-
-@pytest.mark.reload
-def test_flex_modules_are_built_by_the_stock_inits_and_keep_the_shared_config(tmp_path):
-    """The attention and MLP modules come from the stock `__init__`s (what the kernel hub
-    wraps) fed a per-layer copy of the config, yet must read the model's own config: the
-    attention implementation is set on it after the modules are built."""
-    model = convert_llama(tiny_model("llama"), [LayerSpec(has_attention=False), LayerSpec(),
-                                                LayerSpec(has_mlp=False)])
-    model.save_pretrained(tmp_path)
-    again = SecateurLlamaForCausalLM.from_pretrained(tmp_path)
-    again.set_attn_implementation("eager")
-    layers = again.model.layers
-    assert layers[0].self_attn is None and layers[0].input_layernorm is None
-    assert layers[2].mlp is None and layers[2].post_attention_layernorm is None
-    blocks = [b for layer in layers for b in (layer.self_attn, layer.mlp) if b is not None]
-    assert len(blocks) == 4 and all(b.config is again.config for b in blocks)
-    assert layers[1].self_attn.config._attn_implementation == "eager"
-    assert [layers[i].self_attn.layer_idx for i in (1, 2)] == [0, 1]  # KV cache positions
-    for i in (1, 2):  # the per-layer widths, not the copy's leftovers
-        attn, want = layers[i].self_attn, model.model.layers[i].self_attn
-        assert attn.q_proj.weight.shape == want.q_proj.weight.shape
-        assert attn.k_proj.weight.shape == want.k_proj.weight.shape
-        assert attn.num_key_value_groups == want.num_key_value_groups
 
 
 # -- llm-pruner on tiny models ----------------------------------------------------------------

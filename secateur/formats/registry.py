@@ -1,9 +1,8 @@
 """Registers secateur's own config/model classes with the Auto classes.
 
 With this imported, `AutoModelForCausalLM.from_pretrained(dir)` loads a model saved as
-secateur's generic class (model_type 'secateur', any family) or its earlier `secateur_llama`
-class from secateur's copy of the code; without secateur, the copy saved in the directory loads
-through `trust_remote_code=True`.
+secateur's generic class (model_type 'secateur', any family) from secateur's copy of the code;
+without secateur, the copy saved in the directory loads through `trust_remote_code=True`.
 """
 
 from __future__ import annotations
@@ -13,11 +12,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from secateur.models.base import FLEX_MODEL_TYPE, supported_model_types
-from secateur.surgery.flexmodel import SecateurLlamaConfig, SecateurLlamaForCausalLM
 from secateur.surgery.flexmodel.modeling_secateur_flex import flex_classes
-
-AutoConfig.register(SecateurLlamaConfig.model_type, SecateurLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(SecateurLlamaConfig, SecateurLlamaForCausalLM, exist_ok=True)
 
 
 class FlexConfigDispatch(PreTrainedConfig):
@@ -33,5 +28,5 @@ class FlexConfigDispatch(PreTrainedConfig):
 
 AutoConfig.register(FLEX_MODEL_TYPE, FlexConfigDispatch, exist_ok=True)
 for _family in supported_model_types():
-    if _family not in (FLEX_MODEL_TYPE, SecateurLlamaConfig.model_type):
+    if _family != FLEX_MODEL_TYPE:
         AutoModelForCausalLM.register(*flex_classes(_family), exist_ok=True)

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from secateur.errors import SecateurError
 from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.methods.layers import (
     DepthTarget,
@@ -80,11 +79,6 @@ class BlockPruner(ModelMethod):
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         model, adapter = context.model, context.adapter
-        if not adapter.saves_heterogeneous:
-            raise SecateurError(
-                f"blockpruner removes single attention/MLP blocks, which secateur can save only "
-                f"for Llama models, not '{model.config.model_type}': use --method shortgpt or "
-                "sleb")
         n = adapter.num_layers
         total = total_parameters(model)
         # a model pruned before (secateur's own class) may already lack some branches

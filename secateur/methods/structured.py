@@ -61,10 +61,10 @@ class LLMPrunerConfig(MethodConfig):
     protect_last: int | None = Field(None, ge=0, description="Leave the last K layers "
                                                              "(default ~n/16).")
 
-    def protected(self, num_layers: int, per_layer_widths: bool = True) -> tuple[int, int]:
-        """Layers left alone at each end; without per-layer widths the default is none."""
-        first = round(num_layers / 8) if per_layer_widths else 0
-        last = round(num_layers / 16) if per_layer_widths else 0
+    def protected(self, num_layers: int) -> tuple[int, int]:
+        """Layers left alone at each end."""
+        first = round(num_layers / 8)
+        last = round(num_layers / 16)
         return (first if self.protect_first is None else self.protect_first,
                 last if self.protect_last is None else self.protect_last)
 
@@ -315,7 +315,7 @@ class LLMPruner(ModelMethod):
                                 f"'{model.config.model_type}'")
         # per-layer widths save as secateur's generic class (surgery/flex.py), any family
         n = adapter.num_layers
-        first, last = cfg.protected(n, adapter.saves_heterogeneous)
+        first, last = cfg.protected(n)
         layers = list(range(first, n - last))
         if not layers:
             raise SecateurError(f"protecting {first} first and {last} last layers leaves none "

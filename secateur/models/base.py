@@ -17,7 +17,6 @@ from secateur.errors import SecateurError
 # model_type of secateur's generic class for pruned models (secateur/surgery/flexmodel/
 # modeling_secateur_flex.py); its config names the stock family in `base_model_type`.
 FLEX_MODEL_TYPE = "secateur"
-LEGACY_FLEX_TYPES = ("secateur_llama",)  # secateur's earlier Llama-only class, still loaded
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -150,14 +149,9 @@ class ModelAdapter:
     width_attributes: ClassVar[dict[str, str]] = {}
 
     @property
-    def saves_heterogeneous(self) -> bool:
-        """Per-layer widths and removed branches save for every family (secateur's class)."""
-        return True
-
-    @property
     def heterogeneous_class(self) -> bool:
-        """The model already IS secateur's class (generic, or the legacy Llama one)."""
-        return self.config.model_type in (FLEX_MODEL_TYPE, *LEGACY_FLEX_TYPES)
+        """The model already IS secateur's generic class."""
+        return self.config.model_type == FLEX_MODEL_TYPE
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -1,12 +1,10 @@
-"""Llama-family adapter: Llama 1-3, Mistral, Qwen2/3, SmolLM; and secateur's earlier
-Llama-only class with per-layer widths (`secateur_llama`), which users' folders still hold."""
+"""Llama-family adapter: Llama 1-3, Mistral, Qwen2/3, SmolLM."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from secateur.models.base import (
-    AttentionShape,
     DecodeLayout,
     ModelAdapter,
     RMSNormSpec,
@@ -67,19 +65,3 @@ class LlamaAdapter(ModelAdapter):
                             window=getattr(attn, "sliding_window",
                                            getattr(self.config, "sliding_window", None)))
 
-
-@register_adapter
-class SecateurLlamaAdapter(LlamaAdapter):
-    """secateur's earlier Llama class with per-layer widths (secateur.surgery.flexmodel)."""
-
-    model_types = ("secateur_llama",)
-
-    def layer_attention_shape(self, index: int) -> AttentionShape:
-        cfg = self.config
-        return AttentionShape(cfg.layer_num_heads[index], cfg.layer_num_kv_heads[index],
-                              cfg.head_dim)
-
-    def set_layer_widths(self, index: int, num_heads: int, num_kv_heads: int) -> None:
-        super().set_layer_widths(index, num_heads, num_kv_heads)
-        self.config.layer_num_heads[index] = num_heads
-        self.config.layer_num_kv_heads[index] = num_kv_heads

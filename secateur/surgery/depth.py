@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.models.base import LEGACY_FLEX_TYPES, ModelAdapter, get_submodule
+from secateur.models.base import ModelAdapter, get_submodule
 from secateur.params import unique_parameters
 from secateur.surgery.flexmodel.modeling_secateur_flex import (
     RemovedAttention,
@@ -196,19 +196,6 @@ def remove_branches(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bl
         swap_branch(adapter, layer, b.part)
 
 
-def _convert_legacy(model: nn.Module, adapter: ModelAdapter, branches: list[Block]) -> None:
-    # a model that already is secateur's earlier Llama class keeps that class
-    from secateur.surgery.flexmodel import LayerSpec, convert_llama
-
-    specs = [LayerSpec() for _ in range(adapter.num_layers)]
-    for b in branches:
-        if b.part == "attn":
-            specs[b.layer].has_attention = False
-        else:
-            specs[b.layer].has_mlp = False
-    convert_llama(model, specs)
-
-
 def remove_blocks(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Block],
                   in_memory_only: bool = False) -> dict:
     """Remove blocks named by their indices in the unpruned model, in place; whole layers first.
@@ -223,13 +210,8 @@ def remove_blocks(model: nn.Module, adapter: ModelAdapter, blocks: Iterable[Bloc
     keep = remove_layers(model, adapter, whole) if whole else list(range(adapter.num_layers))
     position = {old: new for new, old in enumerate(keep)}
     renamed = [Block(position[b.layer], b.part) for b in branches]
-    if renamed and model.config.model_type in LEGACY_FLEX_TYPES:
-        _convert_legacy(model, adapter, renamed)
-    else:
-        remove_branches(model, adapter, renamed)
-    if model.config.model_type in LEGACY_FLEX_TYPES:
-        kind = model.config.model_type
-    elif renamed and not in_memory_only or adapter.heterogeneous_class:
+    remove_branches(model, adapter, renamed)
+    if renamed and not in_memory_only or adapter.heterogeneous_class:
         from secateur.surgery.flex import to_flex
 
         to_flex(model, adapter)  # also refreshes the record of a model already converted

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.models.base import LEGACY_FLEX_TYPES, GroupSet, ModelAdapter, Projection
+from secateur.models.base import GroupSet, ModelAdapter, Projection
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,8 @@ def current_widths(adapter: ModelAdapter) -> list[LayerWidth]:
 
 
 def rewrite_config(model: nn.Module, adapter: ModelAdapter) -> str:
-    """Make the config describe the shrunk tensors. Returns 'stock', or the model type of
-    secateur's class the model now is ('secateur', or 'secateur_llama' for a model that
-    already was that earlier class)."""
+    """Make the config describe the shrunk tensors. Returns 'stock', or 'secateur' when the
+    model is now secateur's generic class."""
     widths = current_widths(adapter)
     cfg = model.config
     if len(set(widths)) == 1 and adapter.stock_widths and not adapter.heterogeneous_class:
@@ -131,13 +130,8 @@ def rewrite_config(model: nn.Module, adapter: ModelAdapter) -> str:
         cfg.num_key_value_heads = w.num_kv_heads
         cfg.intermediate_size = w.intermediate_size
         return "stock"
-    if cfg.model_type in LEGACY_FLEX_TYPES:
-        from secateur.surgery.flexmodel import convert_llama
+    from secateur.surgery.flex import to_flex
 
-        convert_llama(model)
-    else:
-        from secateur.surgery.flex import to_flex
-
-        to_flex(model, adapter)
+    to_flex(model, adapter)
     adapter.config = model.config
     return model.config.model_type
