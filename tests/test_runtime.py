@@ -193,9 +193,11 @@ def test_w8a8_logits_close_to_fp32_and_int8_runtime_exact():
     assert diff.max() < 3e-3 and diff.median() < 1e-5
 
 
-def test_smoothquant_alone_keeps_the_function():
-    """Smoothing (scales folded into the norms) before any rounding changes nothing."""
-    dense = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+def test_smoothquant_alone_keeps_the_function(family):
+    """Smoothing (scales folded into the norms) before any rounding changes nothing: RMSNorm,
+    Gemma's (1 + weight) RMSNorm and LayerNorm with its bias."""
+    dense = tiny_model(family)
     model = copy.deepcopy(dense)
     adapter = adapter_for(model)
     method = W8A8(W8A8Config(smoothquant_alpha=0.8))

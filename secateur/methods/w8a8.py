@@ -60,15 +60,17 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor],
 
 
 @torch.no_grad()
-def fold_into_norm(norm: nn.Module, s: torch.Tensor, name: str) -> None:
-    """Make `norm`'s output x / s."""
-    if type(norm).__name__.startswith("Gemma"):  # output = x_hat * (1 + weight)
-        norm.weight.copy_((1 + norm.weight.float()) / s - 1)
-        return
-    if not (isinstance(norm, nn.LayerNorm) or "RMSNorm" in type(norm).__name__) or getattr(
-            norm, "weight", None) is None:
+def fold_into_norm(norm: nn.Module, s: torch.Tensor, name: str, weight_offset: float = 0.0
+                   ) -> None:
+    """Make `norm`'s output x / s, for a norm computing x_hat * (weight_offset + weight)
+    (+ bias): the family's `ModelAdapter.norm_weight_offset`."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
         raise SecateurError(f"SmoothQuant cannot fold scales into '{name}' "
                             f"({type(norm).__name__}): use smoothquant_alpha=None")
+    if weight_offset:
+        norm.weight.copy_((weight_offset + norm.weight.float()) / s - weight_offset)
+        return
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
@@ -103,7 +105,8 @@ class W8A8(LayerwiseMethod):
                                   (adapter.mlp_norm, adapter.mlp_inputs(layer))):
             act_max = torch.stack([stats[p.name][ColumnAbsMax.name].max for p in inputs])
             s = smoothing_scales(act_max.amax(0), [p.weight for p in inputs], alpha)
-            fold_into_norm(layer.get_submodule(norm_path), s, f"layer {index} {norm_path}")
+            fold_into_norm(layer.get_submodule(norm_path), s, f"layer {index} {norm_path}",
+                           adapter.norm_weight_offset)
             for p in inputs:
                 p.weight.mul_(s.to(p.weight.dtype))
             self.smoothing.append({"layer": index, "norm": norm_path,

@@ -143,6 +143,8 @@ class ModelAdapter:
     # where head_dim follows from hidden / heads, any width change needs secateur's class
     stock_widths: ClassVar[bool] = False
     bos_policy: ClassVar[str] = "default"  # "each": BOS starts every evaluation window
+    # a layer norm's output is x_hat * (norm_weight_offset + weight): Gemma's scale by 1 + w
+    norm_weight_offset: ClassVar[float] = 0.0
     # Attributes (paths inside a layer) that a family's attention forward reads and that
     # follow the layer's widths, each with what it holds: "heads", "kv_heads", "groups"
     # (query heads per KV head) or "q_width" (heads * head_dim).

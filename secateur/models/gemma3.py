@@ -18,6 +18,7 @@ class Gemma3Adapter(LlamaAdapter):
     # its perplexity triples without BOS (15.2 vs 49.7 on wiki at 256 tokens)
     bos_policy = "each"
     gguf_architecture = "gemma3"
+    norm_weight_offset = 1.0
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().logits_from_hidden(hidden)
