@@ -27,8 +27,7 @@ from secateur.methods.gptq import GPTQConfig
 from secateur.methods.sparsity import OWLConfig
 from secateur.methods.w8a8 import W8A8Config
 from secateur.models import adapter_for
-from secateur.quant.state import quant_state
-from secateur.runtime.int8 import activation_quant
+from secateur.quant.state import activation_quant, quant_state
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 6

@@ -45,9 +45,11 @@ from secateur.outputs import check_output_folder
 from secateur.quant.scheme import QuantScheme
 from secateur.quant.state import (
     G_IDX,
+    INT8_TOKEN,
     SCALE,
     ZERO,
     QuantState,
+    activation_quant,
     clear_quant_state,
     quant_scheme,
     set_quant_state,
@@ -115,8 +117,6 @@ class Resumed:
 def _quant_marks(layer: nn.Module) -> dict[str, dict[str, Any]]:
     """What quantize methods leave on a layer's linears besides the state_dict's tensors: each
     grid's scheme (`secateur.quant.state`) and a run-time activation quantization mark (W8A8)."""
-    from secateur.runtime.int8 import activation_quant
-
     marks: dict[str, dict[str, Any]] = {}
     for path, module in layer.named_modules():
         scheme, act = quant_scheme(module), activation_quant(module)
@@ -128,7 +128,7 @@ def _quant_marks(layer: nn.Module) -> dict[str, dict[str, Any]]:
 def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
                    marks: dict[str, dict[str, Any]]) -> None:
     """Register the saved grids (so that `load_state_dict` finds their keys) and marks."""
-    from secateur.runtime.int8 import INT8_TOKEN, mark_w8a8
+    from secateur.runtime.int8 import mark_w8a8
 
     for module in layer.modules():
         clear_quant_state(module)

@@ -27,8 +27,8 @@ from secateur.formats.packed_save import (
     compressed_tensors,
     read_quantization_config,
 )
-from secateur.quant.state import QuantState, set_quant_state
-from secateur.runtime.int8 import INT8_TOKEN, mark_w8a8
+from secateur.quant.state import INT8_TOKEN, QuantState, set_quant_state
+from secateur.runtime.int8 import mark_w8a8
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -45,9 +45,16 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.io import atomic_dir, write_json_atomic
-from secateur.quant.state import QuantState, quant_state, weights_state_dict
-from secateur.runtime.base import check_bits, codes_on_grid
-from secateur.runtime.int8 import INT8_TOKEN, activation_quant
+from secateur.quant.scheme import W8A8
+from secateur.quant.state import (
+    INT8_TOKEN,
+    QuantState,
+    activation_quant,
+    check_grid,
+    codes_on_grid,
+    quant_state,
+    weights_state_dict,
+)
 
 WEIGHTS = "model.safetensors"
 PACK_QUANTIZED = "pack-quantized"
@@ -141,7 +148,7 @@ def check_packable(adapter: Any) -> None:
 def scheme_of(name: str, module: nn.Module, state: QuantState) -> Scheme:
     """The linear's scheme with its own group size (`stored_group` narrows it later)."""
     require_linear(name, module)
-    check_bits(name, state)
+    check_grid(name, state)
     if _has_scattered_groups(state, module.in_features) and state.group_size != -1:
         raise SecateurError(f"'{name}' uses act-order with scattered groups (g_idx), which "
                             "compressed-tensors cannot store: quantize with static groups "
@@ -149,8 +156,8 @@ def scheme_of(name: str, module: nn.Module, state: QuantState) -> Scheme:
     half = 2 ** (state.bits - 1)
     symmetric = bool((state.zero == half).all())
     act = activation_quant(module)
-    if act is not None and (state.bits != 8 or not symmetric or state.group_size != -1):
-        raise SecateurError(f"'{name}': W8A8 needs symmetric 8-bit per-channel weights")
+    if act is not None:
+        check_grid(name, replace(state, symmetric=symmetric), W8A8)
     actorder = "weight" if state.actorder is not None else None
     return Scheme(state.bits, state.group_size, symmetric, actorder, act)
 

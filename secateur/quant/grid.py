@@ -17,9 +17,8 @@ from torch import nn
 
 from secateur.config import Config
 from secateur.errors import SecateurError
+from secateur.quant.scheme import QUANTIZERS
 from secateur.quant.state import QuantState, is_quantized
-
-MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,9 @@ class Grid:
     maxshrink: float = 0.8
 
     def __post_init__(self) -> None:
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise SecateurError(f"bits must be {MIN_BITS} to {MAX_BITS}, got {self.bits}")
+        if not QUANTIZERS.takes_bits(self.bits):
+            raise SecateurError(f"bits must be {QUANTIZERS.min_bits} to {QUANTIZERS.max_bits}, "
+                                f"got {self.bits}")
 
     @property
     def maxq(self) -> int:
@@ -143,7 +143,9 @@ def refuse_quantized(model: nn.Module) -> None:
 class QuantGridConfig(Config):
     """The grid settings every quantizing method shares."""
 
-    bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS, description="Bits per weight, 2 to 8.")
+    bits: int = Field(4, ge=QUANTIZERS.min_bits, le=QUANTIZERS.max_bits,
+                      description=f"Bits per weight, {QUANTIZERS.min_bits} to "
+                                  f"{QUANTIZERS.max_bits}.")
     group_size: int = Field(128, description="Input columns sharing a scale and zero point; "
                                              "-1: one per output row (per channel).")
     symmetric: bool = Field(True, description="Symmetric grid (zero point fixed at the middle) "

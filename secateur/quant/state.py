@@ -23,9 +23,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from secateur.quant.scheme import QuantScheme
+from secateur.errors import SecateurError
+from secateur.quant.scheme import INTEGER, Accepts, QuantScheme
 
 ATTR = "secateur_quant"  # the module's QuantScheme
+ACT_ATTR = "secateur_act_quant"  # on a linear: its inputs are quantized at run time
+INT8_TOKEN = "int8-token"  # symmetric int8, one scale per token, computed on each call
 SCALE, ZERO, G_IDX = "weight_scale", "weight_zero_point", "weight_g_idx"
 GRID_TENSORS = (SCALE, ZERO, G_IDX)
 
@@ -90,6 +93,39 @@ def clear_quant_state(module: nn.Module) -> None:
     module.__dict__.pop(ATTR, None)
     for name in GRID_TENSORS:
         module._buffers.pop(name, None)
+
+
+def activation_quant(linear: nn.Module) -> str | None:
+    """How the linear's inputs are quantized at run time (`runtime.int8.mark_w8a8`), if they
+    are."""
+    return getattr(linear, ACT_ATTR, None)
+
+
+def check_grid(name: str, state: QuantState, accepts: Accepts = INTEGER) -> None:
+    """Refuse a grid the consumer does not take, or whose zero points are not its codes."""
+    problem = accepts.refusal(name, state.scheme, int(state.scale.shape[1]))
+    if problem is not None:
+        raise SecateurError(problem)
+    zero = state.zero
+    if bool(((zero != zero.round()) | (zero < 0) | (zero > 2**state.bits - 1)).any()):
+        raise SecateurError(f"'{name}' has zero points off the integer range [0, "
+                            f"{2**state.bits - 1}]: quantize it with secateur's grid")
+
+
+def codes_on_grid(name: str, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """The integer codes of a quantized weight, refusing a weight that left its grid (edited
+    after quantization): rounding it back would silently change the model."""
+    codes = state.codes(weight)
+    dequantized = state.dequantize(codes)
+    error = (dequantized - weight.float()).abs()
+    g = state.groups_of_columns(weight.shape[1])
+    # a 16-bit model holds the grid's values rounded to its dtype
+    tolerance = (1e-3 * state.scale[:, g].abs() + 1e-6
+                 + 2 * torch.finfo(weight.dtype).eps * dequantized.abs())
+    if bool((error > tolerance).any()):
+        raise SecateurError(f"'{name}' is no longer on its {state.bits}-bit grid (its weight "
+                            "changed after quantizing): quantize it again before packing")
+    return codes
 
 
 def is_quantized(model: nn.Module) -> bool:

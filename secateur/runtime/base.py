@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.quant.state import QuantState
 
 
 class RuntimeLinear(nn.Module):
@@ -62,29 +61,3 @@ def runtime_weight_bytes(model: nn.Module) -> int:
     from secateur.params import weight_bytes_per_token
 
     return weight_bytes_per_token(model)
-
-
-def codes_on_grid(name: str, weight: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """The integer codes of a quantized weight, refusing a weight that left its grid (edited
-    after quantization): rounding it back would silently change the model."""
-    codes = state.codes(weight)
-    dequantized = state.dequantize(codes)
-    error = (dequantized - weight.float()).abs()
-    g = state.groups_of_columns(weight.shape[1])
-    # a 16-bit model holds the grid's values rounded to its dtype
-    tolerance = (1e-3 * state.scale[:, g].abs() + 1e-6
-                 + 2 * torch.finfo(weight.dtype).eps * dequantized.abs())
-    if bool((error > tolerance).any()):
-        raise SecateurError(f"'{name}' is no longer on its {state.bits}-bit grid (its weight "
-                            "changed after quantizing): quantize it again before packing")
-    return codes
-
-
-def check_bits(name: str, state: QuantState) -> None:
-    if not 1 <= state.bits <= 8:
-        raise SecateurError(f"'{name}' has {state.bits}-bit weights: integer formats and "
-                            "kernels take 1 to 8 bits")
-    zero = state.zero
-    if bool(((zero != zero.round()) | (zero < 0) | (zero > 2**state.bits - 1)).any()):
-        raise SecateurError(f"'{name}' has zero points off the integer range [0, "
-                            f"{2**state.bits - 1}]: quantize it with secateur's grid")

@@ -8,11 +8,19 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.quant.state import QuantState, quant_state
-from secateur.runtime.base import RuntimeLinear, check_bits, codes_on_grid
+from secateur.quant.scheme import INT4_RUNTIME, INT8_RUNTIME
+from secateur.quant.state import (
+    INT8_TOKEN,
+    QuantState,
+    activation_quant,
+    check_grid,
+    codes_on_grid,
+    quant_state,
+)
+from secateur.runtime.base import RuntimeLinear
 from secateur.runtime.head import Head, apply_head, check_head
 from secateur.runtime.int4 import Int4Linear
-from secateur.runtime.int8 import INT8_TOKEN, Int8Linear, W8A8Linear, activation_quant
+from secateur.runtime.int8 import Int8Linear, W8A8Linear
 
 Runtime = Literal["int4", "int8"]
 RUNTIMES: tuple[str, ...] = ("int4", "int8")
@@ -33,9 +41,7 @@ def runtime_linear(runtime: str, name: str, codes: torch.Tensor, state: QuantSta
                                 "with runtime='int8'")
         return W8A8Linear.from_codes(codes, state.scale, state.zero, state.bits, bias, name)
     if runtime == "int4":
-        if state.bits > 4:
-            raise SecateurError(f"'{name}' has {state.bits}-bit weights: the int4 runtime takes "
-                                "at most 4 bits; use runtime='int8'")
+        check_grid(name, state, INT4_RUNTIME)
         return Int4Linear.from_codes(codes, state.scale, state.zero, state.group_size,
                                      state.g_idx, bias, name)
     return Int8Linear.from_codes(codes, state.scale, state.zero, state.bits, bias, name)
@@ -50,7 +56,7 @@ def _quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module, QuantStat
         if not isinstance(module, nn.Linear):
             raise SecateurError(f"'{name}' is a {type(module).__name__}: the runtimes replace "
                                 "nn.Linear only (GPT-2's Conv1D is not supported)")
-        check_bits(name, state)
+        check_grid(name, state)
         found.append((name, module, state))
     return found
 
@@ -80,12 +86,7 @@ def apply_runtime(model: nn.Module, runtime: Runtime, head: Head = "float16") ->
         if activation_quant(module) is not None and runtime != "int8":
             raise SecateurError(f"'{name}' quantizes its activations to int8 (W8A8): use "
                                 "runtime='int8'")
-        if runtime == "int4" and state.bits > 4:
-            raise SecateurError(f"'{name}' has {state.bits}-bit weights: the int4 runtime takes "
-                                "at most 4 bits; use runtime='int8'")
-        if runtime == "int8" and state.scale.shape[1] != 1:
-            raise SecateurError(f"'{name}' has {state.scale.shape[1]} groups per row: the int8 "
-                                "runtime takes per-channel weights; use runtime='int4'")
+        check_grid(name, state, INT4_RUNTIME if runtime == "int4" else INT8_RUNTIME)
     for name, module, state in targets:
         codes = codes_on_grid(name, module.weight, state)
         new = runtime_linear(runtime, name, codes, state, module.bias,

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.quant.scheme import INT8_RUNTIME, W8A8, Accepts, QuantScheme
+from secateur.quant.state import ACT_ATTR, INT8_TOKEN
 from secateur.runtime import avx2
 from secateur.runtime.base import RuntimeLinear
-
-ACT_ATTR = "secateur_act_quant"  # on a linear: its inputs are quantized at run time
-INT8_TOKEN = "int8-token"  # symmetric int8, one scale per token, computed on each call
 
 
 def token_scales(x: torch.Tensor) -> torch.Tensor:
@@ -49,15 +48,11 @@ def mark_w8a8(linear: nn.Module) -> None:
     linear.register_forward_pre_hook(_fake_quant_hook)
 
 
-def activation_quant(linear: nn.Module) -> str | None:
-    return getattr(linear, ACT_ATTR, None)
-
-
-def _check_per_channel(name: str, scale: torch.Tensor) -> None:
-    if scale.shape[1] != 1:
-        raise SecateurError(f"'{name}' has {scale.shape[1]} groups per row: the int8 kernels "
-                            "take one scale per output row (group_size=-1); use "
-                            "runtime='int4' for grouped weights of at most 4 bits")
+def _refuse(accepts: Accepts, name: str, bits: int, scale: torch.Tensor,
+            symmetric: bool = True) -> None:
+    problem = accepts.refusal(name, QuantScheme(bits, -1, symmetric), int(scale.shape[1]))
+    if problem is not None:
+        raise SecateurError(problem)
 
 
 class Int8Linear(RuntimeLinear):
@@ -73,7 +68,7 @@ class Int8Linear(RuntimeLinear):
                    bits: int, bias: torch.Tensor | None = None,
                    name: str = "linear") -> Int8Linear:
         """`codes` (out, in) in [0, 2**bits - 1]; `scale`, `zero` (out, 1)."""
-        _check_per_channel(name, scale)
+        _refuse(INT8_RUNTIME, name, bits, scale)
         scale, zero = scale[:, 0].float(), zero[:, 0].float()
         integral = bool((zero == zero.round()).all())
         offset = zero if bits <= 7 and integral else torch.full_like(zero, 128.0)
@@ -114,10 +109,7 @@ class W8A8Linear(RuntimeLinear):
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    bits: int, bias: torch.Tensor | None = None,
                    name: str = "linear") -> W8A8Linear:
-        _check_per_channel(name, scale)
-        if bits != 8 or bool((zero != 128).any()):
-            raise SecateurError(f"'{name}': W8A8 needs symmetric 8-bit weights (zero point "
-                                "128); quantize with method w8a8")
+        _refuse(W8A8, name, bits, scale, symmetric=not bool((zero != 128).any()))
         weight = (codes.to(torch.int16) - 128).to(torch.int8)
         return cls(weight, scale[:, 0].float(), bias)
 
