@@ -37,15 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from depth_pruning import copy_loaded, prefix_for, proportional_speedup, time_models  # noqa: E402
+from depth_pruning import prefix_for, proportional_speedup, time_models  # noqa: E402
 
 from secateur.api import CalibrationConfig, calibration_data, prune  # noqa: E402
 from secateur.data.sources import TextSource, load_text  # noqa: E402
 from secateur.eval.perplexity import perplexity  # noqa: E402
 from secateur.formats.loader import load  # noqa: E402
-from secateur.io import write_json_atomic  # noqa: E402
+from secateur.io import write_json_atomic, write_text_atomic  # noqa: E402
 from secateur.models import adapter_for  # noqa: E402
-from secateur.models.loading import Loaded  # noqa: E402
+from secateur.models.loading import Loaded, copy_loaded  # noqa: E402
 from secateur.registry import make_config  # noqa: E402
 from secateur.surgery.depth import (  # noqa: E402
     Block,
@@ -440,9 +440,7 @@ def main() -> None:
     if args.stage == "table":
         text = table(args, result)
         md = args.out.with_suffix(".md")
-        tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(text)
-        tmp.replace(md)
+        write_text_atomic(md, text)
         print(text)
         return
     base = load("smollm2-135m")

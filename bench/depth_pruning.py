@@ -19,7 +19,6 @@ interleaved per repeat, medians reported.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import platform
@@ -35,19 +34,13 @@ from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
-from secateur.models import adapter_for
-from secateur.models.loading import Loaded
+from secateur.models.loading import Loaded, copy_loaded
 from secateur.registry import make_config
 from secateur.report.depth import plot_removals
 from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
 
 OUT = Path(__file__).parent / "results"
 METHODS = ("shortgpt", "blockpruner", "sleb")
-
-
-def copy_loaded(loaded: Loaded) -> Loaded:
-    model = copy.deepcopy(loaded.model)
-    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
 
 
 def prefix_for(order: list[str], sizes: dict[str, int], total: int, ratio: float) -> int:

@@ -14,7 +14,6 @@ bench/results/export_runtime.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import platform
 import tempfile
@@ -26,12 +25,12 @@ import torch
 from secateur.api import CalibrationConfig, prune
 from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
-from secateur.eval.perplexity import _bos_each, perplexity, resolve_bos
+from secateur.eval.perplexity import bos_each, perplexity, resolve_bos
 from secateur.export import export_model
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded
+from secateur.models.loading import Loaded, copy_loaded
 from secateur.registry import make_config
 from secateur.surgery.depth import Block, remove_blocks, total_parameters
 
@@ -41,11 +40,6 @@ OUT = Path(__file__).parent / "results" / "export_runtime.json"
 # layer 0); a kept attention over a removed MLP needs the one-channel zero MLP.
 DEPTH = {"depth (20.attn, 25.mlp)": [Block(20, "attn"), Block(25, "mlp")],
          "depth (0.attn, 25.mlp)": [Block(0, "attn"), Block(25, "mlp")]}
-
-
-def copy_loaded(loaded: Loaded) -> Loaded:
-    model = copy.deepcopy(loaded.model)
-    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
 
 
 def variants(base: Loaded) -> dict[str, Loaded]:
@@ -86,7 +80,7 @@ def main() -> None:
     bos = resolve_bos(base.model, "auto")
     ids = tokenize_stream(base.tokenizer, source.joined(), bos)
     windows = eval_windows(ids, args.seqlen, args.windows,
-                           _bos_each(base.tokenizer) if bos == "each" else None).windows
+                           bos_each(base.tokenizer) if bos == "each" else None).windows
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, loaded in variants(base).items():

@@ -19,7 +19,6 @@ arm (`bench/results/gptq_vs_rtn.json`); arms already in the file are not run aga
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import tempfile
@@ -76,15 +75,14 @@ def run_arm(dense, name: str, windows: int, wiki_calib: Path) -> dict[str, Any]:
     from secateur.api import CalibrationConfig, quantize
     from secateur.methods.gptq import GPTQConfig
     from secateur.methods.rtn import RTNConfig
-    from secateur.models import adapter_for
-    from secateur.models.loading import Loaded
+    from secateur.models.loading import copy_loaded
 
     method, settings, calib = ARMS[name]
     calib = {**BASE_CALIB, **calib}
     if calib["source"] == "wiki-calibration":
         calib["source"] = str(wiki_calib)
-    model = copy.deepcopy(dense.model)
-    loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+    loaded = copy_loaded(dense)
+    model = loaded.model
     config = (GPTQConfig if method == "gptq" else RTNConfig)(**settings)
     # RTN reads no statistics: one window feeds only its per-layer error report
     data = CalibrationConfig(**({**calib, "nsamples": 1} if method == "rtn" else calib))

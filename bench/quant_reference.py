@@ -30,14 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import importlib
 import io
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -237,8 +233,7 @@ def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise:
     how far float noise alone moves the perplexity of this configuration; with `mask_rule`
     (SparseGPT runs), secateur again with the reference's mask rule patched in."""
     from secateur.formats.packed_save import round_kept_tensors
-    from secateur.models import adapter_for
-    from secateur.models.loading import Loaded
+    from secateur.models.loading import copy_loaded
 
     run = RUNS[name]
     out: dict[str, Any] = {"name": name, "settings": run}
@@ -248,8 +243,7 @@ def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise:
     if mask_rule and run["method"] == "sparsegpt":
         arms.append("secateur_reference_mask_rule")
     for arm in arms:
-        model = copy.deepcopy(dense.model)
-        loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+        loaded = copy_loaded(dense)
         start = time.perf_counter()
         if arm == "secateur":
             secateur_run(loaded, windows, run)
@@ -279,14 +273,6 @@ def one_run(name: str, dense, windows, evaluate_ppl, ref: dict[str, Any], noise:
     return out
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -313,6 +299,7 @@ def main() -> None:
     from secateur.eval.api import evaluate
     from secateur.eval.config import PerplexityConfig
     from secateur.formats.loader import load
+    from secateur.io import write_json_atomic
 
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     nsamples = args.nsamples or (8 if args.quick else 32)
@@ -360,7 +347,7 @@ def main() -> None:
         tqdm.write(f"{name:>22}  secateur {row['secateur']['perplexity']:8.3f}  reference "
                    f"{row['reference']['perplexity']:8.3f}  diff {row['relative_difference']:6.2%}"
                    f"{noise}  ({'ok' if row['within_tolerance'] else 'OUT OF TOLERANCE'})")
-        _write_atomic(out, results)  # partial results survive an interrupted run
+        write_json_atomic(out, results)  # partial results survive an interrupted run
     print(f"dense ppl {results['dense_perplexity']:.3f}; wrote {out}")
 
 

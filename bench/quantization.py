@@ -50,29 +50,14 @@ MODEL = "smollm2-135m"
 
 
 # -- kernels -------------------------------------------------------------------------------
-def _rtn_linear(linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True):
-    """Round to nearest on `bits` with groups of `group_size` columns (the last may be partial,
-    as in GPTQ's reference); the linear gets its dequantized weight and its `QuantState`."""
-    from secateur.quant.state import QuantState, set_quant_state
+def rtn_linear(linear: nn.Linear, bits: int, group_size: int) -> nn.Linear:
+    """secateur's RTN on a lone linear: its weight rounded on a symmetric `bits` grid in groups
+    of `group_size` columns, and its `QuantState` for the runtimes."""
+    from secateur.quant.grid import Grid, rtn
+    from secateur.quant.state import set_quant_state
 
-    w = linear.weight.data
-    size = w.shape[1] if group_size == -1 else group_size
-    top = 2**bits - 1
-    scales, zeros = [], []
-    for start in range(0, w.shape[1], size):
-        g = w[:, start:start + size]
-        if symmetric:
-            scale = (g.abs().amax(1) * 2 / top).clamp_min(1e-8)
-            zero = torch.full_like(scale, (top + 1) / 2)
-        else:
-            lo, hi = g.amin(1).clamp(max=0), g.amax(1).clamp(min=0)
-            scale = ((hi - lo) / top).clamp_min(1e-8)
-            zero = torch.round(-lo / scale)
-        q = torch.clamp(torch.round(g / scale[:, None] + zero[:, None]), 0, top)
-        g.copy_((q - zero[:, None]) * scale[:, None])
-        scales.append(scale)
-        zeros.append(zero)
-    state = QuantState(bits, group_size, symmetric, torch.stack(scales, 1), torch.stack(zeros, 1))
+    new, state = rtn(linear.weight, Grid(bits), group_size)
+    linear.weight.data.copy_(new.to(linear.weight.dtype))
     set_quant_state(linear, state)
     return linear
 
@@ -95,7 +80,7 @@ def _kernel_candidates(out_f: int, in_f: int, copies: int
     def runtime(bits, group, kind, w8a8=False):
         out = []
         for d in dense:
-            model = nn.Sequential(_rtn_linear(copy.deepcopy(d), bits, group))
+            model = nn.Sequential(rtn_linear(copy.deepcopy(d), bits, group))
             if w8a8:
                 mark_w8a8(model[0])
             out.append(apply_runtime(model, kind))
@@ -159,11 +144,6 @@ def _quantize(loaded, method: str, bits: int, group: int, w8a8: bool, quick: boo
     """Quantize `loaded.model` in place: RTN/GPTQ weights, or W8A8 (SmoothQuant alpha 0.5)."""
     if w8a8:
         _run_method(loaded, {"method": "w8a8", "smoothquant_alpha": 0.5}, quick)
-        return
-    if method == "rtn-inline":
-        for layer in loaded.adapter.layers:
-            for proj in loaded.adapter.linears(layer).values():
-                _rtn_linear(proj.module, bits, group)
         return
     # 128 does not divide smollm2's 576-wide inputs: a narrower last group, as GPTQ's reference
     _run_method(loaded, {"method": method, "bits": bits, "group_size": group,
@@ -317,9 +297,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run, not for numbers")
-    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq", "rtn-inline"],
-                        help="weight quantizer for the int4/int8 models (rtn-inline: this "
-                             "script's own round-to-nearest, no method registry needed)")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                        help="weight quantizer for the int4/int8 models")
     parser.add_argument("--group-sizes", default="64,128",
                         help="int4 group sizes, one model each (smollm2's 576-wide inputs hold "
                              "4.5 groups of 128: a method that refuses partial groups needs 64)")

@@ -12,7 +12,6 @@ bench/results/search_shortlist.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import torch
 from secateur.api import CalibrationConfig, prune
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
-from secateur.models import adapter_for
-from secateur.models.loading import Loaded
+from secateur.models.loading import copy_loaded
 from secateur.registry import make_config
 
 OUT = Path(__file__).parent / "results" / "search_shortlist.json"
@@ -42,8 +40,7 @@ def main() -> None:
     spec = CalibrationConfig("c4-sample", args.nsamples, args.seqlen, 0)
     runs = {}
     for name, k in (("exact", None), (f"shortlist_{args.shortlist}", args.shortlist)):
-        model = copy.deepcopy(base.model)
-        work = Loaded(model, base.tokenizer, adapter_for(model), base.name, base.path)
+        work = copy_loaded(base)
         run = prune(work, make_config(dict(method="blockpruner", blocks=args.steps,
                                            search_shortlist=k)), spec)
         s = run.summary

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import platform
@@ -109,14 +108,6 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         info["loadavg_1min"] = float(Path("/proc/loadavg").read_text().split()[0])
     return info
-
-
-def fresh_copy(loaded):
-    from secateur.models import adapter_for
-    from secateur.models.loading import Loaded
-
-    model = copy.deepcopy(loaded.model)
-    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
 
 
 FAST_KNOB = "CalibrationConfig.compute_dtype"  # where the fast prune's dtype goes
@@ -289,6 +280,7 @@ def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     path, interleaved per repeat, on copies of the dense model and the same windows."""
     import secateur
     from secateur.api import calibration_data
+    from secateur.models.loading import copy_loaded
 
     refs, repeats = state["refs"], state["repeats"]
     windows, calib = calibration_data(state["loaded"], calibration_config(s, False))
@@ -306,7 +298,7 @@ def phase_prune(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
             for arm in arms:
                 if arm in variants and "skipped" in variants[arm]:
                     continue
-                target = fresh_copy(state["loaded"])
+                target = copy_loaded(state["loaded"])
                 if arm == "reference":
                     run = _reference_run(ref_fn, target, windows, refs, s.sparsity)
                 else:
@@ -429,6 +421,7 @@ def phase_cli(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
 
 def phase_depth(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
     import secateur
+    from secateur.models.loading import copy_loaded
 
     variants: dict[str, dict[str, Any]] = {}
     data = secateur.CalibrationConfig(s.calib_source, s.search_windows, s.search_seqlen, 0)
@@ -436,7 +429,7 @@ def phase_depth(s: Settings, state: dict[str, Any]) -> dict[str, Any]:
         if variant == "fast" and not s.fast_arms:
             variants[variant] = {"skipped": NO_FAST}
             continue
-        target = fresh_copy(state["loaded"])
+        target = copy_loaded(state["loaded"])
         holder: dict[str, Any] = {}
 
         def run(target=target, dtype=dtype, holder=holder) -> dict[str, Any]:
@@ -481,14 +474,6 @@ def table(phases: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -524,6 +509,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from secateur.data.sources import load_text
+    from secateur.io import write_json_atomic
 
     state: dict[str, Any] = {"wiki": load_text("wiki", split="test"),
                              "refs": _reference_modules(args), "repeats": args.repeats}
@@ -534,7 +520,7 @@ def main() -> None:
         print(f"-- {name}", flush=True)
         phases[name] = RUNNERS[name](settings, state)
         print(json.dumps(phases[name], default=str)[:400], flush=True)
-        write_atomic(out, result)  # after every phase: a long run cut short keeps what it did
+        write_json_atomic(out, result)  # after every phase: a long run cut short keeps what it did
     print(table(phases))
     print(f"wrote {out}")
 

@@ -14,7 +14,6 @@ Results are rewritten after every configuration, so an interrupted run keeps wha
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -33,8 +32,7 @@ from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods.structured import decoder_parameters
-from secateur.models import adapter_for
-from secateur.models.loading import Loaded
+from secateur.models.loading import Loaded, copy_loaded
 from secateur.recovery.lora import LoRAConfig, train_lora
 from secateur.registry import make_config
 
@@ -94,8 +92,7 @@ def add_zeroshot(args: argparse.Namespace, dense: Loaded, calib: CalibrationConf
         if entry.get("zeroshot_after_lora", {}).get("limit") == args.zeroshot_limit:
             continue
         torch.manual_seed(args.seed)
-        model = copy.deepcopy(dense.model)
-        loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+        loaded = copy_loaded(dense)
         prune(loaded, make_config(dict(method="llm-pruner", ratio=entry["ratio"],
                                        importance=entry["importance"],
                                        allocation=args.allocation, gqa_mode=args.gqa_mode,
@@ -209,8 +206,7 @@ def main() -> None:
         # each configuration from the same generator state: a run (and --zeroshot-only's
         # rebuild) must not depend on which configurations ran before it
         torch.manual_seed(args.seed)
-        model = copy.deepcopy(dense.model)
-        loaded = Loaded(model, dense.tokenizer, adapter_for(model), dense.name, dense.path)
+        loaded = copy_loaded(dense)
         options = make_config(dict(method="llm-pruner", ratio=ratio, importance=estimator,
                                    allocation=args.allocation, gqa_mode=args.gqa_mode,
                                    protect_first=args.protect_first,

@@ -23,7 +23,6 @@ that beat every llama.cpp point of no more bytes.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import tempfile
@@ -37,14 +36,13 @@ from secateur.api import CalibrationConfig, quantize
 from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.errors import SecateurError
-from secateur.eval.perplexity import _bos_each, resolve_bos
+from secateur.eval.perplexity import bos_each, resolve_bos
 from secateur.export import export_model
 from secateur.export.imatrix import model_imatrix, write_imatrix
 from secateur.formats.loader import load
 from secateur.io import mark_output, write_json_atomic
 from secateur.methods.gguf import GGUFConfig
-from secateur.models import adapter_for
-from secateur.models.loading import Loaded
+from secateur.models.loading import Loaded, copy_loaded
 from secateur.outputs import check_output_folder
 from secateur.quant.ggml import ggml_states
 from secateur.quant.ggml_presets import check_preset
@@ -105,7 +103,7 @@ def _texts(loaded: Loaded, spec: FrontierSpec) -> dict[str, Any]:
                          ("tiny-stories", load_text(str(tiny)))):
         ids = tokenize_stream(loaded.tokenizer, source.joined(), bos)
         out[name] = {"windows": eval_windows(ids, spec.seqlen, spec.windows,
-                                             _bos_each(loaded.tokenizer) if bos == "each"
+                                             bos_each(loaded.tokenizer) if bos == "each"
                                              else None).windows,
                      "origin": getattr(source, "origin", source.name), "bos": bos}
     return out
@@ -120,11 +118,6 @@ def _measure(path: Path, evals: dict[str, Any], spec: FrontierSpec, prompt: list
         row["speed"] = runtime.decode_speed(path, prompt, spec.new_tokens, spec.threads,
                                             spec.rounds)
     return row
-
-
-def _copy(base: Loaded) -> Loaded:
-    model = copy.deepcopy(base.model)
-    return Loaded(model, base.tokenizer, adapter_for(model), base.name, base.path)
 
 
 def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = False,
@@ -176,7 +169,7 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
                 if name in points:
                     continue
                 if with_imatrix and imatrix is None:
-                    dense = _copy(base)
+                    dense = copy_loaded(base)
                     quantize(dense, GGUFConfig(preset="q4_k_m", rounding="rtn",
                                                sequential=False), spec.calibration,
                              progress=False)
@@ -196,7 +189,7 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
                 name = f"secateur {preset} {rounding}"
                 if name in points:
                     continue
-                model = _copy(base)
+                model = copy_loaded(base)
                 t = time.perf_counter()
                 quantize(model, GGUFConfig(preset=preset,
                                            **ROUNDINGS[rounding.removesuffix(DWQ_SUFFIX)]),

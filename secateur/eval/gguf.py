@@ -18,7 +18,7 @@ import torch
 from secateur.data.sources import TextSource
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.errors import SecateurError
-from secateur.eval.perplexity import PerplexityResult, _bos_each, resolve_bos, resolve_seqlen
+from secateur.eval.perplexity import PerplexityResult, bos_each, resolve_bos, resolve_seqlen
 from secateur.eval.protocol import PerplexityProtocol, library_versions
 from secateur.runtime import llama_cpp as runtime
 
@@ -53,7 +53,7 @@ def gguf_perplexity(path: str | Path, source: TextSource, seqlen: int | None = N
     seqlen = resolve_seqlen(shape, seqlen, protocol)
     bos = resolve_bos(shape, bos)
     ids = tokenize_stream(tokenizer, source.joined(), bos)
-    windows = eval_windows(ids, seqlen, max_windows, _bos_each(tokenizer) if bos == "each"
+    windows = eval_windows(ids, seqlen, max_windows, bos_each(tokenizer) if bos == "each"
                            else None)
     scored = runtime.perplexity(path, windows.windows, threads)
     proto = PerplexityProtocol(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ def resolve_bos(model: nn.Module, bos: str) -> str:
     return adapter_for(model).bos_policy
 
 
-def _bos_each(tokenizer) -> int:
+def bos_each(tokenizer: Any) -> int:
+    """The BOS id that starts every window under the 'each' BOS policy."""
     if tokenizer.bos_token_id is None:
         raise SecateurError("--bos each needs a tokenizer with a BOS token; this one has none")
     return tokenizer.bos_token_id
@@ -206,7 +208,7 @@ def _perplexity(model: nn.Module, tokenizer, source: TextSource, seqlen: int | N
     adapter = _adapter(model)
     device = next(model.parameters()).device
     ids = tokenize_stream(tokenizer, source.joined(), bos)
-    bos_id = _bos_each(tokenizer) if bos == "each" else None
+    bos_id = bos_each(tokenizer) if bos == "each" else None
     windows = eval_windows(ids, seqlen, max_windows, bos_id)
     total = torch.zeros((), dtype=torch.float64)
     count = len(windows.windows)

@@ -19,7 +19,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.io import atomic_dir, write_atomic
-from secateur.models.base import ModelAdapter, supported_model_types
+from secateur.models.base import ModelAdapter, adapter_for, supported_model_types
 from secateur.offline import cache_dir, package_dir
 from secateur.outputs import clean_stale_partials
 
@@ -33,6 +33,15 @@ class Loaded:
     adapter: ModelAdapter
     name: str  # what the user asked for
     path: str  # where the weights came from
+
+
+def copy_loaded(loaded: Loaded) -> Loaded:
+    """An independent copy to prune or quantize: the model deep-copied, with its own adapter;
+    the tokenizer is shared (nothing here modifies one)."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    return Loaded(model, loaded.tokenizer, adapter_for(model), loaded.name, loaded.path)
 
 
 def _smollm2_gguf() -> Path:
