@@ -122,8 +122,8 @@ def child(record: str, method: str, model: str, out: str, windows: int, job_json
         result = prune_streamed_job(model, GPTQConfig(bits=4, group_size=group),
                                     CalibrationConfig("c4-sample", windows, SEQLEN, 0), Path(out),
                                     Path(job_json), overwrite=True, dtype=DTYPE)
-        print(f"streamed gptq into {out}: peak RSS {result['peak_rss_mib']:.0f} MiB for "
-              f"{result['model_mib']:.0f} MiB of weights")
+        print(f"streamed gptq into {out}: peak RSS {result.run.peak_rss_mib:.0f} MiB for "
+              f"{result.run.model_mib:.0f} MiB of weights")
     else:
         raise SystemExit(f"unknown method {method}")
 

@@ -34,7 +34,7 @@ def _one(method: str, target: str, dense_ppl: float | None) -> dict:
                                   else {"sparsity": float(target)})))
     result = prune_job(MODEL, options, CalibrationConfig("c4-sample", 32, 512, 0),
                        EvalSpec("wiki", 512, 64), out=None, progress=False,
-                       dense_perplexity=dense_ppl)
+                       dense_perplexity=dense_ppl).to_json()
     keep = ("perplexity", "dense_perplexity", "sparsity", "timings", "peak_rss_mib", "protocol",
             "calibration")
     return {"method": method, "target": target, **{k: result.get(k) for k in keep}}
@@ -56,7 +56,7 @@ def main() -> None:
     for method, target in RUNS:
         t = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--one", method, target,
-                              "--dense-ppl", str(dense["perplexity"])],
+                              "--dense-ppl", str(dense.perplexity)],
                              check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         row["process_seconds"] = time.perf_counter() - t

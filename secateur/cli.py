@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from secateur.cli_flags import MethodCommand, method_fields
 from secateur.config import MethodConfig
 from secateur.errors import SecateurError
 from secateur.registry import make_config
+
+if TYPE_CHECKING:
+    from secateur.results import PruneResult, RecipeResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, quantize and distill causal LMs; measure what it cost and bought.")
@@ -121,15 +124,15 @@ def eval_cmd(
     if zs is not None:
         from secateur.report.tables import print_zeroshot
 
-        print_zeroshot(out_console, result["zeroshot"])
-    if text is None:
+        print_zeroshot(out_console, result.zeroshot)
+    if result.scored is None:
         return
-    p = result["protocol"]
-    table = Table(title=f"{model} on {p['dataset']}")
+    scored, p = result.scored, result.scored.protocol
+    table = Table(title=f"{model} on {p.dataset}")
     for col in ("perplexity", "tokens", "seqlen", "windows", "protocol", "bos", "dtype"):
         table.add_column(col)
-    table.add_row(_fmt(result["perplexity"]), str(result["tokens"]), str(p["seqlen"]),
-                  f"{p['windows']}/{p['windows_available']}", p["name"], p["bos"], p["dtype"])
+    table.add_row(_fmt(scored.perplexity), str(scored.tokens), str(p.seqlen),
+                  f"{p.windows}/{p.windows_available}", p.name, p.bos, p.dtype)
     out_console.print(table)
 
 
@@ -193,8 +196,8 @@ def _compress(ctx: typer.Context, model: str, calib: str, nsamples: int, seqlen:
         result = prune_streamed_job(model, config, calibration, out, json, overwrite, dtype,
                                     resume=resume, device=device)
         out_console.print(f"streamed {config.method} into {out}: peak RSS "
-                          f"{result['peak_rss_mib']:.0f} MiB for {result['model_mib']:.0f} MiB "
-                          "of weights")
+                          f"{result.run.peak_rss_mib:.0f} MiB for {result.run.model_mib:.0f} "
+                          "MiB of weights")
         return
     evaluation = EvalSpec(None if eval_data in (None, "none") else eval_data,
                           eval_seqlen or seqlen, eval_windows)
@@ -234,14 +237,14 @@ def prune_cmd(
               out, overwrite, compact, dtype, json, resume, stream, calib_dtype, device)
 
 
-def _print_prune(result: dict) -> None:
-    if result["layers"]:
+def _print_prune(result: PruneResult) -> None:
+    if result.step.layers:
         table = Table(title="per layer")
         table.add_column("layer")
         table.add_column("target")
         table.add_column("sparsity")
         table.add_column("rel. error")
-        for layer in result["layers"]:
+        for layer in result.step.layers:
             mats = layer["matrices"].values()
             # w8a8's matrices record errors, not sparsity
             sized = [m for m in mats if "sparsity" in m and "numel" in m]
@@ -251,28 +254,27 @@ def _print_prune(result: dict) -> None:
                           _fmt(zeros / total if total else None),
                           _fmt(layer.get("relative_error"), 4))
         out_console.print(table)
-    table = Table(title=f"{result['model']}: {result['method']}")
+    table = Table(title=f"{result.model}: {result.method}")
     for col in ("", "perplexity", "parameters", "non-zero"):
         table.add_column(col)
-    params = result["parameters"]
+    dense, pruned = result.parameters["dense"], result.parameters["pruned"]
     # a cached dense figure is marked, so nobody mistakes it for one measured in this run
-    cached = " (cached)" if result.get("dense_perplexity_source") == "cache" else ""
-    table.add_row(f"dense{cached}", _fmt(result.get("dense_perplexity")),
-                  f"{params['dense']['parameters']:,}", f"{params['dense']['nonzero']:,}")
-    table.add_row("pruned", _fmt(result.get("perplexity")),
-                  f"{params['pruned']['parameters']:,}", f"{params['pruned']['nonzero']:,}")
+    cached = " (cached)" if result.dense is not None and result.dense.source == "cache" else ""
+    table.add_row(f"dense{cached}", _fmt(None if result.dense is None else result.dense.value),
+                  f"{dense['parameters']:,}", f"{dense['nonzero']:,}")
+    table.add_row("pruned", _fmt(None if result.scored is None else result.scored.perplexity),
+                  f"{pruned['parameters']:,}", f"{pruned['nonzero']:,}")
     out_console.print(table)
-    extra = [f"prune {result['timings']['prune_seconds']:.1f} s",
-             f"peak RSS {result['peak_rss_mib']:.0f} MiB"]
-    if result.get("sparsity") is not None:
-        extra.append(f"sparsity {result['sparsity']:.4f}")
-    if result.get("bytes_on_disk"):
-        extra.append(f"{result['bytes_on_disk'] / 2**20:.1f} MiB on disk in {result['out']}")
+    extra = [f"prune {result.step.seconds:.1f} s", f"peak RSS {result.peak_rss_mib:.0f} MiB"]
+    if result.sparsity is not None:
+        extra.append(f"sparsity {result.sparsity:.4f}")
+    if result.bytes_on_disk:
+        extra.append(f"{result.bytes_on_disk / 2**20:.1f} MiB on disk in {result.out}")
     out_console.print(", ".join(extra))
     from secateur.report.depth import is_depth_summary, print_depth
 
-    if is_depth_summary(result["summary"]):
-        print_depth(out_console, result)
+    if is_depth_summary(result.step.summary):
+        print_depth(out_console, result.to_json())
 
 
 @app.command("bench")
@@ -398,9 +400,7 @@ def recover_cmd(
                                 "cpu")
         target = out or Path(str(model).rstrip("/") + "-dwq")
         result = dwq_job(model, teacher, target, config, evaluation, json, overwrite)
-        out_console.print_json(data={k: result[k] for k in result
-                                     if k in ("perplexity_before", "perplexity",
-                                              "teacher_perplexity", "gap_recovered", "out")})
+        out_console.print_json(data=result.summary())
         return
     if teacher is not None:
         raise SecateurError("--teacher is for --method dwq; LoRA trains on the text alone")
@@ -409,8 +409,8 @@ def recover_cmd(
     table = Table(title=f"{model}: LoRA recovery")
     for col in ("perplexity before", "perplexity after", "parameters", "saved"):
         table.add_column(col)
-    table.add_row(_fmt(result.get("perplexity_before")), _fmt(result.get("perplexity")),
-                  f"{result['parameters']:,}", str(result["out"]))
+    table.add_row(_fmt(result.perplexity_before), _fmt(result.perplexity),
+                  f"{result.parameters:,}", str(result.out))
     out_console.print(table)
 
 
@@ -444,9 +444,7 @@ def distill_cmd(
     result = distill_job(student, teacher, target, config,
                          _evaluation(eval_data, eval_seqlen, eval_windows), json, overwrite,
                          device=device)
-    out_console.print_json(data={k: result[k] for k in result
-                                 if k in ("perplexity_before", "perplexity",
-                                          "teacher_perplexity", "gap_recovered", "out")})
+    out_console.print_json(data=result.summary())
 
 
 @app.command("run")
@@ -478,38 +476,31 @@ def run_cmd(
                         device=device)
     if json is not None:
         write_json_atomic(json, result.to_dict())
-    _print_recipe(result.to_dict())
+    _print_recipe(result)
 
 
-def _print_recipe(result: dict) -> None:
-    table = Table(title=f"{result['recipe']['model']}: recipe")
+def _print_recipe(result: RecipeResult) -> None:
+    table = Table(title=f"{result.recipe['model']}: recipe")
     for col in ("", "perplexity", "parameters", "non-zero", "seconds"):
         table.add_column(col)
-
-    def ppl(evaluated: dict) -> float | None:
-        first = evaluated.get("perplexity") or [None]
-        return first[0]["perplexity"] if first[0] else None
-
-    dense = result["dense"]
-    table.add_row("dense", _fmt(ppl(dense)), f"{dense['parameters']['parameters']:,}",
-                  f"{dense['parameters']['nonzero']:,}", "")
-    for i, step in enumerate(result["steps"], 1):
-        after = step["parameters"]["after"]
-        table.add_row(f"{i}. {step['method']}", _fmt(step.get("perplexity")),
-                      f"{after['parameters']:,}", f"{after['nonzero']:,}",
-                      f"{step['seconds']:.1f}")
-    final = result["final"]
-    table.add_row("final", _fmt(ppl(final)), f"{final['parameters']['parameters']:,}",
-                  f"{final['parameters']['nonzero']:,}", f"{result['seconds']:.1f}")
+    dense, final = result.dense, result.final
+    table.add_row("dense", _fmt(dense.first_perplexity), f"{dense.parameters['parameters']:,}",
+                  f"{dense.parameters['nonzero']:,}", "")
+    for i, step in enumerate(result.steps, 1):
+        after = step.parameters["after"]
+        table.add_row(f"{i}. {step.method}", _fmt(step.perplexity), f"{after['parameters']:,}",
+                      f"{after['nonzero']:,}", f"{step.seconds:.1f}")
+    table.add_row("final", _fmt(final.first_perplexity), f"{final.parameters['parameters']:,}",
+                  f"{final.parameters['nonzero']:,}", f"{result.seconds:.1f}")
     out_console.print(table)
-    out_console.print(f"saved {final['format']} to {result['out']} "
-                      f"({final['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
-    if final.get("bench") and str(final["bench"].get("runtime", "")).startswith("llama.cpp"):
+    out_console.print(f"saved {final.format} to {result.out} "
+                      f"({final.bytes_on_disk / 2**20:.1f} MiB on disk)")
+    if final.bench and str(final.bench.get("runtime", "")).startswith("llama.cpp"):
         from secateur.report.tables import print_gguf_bench
 
-        print_gguf_bench(out_console, final["bench"])  # GGUF output vs the F16 GGUF
-    elif final.get("bench"):
-        _print_side_by_side(ppl(dense), ppl(final), final["bench"])
+        print_gguf_bench(out_console, final.bench)  # GGUF output vs the F16 GGUF
+    elif final.bench:
+        _print_side_by_side(dense.first_perplexity, final.first_perplexity, final.bench)
 
 
 def _print_side_by_side(dense_ppl: float | None, final_ppl: float | None, bench: dict) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +21,7 @@ from secateur.device import device_record, resolve_device, timer
 from secateur.engine.capture import compute_dtype
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
-from secateur.eval.perplexity import perplexity
+from secateur.eval.perplexity import PerplexityResult, perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
 from secateur.formats.hf import save_model
@@ -31,6 +31,14 @@ from secateur.methods import build_method
 from secateur.models.loading import Loaded
 from secateur.outputs import check_output_dir, check_output_file, model_bytes
 from secateur.report.depth import has_curve, is_depth_summary, plot_removals
+from secateur.results import (
+    DensePerplexity,
+    EvalResult,
+    PruneResult,
+    RecoveryResult,
+    StreamedResult,
+    Where,
+)
 from secateur.workdir import WorkDir, check_free, with_exit_stack
 
 if TYPE_CHECKING:
@@ -56,13 +64,13 @@ class EvalSpec:
 
 def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
                         source: TextSource | None = None,
-                        device: torch.device | None = None) -> dict[str, Any]:
+                        device: torch.device | None = None) -> PerplexityResult:
     """`source`, when the caller already loaded `spec.data`, saves parsing it again; `device`:
     the model runs there for the evaluation (None: where it is)."""
     source = source or load_text(spec.data, split="test")
     return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
                       spec.protocol, spec.bos, progress, batch_size=spec.batch_size,
-                      compute_dtype=spec.compute_dtype, device=device).to_dict()
+                      compute_dtype=spec.compute_dtype, device=device)
 
 
 SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
@@ -142,8 +150,9 @@ def prune_job(
     dense_perplexity: float | None = None,
     resume: bool = False,
     device: str | None = "auto",
-) -> dict[str, Any]:
-    """Load, evaluate dense, prune, evaluate pruned, save; the result as a JSON-able dict.
+) -> PruneResult:
+    """Load, evaluate dense, prune, evaluate pruned, save; `to_json()` of the result is what
+    `json_path` and the saved model's record hold.
 
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval.
     Under torchrun only rank 0 evaluates, shows progress and writes; the others compute."""
@@ -183,16 +192,14 @@ def prune_job(
         # refused here, not after the whole run when saving
         if quantizes(config) and gguf_preset is None:
             check_packable(loaded.adapter)
-    result: dict[str, Any] = {"model": model_name, "method": config.method, "seed":
-                              calibration.seed}
     dense_params = count_parameters(loaded.model)
     timings: dict[str, float] = {}
+    dense = None
     if evaluation.data is not None and dense_perplexity is not None:
-        result["dense_perplexity"] = dense_perplexity
-        result["dense_perplexity_source"] = "given"
+        dense = DensePerplexity(dense_perplexity, "given")
     elif evaluation.data is not None:
-        result.update(_dense_perplexity(loaded, model_name, evaluation, eval_text, dtype,
-                                        progress, timings, dev))
+        dense = _dense_perplexity(loaded, model_name, evaluation, eval_text, dtype, progress,
+                                  timings, dev)
     # in --out's working folder, where a rerun with --resume finds it; kept until the output
     # is saved (replacing --out removes it)
     checkpoint = None if work is None else work.folder("layers")
@@ -201,49 +208,36 @@ def prune_job(
     run = run_step(loaded, config, calibration, progress=progress, checkpoint=checkpoint,
                    device=dev)
     timings["prune_seconds"] = run.seconds
+    scored = None
     if evaluation.data is not None:
         t = timer(dev)
-        pruned = evaluate_perplexity(loaded, evaluation, progress, eval_text, dev)
+        scored = evaluate_perplexity(loaded, evaluation, progress, eval_text, dev)
         timings["eval_seconds"] = timer(dev) - t
-        result["perplexity"] = pruned["perplexity"]
-        result["tokens"] = pruned["tokens"]
-        result["protocol"] = pruned["protocol"]
-    pruned_params = count_parameters(loaded.model)
-    result.update({
-        "sparsity": run.sparsity,
-        "parameters": {"dense": dense_params, "pruned": pruned_params},
-        "timings": timings,
-        "peak_rss_mib": peak_rss_mib(),
-        **device_record(dev),  # device, and a CUDA device's name and peak allocation
-        "calibration": run.calibration,
-        "distributed": distributed.record(),
-        "options": run.config,
-        "summary": run.summary,
-        "layers": run.layers,
-    })
+    result = PruneResult(
+        model_name, config.method, calibration.seed, run,
+        {"dense": dense_params, "pruned": count_parameters(loaded.model)}, timings,
+        peak_rss_mib(), Where.of(device_record(dev)), distributed.record(), dense, scored)
     if out is not None:
         fmt = output_format(loaded.model, "bitmask" if compact else "auto")
-        exported = save_output(loaded, fmt, Path(out), result, overwrite,
-                               nm=getattr(config, "nm", None), gguf_preset=gguf_preset,
-                               name=model_name, inputs=(model_name,))
-        if exported is not None:
-            result["gguf"] = exported
-        result["out"] = str(out)
-        result["bytes_on_disk"] = dir_bytes(Path(out))
+        result.gguf = save_output(loaded, fmt, Path(out), result.to_json(), overwrite,
+                                  nm=getattr(config, "nm", None), gguf_preset=gguf_preset,
+                                  name=model_name, inputs=(model_name,))
+        result.out = str(out)
+        result.bytes_on_disk = dir_bytes(Path(out))
     if checkpoint is not None:
         remove_checkpoint(checkpoint)
     if is_depth_summary(run.summary) and has_curve(run.summary):
         plots = [p for p in (json_path and Path(json_path).with_suffix(".png"),
                              out and Path(out) / "removals.png") if p is not None]
-        result["removal_plot"] = [str(plot_removals(result, p)) for p in plots]
+        result.removal_plot = [str(plot_removals(result.to_json(), p)) for p in plots]
     if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+        write_json_atomic(Path(json_path), result.to_json())
     return result
 
 
 def _dense_perplexity(loaded, model_name: str, evaluation: EvalSpec, eval_text: TextSource,
                       dtype: str, progress: bool, timings: dict[str, float],
-                      device: torch.device | None = None) -> dict[str, Any]:
+                      device: torch.device | None = None) -> DensePerplexity:
     """The dense figure from the perplexity cache (`secateur.eval.cache`), else evaluated and
     stored there; says which, and the cache file."""
     from secateur.eval import cache
@@ -251,14 +245,13 @@ def _dense_perplexity(loaded, model_name: str, evaluation: EvalSpec, eval_text: 
     key = cache.key_for(model_name, eval_text, evaluation, dtype, str(device or "cpu"))
     hit = cache.read(key) if key is not None else None
     if hit is not None:
-        return {"dense_perplexity": hit[0]["perplexity"], "dense_perplexity_source": "cache",
-                "dense_perplexity_cache": str(hit[1])}
+        return DensePerplexity(hit[0]["perplexity"], "cache", str(hit[1]))
     t = timer(device)
     dense = evaluate_perplexity(loaded, evaluation, progress, eval_text, device)
     timings["dense_eval_seconds"] = timer(device) - t
-    stored = cache.write(key, dense) if key is not None else None
-    return {"dense_perplexity": dense["perplexity"], "dense_perplexity_source": "computed",
-            "dense_perplexity_cache": None if stored is None else str(stored)}
+    stored = cache.write(key, dense.to_dict()) if key is not None else None
+    return DensePerplexity(dense.perplexity, "computed",
+                           None if stored is None else str(stored))
 
 
 def _say_layers_discarded(work: WorkDir, resume: bool, overwrite: bool) -> None:
@@ -274,7 +267,7 @@ def _say_layers_discarded(work: WorkDir, resume: bool, overwrite: bool) -> None:
 def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
              dtype: str = "float32", progress: bool = True,
              zeroshot: ZeroShotSpec | None = None, overwrite: bool = False,
-             device: str | None = "auto") -> dict[str, Any]:
+             device: str | None = "auto") -> EvalResult:
     """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks.
     `overwrite`: replace an existing JSON file."""
     if evaluation.data is None and zeroshot is None:
@@ -295,25 +288,21 @@ def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = Non
         if zeroshot is not None:
             raise SecateurError("zero-shot tasks run in transformers; evaluate the model "
                                 "folder the GGUF was made from, or drop --tasks")
-        result = {"model": model_name, "runtime": "llama.cpp",
-                  **gguf_perplexity(model_name, eval_text, evaluation.seqlen,
-                                    evaluation.max_windows, evaluation.protocol,
-                                    evaluation.bos).to_dict(),
-                  "bytes_on_disk": Path(model_name).stat().st_size}
-        if json_path is not None:
-            write_json_atomic(Path(json_path), result)
-        return result
-    loaded = load(model_name, dtype=dtype)
-    result: dict[str, Any] = {"model": model_name}
-    if evaluation.data is not None:
-        result.update(evaluate_perplexity(loaded, evaluation, progress, eval_text, dev))
-    if zeroshot is not None:
-        result["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype,
-                                          device=dev)
-    result.update(device_record(dev))
-    result["parameters"] = count_parameters(loaded.model)["parameters"]
+        result = EvalResult(model_name, runtime="llama.cpp", scored=gguf_perplexity(
+            model_name, eval_text, evaluation.seqlen, evaluation.max_windows,
+            evaluation.protocol, evaluation.bos), bytes_on_disk=Path(model_name).stat().st_size)
+    else:
+        loaded = load(model_name, dtype=dtype)
+        result = EvalResult(model_name)
+        if evaluation.data is not None:
+            result.scored = evaluate_perplexity(loaded, evaluation, progress, eval_text, dev)
+        if zeroshot is not None:
+            result.zeroshot = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype,
+                                           device=dev)
+        result.where = Where.of(device_record(dev))
+        result.parameters = count_parameters(loaded.model)["parameters"]
     if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+        write_json_atomic(Path(json_path), result.to_json())
     return result
 
 
@@ -322,7 +311,7 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
                        calibration: CalibrationConfig,
                        out: Path, json_path: Path | None = None, overwrite: bool = False,
                        dtype: str = "float32", progress: bool = True,
-                       resume: bool = False, device: str | None = "auto") -> dict[str, Any]:
+                       resume: bool = False, device: str | None = "auto") -> StreamedResult:
     """A layer-wise prune with one decoder layer in memory at a time, written to `out`.
 
     The model never exists whole in memory, so it is evaluated by loading `out` afterwards
@@ -345,18 +334,17 @@ def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: Meth
     checkpoint = work.folder("layers")  # for --resume; goes when the output replaces --out
     if not resume:
         work.discard("layers")
-    result: dict[str, Any] = {"model": model_name, "method": config.method,
-                              "options": config.settings(), "calibration": calib_record,
-                              "streamed": True, "device": str(dev)}
+    # the saved model's record: where it computed, not yet a CUDA device's peak
+    start = StreamedResult(model_name, config.method, config.settings(), calib_record,
+                           Where(str(dev)))
     with compute_dtype(calibration.compute_dtype):
         run = prune_streamed(loaded, weights, method, windows, Path(out), overwrite=overwrite,
                              checkpoint=checkpoint, progress=progress, device=dev,
-                             metadata=lambda r: {**result, **r.to_dict()})
-    result.update(run.to_dict())
-    result.update(device_record(dev))
-    result["bytes_on_disk"] = dir_bytes(Path(out))
+                             metadata=lambda r: replace(start, run=r).to_json())
+    result = replace(start, run=run, where=Where.of(device_record(dev)),
+                     bytes_on_disk=dir_bytes(Path(out)))
     if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+        write_json_atomic(Path(json_path), result.to_json())
     return result
 
 
@@ -370,7 +358,7 @@ def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any =
                 json_path: Path | None = None, overwrite: bool = False,
                 progress: bool = True,
                 on_step: Callable[[int, float], None] | None = None,
-                device: str | None = "auto") -> dict[str, Any]:
+                device: str | None = "auto") -> RecoveryResult:
     """Load a (pruned) model, evaluate, LoRA-train with checkpoints, merge, evaluate, save.
 
     `evaluation` is an `EvalSpec` (data None: no perplexity); `device`: where it evaluates and
@@ -387,7 +375,7 @@ def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig
                 evaluation: Any = None, json_path: Path | None = None,
                 overwrite: bool = False, progress: bool = True,
                 on_step: Callable[[int, float], None] | None = None,
-                device: str | None = "auto") -> dict[str, Any]:
+                device: str | None = "auto") -> RecoveryResult:
     """Load student and teacher, evaluate both, distill with checkpoints, evaluate, save.
 
     `evaluation` is an `EvalSpec` (data None: no perplexity). The result holds the
@@ -405,7 +393,7 @@ def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig
 
 def dwq_job(model_dir: str, teacher: str, out: Path, config: DWQConfig, evaluation: Any = None,
             json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
-            on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+            on_step: Callable[[int, float], None] | None = None) -> RecoveryResult:
     """Load a quantized (compressed-tensors) model and its teacher, evaluate, learn its grids
     with checkpoints, evaluate, save packed again."""
     from secateur.recovery.dwq import check_models, dwq
@@ -433,7 +421,7 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
                  teacher: str | None = None,
                  check: Callable[[Loaded, Loaded | None], None] | None = None,
                  load_student: Callable[[str], Loaded] | None = None,
-                 device: str | None = "auto") -> dict[str, Any]:
+                 device: str | None = "auto") -> RecoveryResult:
     """Check outputs, load (and `check`) the model and any teacher, evaluate, train with a
     checkpoint in `out`'s working folder (locked: a second run on `out` fails at once),
     evaluate again, save, write the JSON. With a teacher the result also holds its perplexity
@@ -449,10 +437,10 @@ def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluatio
     with WorkDir(out) as work:
         result = _recover(name, model_dir, work, train, evaluation, overwrite, progress,
                           teacher, check, load_student, dev)
-    result["out"] = str(out)
-    result["bytes_on_disk"] = dir_bytes(out)
+    result.out = str(out)
+    result.bytes_on_disk = dir_bytes(out)
     if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+        write_json_atomic(Path(json_path), result.to_json())
     return result
 
 
@@ -460,7 +448,7 @@ def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluatio
              overwrite: bool, progress: bool, teacher: str | None,
              check: Callable[[Loaded, Loaded | None], None] | None,
              load_student: Callable[[str], Loaded] | None,
-             device: torch.device | None = None) -> dict[str, Any]:
+             device: torch.device | None = None) -> RecoveryResult:
     """`recovery_job` once `out` is checked and locked: everything up to the saved model
     (`load_student`: how the model is read, default `load`)."""
     from secateur.recovery.training import training_on
@@ -472,31 +460,29 @@ def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluatio
     reference = load(teacher) if teacher else None
     if check is not None:
         check(student, reference)
-    result: dict[str, Any] = {"model": str(model_dir), "recovery": name}
-    if teacher:
-        result["teacher"] = str(teacher)
+    result = RecoveryResult(str(model_dir), name, teacher=str(teacher) if teacher else None)
     if evaluate and reference is not None:
-        result["teacher_perplexity"] = evaluate_perplexity(reference, evaluation, progress,
-                                                           eval_text, device)["perplexity"]
+        result.teacher_perplexity = evaluate_perplexity(reference, evaluation, progress,
+                                                        eval_text, device).perplexity
     if evaluate:
-        result["perplexity_before"] = evaluate_perplexity(student, evaluation, progress,
-                                                          eval_text, device)["perplexity"]
+        result.perplexity_before = evaluate_perplexity(student, evaluation, progress,
+                                                       eval_text, device).perplexity
     ckpt = work.folder(name)
     with training_on(device, student, reference):
-        result[name] = train(student, reference, ckpt).to_dict()
+        result.training = train(student, reference, ckpt)
     if evaluate:
-        after = evaluate_perplexity(student, evaluation, progress, eval_text, device)
-        result["perplexity"], result["protocol"] = after["perplexity"], after["protocol"]
+        result.scored = evaluate_perplexity(student, evaluation, progress, eval_text, device)
         if reference is not None:
-            gap = result["perplexity_before"] - result["teacher_perplexity"]
-            # 1 is all the way back to the teacher; absent when the student was not worse
+            gap = result.perplexity_before - result.teacher_perplexity
+            # absent when the student was not worse than its teacher
             if gap > 0:
-                result["gap_recovered"] = (result["perplexity_before"] - after["perplexity"]) / gap
-    result["parameters"] = count_parameters(student.model)["parameters"]
-    result["peak_rss_mib"] = peak_rss_mib()
-    result.update(device_record(device))
+                result.gap_recovered = (result.perplexity_before - result.scored.perplexity) / gap
+    result.parameters = count_parameters(student.model)["parameters"]
+    result.peak_rss_mib = peak_rss_mib()
+    result.where = Where.of(device_record(device))
     # a compact input is saved compact again, DWQ's grids packed again; replaces `out`,
     # the checkpoint too
-    save_output(student, output_format(student.model, like=model_dir), out, result, overwrite)
+    save_output(student, output_format(student.model, like=model_dir), out, result.to_json(),
+                overwrite)
     work.discard(name)
     return result

@@ -26,7 +26,6 @@ import re
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from secateur.config import Config, ConfigError, MethodConfig
 from secateur.device import check_spelling, resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
+from secateur.eval.perplexity import PerplexityResult
 from secateur.formats.loader import load
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
 from secateur.io import dir_bytes, mark_output, write_json_atomic
@@ -47,6 +47,7 @@ from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_run_folder, model_bytes
 from secateur.params import count_parameters
 from secateur.registry import make_config
+from secateur.results import Measured, RecipeResult
 from secateur.workdir import WORK, WorkDir, check_free
 
 
@@ -191,25 +192,6 @@ class Recipe(Config):
         return _fingerprint(self.to_dict())
 
 
-@dataclass
-class RecipeResult:
-    recipe: dict[str, Any]
-    dense: dict[str, Any] = field(default_factory=dict)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    final: dict[str, Any] = field(default_factory=dict)
-    out: str | None = None
-    seconds: float = 0.0
-    peak_rss_mib: float = 0.0
-    resumed_from_step: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecipeResult:
-        return cls(**data)
-
-
 def _fingerprint(recipe: dict[str, Any]) -> str:
     """What a resumed run must share with the interrupted one: all but the device."""
     return json.dumps({k: v for k, v in recipe.items() if k != "device"}, sort_keys=True)
@@ -293,25 +275,25 @@ def _clear_for_overwrite(out: Path) -> None:
 
 
 def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool,
-                device: torch.device | None = None) -> dict[str, Any]:
+                device: torch.device | None = None) -> PerplexityResult:
     from secateur.eval.api import evaluate
 
-    return evaluate(loaded, config, progress=progress, device=device).to_dict()
+    return evaluate(loaded, config, progress=progress, device=device)
 
 
 def _evaluate(loaded: Loaded, evaluation: Evaluation, progress: bool,
-              first: dict[str, Any] | None = None,
-              device: torch.device | None = None) -> dict[str, Any]:
+              first: PerplexityResult | None = None,
+              device: torch.device | None = None) -> Measured:
     """`first`: the first text's result when it was just measured on this very model."""
     from secateur.eval.api import evaluate
 
-    out: dict[str, Any] = {"perplexity": [
-        first if i == 0 and first is not None else _perplexity(loaded, p, progress, device)
-        for i, p in enumerate(evaluation.perplexity)]}
+    out = Measured([first if i == 0 and first is not None
+                    else _perplexity(loaded, p, progress, device)
+                    for i, p in enumerate(evaluation.perplexity)],
+                   count_parameters(loaded.model))
     if evaluation.zeroshot is not None:
-        out["zeroshot"] = evaluate(loaded, evaluation.zeroshot, progress=progress,
-                                   device=device).to_dict()
-    out["parameters"] = count_parameters(loaded.model)
+        out.zeroshot = evaluate(loaded, evaluation.zeroshot, progress=progress,
+                                device=device).to_dict()
     return out
 
 
@@ -398,7 +380,7 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
         mark_output(out, RUN_FILES)  # what a later --overwrite may replace
     teacher = _teacher_loader(recipe)
     first_ppl = recipe.evaluate.perplexity[0] if recipe.evaluate.perplexity else None
-    last: dict[str, Any] | None = None  # the first text's result after the latest step
+    last: PerplexityResult | None = None  # the first text's result after the latest step
     for i in range(len(result.steps), len(recipe.steps)):
         step = recipe.steps[i]
         say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
@@ -407,8 +389,8 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
         last = None
         if recipe.evaluate.after_each_step and first_ppl is not None:
             last = _perplexity(loaded, first_ppl, progress, device)
-            record.perplexity = last["perplexity"]
-        result.steps.append(record.to_dict())
+            record.perplexity = last.perplexity
+        result.steps.append(record)
         _save_checkpoint(checkpoint, loaded, result)
     # the last step's perplexity is the final model's: not measured twice
     result.final = _evaluate(loaded, recipe.evaluate, progress, last, device)
@@ -416,16 +398,16 @@ def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable
     result.seconds = time.perf_counter() - start
     result.peak_rss_mib = peak_rss_mib()
     fmt = _save(loaded, recipe, out / "model", result.to_dict())
-    result.final["format"] = fmt
-    result.final["bytes_on_disk"] = dir_bytes(out / "model")
+    result.final.format = fmt
+    result.final.bytes_on_disk = dir_bytes(out / "model")
     if recipe.bench is not None and fmt == "gguf":
         del loaded
-        result.final["bench"] = _bench_gguf(recipe, out / "model" / "model.gguf")
+        result.final.bench = _bench_gguf(recipe, out / "model" / "model.gguf")
     elif recipe.bench is not None:
         bits = {getattr(m.secateur_quant, "bits", None) for m in loaded.model.modules()
                 if hasattr(m, "secateur_quant")}
         del loaded  # the bench loads both models afresh, side by side
-        result.final["bench"] = _bench(recipe, out / "model", bits)
+        result.final.bench = _bench(recipe, out / "model", bits)
     write_json_atomic(out / "result.json", result.to_dict())
     work.discard(CHECKPOINT)
     return result

@@ -131,7 +131,7 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
     if "dense" not in done:
         say("dense: evaluating the unpruned model")
         res = eval_job(spec.model, spec.evaluation, None, spec.dtype, progress, spec.zeroshot,
-                       device=str(dev))
+                       device=str(dev)).to_json()
         res.update({"cell": "dense", "method": "dense", "sparsity": 0.0})
         write_json_atomic(out / "results" / "dense.json", res)
         done["dense"] = res
@@ -144,7 +144,8 @@ def run_sweep(hold: contextlib.ExitStack, spec: SweepSpec, out: Path, progress: 
         model_dir = out / "models" / cid
         res = prune_job(spec.model, options, spec.calibration, spec.evaluation, model_dir,
                         overwrite=True, dtype=spec.dtype, progress=progress,
-                        compact=spec.compact, dense_perplexity=dense_ppl, device=str(dev))
+                        compact=spec.compact, dense_perplexity=dense_ppl,
+                        device=str(dev)).to_json()
         if spec.zeroshot is not None:
             from secateur.eval.zeroshot import zeroshot
             from secateur.formats.loader import load

@@ -36,7 +36,7 @@ FLOORS: dict[str, int] = {
     "methods": 12,
     "distributed": 13, "recovery": 13,
     "engine": 14,
-    "api": 15, "registry": 15,
+    "api": 15, "registry": 15, "results": 15,
     "cli_flags": 16, "jobs": 16,
     "recipe": 17,
     "sweep": 18, "frontier": 18,

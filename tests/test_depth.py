@@ -317,11 +317,12 @@ def test_shortgpt_job_without_the_curve_prints_the_order_and_draws_no_plot(tiny_
     result = prune_job(str(tiny_dir("llama")), make_step(method="shortgpt", layers=1),
                        CalibrationConfig(str(text), 2, 32, 0), EvalSpec(None), tmp_path / "out",
                        js, progress=False)
-    assert result["options"]["curve"] is False and "removal_plot" not in result
+    assert result.step.config["curve"] is False and result.removal_plot is None
+    assert "removal_plot" not in json.loads(js.read_text())
     assert not js.with_suffix(".png").exists()
     printed = StringIO()
-    print_depth(Console(file=printed, width=200), result)
-    assert "not computed" in printed.getvalue() and result["summary"]["removed"][0] in (
+    print_depth(Console(file=printed, width=200), result.to_json())
+    assert "not computed" in printed.getvalue() and result.step.summary["removed"][0] in (
         printed.getvalue())
 
 
@@ -438,8 +439,7 @@ def test_prune_job_saves_reloadable_model_json_and_plot(tiny_dir, tmp_path, meth
         assert key in saved
     assert len(saved["summary"]["removed"]) == 2
     assert js.with_suffix(".png").stat().st_size > 1000 and (out / "removals.png").is_file()
-    assert result["parameters"]["pruned"]["parameters"] < result["parameters"]["dense"][
-        "parameters"]
+    assert result.parameters["pruned"]["parameters"] < result.parameters["dense"]["parameters"]
     # blockpruner's two blocks may be one whole layer (stock) or two branches (own class)
     stock = saved["summary"]["surgery"]["config"] == "stock"
     assert stock == (method == "shortgpt" or len(saved["summary"]["surgery"]["branches_removed"])
@@ -447,7 +447,7 @@ def test_prune_job_saves_reloadable_model_json_and_plot(tiny_dir, tmp_path, meth
     config = json.loads((out / "config.json").read_text())
     assert ("auto_map" not in config) == stock
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not stock)
-    assert total_parameters(reloaded) == result["parameters"]["pruned"]["parameters"]
+    assert total_parameters(reloaded) == result.parameters["pruned"]["parameters"]
 
 
 def test_auto_search_dtype_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):

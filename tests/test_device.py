@@ -160,7 +160,7 @@ def test_recipe_run_with_device_cpu_records_it(tiny_dir, tmp_path):
                               "nsamples: 2, seqlen: 32}\nsteps:\n  - {method: wanda, "
                               "sparsity: 0.5}\n")
     result = run_recipe(recipe, tmp_path / "out", progress=False, say=lambda _m: None)
-    assert result.steps[0]["device"] == "cpu" and result.steps[0]["peak_device_mib"] is None
+    assert result.steps[0].device == "cpu" and result.steps[0].peak_device_mib is None
 
 
 # -- on the CPU nothing changes ----------------------------------------------------------------

@@ -317,11 +317,11 @@ def test_distill_job_saves_a_smaller_model_that_reloads_without_secateur(teacher
                          tmp_path / "r.json", progress=False)
     # random tiny models: the pruned student need not be worse than its teacher, so only
     # that each perplexity is there (the gap share needs a real gap)
-    assert all(math.isfinite(result[k]) for k in ("teacher_perplexity", "perplexity_before",
-                                                  "perplexity"))
-    evals = result["distill"]["evals"]
+    assert all(math.isfinite(x) for x in (result.teacher_perplexity, result.perplexity_before,
+                                          result.perplexity))
+    evals = result.training.evals
     assert evals[-1]["heldout_kl"] < evals[0]["heldout_kl"]
-    assert result["distill"]["settings"]["method"] == "distill"
+    assert result.training.settings["method"] == "distill"
     assert not checkpoint_dir(tmp_path / "out", "distill").exists()
     assert (tmp_path / "r.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -218,26 +218,26 @@ def test_recipe_with_a_gguf_step_saves_llama_cpp_blocks_and_benches_them(tmp_pat
                     bench={"lengths": [16], "decode_tokens": 4, "repeats": 1, "threads": 1})
     result = run_recipe(recipe, tmp_path / "run", progress=False, say=lambda _: None)
     saved = tmp_path / "run" / "model" / "model.gguf"
-    assert result.final["format"] == "gguf" and saved.is_file()
+    assert result.final.format == "gguf" and saved.is_file()
     reader = gguf.GGUFReader(saved)
     assert reader.fields["llama.block_count"].contents() == 3  # one layer cut before rounding
     assert {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name} == {"Q4_0"}
-    bench = result.final["bench"]
+    bench = result.final.bench
     assert bench["runtime"].startswith("llama.cpp") and len(bench["models"]) == 2
     assert bench["baseline"] in bench["models"]
     from secateur.cli import _print_recipe  # what `secateur run` prints, GGUF bench included
 
-    _print_recipe({**result.to_dict(), "out": str(tmp_path / "run")})
+    _print_recipe(result)
     # the README's main-job command again: --overwrite replaces the run it wrote
     again = run_recipe(recipe, tmp_path / "run", overwrite=True, progress=False,
                        say=lambda _: None)
-    assert again.final["format"] == "gguf" and saved.is_file()
+    assert again.final.format == "gguf" and saved.is_file()
     # the file holds what the recipe evaluated: llama.cpp scores it as transformers did
     from secateur.data.sources import load_text
     from secateur.eval.gguf import gguf_perplexity
 
     ours = gguf_perplexity(saved, load_text("wiki", split="test"), 32, 2).perplexity
-    assert abs(ours / result.final["perplexity"][0]["perplexity"] - 1) < 0.02
+    assert abs(ours / result.final.first_perplexity - 1) < 0.02
 
 
 def test_frontier_dwq_point_keeps_the_bytes_and_lowers_the_divergence(tmp_path, monkeypatch,

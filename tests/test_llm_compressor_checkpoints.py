@@ -65,7 +65,7 @@ def test_eval_of_asymmetric_g64_matches_the_int4_runtime(checkpoints, tmp_path, 
     assert code == 0, err
     got = json.loads((tmp_path / "e.json").read_text())["perplexity"]
     spec = EvalSpec(data="wiki", seqlen=64, max_windows=4)
-    want = evaluate_perplexity(load(path, runtime="int4"), spec, progress=False)["perplexity"]
+    want = evaluate_perplexity(load(path, runtime="int4"), spec, progress=False).perplexity
     assert got == pytest.approx(want, rel=1e-4)
 
 

@@ -162,7 +162,9 @@ RECIPE_PLANTS = {
 
 
 def test_planted_pickles_in_a_recipe_checkpoint_never_run(model, tmp_path, monkeypatch):
-    from secateur.recipe import RecipeResult, run_recipe
+    from secateur.api import StepResult
+    from secateur.recipe import run_recipe
+    from secateur.results import RecipeResult
 
     recipe = _recipe(model, [{"method": "magnitude", "sparsity": 0.3},
                              {"method": "wanda", "sparsity": 0.5}])
@@ -177,7 +179,8 @@ def test_planted_pickles_in_a_recipe_checkpoint_never_run(model, tmp_path, monke
         if rel.startswith(".checkpoint"):  # the old layout, with a matching fingerprint
             (out / ".checkpoint").mkdir()
             (out / ".checkpoint" / "secateur.json").write_text(json.dumps(
-                RecipeResult(recipe=recipe.to_dict(), steps=[{}]).to_dict()))
+                RecipeResult(recipe=recipe.to_dict(),
+                             steps=[StepResult("magnitude", "prune", {})]).to_dict()))
         plant(out / rel, marker, torch_format)
         try:
             result = run_recipe(recipe, out, progress=False, say=lambda _: None)
@@ -268,7 +271,7 @@ def test_planted_pickles_in_a_training_checkpoint_never_run(model, text, tmp_pat
     plant(tmp_path / ".ignored.lora-checkpoint" / "state.pt", marker, torch_format=True)
     plant(checkpoint_dir(ignored, "lora") / "state.pt", marker, torch_format=True)
     result = recover_job(model, ignored, _lora(text), progress=False)
-    assert result["lora"]["resumed_from"] == 2 and not marker.exists()
+    assert result.training.resumed_from == 2 and not marker.exists()
     # The state file itself replaced by a pickle: refused in one line.
     refused, marker = tmp_path / "refused", tmp_path / "ran-refused"
     shutil.copytree(cut, refused)
@@ -407,7 +410,7 @@ def test_two_runs_on_one_out_one_finishes_as_if_alone(model, tmp_path, monkeypat
     assert f"pid {os.getpid()}" in proc.stderr
     a, b = _tensors(tmp_path / "solo" / "model"), _tensors(out / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert first.steps[-1]["layers"] == solo.steps[-1]["layers"]
+    assert first.steps[-1].layers == solo.steps[-1].layers
     assert not (out / WORK).exists()
 
 
@@ -461,7 +464,7 @@ def test_a_resumed_recipe_ends_with_the_tensors_of_an_uninterrupted_one(name, mo
     config = [json.loads((d / "model" / "config.json").read_text()) for d in
               (tmp_path / "whole", cut)]
     assert config[0] == config[1]
-    assert whole.final["parameters"] == resumed.final["parameters"]
+    assert whole.final.parameters == resumed.final.parameters
     assert not (cut / WORK).exists()
 
 

@@ -71,7 +71,7 @@ def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, 
     assert all(s["perplexity"] > 1 for s in saved["steps"])  # after_each_step
     assert saved["dense"]["perplexity"][0]["protocol"]["seqlen"] == 32
     assert not (out / ".secateur-work").exists()  # checkpoints and lock gone
-    dense, final = result.dense["parameters"], result.final["parameters"]
+    dense, final = result.dense.parameters, result.final.parameters
     methods = {s.method for s in recipe.steps}
     if methods & {"llm-pruner", "shortgpt"}:
         assert final["parameters"] < dense["parameters"]
@@ -80,7 +80,7 @@ def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, 
     if gguf:  # the runtime it is for loads it: llama.cpp
         from secateur.runtime.llama_cpp import perplexity
 
-        assert result.final["format"] == "gguf"
+        assert result.final.format == "gguf"
         ids = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119]])
         assert perplexity(out / "model" / "model.gguf", [ids])["perplexity"] > 1
         return
@@ -116,12 +116,12 @@ def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_pa
     monkeypatch.setattr(recipe_mod, "run_step", real)
     resumed = run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
     assert resumed.resumed_from_step == 2
-    assert [s["method"] for s in resumed.steps] == ["magnitude", "lora", "wanda"]
+    assert [s.method for s in resumed.steps] == ["magnitude", "lora", "wanda"]
     a = json.loads((tmp_path / "whole" / "result.json").read_text())
     b = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert a["final"]["perplexity"][0]["perplexity"] == b["final"]["perplexity"][0]["perplexity"]
     assert a["final"]["parameters"] == b["final"]["parameters"]
-    assert whole.final["parameters"]["nonzero"] == resumed.final["parameters"]["nonzero"]
+    assert whole.final.parameters["nonzero"] == resumed.final.parameters["nonzero"]
 
 
 def test_a_different_recipe_does_not_resume_another_ones_checkpoint(tiny_dir, tmp_path,
@@ -201,8 +201,8 @@ def test_recipe_bench_compares_dense_and_the_packed_output_on_the_int4_runtime(t
                     evaluate={"perplexity": [{"data": "wiki", "seqlen": 32, "max_windows": 2}]},
                     bench={"lengths": [16], "decode_tokens": 4, "repeats": 1, "threads": 1})
     result = run_recipe(recipe, tmp_path / "o", progress=False, say=lambda _: None)
-    bench = result.final["bench"]
-    assert result.final["format"] == "compressed-tensors" and bench["runtime"] == "int4"
+    bench = result.final.bench
+    assert result.final.format == "compressed-tensors" and bench["runtime"] == "int4"
     dense, packed = (bench["models"][k] for k in (recipe.model, str(tmp_path / "o" / "model")))
     assert packed["bytes_on_disk"] < 0.5 * dense["bytes_on_disk"]
     assert packed["decode"]["weight_bytes_per_token"] < dense["decode"]["weight_bytes_per_token"]

@@ -52,12 +52,12 @@ def zero_positions(model) -> dict[str, torch.Tensor]:
 def test_lora_trains_merges_and_saves(tiny_dir, tmp_path, text):
     src = tiny_dir("llama")
     result = recover_job(str(src), tmp_path / "out", _config(text, steps=12), progress=False)
-    run = result["lora"]
-    assert run["steps"] == 12 and run["resumed_from"] == 0 and run["mode"] == "lora"
-    assert run["tokens"] == 12 * 32 and run["settings"]["method"] == "lora"
-    losses = run["losses"]
+    run = result.training
+    assert run.steps == 12 and run.resumed_from == 0 and run.mode == "lora"
+    assert run.tokens == 12 * 32 and run.settings["method"] == "lora"
+    losses = run.losses
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
-    before_ppl, after_ppl = run["evals"][0]["heldout_ppl"], run["evals"][-1]["heldout_ppl"]
+    before_ppl, after_ppl = run.evals[0]["heldout_ppl"], run.evals[-1]["heldout_ppl"]
     assert after_ppl < before_ppl
     before, after = _weights(src), _weights(tmp_path / "out")
     assert set(after) == set(before)  # merged: no lora_A/lora_B tensors left
@@ -81,7 +81,7 @@ def test_lora_resumes_bit_identically_from_its_last_checkpoint(tiny_dir, tmp_pat
     with pytest.raises(SecateurError, match="other settings"):
         recover_job(src, tmp_path / "cut", _config(text, lr=1e-3), progress=False)
     result = recover_job(src, tmp_path / "cut", _config(text), progress=False)
-    assert result["lora"]["resumed_from"] == 2
+    assert result.training.resumed_from == 2
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
