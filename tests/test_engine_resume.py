@@ -23,10 +23,12 @@ import torch
 from secateur.engine.sequential import collect_layer_stats, prune_layerwise
 from secateur.errors import SecateurError
 from secateur.methods import PruneContext, SparseGPTConfig, WandaConfig, build_method
+from secateur.methods.gguf import GGUFConfig
 from secateur.methods.gptq import GPTQConfig
 from secateur.methods.sparsity import OWLConfig
 from secateur.methods.w8a8 import W8A8Config
 from secateur.models import adapter_for
+from secateur.quant.ggml import ggml_states
 from secateur.quant.state import activation_quant, quant_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +88,7 @@ CONFIGS = {
     "sparsegpt-2:4": SparseGPTConfig(nm="2:4"),
     "gptq-4bit": GPTQConfig(bits=4, group_size=32),
     "w8a8-smoothquant": W8A8Config(smoothquant_alpha=0.5),
+    "gguf-q4_k_m-gptq": GGUFConfig(preset="q4_k_m", rounding="gptq"),
 }
 
 
@@ -118,6 +121,16 @@ def test_interrupted_run_resumes_bit_identical(name, tmp_path):
         if qa is not None:
             assert torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
         assert activation_quant(a.mlp.down_proj) == activation_quant(b.mlp.down_proj)
+    # llama.cpp's block codes and fields, which the GGUF writer reads, came back too
+    ga, gb = ggml_states(resumed), ggml_states(reference)
+    assert ga.keys() == gb.keys()
+    for key, b in gb.items():
+        a = ga[key]
+        assert (a.type, a.imatrix_tokens, a.fields.keys()) == (b.type, b.imatrix_tokens,
+                                                                b.fields.keys())
+        for x, y in [(a.codes, b.codes), (a.s, b.s), (a.b, b.b), (a.imatrix, b.imatrix),
+                     *((a.fields[k], b.fields[k]) for k in b.fields)]:
+            assert (x is None and y is None) or torch.equal(x, y), key
     ids = calib[0]  # so the model computes the same, activation rounding included
     assert torch.equal(resumed(ids).logits, reference(ids).logits)
     assert not ckpt.exists()  # removed after success

@@ -5,7 +5,8 @@ The checkpoint folder holds
     checkpoint.json           the commit point: fingerprint, finished layers, their reports
     layer-00003.safetensors   layer 3 after the method, tensors named as in the whole model:
                               its state_dict, quantization grids included; the grids'
-                              schemes and W8A8 marks as JSON in its metadata
+                              schemes and W8A8 marks as JSON in its metadata; a gguf
+                              step's block codes and fields beside them (`ggml.` keys)
     hidden-00004.safetensors  layer 4's inputs (one tensor per window) and the RNG state
 
 Each file is written under a partial name, flushed and renamed (`secateur.io`), and
@@ -42,6 +43,8 @@ from secateur.formats.streaming import StreamedWeights, read_header, read_tensor
 from secateur.io import write_atomic, write_json_atomic
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.outputs import check_output_folder
+from secateur.quant.ggml import ATTR as GGML_ATTR
+from secateur.quant.ggml import GGMLState, ggml_state, set_ggml_state
 from secateur.quant.scheme import QuantScheme
 from secateur.quant.state import (
     G_IDX,
@@ -55,9 +58,10 @@ from secateur.quant.state import (
     set_quant_state,
 )
 
-VERSION = 3  # 3: grids in the layer's state_dict, their schemes in its metadata
+VERSION = 4  # 3: grids in the layer's state_dict; 4: llama.cpp block codes kept too
 STATE = "checkpoint.json"
 QUANT = "quant"  # a layer file's metadata key: its grids' schemes and W8A8 marks (JSON)
+GGML = "ggml"  # metadata key and key infix: a gguf step's codes, which no state_dict holds
 _SAMPLE = 4096  # values hashed per tensor: tells models apart without reading every weight
 
 # No live run can hold the checkpoint being read (the jobs lock --out): starting over is safe.
@@ -145,6 +149,42 @@ def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
         elif mark["act"] is not None:
             raise SecateurError(f"checkpoint holds activation quantization '{mark['act']}', "
                                 f"which this secateur cannot restore: {_START_OVER}")
+
+
+def _ggml_parts(layer: nn.Module, prefix: str
+                ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """A gguf step's rounding of a layer's linears: the GGUF writer packs these codes and
+    fields, so a resumed run must get them back, not only the dequantized weights."""
+    tensors: dict[str, torch.Tensor] = {}
+    marks: dict[str, dict[str, Any]] = {}
+    for path, module in layer.named_modules():
+        state = ggml_state(module)
+        if state is None:
+            continue
+        key = f"{prefix}{path}.{GGML}." if path else f"{prefix}{GGML}."
+        parts = {"codes": state.codes, "s": state.s, "b": state.b,
+                 **{f"fields.{k}": v for k, v in state.fields.items()}}
+        if state.imatrix is not None:
+            parts["imatrix"] = state.imatrix
+        tensors.update({key + k: v.contiguous() for k, v in parts.items()})
+        marks[path] = {"type": state.type, "fields": sorted(state.fields),
+                       "imatrix": state.imatrix is not None,
+                       "imatrix_tokens": state.imatrix_tokens}
+    return tensors, marks
+
+
+def _restore_ggml(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
+                  marks: dict[str, dict[str, Any]]) -> None:
+    for module in layer.modules():
+        if ggml_state(module) is not None:
+            setattr(module, GGML_ATTR, None)
+    for path, mark in marks.items():
+        key = f"{prefix}{path}.{GGML}." if path else f"{prefix}{GGML}."
+        set_ggml_state(layer.get_submodule(path) if path else layer, GGMLState(
+            mark["type"], tensors[key + "codes"], tensors[key + "s"], tensors[key + "b"],
+            {k: tensors[f"{key}fields.{k}"] for k in mark["fields"]},
+            tensors[key + "imatrix"] if mark["imatrix"] else None,
+            int(mark["imatrix_tokens"])))
 
 
 class LayerCheckpoint:
@@ -240,11 +280,14 @@ class LayerCheckpoint:
         try:
             marks = json.loads(header["__metadata__"].get(QUANT, "{}"))
             _restore_quant(layer, prefix, tensors, marks)
+            _restore_ggml(layer, prefix, tensors,
+                          json.loads(header["__metadata__"].get(GGML, "{}")))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SecateurError(f"checkpoint '{self.folder}': {self.layer_file(index).name} is "
                                 f"damaged: {_START_OVER}") from None
         try:
-            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=True)
+            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                   if f".{GGML}." not in f".{k[len(prefix):]}"}, strict=True)
         except RuntimeError:
             raise SecateurError(f"checkpoint '{self.folder}': layer {index} does not fit the "
                                 f"model: {_START_OVER}") from None
@@ -259,6 +302,10 @@ class LayerCheckpoint:
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
         marks = _quant_marks(layer)
         meta = {**run, QUANT: json.dumps(marks)} if marks else run
+        ggml_tensors, ggml_marks = _ggml_parts(layer, prefix)
+        if ggml_marks:
+            tensors.update(ggml_tensors)
+            meta = {**meta, GGML: json.dumps(ggml_marks)}
         write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors, meta))
         hidden_path = self._hidden_file(index + 1)
         saved = {f"window-{i:05d}": h for i, h in enumerate(hidden)}

@@ -74,7 +74,6 @@ class GGUFQuantize(LayerwiseMethod):
         names = hf_weight_names(layout)
         self.types = {names[k]: t for k, t in types.items() if k in names}
         self.prefix = adapter.layers_path
-        self.counts: dict[str, int] = {}
 
     def apply(self, index: int, projections: dict[str, Projection],
               stats: dict[str, dict[str, Statistic]]) -> LayerReport:
@@ -98,12 +97,16 @@ class GGUFQuantize(LayerwiseMethod):
             hessian.sum = torch.empty(0)
             proj.weight.copy_(new.to(proj.weight.dtype))
             set_ggml_state(proj.module, state)
-            self.counts[ggml_type] = self.counts.get(ggml_type, 0) + 1
             report.matrices[name] = {**matrix_report(proj.weight),
                                      "weight_error": weight_error(before, new), **extra}
         return report
 
     def summary(self) -> dict[str, Any]:
+        # from the plan, not from apply() calls: a resumed run applies only the later layers
+        counts: dict[str, int] = {}
+        for name, ggml_type in self.types.items():
+            if name.startswith(f"{self.prefix}.") and ggml_type != "F16":
+                counts[ggml_type] = counts.get(ggml_type, 0) + 1
         return {"preset": self.config.preset, "rounding": self.config.rounding,
                 "act_order": self.config.act_order,
-                "matrices_per_type": dict(sorted(self.counts.items()))}
+                "matrices_per_type": dict(sorted(counts.items()))}
