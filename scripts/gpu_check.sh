@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA check, for when a GPU machine is lent (issue 26 item 4). About 10 minutes at most:
-#   1. tests/test_device.py, its `needs CUDA` tests included;
+#   1. tests/engine/test_device.py, its `needs CUDA` tests included;
 #   2. dense perplexity on CUDA vs the CPU, fp32: within 1e-3 relative;
 #   3. the README's main job (recipes/smollm2-shortgpt-gptq4.yaml) with --device cuda, when
 #      smollm2-135m is on this machine (it is skipped, and said so, when it is not);
@@ -49,7 +49,7 @@ check() {  # check NAME LIMIT_S COMMAND...: runs it under a timeout, logs, says 
 say "gpu_check on $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))'), work in $WORK"
 
 # 1. the device tests, the CUDA-only ones included
-check device-tests 180 env OMP_NUM_THREADS=4 "$PY" -m pytest tests/test_device.py -q -rs
+check device-tests 180 env OMP_NUM_THREADS=4 "$PY" -m pytest tests/engine/test_device.py -q -rs
 
 # the 1B-shaped random model (used by 2 when smollm2 is absent, and by 4)
 TOK="$WORK/tokenizer"

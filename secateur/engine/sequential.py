@@ -5,7 +5,7 @@ declares (these dense outputs are also the reference for the reconstruction erro
 method act, re-run the layer, and hand its outputs on. Only one layer's activations are
 resident; with `device`, only the current layer moves to the accelerator. A checkpoint
 folder makes a killed run resumable (`secateur.engine.checkpoint`); a `StreamedWeights`
-keeps only the current layer's weights in memory (`secateur.models.streaming`).
+keeps only the current layer's weights in memory (`secateur.formats.streaming`).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def prune_layerwise(
     saves the model afterwards keeps it and calls `checkpoint.remove_checkpoint(folder)` once
     the output is in place, so that a kill while saving still resumes.
 
-    `stream`: the model came from `secateur.models.streaming.load_streamed`; each layer is
+    `stream`: the model came from `secateur.formats.streaming.load_streamed`; each layer is
     read just before it is processed and written to `stream`'s output folder after (call
     `stream.begin(folder)` first and `stream.finish(tokenizer)` after).
 

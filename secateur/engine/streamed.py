@@ -1,7 +1,7 @@
 """A layer-wise prune of a model bigger than memory, from safetensors folder to saved folder.
 
 `prune_streamed` runs the method's `prepare()` and the layer loop with one decoder layer
-resident at a time (`secateur.models.streaming`), writes each finished layer to its output
+resident at a time (`secateur.formats.streaming`), writes each finished layer to its output
 shard, and renames the finished folder into place. It reports the process's peak resident
 memory against the model's size, which is the point of streaming.
 """

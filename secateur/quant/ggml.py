@@ -23,7 +23,7 @@ step (sigma2 per row or super-block as each quantizer takes it, Q6_K's imatrix a
 search's later candidates measured from its best minimum so far, make_qp_quants' code
 refinement, codes from the unrounded scale where llama.cpp keeps them, sums in its order), so
 its bytes are llama-quantize --imatrix's but for near-ties of the searches (>= 99% of blocks
-identical on random weights, tests/test_llama_cpp.py).
+identical on random weights, tests/runtime/test_llama_cpp.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from secateur.bench.measure import cache_keyword
 from secateur.runtime import apply_runtime, avx2, decode
 from secateur.runtime.decode import install_decode_path, remove_decode_path
-from tests.test_packed import quantize_tiny
+from tests.formats.test_packed import quantize_tiny
 from tests.tiny_models import tiny_model
 
 ATOL = 1e-4  # the same arithmetic in another summation order
@@ -90,7 +90,7 @@ def _mistral_window(window: int):
     cfg.sliding_window = window
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     from secateur.models import adapter_for
-    from tests.test_packed import rtn
+    from tests.formats.test_packed import rtn
 
     adapter = adapter_for(model)
     for layer in adapter.layers:

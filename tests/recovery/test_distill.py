@@ -23,8 +23,8 @@ from secateur.recovery.kd_loss import (
     teacher_targets,
 )
 from secateur.surgery.depth import remove_layers
+from tests.recovery.test_recovery import sparsify, zero_positions
 from tests.reload import reload_one
-from tests.test_recovery import sparsify, zero_positions
 from tests.tiny_models import save_tiny
 
 

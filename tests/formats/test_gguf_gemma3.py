@@ -12,7 +12,7 @@ import torch
 from secateur.errors import SecateurError
 from secateur.export import export_model
 from secateur.runtime import llama_cpp as runtime
-from tests.test_llama_cpp import (
+from tests.runtime.test_llama_cpp import (
     compare_preset_tables,
     quantized_in_both,
     transformers_perplexity,

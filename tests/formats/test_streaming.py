@@ -1,9 +1,9 @@
 """Streaming a model from safetensors with one decoder layer resident gives the same prune.
 
-Run as a module (`python -m tests.test_streaming MODEL_DIR OUT RESULT.json`) it is the worker
-of the memory test: it loads the model's skeleton, caps its data segment (RLIMIT_DATA: the
-private writable memory torch's tensors live in) at what it holds then plus a budget far
-below the model's size, streams a Wanda prune, and writes the result.
+Run as a module (`python -m tests.formats.test_streaming MODEL_DIR OUT RESULT.json`) it is
+the worker of the memory test: it loads the model's skeleton, caps its data segment
+(RLIMIT_DATA: the private writable memory torch's tensors live in) at what it holds then plus
+a budget far below the model's size, streams a Wanda prune, and writes the result.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
 
 
@@ -233,7 +233,7 @@ def test_prune_a_model_bigger_than_the_process_memory_cap(tmp_path):
     model_bytes = (model_dir / "model.safetensors").stat().st_size
     out, result_file = tmp_path / "pruned", tmp_path / "result.json"
     run = subprocess.run(
-        [sys.executable, "-m", "tests.test_streaming", str(model_dir), str(out),
+        [sys.executable, "-m", "tests.formats.test_streaming", str(model_dir), str(out),
          str(result_file)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

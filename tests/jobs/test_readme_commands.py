@@ -9,7 +9,7 @@ it. `a|b|c` alternatives run once each; `[--flag]` runs with the flag; `...` sta
 calibration and output flags of the line above it. `torchrun ... -m secateur CMD` runs as
 `secateur CMD` in one process. The other lines of a bash block are checked without running
 them: `secateur run recipes/X.yaml` names a shipped recipe (each runs shrunk in
-tests/test_recipe.py), `python bench/X.py` names a script whose parser has every flag shown,
+tests/jobs/test_recipe.py), `python bench/X.py` names a script whose parser has every flag shown,
 `bash scripts/X.sh` names a script, and anything else is one of a few outside tools (hf,
 llama-server, vllm); a line that is none of these fails.
 """
@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_loading_and_cli import run_cli
-from tests.test_recipe import shrink
+from tests.jobs.test_loading_and_cli import run_cli
+from tests.jobs.test_recipe import shrink
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
 # every page whose bash blocks are run; docs/cli.md is generated from the flags
 PAGES = [README, *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "cli.md")]
@@ -104,7 +104,7 @@ def command_groups(commands: list[str] | None = None) -> list[list[str]]:
     """One group per command of a page (each a test of its own), except that a command naming
     an output an earlier one makes (`report runs/s1 bench.json`) joins the group of the name's
     latest producer (the story maps a name to its last output).
-    `secateur run recipes/...` runs shrunk in tests/test_recipe.py."""
+    `secateur run recipes/...` runs shrunk in tests/jobs/test_recipe.py."""
     groups: list[list[str]] = []
     producer: dict[str, int] = {}  # output name -> the group of its latest producer
     for command in readme_commands() if commands is None else commands:
@@ -143,7 +143,7 @@ def long_context_tiny(path: Path) -> Path:
     with BPE merges (llama.cpp's, so the GGUF export has merges to write)."""
     from transformers import AutoModelForCausalLM
 
-    from tests.test_export import bpe_tokenizer
+    from tests.formats.test_export import bpe_tokenizer
     from tests.tiny_models import configs
 
     torch.manual_seed(0)

@@ -165,7 +165,7 @@ def test_text_shorter_than_one_window_fails_before_training(tiny_dir, tmp_path):
 def test_lora_lowers_perplexity_of_pruned_smollm2(smollm2_copy):
     from secateur.api import CalibrationConfig, prune
     from secateur.methods import LLMPrunerConfig
-    from tests.test_structured import _wiki_ppl
+    from tests.methods.test_structured import _wiki_ppl
 
     loaded = smollm2_copy
     prune(loaded, LLMPrunerConfig(ratio=0.2, importance="l2"),

@@ -1,7 +1,7 @@
 """Issue 24: no command deletes what secateur did not write, and no bad input or fault ends in
 a traceback or after the expensive work.
 
-Each row of CASES runs the CLI in-process (as tests/test_bad_inputs.py does) from a working
+Each row of CASES runs the CLI in-process (as tests/jobs/test_bad_inputs.py does) from a working
 folder holding a tiny model (`M`), a text, a project folder with a user's file, earlier
 outputs and damaged models. Every row asserts its exit code, exactly one stderr line matching
 its message, no traceback, that the work itself (a method step, an evaluation; for rows
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from secateur.cli import main
-from tests.test_bad_inputs import W
+from tests.jobs.test_bad_inputs import W
 from tests.tiny_models import byte_tokenizer, save_tiny, tiny_model
 
 MODEL = "model: M\ncalibration: {source: T, nsamples: 1, seqlen: 16}\nevaluate: {perplexity: []}\n"
@@ -331,7 +331,7 @@ def test_a_kill_between_the_two_renames_gives_the_old_copy_back(tmp_path):
             "with atomic_dir(Path(sys.argv[1]), overwrite=True) as tmp:\n"
             "    (tmp / 'config.json').write_text('{}')\n")
     proc = subprocess.run([sys.executable, "-c", code, str(out)],
-                          cwd=Path(__file__).parent.parent)
+                          cwd=Path(__file__).parents[2])
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.endswith("-old")]
     from secateur.outputs import check_output_dir

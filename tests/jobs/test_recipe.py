@@ -16,7 +16,7 @@ from secateur.errors import SecateurError
 from secateur.recipe import Recipe, run_recipe
 from tests.reload import reload_one
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+RECIPES = sorted(Path(__file__).parents[2].joinpath("recipes").glob("*.yaml"))
 SMALL_CALIB = {"source": "c4-sample", "nsamples": 2, "seqlen": 32, "seed": 0}
 SMALL_EVAL = {"perplexity": [{"data": "wiki", "seqlen": 32, "max_windows": 2}],
               "after_each_step": True}
@@ -57,7 +57,7 @@ def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, 
                                                                           tmp_path):
     gguf = "gguf" in {s["method"] for s in yaml.safe_load(path.read_text())["steps"]}
     if gguf:  # llama.cpp's tokenizer needs BPE merges, which the byte tokenizer lacks
-        from tests.test_export import save, tiny_llama
+        from tests.formats.test_export import save, tiny_llama
 
         model = str(save(tiny_llama(0, tied=True), tmp_path / "bpe-tiny"))
     else:

@@ -27,7 +27,7 @@ from secateur.runtime.fuse import FusedOutput
 from secateur.runtime.half import Float16Embedding, Float16Linear, float16_gemm_available
 from secateur.runtime.head import Int8Embedding
 from secateur.runtime.int8 import fake_quantize_tokens
-from tests.test_packed import IDS, logits, quantize_tiny, rtn, scattered_g_idx
+from tests.formats.test_packed import IDS, logits, quantize_tiny, rtn, scattered_g_idx
 from tests.tiny_models import tiny_model
 
 # fp32 kernels against fp32 dequantized matmuls: only summation order differs
@@ -321,7 +321,7 @@ def test_smollm2_int4_g128_packed_size_and_runtime(smollm2_copy, tmp_path):
 
 def test_gptq_scattered_act_order_runs_on_int4(backend):
     from secateur.methods.gptq import GPTQConfig
-    from tests.test_packed import run_method
+    from tests.formats.test_packed import run_method
 
     model = tiny_model("llama")
     run_method(model, GPTQConfig(bits=4, group_size=32, act_order=True))

@@ -9,7 +9,7 @@ import pytest
 
 from secateur import jobs
 from secateur.eval import cache
-from tests.test_loading_and_cli import run_cli
+from tests.jobs.test_loading_and_cli import run_cli
 
 QUANTIZE = ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", "--calib",
             "c4-sample", "--nsamples", "2", "--seqlen", "32", "--eval", "wiki",

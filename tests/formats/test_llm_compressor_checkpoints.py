@@ -11,7 +11,7 @@ import torch
 from secateur.errors import SecateurError
 from secateur.formats.loader import load
 from tests.ct_checkpoints import write_ct_checkpoint
-from tests.test_loading_and_cli import run_cli
+from tests.jobs.test_loading_and_cli import run_cli
 
 # every integer scheme vLLM runs: W4A16/W8A16 by group and channel, symmetric or not; W8A8
 SCHEMES = {
@@ -86,7 +86,7 @@ def test_commands_that_write_a_model_read_it(checkpoints, tmp_path, monkeypatch,
 
 
 def test_export_reads_it(tmp_path, monkeypatch, capsys):
-    from tests.test_export import bpe_tokenizer, tiny_llama
+    from tests.formats.test_export import bpe_tokenizer, tiny_llama
 
     # llama.cpp's tokenizer needs BPE merges, which the byte tokenizer lacks
     path = write_ct_checkpoint(tmp_path / "ct", model=tiny_llama(), tokenizer=bpe_tokenizer())

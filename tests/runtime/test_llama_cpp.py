@@ -17,7 +17,7 @@ from secateur.export.gguf import gguf_tensor_types, read_gguf_layout
 from secateur.methods.gguf import GGUFConfig
 from secateur.quant.ggml import ggml_states
 from secateur.runtime import llama_cpp as runtime
-from tests.test_export import bpe_tokenizer, tiny_llama
+from tests.formats.test_export import bpe_tokenizer, tiny_llama
 
 
 def windows(n: int = 4, seqlen: int = 32) -> list[torch.Tensor]:
@@ -107,7 +107,7 @@ def test_nearest_rounding_is_llama_cpps_own_quantizer(name, with_imatrix):
     llama.cpp's scale search that its float32 arithmetic settles another way. (Q3_K without
     an imatrix is llama.cpp's older reference search, which secateur does not port.)"""
     from secateur.quant.ggml import TYPES, pack, rtn_ggml
-    from tests.test_ggml import problem
+    from tests.methods.test_ggml import problem
 
     w, h = problem(3, rows=64, cols=512)
     w[0] = 0  # a dead row
@@ -133,8 +133,8 @@ def test_nearest_rounding_is_llama_cpps_own_quantizer(name, with_imatrix):
 def test_cli_quantizes_into_gguf_and_evaluates_it_in_llama_cpp(tmp_path, monkeypatch, capsys):
     import json
 
-    from tests.test_export import save
-    from tests.test_loading_and_cli import run_cli
+    from tests.formats.test_export import save
+    from tests.jobs.test_loading_and_cli import run_cli
 
     src = save(tiny_llama(6), tmp_path / "src")
     text = tmp_path / "text.txt"
@@ -156,7 +156,7 @@ def test_cli_quantizes_into_gguf_and_evaluates_it_in_llama_cpp(tmp_path, monkeyp
 def test_cli_bench_times_gguf_files_in_llama_cpp(tmp_path, monkeypatch, capsys):
     import json
 
-    from tests.test_loading_and_cli import run_cli
+    from tests.jobs.test_loading_and_cli import run_cli
 
     model = tiny_llama(8)
     paths = []
@@ -177,8 +177,8 @@ def test_cli_bench_times_gguf_files_in_llama_cpp(tmp_path, monkeypatch, capsys):
 def test_cli_frontier_measures_both_quantizers_and_resumes(tmp_path, monkeypatch, capsys):
     import json
 
-    from tests.test_export import save
-    from tests.test_loading_and_cli import run_cli
+    from tests.formats.test_export import save
+    from tests.jobs.test_loading_and_cli import run_cli
 
     src = save(tiny_llama(9), tmp_path / "src")
     out = tmp_path / "frontier"
@@ -207,7 +207,7 @@ def test_cli_frontier_measures_both_quantizers_and_resumes(tmp_path, monkeypatch
 
 def test_recipe_with_a_gguf_step_saves_llama_cpp_blocks_and_benches_them(tmp_path):
     from secateur.recipe import Recipe, run_recipe
-    from tests.test_export import save
+    from tests.formats.test_export import save
 
     src = save(tiny_llama(10), tmp_path / "src")
     recipe = Recipe(model=str(src),
@@ -244,8 +244,8 @@ def test_frontier_dwq_point_keeps_the_bytes_and_lowers_the_divergence(tmp_path, 
                                                                       capsys):
     import json
 
-    from tests.test_export import save
-    from tests.test_loading_and_cli import run_cli
+    from tests.formats.test_export import save
+    from tests.jobs.test_loading_and_cli import run_cli
 
     src = save(tiny_llama(11), tmp_path / "src")
     out = tmp_path / "f"

@@ -20,8 +20,8 @@ from secateur.models.base import adapter_for
 from secateur.models.loading import Loaded
 from secateur.quant.ggml import ggml_states, pack
 from secateur.recovery.dwq import DWQConfig, dwq, frozen_codes
+from tests.formats.test_export import bpe_tokenizer, tiny_llama
 from tests.reload import reload_one
-from tests.test_export import bpe_tokenizer, tiny_llama
 
 SHORT = dict(steps=40, seqlen=64, batch_size=4, lr=1e-3, warmup_steps=4, heldout_windows=4)
 
@@ -219,7 +219,7 @@ def test_recipe_refuses_dwq_without_a_quantize_step_before_it(tiny_dir):
 
 def test_recipe_gguf_then_dwq_saves_learnt_blocks_of_the_same_types_and_size(tmp_path, text):
     from secateur.recipe import Recipe, run_recipe
-    from tests.test_export import save
+    from tests.formats.test_export import save
 
     src = save(teacher_model(), tmp_path / "src")
     files = {}

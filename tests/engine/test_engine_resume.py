@@ -1,8 +1,8 @@
 """A layer-wise run killed after any layer resumes from its checkpoint to bit-identical weights.
 
-Run as a module (`python -m tests.test_engine_resume MODEL_DIR CKPT OUT.json [KILL_AFTER]`) it
-is the worker the SIGKILL test starts: it prunes, optionally SIGKILLs itself once layer
-KILL_AFTER is checkpointed, and writes the sha256 of every tensor.
+Run as a module (`python -m tests.engine.test_engine_resume MODEL_DIR CKPT OUT.json
+[KILL_AFTER]`) it is the worker the SIGKILL test starts: it prunes, optionally SIGKILLs itself
+once layer KILL_AFTER is checkpointed, and writes the sha256 of every tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from secateur.models import adapter_for
 from secateur.quant.ggml import ggml_states
 from secateur.quant.state import activation_quant, quant_state
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAYERS = 6
 
 
@@ -181,7 +181,7 @@ def test_sigkill_at_a_random_layer_resumes_bit_identical(tmp_path):
     def worker(out: str, *extra: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.run(
-            [sys.executable, "-m", "tests.test_engine_resume", str(model_dir), str(ckpt),
+            [sys.executable, "-m", "tests.engine.test_engine_resume", str(model_dir), str(ckpt),
              str(tmp_path / out), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
             timeout=300)
 

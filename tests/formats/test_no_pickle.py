@@ -28,9 +28,9 @@ from safetensors.torch import load_file
 
 from secateur.errors import SecateurError
 from secateur.workdir import WORK
-from tests.test_loading_and_cli import run_cli
+from tests.jobs.test_loading_and_cli import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CALIB = {"source": "c4-sample", "nsamples": 2, "seqlen": 32, "seed": 0}
 
 
@@ -194,7 +194,7 @@ def test_planted_pickles_in_a_recipe_checkpoint_never_run(model, tmp_path, monke
 
 def test_planted_pickles_in_a_layer_checkpoint_never_run(tmp_path):
     from secateur.methods import SparseGPTConfig
-    from tests.test_engine_resume import Stop, run, stop_after, tiny_deep, windows
+    from tests.engine.test_engine_resume import Stop, run, stop_after, tiny_deep, windows
 
     calib, ckpt = windows(), tmp_path / "ckpt"
     with pytest.raises(Stop):
@@ -213,7 +213,7 @@ def test_a_layer_written_by_another_run_is_never_mixed_in(tmp_path):
     """The issue's sparsegpt 0.5 / 0.7 on one --out: a layer of the 0.7 run in the 0.5 run's
     checkpoint is refused, so no mixed model is ever reported as 0.5."""
     from secateur.methods import SparseGPTConfig
-    from tests.test_engine_resume import Stop, run, stop_after, tiny_deep, windows
+    from tests.engine.test_engine_resume import Stop, run, stop_after, tiny_deep, windows
 
     calib, a, b = windows(), tmp_path / "a", tmp_path / "b"
     with pytest.raises(Stop):
@@ -286,7 +286,7 @@ def test_planted_pickles_in_distillation_files_never_run(tmp_path, text):
     """Teacher completions and the teacher cache: a planted file is rebuilt, never read."""
     from secateur.formats.loader import load
     from secateur.recovery.distill import DistillConfig, distill
-    from tests.test_distill import _depth_student
+    from tests.recovery.test_distill import _depth_student
     from tests.tiny_models import save_tiny
 
     teacher = load(save_tiny("llama", tmp_path / "teacher"))

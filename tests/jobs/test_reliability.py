@@ -148,7 +148,7 @@ def test_a_killed_save_leaves_a_partial_that_the_next_save_removes(tmp_path):
             "    (tmp / 'model.safetensors').write_bytes(b'0' * 1000)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")],
-                          cwd=Path(__file__).parent.parent)
+                          cwd=Path(__file__).parents[2])
     assert proc.returncode == -signal.SIGKILL
     assert len(leftovers(tmp_path)) == 1 and not (tmp_path / "m").exists()
     save_model(tiny_model("llama"), None, tmp_path / "other")

@@ -7,7 +7,7 @@ import json
 import torch
 
 from secateur.formats.loader import load
-from tests.test_loading_and_cli import run_cli
+from tests.jobs.test_loading_and_cli import run_cli
 
 FLAGS = ["--calib", "c4-sample", "--nsamples", "2", "--seqlen", "32", "--eval", "none"]
 

@@ -18,7 +18,7 @@ from secateur.export.gguf import _rotary_permute
 from secateur.methods.gguf import GGUFConfig
 from secateur.quant.ggml import TYPES, gptq_ggml, pack, rtn_ggml
 from secateur.quant.ggml_presets import TensorSlot, tensor_types
-from tests.test_export import bpe_tokenizer, tiny_llama
+from tests.formats.test_export import bpe_tokenizer, tiny_llama
 
 ROLE_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
