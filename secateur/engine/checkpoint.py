@@ -129,6 +129,11 @@ def _quant_marks(layer: nn.Module) -> dict[str, dict[str, Any]]:
     return marks
 
 
+def _module_key(prefix: str, path: str) -> str:
+    """Where a submodule's tensors start in the layer file's names (`path` "" is the layer)."""
+    return f"{prefix}{path}." if path else prefix
+
+
 def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
                    marks: dict[str, dict[str, Any]]) -> None:
     """Register the saved grids (so that `load_state_dict` finds their keys) and marks."""
@@ -139,7 +144,7 @@ def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tenso
     for path, mark in marks.items():
         module = layer.get_submodule(path) if path else layer
         if mark["grid"] is not None:
-            key = f"{prefix}{path}." if path else prefix
+            key = _module_key(prefix, path)
             scheme = QuantScheme(**mark["grid"])
             set_quant_state(module, QuantState(
                 scheme.bits, scheme.group_size, scheme.symmetric, tensors[key + SCALE],
@@ -161,7 +166,7 @@ def _ggml_parts(layer: nn.Module, prefix: str
         state = ggml_state(module)
         if state is None:
             continue
-        key = f"{prefix}{path}.{GGML}." if path else f"{prefix}{GGML}."
+        key = f"{_module_key(prefix, path)}{GGML}."
         parts = {"codes": state.codes, "s": state.s, "b": state.b,
                  **{f"fields.{k}": v for k, v in state.fields.items()}}
         if state.imatrix is not None:
@@ -179,7 +184,7 @@ def _restore_ggml(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor
         if ggml_state(module) is not None:
             setattr(module, GGML_ATTR, None)
     for path, mark in marks.items():
-        key = f"{prefix}{path}.{GGML}." if path else f"{prefix}{GGML}."
+        key = f"{_module_key(prefix, path)}{GGML}."
         set_ggml_state(layer.get_submodule(path) if path else layer, GGMLState(
             mark["type"], tensors[key + "codes"], tensors[key + "s"], tensors[key + "b"],
             {k: tensors[f"{key}fields.{k}"] for k in mark["fields"]},
