@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -311,6 +312,16 @@ def _metric(values: dict, key: str) -> float | None:
     return None if v is None or isinstance(v, str) else float(v)
 
 
+def mean_stderr(p: float | None, n: int) -> float | None:
+    """Standard error of a mean of n scores of 0 or 1 at mean p: sqrt(p (1 - p) / (n - 1)),
+    which is lm-eval's own closed form (`mean_stderr`) for acc and acc_norm. lm-eval gives
+    none when bootstrapping is off (as here, see ZeroShotSpec), even for metrics that need no
+    bootstrap."""
+    if p is None or n < 2:
+        return None
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
 def summarize(out: dict, names: tuple[str, ...], run_names: list[str], data: str,
               spec: ZeroShotSpec, include: Path | None, dtype: str | None,
               settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -320,12 +331,18 @@ def summarize(out: dict, names: tuple[str, ...], run_names: list[str], data: str
         stock = _stock_name(name)
         average_metric = TASKS[stock].average_metric if stock in TASKS else (
             "acc_norm" if _metric(values, "acc_norm") is not None else "acc")
+        samples = int(out["n-samples"][run]["effective"])
+        acc, acc_norm = _metric(values, "acc"), _metric(values, "acc_norm")
+        stderr = _metric(values, "acc_stderr")
+        norm_stderr = _metric(values, "acc_norm_stderr")
         row = {
-            "acc": _metric(values, "acc"), "acc_stderr": _metric(values, "acc_stderr"),
-            "acc_norm": _metric(values, "acc_norm"),
-            "acc_norm_stderr": _metric(values, "acc_norm_stderr"),
+            "acc": acc,
+            "acc_stderr": stderr if stderr is not None else mean_stderr(acc, samples),
+            "acc_norm": acc_norm,
+            "acc_norm_stderr": norm_stderr if norm_stderr is not None
+            else mean_stderr(acc_norm, samples),
             "average_metric": average_metric,
-            "samples": int(out["n-samples"][run]["effective"]),
+            "samples": samples,
             "samples_available": int(out["n-samples"][run]["original"]),
             "lm_eval_task": run,
             "data": data_description(stock, data),
@@ -350,6 +367,8 @@ def summarize(out: dict, names: tuple[str, ...], run_names: list[str], data: str
             "average": "mean over tasks of acc_norm (ARC, HellaSwag, PIQA, OpenBookQA) and acc "
                        "(WinoGrande, BoolQ, LAMBADA), as BlockPruner/SliceGPT; average_acc is "
                        "the mean of acc over all tasks (LLM-Pruner style)",
+            "stderr": "sqrt(p (1 - p) / (n - 1)) over the n documents scored, lm-eval's "
+                      "mean_stderr (its bootstrap is off)",
             "dtype": dtype,
             "compute_dtype": (settings or {}).get("compute_dtype", dtype),
             "device": (settings or {}).get("device", "cpu"),

@@ -75,6 +75,19 @@ def test_zeroshot_on_a_tiny_model_reports_both_metrics(tiny_dir):
     assert wino["acc_norm"] is None and wino["average_metric"] == "acc"
     assert result["average"] == pytest.approx((arc["acc_norm"] + wino["acc"]) / 2)
     assert result["protocol"]["limit"] == 3 and result["protocol"]["data"] == "local"
+    # lm-eval leaves stderr out with its bootstrap off; ours is its closed form for 0/1 scores
+    p = arc["acc"]
+    assert arc["acc_stderr"] == pytest.approx((p * (1 - p) / 2) ** 0.5)
+    assert wino["acc_stderr"] is not None and wino["acc_norm_stderr"] is None
+
+
+def test_mean_stderr_is_the_sample_standard_error_of_0_1_scores():
+    import statistics
+
+    scores = [1, 0, 0, 1, 1, 1, 0, 1]
+    expected = statistics.stdev(scores) / len(scores) ** 0.5
+    assert zs.mean_stderr(sum(scores) / len(scores), len(scores)) == pytest.approx(expected)
+    assert zs.mean_stderr(None, 300) is None and zs.mean_stderr(1.0, 1) is None
 
 
 @pytest.mark.slow
