@@ -44,6 +44,7 @@ from secateur.api import CalibrationConfig, prune
 from secateur.data.sources import TextSource, load_text
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import perplexity
+from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
 from secateur.models.loading import Loaded
@@ -57,7 +58,11 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "shortgpt-8-layers": {"method": "shortgpt", "layers": 8},
     "llm-pruner-taylor-20": {"method": "llm-pruner", "ratio": 0.2, "importance": "taylor"},
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
+    # the ~10% cuts for the frontier's recovered points (not in the KD-vs-LoRA verdict)
+    "shortgpt-4-layers": {"method": "shortgpt", "layers": 4},
+    "llm-pruner-taylor-10": {"method": "llm-pruner", "ratio": 0.1, "importance": "taylor"},
 }
+DEFAULT_STUDENTS = ("shortgpt-8-layers", "llm-pruner-taylor-20", "wanda-50")
 RECOVERIES: dict[str, dict[str, Any]] = {
     "lora-lm": {"train": "lora", "kd_weight": 0.0, "ce_weight": 1.0},
     "full-lm": {"train": "full", "kd_weight": 0.0, "ce_weight": 1.0},
@@ -134,6 +139,15 @@ def build_students(dense: Loaded, names: list[str], args: argparse.Namespace
     return students
 
 
+def save(loaded: Loaded, name: str, args: argparse.Namespace) -> None:
+    """Keep a model for the frontier (safetensors, plain transformers), if asked to."""
+    if args.save_models is not None and not (args.save_models / name).exists():
+        args.save_models.mkdir(parents=True, exist_ok=True)
+        save_model(loaded.model, loaded.tokenizer, args.save_models / name,
+                   metadata={"benchmark": "bench/recovery.py", "model": name,
+                             "settings": settings(args, 0)})
+
+
 def settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:
     return {"tokens_per_run": steps * args.seqlen * args.batch_size * args.grad_accum,
             "tokens_asked": args.tokens, "steps": steps, "seqlen": args.seqlen,
@@ -177,13 +191,17 @@ def main() -> None:
                         help="calibration windows (512 tokens) for building the students")
     parser.add_argument("--zeroshot-limit", type=int, default=0,
                         help="documents per zero-shot task (0: skip; the issue asks >= 300)")
-    parser.add_argument("--students", default=",".join(STUDENTS))
+    parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
+                        help=f"comma-separated, of {', '.join(STUDENTS)}")
     parser.add_argument("--recoveries", default=",".join(RECOVERIES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
                         help="keep runs already in --out made with the same settings")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--save-models", type=Path, default=None,
+                        help="folder to save each pruned student (NAME) and each recovered "
+                             "model (NAME-RECOVERY) in, for the frontier's recovered points")
     args = parser.parse_args()
     students = [s for s in args.students.split(",") if s]
     recoveries = [r for r in args.recoveries.split(",") if r]
@@ -216,12 +234,16 @@ def main() -> None:
         "students": previous.get("students", {}), "runs": previous.get("runs", []),
     }
     write_json_atomic(args.out, result)
+    done = {(r["student"], r["recovery"]) for r in result["runs"]}
+    # a student whose runs are all on record is not rebuilt (its pruning takes minutes)
+    students = [s for s in students if s not in result["students"]
+                or any((s, r) not in done for r in recoveries)]
     built = build_students(dense, students, args)
     for name, (student, record) in built.items():
         if name not in result["students"]:
             result["students"][name] = {**record, **evaluate(student, texts, args)}
             write_json_atomic(args.out, result)
-    done = {(r["student"], r["recovery"]) for r in result["runs"]}
+        save(student, name, args)
     for name, (student, _) in built.items():
         pruned = result["students"][name]
         for recovery in recoveries:
@@ -240,6 +262,7 @@ def main() -> None:
             for text in ("wiki", "second"):
                 row[f"{text}_gap_recovered"] = gap_recovered(
                     pruned[f"{text}_ppl"], row[f"{text}_ppl"], result["dense"][f"{text}_ppl"])
+            save(trainee, f"{name}-{recovery}", args)
             result["runs"].append(row)
             result["verdict"] = verdict(result["runs"])
             write_json_atomic(args.out, result)
