@@ -2,6 +2,8 @@
 
     python bench/frontier.py                      # smollm2-135m, quality only
     python bench/frontier.py --speed --resume     # add decode/prefill speed (a quiet machine)
+    python bench/frontier.py --resume --pruned DIR/shortgpt-8-layers-kd-full,...
+                                                  # pruned (recovered) models on the ladder
 
 The same measurement as `secateur frontier` (secateur/frontier.py says what each point is),
 with the benchmark's defaults: llama.cpp's ladder q8_0 .. q4_0 without and with an imatrix,
@@ -33,13 +35,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of frontier.json (default results/frontier-MODEL)")
+    parser.add_argument("--pruned", default="",
+                        help="comma-separated folders of pruned (recovered) models of MODEL")
+    parser.add_argument("--pruned-presets", default="q4_k_m")
+    parser.add_argument("--pruned-roundings", default="rtn")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     split = lambda s: tuple(s.split(","))  # noqa: E731
     calib = CalibrationConfig("c4-sample", args.nsamples, 512, 0)
     spec = FrontierSpec(split(args.presets), split(args.secateur_presets),
-                        split(args.roundings), calib, args.windows, 512, args.threads, args.speed)
-    result = frontier(args.model, spec, RESULTS / f"frontier-{args.model}", args.resume)
+                        split(args.roundings), calib, args.windows, 512, args.threads, args.speed,
+                        pruned=tuple(p for p in args.pruned.split(",") if p),
+                        pruned_presets=split(args.pruned_presets),
+                        pruned_roundings=split(args.pruned_roundings))
+    out = args.out or RESULTS / f"frontier-{args.model}"
+    result = frontier(args.model, spec, out, args.resume)
     print("beats every llama.cpp point of no more bytes (wiki):", ", ".join(winners(result)))
 
 

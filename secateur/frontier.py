@@ -15,10 +15,15 @@ and optionally greedy decode / prefill tokens per second at a stated thread coun
   any of them followed by `+dwq`: DWQ then learns the blocks' scales (fp16 d, m, dmin; codes
   frozen) by distillation from the unquantized model on the calibration text.
 The model may be any folder secateur wrote (pruned, recovered): the ladder is then llama.cpp's
-quantizer of that model. Results are written after every point to OUT/frontier.json, a rerun
-with `resume` skips the points already there (same settings), and OUT/frontier.png plots
-perplexity against MiB (and against decode speed when measured), marking the secateur points
-that beat every llama.cpp point of no more bytes.
+quantizer of that model. `pruned` adds smaller models made from this one (folders secateur
+wrote: pruned, then recovered) as points on this model's ladder, each quantized by secateur at
+`pruned_presets` x `pruned_roundings` from its own calibration statistics (its imatrix), DWQ
+learning from the unquantized pruned model, and scored on the same windows: whether pruning
+(+ recovery) then quantizing beats quantizing the unpruned model harder at equal bytes.
+Results are written after every point to OUT/frontier.json, a rerun with `resume` skips
+the points already there (same settings), and OUT/frontier.png plots perplexity against MiB
+(and against decode speed when measured), marking the secateur points that beat every
+llama.cpp point of no more bytes.
 """
 
 from __future__ import annotations
@@ -72,20 +77,33 @@ class FrontierSpec:
     rounds: int = 5
     keep: tuple[str, ...] = ()  # secateur points whose .gguf stays in OUT, e.g. "q4_k_m gptq"
     dwq_steps: int = 200  # DWQ steps of 256 tokens of the calibration text, lr 1e-3
+    pruned: tuple[str, ...] = ()  # folders of pruned (recovered) models made from this one
+    pruned_presets: tuple[str, ...] = ("q4_k_m",)
+    pruned_roundings: tuple[str, ...] = ("rtn",)
 
     def check(self) -> None:
-        for p in (*self.presets, *self.secateur_presets):
+        for p in (*self.presets, *self.secateur_presets, *self.pruned_presets):
             check_preset(p)
-        for r in self.roundings:
+        for folder in self.pruned:
+            if not (Path(folder) / "config.json").is_file():
+                raise SecateurError(f"pruned model '{folder}' is not a model folder (no "
+                                    "config.json): give folders secateur saved")
+        for r in (*self.roundings, *self.pruned_roundings):
             if r.removesuffix(DWQ_SUFFIX) not in ROUNDINGS:
                 raise SecateurError(f"rounding is one of {', '.join(ROUNDINGS)}, got '{r}'")
 
     def settings(self) -> dict[str, Any]:
         out = asdict(self)
-        for k in ("presets", "secateur_presets", "roundings", "keep", "rounds", "speed"):
+        for k in ("presets", "secateur_presets", "roundings", "keep", "rounds", "speed",
+                  "pruned", "pruned_presets", "pruned_roundings"):
             out.pop(k)  # which points exist, not how each is measured
         out["calibration"] = self.calibration.model_dump()
         return out
+
+
+def pruned_label(folder: str) -> str:
+    """A pruned model's name in the points: its folder's name."""
+    return Path(folder).name
 
 
 def gguf_name(preset: str, rounding: str) -> str:
@@ -189,36 +207,56 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
                 name = f"secateur {preset} {rounding}"
                 if name in points:
                     continue
-                model = copy_loaded(base)
-                t = time.perf_counter()
-                quantize(model, GGUFConfig(preset=preset,
-                                           **ROUNDINGS[rounding.removesuffix(DWQ_SUFFIX)]),
-                         spec.calibration, progress=False)
-                if rounding.endswith(DWQ_SUFFIX):
-                    from secateur.recovery.dwq import DWQConfig, dwq
-
-                    dwq(model, base, DWQConfig(data=spec.calibration.source,
-                                               steps=spec.dwq_steps, lr=1e-3,
-                                               seqlen=min(256, spec.calibration.seqlen),
-                                               batch_size=1, seed=spec.calibration.seed),
-                        progress=False)
-                seconds = time.perf_counter() - t
                 kept = gguf_name(preset, rounding) in keep
                 path = out / gguf_name(preset, rounding) if kept else Path(tmp) / "ours.gguf"
-                export_model(model.model, base.tokenizer, "gguf", path, overwrite=True,
-                             outtype=preset, name=model_name,
-                             quantized=ggml_states(model.model), has_imatrix=True)
+                save(name, _ours(base, preset, rounding, spec, path, evals, prompt,
+                                 model_name))
                 if kept:
                     mark_output(out, [path.name])
-                row = _measure(path, evals, spec, prompt)
-                row["quantize_seconds"] = seconds
-                save(name, row)
-                if not kept:
+                else:
                     path.unlink()
-                del model
+        for folder in spec.pruned:
+            label = pruned_label(folder)
+            todo = [(p, r) for p in spec.pruned_presets for r in spec.pruned_roundings
+                    if f"secateur {label} {p} {r}" not in points]
+            if not todo:
+                continue
+            small = load(folder)
+            for preset, rounding in todo:
+                path = Path(tmp) / "pruned.gguf"
+                row = _ours(small, preset, rounding, spec, path, evals, prompt, label)
+                row["pruned_from"] = model_name
+                row["model"] = str(folder)
+                row["parameters"] = sum(p.numel() for p in small.model.parameters())
+                save(f"secateur {label} {preset} {rounding}", row)
+                path.unlink()
+            del small
     plot_frontier(result, out / "frontier.png")
     mark_output(out, ["frontier.png"])
     return result
+
+
+def _ours(base: Loaded, preset: str, rounding: str, spec: FrontierSpec, path: Path,
+          evals: dict[str, Any], prompt: list[int], name: str) -> dict[str, Any]:
+    """secateur's GGUF of `base` at `preset` with `rounding` (+dwq from `base` itself),
+    written to `path` and measured."""
+    model = copy_loaded(base)
+    t = time.perf_counter()
+    quantize(model, GGUFConfig(preset=preset, **ROUNDINGS[rounding.removesuffix(DWQ_SUFFIX)]),
+             spec.calibration, progress=False)
+    if rounding.endswith(DWQ_SUFFIX):
+        from secateur.recovery.dwq import DWQConfig, dwq
+
+        dwq(model, base, DWQConfig(data=spec.calibration.source, steps=spec.dwq_steps, lr=1e-3,
+                                   seqlen=min(256, spec.calibration.seqlen), batch_size=1,
+                                   seed=spec.calibration.seed),
+            progress=False)
+    seconds = time.perf_counter() - t
+    export_model(model.model, base.tokenizer, "gguf", path, overwrite=True, outtype=preset,
+                 name=name, quantized=ggml_states(model.model), has_imatrix=True)
+    row = _measure(path, evals, spec, prompt)
+    row["quantize_seconds"] = seconds
+    return row
 
 
 def plot_frontier(result: dict[str, Any], path: Path) -> None:

@@ -92,8 +92,9 @@ def figure(result: dict[str, Any], plt: Any) -> Any:
             ours = name.startswith("secateur")
             marker = "*" if name in best else ("o" if ours else ("s" if "imatrix" in name
                                                                   else "^"))
+            color = ("tab:green" if "pruned_from" in p else "tab:red") if ours else "tab:blue"
             ax.scatter(x_of(p), p["wiki"], marker=marker, s=120 if name in best else 40,
-                       color="tab:red" if ours else "tab:blue")
+                       color=color)
             ax.annotate(name.replace("llama.cpp ", "").replace("secateur ", "S "),
                         (x_of(p), p["wiki"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
@@ -101,7 +102,8 @@ def figure(result: dict[str, Any], plt: Any) -> Any:
         ax.set_ylabel("wiki perplexity (llama.cpp)")
         ax.grid(alpha=0.3)
     model = result.get("model") or (result.get("settings") or {}).get("model", "model")
-    axes[0][0].set_title(f"{model}: secateur (red; * beats every llama.cpp point of\n"
-                         "no more bytes) vs llama.cpp (blue; square: imatrix)", fontsize=9)
+    axes[0][0].set_title(f"{model}: secateur (red; green: pruned first; * beats every\n"
+                         "llama.cpp point of no more bytes) vs llama.cpp (blue; square: "
+                         "imatrix)", fontsize=9)
     fig.tight_layout()
     return fig

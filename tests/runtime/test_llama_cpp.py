@@ -258,3 +258,32 @@ def test_frontier_dwq_point_keeps_the_bytes_and_lowers_the_divergence(tmp_path, 
     plain, learnt = pts["secateur q4_0 rtn"], pts["secateur q4_0 rtn+dwq"]
     assert learnt["mib"] == plain["mib"]  # same types, same codes: same bytes
     assert learnt["wiki"] != plain["wiki"]  # the scales moved
+
+
+def test_frontier_puts_pruned_models_on_the_unpruned_models_ladder(tmp_path):
+    from secateur.api import CalibrationConfig, prune
+    from secateur.errors import SecateurError
+    from secateur.formats.loader import load
+    from secateur.frontier import FrontierSpec, frontier
+    from secateur.methods.layers import ShortGPTConfig
+    from tests.formats.test_export import save
+
+    src = save(tiny_llama(12), tmp_path / "src")
+    calib = CalibrationConfig("c4-sample", 2, 32, 0)
+    small = load(str(src))
+    prune(small, ShortGPTConfig(layers=1), calib, progress=False)
+    pruned = save(small.model, tmp_path / "shortgpt-1")
+    spec = FrontierSpec(presets=("q4_0",), secateur_presets=(), calibration=calib, windows=2,
+                        seqlen=32, pruned=(str(pruned),), pruned_presets=("q4_0",),
+                        pruned_roundings=("rtn",))
+    result = frontier(str(src), spec, tmp_path / "f", say=lambda _: None)
+    ours = result["points"]["secateur shortgpt-1 q4_0 rtn"]
+    dense = result["points"]["llama.cpp q4_0 imatrix"]
+    assert ours["pruned_from"] == str(src) and ours["model"] == str(pruned)
+    assert ours["parameters"] < sum(p.numel() for p in load(str(src)).model.parameters())
+    assert ours["mib"] < dense["mib"] and ours["wiki"] > 1
+    # which pruned models were measured is not a setting: adding one later resumes
+    assert "pruned" not in result["settings"]
+    bad = FrontierSpec(presets=("q4_0",), pruned=(str(tmp_path / "nothing"),))
+    with pytest.raises(SecateurError, match="not a model folder"):
+        frontier(str(src), bad, tmp_path / "g", say=lambda _: None)
