@@ -3,6 +3,9 @@
     python bench/recovery.py                      # the issue's budget -> results/recovery.json
     python bench/recovery.py --tokens 65536       # a reduced budget (say so next to the numbers)
     python bench/recovery.py --tokens 2048 --eval-windows 2 --calib-samples 2 --zeroshot-limit 0
+    python bench/recovery.py --tokens 25600,409600 --students shortgpt-8-layers \
+        --recoveries kd-full --out results/recovery_curve.json --checkpoints DIR
+                                                  # the token curve (resumable mid-run)
 
 Teacher: the dense smollm2-135m. Students, each pruned once by secateur's own methods from 32
 c4-sample calibration windows of 512 tokens (seed 0): ShortGPT with 8 of 30 layers removed
@@ -16,16 +19,19 @@ they differ only in what is learned and from what:
     kd-lora   LoRA on forward KL to the teacher's full next-token distribution (T = 1)
     kd-full   full fine-tuning on the same KL
 
-Each gets `--tokens` training tokens (steps = tokens / (seqlen * batch * accum)), AdamW with
-5% warm-up and cosine decay; LoRA and full fine-tuning have their own learning rate, shared
-by the LM and KD runs. Reported per run: wall time of the training, wiki perplexity (64
+Each gets `--tokens` training tokens (steps = tokens / (seqlen * batch * accum); several
+budgets, comma-separated, make a tokens -> gap-recovered curve), AdamW with 5% warm-up and
+cosine decay over the run's own steps; LoRA and full fine-tuning have their own learning
+rate, shared by the LM and KD runs. Reported per run: wall time of the training, wiki perplexity (64
 non-overlapping windows of 512, SparseGPT protocol), perplexity on a second text neither model
 trained on (exllamav3's tiny.utf8, TinyStories-style), the share of the dense-to-pruned
 perplexity gap recovered on each, the held-out c4 perplexity and KL curves, and optionally
 zero-shot accuracies with stderr (arc_easy, piqa, hellaswag; `--zeroshot-limit` documents
 each). A sparse student's zeros are counted after recovery: they must all still be there.
 Results are written after every run; `--resume` skips the runs already in the file with the
-same settings.
+same settings (the token budget is each run's own, so budgets add to one file); with
+`--checkpoints DIR` a run interrupted mid-training resumes from its last checkpoint (every
+10 steps).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from secateur.io import write_json_atomic
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters
 from secateur.recovery.distill import DistillConfig, distill
+from secateur.recovery.training import STATE
 from secateur.registry import make_config
 
 RESULTS = Path(__file__).parent / "results" / "recovery.json"
@@ -118,8 +125,13 @@ def recovery_config(name: str, args: argparse.Namespace, steps: int) -> DistillC
                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
                          warmup_steps=max(1, round(0.05 * steps)), schedule="cosine",
                          heldout_windows=args.heldout_windows,
-                         heldout_every=max(1, steps // 8), save_every=steps + 1,
+                         heldout_every=max(1, steps // 8),
+                         save_every=10 if args.checkpoints else steps + 1,
                          seed=args.seed, bf16=args.bf16, **spec)
+
+
+def step_tokens(args: argparse.Namespace) -> int:
+    return args.seqlen * args.batch_size * args.grad_accum
 
 
 def build_students(dense: Loaded, names: list[str], args: argparse.Namespace
@@ -145,12 +157,15 @@ def save(loaded: Loaded, name: str, args: argparse.Namespace) -> None:
         args.save_models.mkdir(parents=True, exist_ok=True)
         save_model(loaded.model, loaded.tokenizer, args.save_models / name,
                    metadata={"benchmark": "bench/recovery.py", "model": name,
-                             "settings": settings(args, 0)})
+                             "settings": settings(args)})
 
 
-def settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:
-    return {"tokens_per_run": steps * args.seqlen * args.batch_size * args.grad_accum,
-            "tokens_asked": args.tokens, "steps": steps, "seqlen": args.seqlen,
+# settings files once held, when one file had one budget; a run row says its tokens
+BUDGET_KEYS = ("tokens_per_run", "tokens_asked", "steps")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"seqlen": args.seqlen,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "lr_lora": args.lr_lora, "lr_full": args.lr_full, "bf16": args.bf16,
             "seed": args.seed, "calib_samples": args.calib_samples,
@@ -158,25 +173,34 @@ def settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:
             "zeroshot_limit": args.zeroshot_limit}
 
 
+# KD against the LM loss with the same weights trained, and KD full against LLM-Pruner's LoRA
+PAIRS = (("kd-lora", "lora-lm"), ("kd-full", "full-lm"), ("kd-full", "lora-lm"))
+
+
 def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per student and text: does KD recover more of the gap than the LM loss, same training?"""
+    """Per student, text and budget: does KD recover more of the gap than the LM loss?"""
     out: dict[str, Any] = {}
-    for student in {r["student"] for r in runs}:
-        by = {r["recovery"]: r for r in runs if r["student"] == student}
-        for kd, lm in (("kd-lora", "lora-lm"), ("kd-full", "full-lm")):
-            if kd in by and lm in by:
+    for student in sorted({r["student"] for r in runs}):
+        by = {(r["recovery"], r["tokens"]): r for r in runs if r["student"] == student}
+        for kd, lm in PAIRS:
+            for tokens in sorted({t for _, t in by}):
+                if (kd, tokens) not in by or (lm, tokens) not in by:
+                    continue
                 for text in ("wiki", "second"):
-                    a, b = by[kd].get(f"{text}_gap_recovered"), by[lm].get(f"{text}_gap_recovered")
+                    a = by[kd, tokens].get(f"{text}_gap_recovered")
+                    b = by[lm, tokens].get(f"{text}_gap_recovered")
                     if a is not None and b is not None:
-                        out.setdefault(student, {})[f"{kd}>{lm} on {text}"] = a > b
+                        out.setdefault(student, {})[
+                            f"{kd}>{lm} on {text} at {tokens} tokens"] = a > b
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=262_144,
-                        help="training tokens per recovery run (the issue asks >= 250k)")
+    parser.add_argument("--tokens", default="262144",
+                        help="training tokens per recovery run, or several comma-separated "
+                             "(a curve); the issue asks >= 100k")
     parser.add_argument("--seqlen", type=int, default=512, help="training window")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -199,6 +223,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep runs already in --out made with the same settings")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="folder for mid-run checkpoints (every 10 steps): a killed run "
+                             "resumes from its last one")
     parser.add_argument("--save-models", type=Path, default=None,
                         help="folder to save each pruned student (NAME) and each recovered "
                              "model (NAME-RECOVERY) in, for the frontier's recovered points")
@@ -210,18 +237,24 @@ def main() -> None:
     if unknown:
         raise SecateurError(f"unknown student/recovery {unknown}: use {list(STUDENTS)} and "
                             f"{list(RECOVERIES)}")
-    steps = args.tokens // (args.seqlen * args.batch_size * args.grad_accum)
-    if steps < 1:
-        raise SecateurError(f"--tokens {args.tokens} is less than one step of "
-                            f"{args.seqlen * args.batch_size * args.grad_accum} tokens")
-    recovery_config(recoveries[0], args, steps)  # bad settings fail before any work
-    setup = settings(args, steps)
+    try:
+        budgets = [int(t) for t in args.tokens.split(",") if t]
+    except ValueError:
+        raise SecateurError(f"--tokens takes whole numbers, comma-separated: {args.tokens}"
+                            ) from None
+    budgets_steps = [t // step_tokens(args) for t in budgets]
+    if not budgets_steps or min(budgets_steps) < 1:
+        raise SecateurError(f"--tokens {args.tokens}: each budget must hold at least one step "
+                            f"of {step_tokens(args)} tokens")
+    recovery_config(recoveries[0], args, budgets_steps[0])  # bad settings fail before work
+    setup = settings(args)
     previous: dict[str, Any] = {}
     if args.resume and args.out.is_file():
         import json
 
         old = json.loads(args.out.read_text())
-        if old.get("settings") == setup:
+        old_setup = {k: v for k, v in old.get("settings", {}).items() if k not in BUDGET_KEYS}
+        if old_setup == setup:
             previous = old
     texts = {"wiki": load_text("wiki", split="test"), "second": second_text()}
     dense = load(MODEL)
@@ -234,10 +267,11 @@ def main() -> None:
         "students": previous.get("students", {}), "runs": previous.get("runs", []),
     }
     write_json_atomic(args.out, result)
-    done = {(r["student"], r["recovery"]) for r in result["runs"]}
+    done = {(r["student"], r["recovery"], r["tokens"]) for r in result["runs"]}
+    todo = [(r, steps) for steps in budgets_steps for r in recoveries]
     # a student whose runs are all on record is not rebuilt (its pruning takes minutes)
     students = [s for s in students if s not in result["students"]
-                or any((s, r) not in done for r in recoveries)]
+                or any((s, r, n * step_tokens(args)) not in done for r, n in todo)]
     built = build_students(dense, students, args)
     for name, (student, record) in built.items():
         if name not in result["students"]:
@@ -246,14 +280,19 @@ def main() -> None:
         save(student, name, args)
     for name, (student, _) in built.items():
         pruned = result["students"][name]
-        for recovery in recoveries:
-            if (name, recovery) in done:
+        for recovery, steps in todo:
+            tokens = steps * step_tokens(args)
+            if (name, recovery, tokens) in done:
                 continue
             trainee = copy.deepcopy(student)
             zeros_before = zeros(trainee.model)
             config = recovery_config(recovery, args, steps)
+            checkpoint = None
+            if args.checkpoints is not None:
+                checkpoint = args.checkpoints / f"{name}-{recovery}-{tokens}"
+                checkpoint.mkdir(parents=True, exist_ok=True)
             begin = time.perf_counter()
-            run = distill(trainee, dense, config, checkpoint=None, progress=args.progress)
+            run = distill(trainee, dense, config, checkpoint=checkpoint, progress=args.progress)
             seconds = time.perf_counter() - begin
             row = {"student": name, "recovery": recovery, "wall_seconds": seconds,
                    "train_seconds": run.seconds, "tokens": run.tokens,
@@ -262,11 +301,15 @@ def main() -> None:
             for text in ("wiki", "second"):
                 row[f"{text}_gap_recovered"] = gap_recovered(
                     pruned[f"{text}_ppl"], row[f"{text}_ppl"], result["dense"][f"{text}_ppl"])
-            save(trainee, f"{name}-{recovery}", args)
+            save(trainee, f"{name}-{recovery}" + ("" if len(budgets) == 1 else f"-{tokens}"),
+                 args)
+            if checkpoint is not None:  # finished: its state (ours alone) is not needed
+                (checkpoint / STATE).unlink(missing_ok=True)
+                checkpoint.rmdir()
             result["runs"].append(row)
             result["verdict"] = verdict(result["runs"])
             write_json_atomic(args.out, result)
-            print(f"{name:>22} {recovery:>8}  wiki {pruned['wiki_ppl']:8.2f} -> "
+            print(f"{name:>22} {recovery:>8} {tokens:>7}  wiki {pruned['wiki_ppl']:8.2f} -> "
                   f"{row['wiki_ppl']:8.2f}  second {pruned['second_ppl']:8.2f} -> "
                   f"{row['second_ppl']:8.2f}  {seconds:7.1f} s", flush=True)
             del trainee
