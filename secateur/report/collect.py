@@ -9,6 +9,7 @@ from typing import Any
 
 from secateur.errors import SecateurError
 from secateur.report.frontier import is_frontier
+from secateur.report.recovery import is_recovery
 
 SKIP = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "special_tokens_map.json", "sweep.json", "model.safetensors.index.json"}
@@ -27,6 +28,7 @@ class Collected:
     runs: list[Run] = field(default_factory=list)
     benches: list[Run] = field(default_factory=list)
     frontiers: list[Run] = field(default_factory=list)  # `secateur frontier`'s frontier.json
+    recoveries: list[Run] = field(default_factory=list)  # bench/recovery.py's result files
     warnings: list[str] = field(default_factory=list)
 
 
@@ -35,6 +37,8 @@ def kind(data: Any) -> str | None:
         return None
     if is_frontier(data):
         return "frontier"
+    if is_recovery(data):
+        return "recovery"
     if "speedup_vs_baseline" in data and "models" in data:
         return "bench"
     if "perplexity" in data or "zeroshot" in data or "options" in data:
@@ -85,7 +89,8 @@ def collect(paths: list[Path]) -> Collected:
             found += 1
             label = data.get("cell") or f.stem
             name = f"{path.name}/{label}" if path.is_dir() and len(paths) > 1 else label
-            {"bench": out.benches, "frontier": out.frontiers}.get(found_kind, out.runs).append(
+            {"bench": out.benches, "frontier": out.frontiers,
+             "recovery": out.recoveries}.get(found_kind, out.runs).append(
                 Run(name, data))
         if not found:
             seen = [w for w in out.warnings if str(path) in w]

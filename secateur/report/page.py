@@ -22,7 +22,7 @@ from typing import Any
 
 from secateur.io import mark_output, write_bytes_atomic, write_text_atomic
 from secateur.outputs import check_output_folder
-from secateur.report import accuracy, frontier
+from secateur.report import accuracy, frontier, recovery
 from secateur.report.collect import Collected, Run, collect, why
 from secateur.report.plots import plots as draw_plots
 from secateur.report.runs import parameters, sparsity, target
@@ -243,6 +243,17 @@ def _tables(c: Collected, protos: Protocols) -> list[Table]:
                 f"slack); 'dominates': no more bytes and lower perplexity, or faster decode at "
                 f"no worse perplexity.")
         tables.append((f"Frontier: {model} (llama.cpp)", cols, frontier.rows(f.data), note))
+    for r in c.recoveries:
+        st = r.data["settings"]
+        note = (f"{r.data.get('model')} pruned, then recovered on c4-sample windows of "
+                f"{st.get('seqlen')} tokens ({st.get('batch_size')} per step, AdamW, cosine, "
+                f"LoRA lr {st.get('lr_lora')}, full lr {st.get('lr_full')}, seed "
+                f"{st.get('seed')}); perplexity on {st.get('eval_windows')} windows x "
+                f"{st.get('eval_seqlen')} of wiki and of a second text neither model trained "
+                f"on; gap recovered = (pruned - recovered) / (pruned - dense); zero-shot: mean "
+                f"of arc_easy, piqa, hellaswag acc_norm over {st.get('zeroshot_limit')} "
+                f"documents each, ± the stderr of that mean. {r.data.get('command', '')}")
+        tables.append((f"Recovery: {r.name}", recovery.COLUMNS, recovery.rows(r.data), note))
     depth = [r for r in c.runs if isinstance(r.data.get("summary"), dict)
              and r.data["summary"].get("removed")]
     if depth:

@@ -6,7 +6,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from secateur.report import frontier
+from secateur.report import frontier, recovery
 from secateur.report.collect import Collected, why
 from secateur.report.runs import nonzero_parameters, series, sparsity
 
@@ -133,6 +133,15 @@ def plots(c: Collected) -> dict[str, tuple[str, bytes]]:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             plt.close("all")
             c.warnings.append(f"plot of {f.name} left out: {type(err).__name__}: {why(err)}")
+    if c.recoveries:
+        try:
+            fig = recovery.figure([r.data for r in c.recoveries], plt)
+            if fig is not None:
+                out["recovery_curve"] = ("Share of the pruning gap recovered against training "
+                                         "tokens", _png(fig))
+        except (KeyError, TypeError, ValueError) as err:
+            plt.close("all")
+            c.warnings.append(f"recovery curve left out: {type(err).__name__}: {why(err)}")
     for key, (caption, draw) in PLOTS.items():
         try:
             fig = draw(c, plt)
