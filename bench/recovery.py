@@ -228,7 +228,8 @@ def main() -> None:
                              "resumes from its last one")
     parser.add_argument("--save-models", type=Path, default=None,
                         help="folder to save each pruned student (NAME) and each recovered "
-                             "model (NAME-RECOVERY) in, for the frontier's recovered points")
+                             "model (NAME-RECOVERY-TOKENS) in, for the frontier's recovered "
+                             "points")
     args = parser.parse_args()
     students = [s for s in args.students.split(",") if s]
     recoveries = [r for r in args.recoveries.split(",") if r]
@@ -301,8 +302,7 @@ def main() -> None:
             for text in ("wiki", "second"):
                 row[f"{text}_gap_recovered"] = gap_recovered(
                     pruned[f"{text}_ppl"], row[f"{text}_ppl"], result["dense"][f"{text}_ppl"])
-            save(trainee, f"{name}-{recovery}" + ("" if len(budgets) == 1 else f"-{tokens}"),
-                 args)
+            save(trainee, f"{name}-{recovery}-{tokens}", args)
             if checkpoint is not None:  # finished: its state (ours alone) is not needed
                 (checkpoint / STATE).unlink(missing_ok=True)
                 checkpoint.rmdir()
