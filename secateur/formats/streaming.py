@@ -38,6 +38,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.base import ModelAdapter, adapter_for
+from secateur.models.mask import MASK, clear_mask, mask_keys
 from secateur.quant.state import GRID_TENSORS, clear_quant_state, is_quantized, quant_state
 
 _CODES = {
@@ -384,6 +385,8 @@ class StreamedWeights:
     # -- one layer ---------------------------------------------------------------------------
     def load_layer(self, index: int) -> None:
         layer = self.adapter.layers[index]
+        for module in layer.modules():
+            clear_mask(module)  # no file holds one; the method records it anew
         names = list(layer.state_dict(keep_vars=True))
         prefix = self.prefix(index)
         tensors = self._read([prefix + n for n in names])
@@ -396,6 +399,7 @@ class StreamedWeights:
         layer = self.adapter.layers[index]
         for module in layer.modules():
             clear_quant_state(module)
+            clear_mask(module)  # only for the step that recorded it: no output holds it
         for n, t in layer.state_dict(keep_vars=True).items():
             _set_tensor(layer, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
@@ -446,9 +450,12 @@ class StreamedWeights:
         return tensors
 
     def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer `index`'s saved tensors under their names in the whole model."""
+        """Layer `index`'s saved tensors under their names in the whole model (no pruning
+        mask: plain transformers must load the output)."""
         prefix = self.prefix(index)
-        return {prefix + k: v for k, v in self.adapter.layers[index].state_dict().items()}
+        layer = self.adapter.layers[index]
+        skip = mask_keys(layer)
+        return {prefix + k: v for k, v in layer.state_dict().items() if k not in skip}
 
     # -- the output ------------------------------------------------------------------------
     def begin(self, work: Path) -> None:
@@ -477,17 +484,27 @@ class StreamedWeights:
         dequantized."""
         if self._loaded(index) and self._quantized(index):
             return self.write_layer(index)
-        header, _ = read_header(Path(file))
+        header, start = read_header(Path(file))
         if any(key.rpartition(".")[2] in GRID_TENSORS for key in header):
             raise SecateurError("a streamed quantization cannot resume from its checkpoint "
                                 "yet (the checkpoint holds dequantized layers): run it again "
                                 "without --resume")
         path = self._need_work() / self._shard(index + 2)
         path.unlink(missing_ok=True)
-        try:
-            os.link(file, path)  # no second copy of the bytes on disk
-        except OSError:
-            shutil.copyfile(file, path)
+        if any(key.rpartition(".")[2] == MASK for key in header):
+            # the checkpoint keeps the layer's pruning masks, which no output may: the other
+            # tensors' bytes are copied without them
+            write_tensors(path, {
+                k: FileRange(Path(file), start + v["data_offsets"][0],
+                             v["data_offsets"][1] - v["data_offsets"][0], v["dtype"],
+                             tuple(v["shape"]))
+                for k, v in header.items()
+                if k != "__metadata__" and k.rpartition(".")[2] != MASK})
+        else:
+            try:
+                os.link(file, path)  # no second copy of the bytes on disk
+            except OSError:
+                shutil.copyfile(file, path)
         self.written[index] = path
         self.packed.pop(index, None)
         self.unpacked.pop(index, None)

@@ -1,7 +1,8 @@
 """GPTQ as a layer-wise method: each projection quantized on the Hessian of its inputs.
 
-Shares the X^T X statistic with SparseGPT. Weights that are exactly zero when GPTQ starts (a
-model pruned by Wanda or SparseGPT) stay exactly zero unless `keep_zeros` is off.
+Shares the X^T X statistic with SparseGPT. Pruned weights (the mask a pruning method recorded,
+`secateur.models.mask`; the exact zeros of a model read from disk) stay exactly zero unless
+`keep_zeros` is off.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class GPTQConfig(QuantizeConfig):
                                                               "mean Hessian diagonal (raised "
                                                               "tenfold while H stays singular).")
     blocksize: int = Field(BLOCKSIZE, ge=1, description="Columns solved per lazy block.")
-    keep_zeros: bool = Field(True, description="Weights already exactly zero (pruned) stay "
-                                               "exactly zero; the others absorb their error.")
+    keep_zeros: bool = Field(True, description="Pruned weights stay exactly zero; the others "
+                                               "absorb their error.")
     sequential: bool = Field(True, description="Feed each layer the quantized layers' outputs "
                                                "(else the dense activations).")
 
@@ -59,10 +60,13 @@ class GPTQ(QuantizeMethod):
                         ) -> tuple[torch.Tensor, QuantState, dict[str, float]]:
         hessian = stats[Hessian.name]
         cfg = self.config
-        mask = proj.weight == 0 if cfg.keep_zeros else None
+        # the recorded mask: a kept weight that happens to be 0 is quantized like any other
+        mask = proj.pruned() if cfg.keep_zeros else None
         new, state = gptq_quantize(proj.weight, hessian.sum, cfg.grid(), cfg.group_size,
                                    cfg.act_order, cfg.static_groups, cfg.blocksize,
                                    cfg.percdamp, mask)
+        if not cfg.keep_zeros:  # the pruned weights took values: nothing is pruned any more
+            proj.set_kept(torch.ones_like(new, dtype=torch.bool))
         extra = {"output_error": output_error(proj.weight, new, hessian.sum)}
         hessian.sum = torch.empty(0)  # a Hessian per matrix adds up; free it as soon as used
         return new, state, extra

@@ -22,4 +22,4 @@ class Magnitude(SparsityMethod):
                      sparsity: float | None, nm: tuple[int, int] | None) -> None:
         score = proj.weight.abs()
         mask = lowest_n_of_m(score, *nm) if nm else lowest_per_matrix(score, sparsity)
-        apply_mask(proj.weight, mask)
+        apply_mask(proj, mask)

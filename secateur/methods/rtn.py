@@ -18,6 +18,7 @@ from secateur.config import MethodConfig, StepKind
 from secateur.methods.base import LayerReport, LayerwiseMethod, PruneContext, register_method
 from secateur.methods.masks import matrix_report
 from secateur.models.base import ModelAdapter, Projection
+from secateur.models.mask import adopt_masks, clear_mask
 from secateur.quant.grid import QuantGridConfig, check_group_sizes, refuse_quantized, rtn
 from secateur.quant.state import QuantState, set_quant_state
 from secateur.stats import Statistic
@@ -54,6 +55,9 @@ class QuantizeMethod(LayerwiseMethod):
 
     config: QuantizeConfig
     splits_solves = True  # each matrix is quantized on its own statistics alone
+    # until prepare() says otherwise, a projection without a mask is read from its zeros
+    derive_masks = True
+    records_masks = True
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter,
                 context: PruneContext | None = None) -> None:
@@ -61,6 +65,12 @@ class QuantizeMethod(LayerwiseMethod):
         check_group_sizes(self.config.group_size, {
             f"layers.{i}.{name}": p.in_features for i, layer in enumerate(adapter.layers)
             for name, p in adapter.linears(layer).items()}, self.config.partial_groups)
+        # Masks are recorded before rounding adds zeros of its own, which later steps
+        # (recovery, keep_zeros) must not take for pruned weights; a streamed layer is
+        # written out and dropped at once (see SparsityMethod.prepare), so it keeps none.
+        self.records_masks = adapter.layers_in_memory()
+        if self.records_masks:
+            self.derive_masks = adapter.adopt_masks()
 
     @abstractmethod
     def quantize_matrix(self, proj: Projection, stats: dict[str, Statistic]
@@ -71,7 +81,11 @@ class QuantizeMethod(LayerwiseMethod):
               stats: dict[str, dict[str, Statistic]]) -> LayerReport:
         report = LayerReport(index)
         for name, proj in projections.items():
+            if self.records_masks:
+                adopt_masks([proj.module], self.derive_masks)
             new, state, extra = self.quantize_matrix(proj, stats[name])
+            if not self.records_masks:
+                clear_mask(proj.module)
             error = weight_error(proj.weight, new)
             proj.weight.copy_(new.to(proj.weight.dtype))
             set_quant_state(proj.module, state)

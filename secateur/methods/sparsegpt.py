@@ -69,8 +69,8 @@ def sparsegpt_prune_quantize(
 ) -> tuple[torch.Tensor, QuantState]:
     """Pruned and quantized in one solve: the dequantized weight (out, in) and its grid."""
     with one_thread():
-        w, state = _solve(weight, hessian_factor(hessian, percdamp), sparsity, nm, blocksize,
-                          grid, group_size)
+        w, state, _ = _solve(weight, hessian_factor(hessian, percdamp), sparsity, nm,
+                             blocksize, grid, group_size)
     assert state is not None
     return w, state
 
@@ -99,12 +99,16 @@ def _solve(
     blocksize: int,
     grid: Grid | None = None,
     group_size: int = -1,
-) -> tuple[torch.Tensor, QuantState | None]:
+) -> tuple[torch.Tensor, QuantState | None, torch.Tensor]:
+    """The solved weight, its grid (with `grid`) and the pruned positions: the mask chosen
+    and the dead columns, which are zeroed too."""
     w = weight.detach().clone().float()
     grids: list[tuple[torch.Tensor, torch.Tensor]] = []
     if grid is not None and group_size == -1:
         grids.append(find_params(w, grid))  # the reference: from the dense weight, first
     w[:, factor.dead] = 0
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    pruned[:, factor.dead] = True
     hinv = factor.hinv
     cols = w.shape[1]
     if nm:
@@ -122,6 +126,7 @@ def _solve(
             mask1 = lowest_per_matrix(w1**2 / d.unsqueeze(0) ** 2, sparsity)
         if grid is not None:
             _quantized_block(w, w1, err1, hinv1, mask1, i1, nm, grid, group_size, grids)
+            pruned[:, i1:i2] |= mask1
             w[:, i1:i2] = w1
             w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
             continue
@@ -138,13 +143,14 @@ def _solve(
         # After its own update a column holds q: kept weights (updated by earlier columns)
         # and zeros up to rounding, which the mask makes exact.
         w[:, i1:i2] = w1.masked_fill_(mask1, 0.0)
+        pruned[:, i1:i2] |= mask1
         w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
     if grid is None:
-        return w, None
+        return w, None, pruned
     state = QuantState(grid.bits, group_size, grid.symmetric,
                        torch.cat([s for s, _ in grids], 1).cpu(),
                        torch.cat([z for _, z in grids], 1).cpu())
-    return w, state
+    return w, state, pruned
 
 
 def _quantized_block(w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor,
@@ -222,14 +228,16 @@ class SparseGPT(SparsityMethod):
                 self._factors[id(hessian)] = hessian_factor(hessian.sum, cfg.percdamp)
         factor = self._factors[id(hessian)]
         with one_thread():
-            new, state = _solve(proj.weight, factor, sparsity, nm, cfg.blocksize,
-                                None if quant is None else quant.grid(),
-                                -1 if quant is None else quant.group_size)
+            new, state, pruned = _solve(proj.weight, factor, sparsity, nm, cfg.blocksize,
+                                        None if quant is None else quant.grid(),
+                                        -1 if quant is None else quant.group_size)
         if state is not None:
             self._errors[proj.name] = {"output_error": output_error(proj.weight, new,
                                                                     hessian.sum)}
             set_quant_state(proj.module, state)
         proj.weight.copy_(new.to(proj.weight.dtype))
+        # from the solve, not from the zeros: rounding sets some kept weights to 0 as well
+        proj.record_pruned(pruned.to(proj.weight.device))
 
     def apply(self, index: int, projections: dict[str, Projection],
               stats: dict[str, dict[str, Statistic]]) -> LayerReport:

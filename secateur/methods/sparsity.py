@@ -15,6 +15,7 @@ from secateur.methods.base import LayerReport, LayerwiseMethod, PruneContext
 from secateur.methods.masks import check_nm_width, matrix_report, parse_nm
 from secateur.methods.owl import outlier_ratio, owl_sparsities
 from secateur.models.base import ModelAdapter, Projection
+from secateur.models.mask import adopt_masks, clear_mask
 from secateur.stats import ColumnSquares, Statistic
 
 
@@ -92,6 +93,9 @@ class SparsityMethod(LayerwiseMethod):
         self.sparsity = config.sparsity
         self.layer_targets: list[float] | None = None
         self.outlier_ratios: list[float] | None = None
+        # until prepare() says otherwise, a projection without a mask is read from its zeros
+        self.derive_masks = True
+        self.records_masks = True
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter,
                 context: PruneContext | None = None) -> None:
@@ -99,6 +103,13 @@ class SparsityMethod(LayerwiseMethod):
             n, m = self.nm
             for name, proj in adapter.linears(adapter.layers[0]).items():
                 check_nm_width(n, m, proj.in_features, name)
+        # A streamed layer is written out and dropped once pruned: no later step could read
+        # its mask, and the layer checkpoint that becomes its output shard must hold none.
+        self.records_masks = adapter.layers_in_memory()
+        if self.records_masks:
+            # every projection holds its mask from the start, not only once pruned: a
+            # resumed run loads finished layers (masks included) strictly by key
+            self.derive_masks = adapter.adopt_masks()
         owl = self.config.owl
         if owl is None:
             return
@@ -121,7 +132,8 @@ class SparsityMethod(LayerwiseMethod):
     @abstractmethod
     def prune_matrix(self, proj: Projection, stats: dict[str, Statistic],
                      sparsity: float | None, nm: tuple[int, int] | None) -> None:
-        """Zero weights of `proj.weight` in place (and update the rest, for SparseGPT)."""
+        """Zero weights of `proj.weight` in place (and update the rest, for SparseGPT), and
+        record the pruned ones (`Projection.record_pruned`)."""
 
     def apply(self, index: int, projections: dict[str, Projection],
               stats: dict[str, dict[str, Statistic]]) -> LayerReport:
@@ -130,7 +142,11 @@ class SparsityMethod(LayerwiseMethod):
         for name, proj in projections.items():
             if self.nm:
                 check_nm_width(*self.nm, proj.in_features, name)
+            if self.records_masks:
+                adopt_masks([proj.module], self.derive_masks)
             self.prune_matrix(proj, stats[name], target, self.nm)
+            if not self.records_masks:
+                clear_mask(proj.module)
             report.matrices[name] = matrix_report(proj.weight)
         return report
 
@@ -145,5 +161,7 @@ class SparsityMethod(LayerwiseMethod):
         return out
 
 
-def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    weight.masked_fill_(mask, 0.0)
+def apply_mask(proj: Projection, mask: torch.Tensor) -> None:
+    """Zero the weights where `mask` (`(out, in)`) is True, and record them as pruned."""
+    proj.weight.masked_fill_(mask, 0.0)
+    proj.record_pruned(mask)

@@ -23,4 +23,4 @@ class Wanda(SparsityMethod):
                      sparsity: float | None, nm: tuple[int, int] | None) -> None:
         score = proj.weight.abs() * stats[ColumnSquares.name].norms.unsqueeze(0)
         mask = lowest_n_of_m(score, *nm) if nm else lowest_per_row(score, sparsity)
-        apply_mask(proj.weight, mask)
+        apply_mask(proj, mask)

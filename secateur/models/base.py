@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.models import mask as _mask
 
 # model_type of secateur's generic class for pruned models (secateur/surgery/flexmodel/
 # modeling_secateur_flex.py); its config names the stock family in `base_model_type`.
@@ -40,6 +41,26 @@ class Projection:
         """A view sharing storage with the parameter: in-place edits land in the model."""
         w = self.module.weight.data
         return w.t() if self.transposed else w
+
+    def kept(self) -> torch.Tensor | None:
+        """True where the weight is kept, as `(out, in)`; None where no mask is recorded
+        (`secateur.models.mask`)."""
+        keep = _mask.kept_mask(self.module)
+        return keep.t() if keep is not None and self.transposed else keep
+
+    def pruned(self) -> torch.Tensor:
+        """True where the weight is pruned, as `(out, in)`: the recorded mask, or the exact
+        zeros where none is (a weight read from disk, whose files hold no mask)."""
+        keep = self.kept()
+        return self.weight == 0 if keep is None else ~keep
+
+    def record_pruned(self, pruned: torch.Tensor) -> None:
+        """Add `pruned` (`(out, in)`, True = pruned) to the recorded mask."""
+        _mask.record_pruned(self.module, pruned.t() if self.transposed else pruned)
+
+    def set_kept(self, keep: torch.Tensor) -> None:
+        """Replace the recorded mask with `keep` (`(out, in)`, True = kept)."""
+        _mask.set_kept_mask(self.module, keep.t() if self.transposed else keep)
 
     @property
     def out_features(self) -> int:
@@ -135,6 +156,9 @@ class ModelAdapter:
     mlp_out: ClassVar[str]
     attn_norm: ClassVar[str]  # the norm feeding the attention block
     mlp_norm: ClassVar[str]  # the norm feeding the MLP block
+    # every other norm inside a layer (Gemma 3's sandwich norms, Qwen3's per-head q/k norms);
+    # a path that a layer lacks (a family member without it, a removed branch) is skipped
+    extra_norms: ClassVar[tuple[str, ...]] = ()
     transposed_weights: ClassVar[bool] = False
     num_layers_key: ClassVar[str] = "num_hidden_layers"
     # capabilities the rest of secateur asks about instead of checking model types
@@ -174,6 +198,14 @@ class ModelAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.get_submodule(self.lm_head_path)
 
+    def norm_modules(self) -> list[nn.Module]:
+        """Every normalisation layer of the model: each decoder layer's, then the final one."""
+        paths = (self.attn_norm, self.mlp_norm, *self.extra_norms)
+        found = [get_submodule(layer, path) for layer in self.layers
+                 for path in dict.fromkeys(paths)]
+        found.append(get_submodule(self.model, self.final_norm_path))
+        return list({id(m): m for m in found if m is not None}.values())
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         norm = get_submodule(self.model, self.final_norm_path)
         return hidden if norm is None else norm(hidden)
@@ -209,6 +241,21 @@ class ModelAdapter:
             if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
                 out[path] = Projection(path, module, self.transposed_weights)
         return out
+
+    def layers_in_memory(self) -> bool:
+        """False while the decoder layers are streamed: meta tensors until each is read,
+        pruned, written out and dropped (`secateur.formats.streaming`)."""
+        return not any(t.is_meta for t in self.layers.parameters())
+
+    def adopt_masks(self) -> bool:
+        """Record a pruning mask on every decoder projection in memory that has none
+        (`secateur.models.mask.adopt_masks`), so that a method reads and extends recorded masks
+        only. Returns whether they were derived from the weights' zeros: true for a model that
+        held no mask at all, as one read from disk does."""
+        derive = not _mask.has_masks(self.model)
+        _mask.adopt_masks((p.module for layer in self.layers
+                           for p in self.linears(layer).values()), derive)
+        return derive
 
     def attention_shape(self) -> AttentionShape:
         cfg = self.config

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.models.mask import mask_keys
 from secateur.quant.scheme import INTEGER, Accepts, QuantScheme
 
 ATTR = "secateur_quant"  # the module's QuantScheme
@@ -140,6 +141,7 @@ def grid_keys(model: nn.Module) -> set[str]:
 
 
 def weights_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` without the grid tensors: what a dense checkpoint holds."""
-    skip = grid_keys(model)
+    """`model.state_dict()` without the grid tensors and pruning masks
+    (`secateur.models.mask`): what a dense checkpoint holds."""
+    skip = grid_keys(model) | mask_keys(model)
     return {k: v for k, v in model.state_dict(keep_vars=keep_vars).items() if k not in skip}

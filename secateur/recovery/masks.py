@@ -1,11 +1,10 @@
-"""Pruning masks that survive recovery: weights that were exactly zero stay exactly zero.
+"""Pruning masks that survive recovery: pruned weights stay exactly zero.
 
-A sparse model (magnitude, Wanda, SparseGPT) keeps its mask only as zeros in the weights, and
-any training step or LoRA merge writes into them. `record_masks` notes, before training, which
-decoder-projection weights are zero; `Masks.apply` puts them back (after a LoRA merge, after
-every optimizer step of full fine-tuning) and `Masks.mask_grads` keeps the optimizer from
-moving them in the first place. Every zero counts, not only those of matrices that look
-sparse: keeping a stray zero of a dense matrix costs nothing and makes the rule exact.
+`record_masks` reads, before training, the mask each decoder projection carries
+(`secateur.models.mask`, recorded by the method that pruned it); `Masks.apply` puts the zeros
+back (after a LoRA merge, after every optimizer step of full fine-tuning) and
+`Masks.mask_grads` keeps the optimizer from moving them in the first place. A kept weight that
+is exactly 0 (rounded there by a quantizer, or by chance) trains like any other.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from secateur.models.base import ModelAdapter, get_submodule
+from secateur.models.mask import has_masks, kept_mask
 
 
 @dataclass
@@ -80,14 +80,24 @@ def projection_modules(adapter: ModelAdapter) -> list[tuple[str, nn.Module]]:
 
 
 def record_masks(model: nn.Module, adapter: ModelAdapter) -> Masks:
-    """The exact zeros of every decoder projection that has any; empty for a dense model."""
+    """The pruned weights of every decoder projection that has any; empty for a dense model."""
     names = {id(p): n for n, p in model.named_parameters()}
+    # A model read from disk carries no mask (no saved format holds one): its exact zeros are
+    # all that is left of its pruning, so they stand in for the mask, as before masks were
+    # recorded. A model pruned or quantized in this process has its masks.
+    recorded = has_masks(model)
     found: dict[str, torch.Tensor] = {}
     for _, module in projection_modules(adapter):
         weight = getattr(module, "weight", None)
         if weight is None or id(weight) not in names:
             continue  # a removed branch's stand-in holds no weight
-        zero = weight.detach() == 0
+        if recorded:
+            keep = kept_mask(module)
+            if keep is None:
+                continue  # never pruned
+            zero = ~keep.to(weight.device)
+        else:
+            zero = weight.detach() == 0
         if bool(zero.any()):
             found[_bare_name(names[id(weight)])] = zero
     return Masks(found)

@@ -33,6 +33,7 @@ from secateur.errors import SecateurError
 from secateur.methods.base import PruneContext
 from secateur.models.base import adapter_for
 from secateur.models.loading import Loaded
+from secateur.models.mask import mask_keys
 from secateur.recovery.data import TokenWindows
 from secateur.recovery.masks import Masks, projection_modules, record_masks
 from secateur.recovery.state_file import load_state, read_meta, save_state
@@ -62,8 +63,9 @@ class TrainConfig(MethodConfig):
     targets: tuple[str, ...] | None = Field(
         None, description="module names LoRA adapts (default: every decoder projection)")
     bf16: bool = Field(False, description="bf16 autocast for forward passes (losses in fp32)")
-    keep_masks: bool = Field(True, description="weights that are exactly zero before training "
-                                               "(sparse models) stay exactly zero")
+    keep_masks: bool = Field(True, description="pruned weights (the recorded masks; a model "
+                                               "read from disk: its exact zeros) stay exactly "
+                                               "zero")
     heldout_windows: int = Field(4, ge=0, description="windows held out from the end of the text "
                                                    "for held-out perplexity")
     heldout_every: int = Field(0, ge=0, description="held-out evaluation every K steps (0: "
@@ -153,7 +155,10 @@ def _trainable_state(model: nn.Module, mode: Mode) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(model)
-    return model.state_dict()
+    # Pruning masks are not trained: they come with the model, which a resumed run may have
+    # read from disk without them (a recipe's step checkpoint).
+    skip = mask_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
 
 
 def _load_trainable(model: nn.Module, mode: Mode, state: dict[str, torch.Tensor]) -> None:
@@ -161,8 +166,12 @@ def _load_trainable(model: nn.Module, mode: Mode, state: dict[str, torch.Tensor]
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
-    else:
-        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    skip = mask_keys(model)
+    if unexpected or [k for k in missing if k not in skip]:
+        raise SecateurError("the training checkpoint does not fit the model: remove it to "
+                            "start afresh")
 
 
 STATE = "state.safetensors"

@@ -18,6 +18,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.base import GroupSet, ModelAdapter, Projection
+from secateur.models.mask import select_mask
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,12 @@ def keep_rows(proj: Projection, keep: torch.Tensor) -> None:
     m = proj.module
     if proj.transposed:  # Conv1D: weight is (in, out)
         _replace(m, "weight", m.weight.data[:, keep])
+        select_mask(m, keep, 1)
         if hasattr(m, "nf"):
             m.nf = len(keep)
     else:
         _replace(m, "weight", m.weight.data[keep])
+        select_mask(m, keep, 0)
         if hasattr(m, "out_features"):
             m.out_features = len(keep)
     if getattr(m, "bias", None) is not None:
@@ -52,8 +55,10 @@ def keep_cols(proj: Projection, keep: torch.Tensor) -> None:
     m = proj.module
     if proj.transposed:
         _replace(m, "weight", m.weight.data[keep])
+        select_mask(m, keep, 0)
     else:
         _replace(m, "weight", m.weight.data[:, keep])
+        select_mask(m, keep, 1)
         if hasattr(m, "in_features"):
             m.in_features = len(keep)
 

@@ -12,6 +12,7 @@ from secateur.methods.rtn import RTNConfig
 from secateur.methods.sparsegpt import sparsegpt_prune, sparsegpt_prune_quantize
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
+from secateur.models.mask import kept_mask, set_kept_mask
 from secateur.quant.gptq import gptq_quantize, output_error
 from secateur.quant.grid import Grid, QuantGridConfig, find_params, rtn
 from secateur.quant.grid import quantize as grid_quantize
@@ -468,11 +469,15 @@ def test_grid_is_in_the_state_dict_and_survives_a_round_trip_and_a_deepcopy():
             set_quant_state(fresh.get_submodule(path), QuantState(
                 s.bits, s.group_size, s.symmetric, torch.zeros_like(s.scale),
                 torch.zeros_like(s.zero), torch.zeros_like(s.g_idx), s.actorder))
+        if kept_mask(module) is not None:  # the mask the quantize step recorded, too
+            set_kept_mask(fresh.get_submodule(path), torch.zeros_like(module.weight,
+                                                                      dtype=torch.bool))
     fresh.load_state_dict(state, strict=True)
     got, want = quant_state(fresh.self_attn.q_proj), quant_state(q)
     assert torch.equal(got.scale, want.scale) and torch.equal(got.g_idx, want.g_idx)
     assert torch.equal(got.dequantize(got.codes(fresh.self_attn.q_proj.weight)),
                        fresh.self_attn.q_proj.weight)
+    assert torch.equal(kept_mask(fresh.self_attn.q_proj), kept_mask(q))
 
 
 def test_a_dense_save_of_a_quantized_model_holds_no_grid_and_reloads_cleanly(tmp_path):
