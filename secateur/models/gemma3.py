@@ -15,6 +15,8 @@ class Gemma3Adapter(LlamaAdapter):
 
     model_types = ("gemma3_text",)
     mlp_norm = "pre_feedforward_layernorm"
+    extra_norms = ("post_attention_layernorm", "post_feedforward_layernorm",
+                   "self_attn.q_norm", "self_attn.k_norm")
     # its perplexity triples without BOS (15.2 vs 49.7 on wiki at 256 tokens)
     bos_policy = "each"
     gguf_architecture = "gemma3"

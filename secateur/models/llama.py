@@ -36,6 +36,7 @@ class LlamaAdapter(ModelAdapter):
     mlp_out = "mlp.down_proj"
     attn_norm = "input_layernorm"
     mlp_norm = "post_attention_layernorm"
+    extra_norms = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3's per-head norms
     stock_widths = True
     gguf_architecture = "llama"  # "deci" when layers differ (secateur.export.gguf)
     # The forward infers heads from the shapes; only the GQA repeat count is stored (older

@@ -180,14 +180,11 @@ def frozen_codes(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
 class _Parametrized:
     """The model with its quantized weights turned into functions of trainable grids."""
 
-    def __init__(self, model: nn.Module, learn: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, learn: tuple[str, ...],
+                 norms: list[nn.Module]) -> None:
         self.model = model
         self.grids: dict[str, tuple[nn.Module, nn.Module]] = {}
         for p in model.parameters():
@@ -204,10 +201,9 @@ class _Parametrized:
                 module.bias.requires_grad_(True)
             self.grids[name] = (module, grid)
         if "norms" in learn:
-            for module in model.modules():
-                if _is_norm(module):
-                    for p in module.parameters(recurse=False):
-                        p.requires_grad_(True)
+            for module in norms:
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(True)
 
     def finish(self) -> None:
         """Project onto the stored format, write the exact weights, drop the parametrization."""
@@ -269,7 +265,7 @@ def dwq(student: Loaded, teacher: Loaded, config: DWQConfig, checkpoint: Path | 
     pad = student.tokenizer.pad_token_id
     pad = student.tokenizer.eos_token_id if pad is None else pad
     objective = Distillation(config, data, t_model, None, None, None, pad)  # type: ignore[arg-type]
-    grids = _Parametrized(student.model, config.learn)
+    grids = _Parametrized(student.model, config.learn, student.adapter.norm_modules())
     extra: dict[str, Any] = {"teacher": teacher.name or teacher.path,
                              "quantized_linears": len(grids.grids)}
     try:
