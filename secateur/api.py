@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -39,6 +39,9 @@ from secateur.models.base import adapter_for
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters as count_parameters  # re-exported API
 
+if TYPE_CHECKING:
+    from secateur.recovery.training import TrainResult
+
 
 class CalibrationConfig(Config):
     """Which calibration windows: SparseGPT/Wanda's sampler over a text source."""
@@ -57,6 +60,28 @@ class CalibrationConfig(Config):
 
 
 Data = str | Path | CalibrationConfig | torch.Tensor | Sequence[torch.Tensor] | None
+
+
+@dataclass
+class Count:
+    """`count_parameters`' record, read typed."""
+
+    parameters: int
+    nonzero: int
+
+    @classmethod
+    def of(cls, record: dict[str, int]) -> Count:
+        return cls(record["parameters"], record["nonzero"])
+
+
+@dataclass
+class LayerSummary:
+    """One layer of a layer-wise step as a table row."""
+
+    index: int
+    target: float | None
+    sparsity: float | None  # zeros over the layer's matrices that report a sparsity
+    relative_error: float | None
 
 
 @dataclass
@@ -83,6 +108,22 @@ class StepResult:
     def from_dict(cls, data: dict[str, Any]) -> StepResult:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def after(self) -> Count:
+        return Count.of(self.parameters["after"])
+
+    def layer_summaries(self) -> list[LayerSummary]:
+        out = []
+        for layer in self.layers:
+            # w8a8's matrices record errors, not sparsity
+            sized = [m for m in layer["matrices"].values() if "sparsity" in m and "numel" in m]
+            total = sum(m["numel"] for m in sized)
+            zeros = sum(m["sparsity"] * m["numel"] for m in sized)
+            out.append(LayerSummary(layer["index"], layer.get("target"),
+                                    zeros / total if total else None,
+                                    layer.get("relative_error")))
+        return out
 
     @property
     def sparsity(self) -> float | None:
@@ -162,6 +203,7 @@ def run_step(
     progress: bool = True,
     device: str | torch.device | None = "auto",
     checkpoint: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> StepResult:
     """Carry out one method on the model in place (a recovery may replace `loaded.model`).
 
@@ -169,9 +211,11 @@ def run_step(
     model stays where it is: a layer-wise method moves one layer at a time to the device, a
     whole-model method (depth search, Taylor scores, LoRA/KD) the model for the step.
 
-    `checkpoint`: a folder where a layer-wise method records every finished layer; a rerun
-    with the same settings continues from it bit-identically. The caller removes it
-    (`secateur.engine.checkpoint.remove_checkpoint`) once the result is safely saved."""
+    `checkpoint`: a folder where a layer-wise method records every finished layer, or a
+    recovery its training state; a rerun with the same settings continues from it (a
+    layer-wise one bit-identically). The caller removes it
+    (`secateur.engine.checkpoint.remove_checkpoint`) once the result is safely saved.
+    `on_step(step, loss)`: called after every training step of a recovery."""
     method = build_method(config)  # refuses anything that is not a registered config
     dev = None if device is None else resolve_device(device)  # before the model loads
     if kind is not None and config.kind != kind:
@@ -216,6 +260,9 @@ def run_step(
             # embeddings and head are saved in float16 beside the packed linears: evaluate
             # exactly what will be saved
             round_kept_tensors(m)
+    elif config.kind == "recover" and (checkpoint is not None or on_step is not None):
+        result.summary = _train(loaded, config, teacher, checkpoint, progress, on_step,
+                                dev).to_dict()
     else:
         result.summary = _run_on(method, context, loaded, dev)
     result.parameters = {"before": before, "after": count_parameters(loaded.model)}
@@ -241,6 +288,41 @@ def _run_on(method: Any, context: PruneContext, loaded: Loaded,
         loaded.model.to(home)
         loaded.adapter = adapter_for(loaded.model)
     return summary
+
+
+def _train(loaded: Loaded, config: MethodConfig, teacher: Callable[[], Loaded] | None,
+           checkpoint: Path | None, progress: bool,
+           on_step: Callable[[int, float], None] | None,
+           device: torch.device | None) -> TrainResult:
+    """A recovery called with its checkpoint folder and step callback, which the handlers'
+    `run(context)` does not pass on (PruneContext has no place for them)."""
+    from secateur.recovery.training import training_on
+
+    reference = None
+    if config.method == "lora":
+        from secateur.recovery.lora import train_lora
+
+        def train() -> TrainResult:
+            return train_lora(loaded, config, checkpoint, progress, on_step)
+    elif config.method in ("distill", "dwq"):
+        if teacher is None:
+            raise SecateurError(f"{config.method} learns from a teacher: give one")
+        reference = teacher()
+        if config.method == "distill":
+            from secateur.recovery.distill import distill as fit
+        else:
+            from secateur.recovery.dwq import dwq as fit
+
+        def train() -> TrainResult:
+            return fit(loaded, reference, config, checkpoint, progress, on_step)
+    else:
+        raise SecateurError(f"{config.method} keeps no training checkpoint")
+    home = loaded.model
+    with training_on(device, loaded, reference):
+        result = train()
+    if loaded.model is not home:  # a LoRA merge built a new module
+        loaded.adapter = adapter_for(loaded.model)
+    return result
 
 
 def _with_dtype(dtype: str | None, fn: Any, *args: Any) -> Any:

@@ -25,7 +25,7 @@ from secateur.errors import SecateurError
 from secateur.registry import make_config
 
 if TYPE_CHECKING:
-    from secateur.results import PruneResult, RecipeResult
+    from secateur.results import BenchedModel, BenchResult, PruneResult, RecipeResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, quantize and distill causal LMs; measure what it cost and bought.")
@@ -244,26 +244,20 @@ def _print_prune(result: PruneResult) -> None:
         table.add_column("target")
         table.add_column("sparsity")
         table.add_column("rel. error")
-        for layer in result.step.layers:
-            mats = layer["matrices"].values()
-            # w8a8's matrices record errors, not sparsity
-            sized = [m for m in mats if "sparsity" in m and "numel" in m]
-            total = sum(m["numel"] for m in sized)
-            zeros = sum(m["sparsity"] * m["numel"] for m in sized)
-            table.add_row(str(layer["index"]), _fmt(layer.get("target")),
-                          _fmt(zeros / total if total else None),
-                          _fmt(layer.get("relative_error"), 4))
+        for layer in result.step.layer_summaries():
+            table.add_row(str(layer.index), _fmt(layer.target), _fmt(layer.sparsity),
+                          _fmt(layer.relative_error, 4))
         out_console.print(table)
     table = Table(title=f"{result.model}: {result.method}")
     for col in ("", "perplexity", "parameters", "non-zero"):
         table.add_column(col)
-    dense, pruned = result.parameters["dense"], result.parameters["pruned"]
+    dense, pruned = result.dense_count, result.pruned_count
     # a cached dense figure is marked, so nobody mistakes it for one measured in this run
     cached = " (cached)" if result.dense is not None and result.dense.source == "cache" else ""
     table.add_row(f"dense{cached}", _fmt(None if result.dense is None else result.dense.value),
-                  f"{dense['parameters']:,}", f"{dense['nonzero']:,}")
+                  f"{dense.parameters:,}", f"{dense.nonzero:,}")
     table.add_row("pruned", _fmt(None if result.scored is None else result.scored.perplexity),
-                  f"{pruned['parameters']:,}", f"{pruned['nonzero']:,}")
+                  f"{pruned.parameters:,}", f"{pruned.nonzero:,}")
     out_console.print(table)
     extra = [f"prune {result.step.seconds:.1f} s", f"peak RSS {result.peak_rss_mib:.0f} MiB"]
     if result.sparsity is not None:
@@ -311,15 +305,17 @@ def bench_cmd(
         raise SecateurError(f"--head is float16 or int8, got '{head}'")
     if head != "float16" and runtime is None:
         raise SecateurError("--head int8 rounds a runtime's lm_head: give --runtime with it")
-    result = bench_job(model, vs or [], spec, dtype, json, runtime=runtime, head=head,
-                       warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"),
-                       overwrite=overwrite)
-    if "runtime" in result and str(result["runtime"]).startswith("llama.cpp"):
+    from secateur.results import BenchResult
+
+    result = BenchResult(bench_job(model, vs or [], spec, dtype, json, runtime=runtime,
+                                   head=head, overwrite=overwrite,
+                                   warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}")))
+    if result.in_llama_cpp:
         from secateur.report.tables import print_gguf_bench
 
-        print_gguf_bench(out_console, result)
+        print_gguf_bench(out_console, result.to_json())
         return
-    print_bench(out_console, result)
+    print_bench(out_console, result.to_json())
 
 
 @app.command("quantize", cls=QuantizeCommand)
@@ -480,59 +476,57 @@ def run_cmd(
 
 
 def _print_recipe(result: RecipeResult) -> None:
-    table = Table(title=f"{result.recipe['model']}: recipe")
+    table = Table(title=f"{result.model}: recipe")
     for col in ("", "perplexity", "parameters", "non-zero", "seconds"):
         table.add_column(col)
     dense, final = result.dense, result.final
-    table.add_row("dense", _fmt(dense.first_perplexity), f"{dense.parameters['parameters']:,}",
-                  f"{dense.parameters['nonzero']:,}", "")
+    table.add_row("dense", _fmt(dense.first_perplexity), f"{dense.count.parameters:,}",
+                  f"{dense.count.nonzero:,}", "")
     for i, step in enumerate(result.steps, 1):
-        after = step.parameters["after"]
-        table.add_row(f"{i}. {step.method}", _fmt(step.perplexity), f"{after['parameters']:,}",
-                      f"{after['nonzero']:,}", f"{step.seconds:.1f}")
-    table.add_row("final", _fmt(final.first_perplexity), f"{final.parameters['parameters']:,}",
-                  f"{final.parameters['nonzero']:,}", f"{result.seconds:.1f}")
+        table.add_row(f"{i}. {step.method}", _fmt(step.perplexity),
+                      f"{step.after.parameters:,}", f"{step.after.nonzero:,}",
+                      f"{step.seconds:.1f}")
+    table.add_row("final", _fmt(final.first_perplexity), f"{final.count.parameters:,}",
+                  f"{final.count.nonzero:,}", f"{result.seconds:.1f}")
     out_console.print(table)
     out_console.print(f"saved {final.format} to {result.out} "
                       f"({final.bytes_on_disk / 2**20:.1f} MiB on disk)")
-    if final.bench and str(final.bench.get("runtime", "")).startswith("llama.cpp"):
+    if final.bench is None:
+        return
+    from secateur.results import BenchResult
+
+    bench = BenchResult(final.bench)
+    if bench.in_llama_cpp:
         from secateur.report.tables import print_gguf_bench
 
-        print_gguf_bench(out_console, final.bench)  # GGUF output vs the F16 GGUF
-    elif final.bench:
-        _print_side_by_side(dense.first_perplexity, final.first_perplexity, final.bench)
+        print_gguf_bench(out_console, bench.to_json())  # GGUF output vs the F16 GGUF
+    else:
+        _print_side_by_side(dense.first_perplexity, final.first_perplexity, bench)
 
 
-def _print_side_by_side(dense_ppl: float | None, final_ppl: float | None, bench: dict) -> None:
+def _print_side_by_side(dense_ppl: float | None, final_ppl: float | None,
+                        bench: BenchResult) -> None:
     """Dense vs compressed: what it cost (perplexity) and what it bought (size, speed)."""
-    base, other = bench["models"][bench["baseline"]], None
-    for name, row in bench["models"].items():
-        if name != bench["baseline"]:
-            other = row
-    table = Table(title=f"dense vs compressed (runtime {bench['runtime']}, "
-                        f"{bench['protocol']['threads_used']} threads)")
+    compressed = bench.compared[0]  # a recipe's bench: its saved output against the dense model
+    table = Table(title=f"dense vs compressed (runtime {bench.runtime}, "
+                        f"{bench.threads_used} threads)")
     for col in ("", "perplexity", "MiB on disk", "weight MiB read / token", "decode tok/s",
                 "prefill tok/s", "peak working MiB"):
         table.add_column(col)
 
-    def row(label: str, ppl_: float | None, r: dict) -> None:
-        prefill = next(iter(r["prefill"].values()))["tokens_per_second"]
-        working = r.get("peak_working_mib")
-        table.add_row(label, _fmt(ppl_), _fmt((r["bytes_on_disk"] or 0) / 2**20, 1),
-                      _fmt(r["decode"]["weight_bytes_per_token"] / 2**20, 1),
-                      _fmt(r["decode"]["tokens_per_second"], 1), _fmt(prefill, 0),
-                      "-" if working is None else _fmt(working, 1))
+    def row(label: str, ppl_: float | None, r: BenchedModel) -> None:
+        table.add_row(label, _fmt(ppl_), _fmt((r.bytes_on_disk or 0) / 2**20, 1),
+                      _fmt(r.weight_bytes_per_token / 2**20, 1),
+                      _fmt(r.decode_tokens_per_second, 1), _fmt(r.prefill_tokens_per_second, 0),
+                      _fmt(r.peak_working_mib, 1))
 
-    row("dense", dense_ppl, base)
-    row("compressed", final_ppl, other)
-    ratio = bench["speedup_vs_baseline"][next(k for k in bench["models"]
-                                              if k != bench["baseline"])]
+    row("dense", dense_ppl, bench.model(bench.baseline))
+    row("compressed", final_ppl, bench.model(compressed))
     out_console.print(table)
-    decode = ratio["decode"]
-    out_console.print(f"decode speed-up {decode['median']:.2f}x (min {decode['min']:.2f}, max "
-                      f"{decode['max']:.2f} over interleaved rounds); "
-                      f"{ratio.get('bytes_on_disk', float('nan')):.3f} of the dense bytes on "
-                      "disk")
+    decode = bench.decode_speedup(compressed)
+    out_console.print(f"decode speed-up {decode.median:.2f}x (min {decode.min:.2f}, max "
+                      f"{decode.max:.2f} over interleaved rounds); "
+                      f"{bench.bytes_ratio(compressed):.3f} of the dense bytes on disk")
 
 
 @app.command("sweep")
@@ -639,16 +633,19 @@ def frontier_cmd(
     spec = FrontierSpec(split(presets), split(secateur_presets), split(roundings),
                         CalibrationConfig(calib, nsamples, seqlen, 0), windows, eval_seqlen,
                         threads, speed, keep=split(keep), dwq_steps=dwq_steps)
-    result = frontier(model, spec, out, resume, say=lambda m: console.print(m, highlight=False))
-    table = Table(title=f"{model} in llama.cpp ({result['runtime']})")
+    from secateur.results import FrontierResult
+
+    result = FrontierResult.from_json(frontier(model, spec, out, resume, say=lambda m: (
+        console.print(m, highlight=False))))
+    table = Table(title=f"{model} in llama.cpp ({result.runtime})")
     for col in ("point", "MiB", "wiki ppl", "tiny-stories ppl", "decode tok/s"):
         table.add_column(col)
-    for name, p in result["points"].items():
-        tok = p.get("speed", {}).get("decode_tokens_per_second", {}).get("median")
-        table.add_row(name, f"{p['mib']:.1f}", f"{p['wiki']:.3f}", f"{p['tiny-stories']:.3f}",
+    for name, p in result.points.items():
+        tok = p.decode_tokens_per_second
+        table.add_row(name, f"{p.mib:.1f}", f"{p.wiki:.3f}", f"{p.tiny_stories:.3f}",
                       "-" if tok is None else f"{tok:.1f}")
     out_console.print(table)
-    best = winners(result)
+    best = winners(result.to_json())
     out_console.print("beats every llama.cpp point of no more bytes (wiki): "
                       + (", ".join(best) if best else "none"), highlight=False)
 
@@ -675,12 +672,14 @@ def export_cmd(
 
     if json is not None:
         check_output_file(json, "--json", inputs=[model], overwrite=overwrite)
-    result = export(model, fmt, out, overwrite, outtype)
+    from secateur.results import ExportResult
+
+    result = ExportResult.from_json(export(model, fmt, out, overwrite, outtype))
     if json is not None:
-        write_json_atomic(json, result)
-    out_console.print(f"wrote {result['format']} ({result['architecture']}, "
-                      f"{result['layers']} layers, {result['outtype']}) to {result['out']}: "
-                      f"{result['bytes'] / 2**20:.1f} MiB", highlight=False)
+        write_json_atomic(json, result.to_json())
+    out_console.print(f"wrote {result.format} ({result.architecture}, {result.layers} layers, "
+                      f"{result.outtype}) to {result.out}: {result.bytes / 2**20:.1f} MiB",
+                      highlight=False)
 
 
 class Interrupted(BaseException):

@@ -1,6 +1,7 @@
-"""End-to-end jobs behind CLI commands: prune or quantize (+ evaluate, save), recover,
-distill and DWQ (+ evaluate, save), evaluate; and the one rule for the format an output is
-saved in."""
+"""The commands behind the CLI as recipes: each builds a `Recipe` (one step) and runs it
+through `recipe.run_recipe` with a `Layout` saying what that command writes and returns:
+prune or quantize (`PruneJob`), recover, distill and DWQ (`RecoveryJob`). Evaluation alone and
+the streamed prune, which never holds the model whole, are jobs of their own here."""
 
 from __future__ import annotations
 
@@ -9,27 +10,37 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from secateur import distributed
-from secateur.api import CalibrationConfig, count_parameters, peak_rss_mib, run_step
+from secateur.api import CalibrationConfig, StepResult, count_parameters, peak_rss_mib
 from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
 from secateur.device import device_record, resolve_device, timer
 from secateur.engine.capture import compute_dtype
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
+from secateur.eval.config import PerplexityConfig
 from secateur.eval.perplexity import PerplexityResult, perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
-from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods import build_method
-from secateur.models.loading import Loaded
+from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_output_dir, check_output_file, model_bytes
+from secateur.recipe import (
+    Evaluation,
+    Layout,
+    Recipe,
+    Run,
+    SaveFormat,
+    output_format,
+    run_recipe,
+    save_output,
+)
 from secateur.report.depth import has_curve, is_depth_summary, plot_removals
 from secateur.results import (
     DensePerplexity,
@@ -45,10 +56,6 @@ if TYPE_CHECKING:
     from secateur.recovery.distill import DistillConfig
     from secateur.recovery.dwq import DWQConfig
     from secateur.recovery.lora import LoRAConfig
-    from secateur.recovery.training import TrainResult
-
-    # train(student, teacher or None, checkpoint folder) -> the run's result
-    Trainer = Callable[[Loaded, Loaded | None, Path], TrainResult]
 
 
 @dataclass
@@ -62,7 +69,7 @@ class EvalSpec:
     compute_dtype: str | None = None
 
 
-def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
+def evaluate_perplexity(loaded: Loaded, spec: EvalSpec | PerplexityConfig, progress: bool = True,
                         source: TextSource | None = None,
                         device: torch.device | None = None) -> PerplexityResult:
     """`source`, when the caller already loaded `spec.data`, saves parsing it again; `device`:
@@ -73,70 +80,27 @@ def evaluate_perplexity(loaded, spec: EvalSpec, progress: bool = True,
                       compute_dtype=spec.compute_dtype, device=device)
 
 
-SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
+def _recipe(model: str, step: MethodConfig, evaluation: EvalSpec | None, *,
+            calibration: CalibrationConfig | None = None, dtype: str = "float32",
+            save_format: SaveFormat = "auto", teacher: str | None = None) -> Recipe:
+    """A one-step command as the recipe it runs."""
+    if dtype not in DTYPES:  # the loader's words, before the recipe's own check
+        raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    perplexity = [] if evaluation is None or evaluation.data is None else [PerplexityConfig(
+        data=str(evaluation.data), seqlen=evaluation.seqlen, max_windows=evaluation.max_windows,
+        protocol=evaluation.protocol, bos=evaluation.bos, batch_size=evaluation.batch_size,
+        compute_dtype=evaluation.compute_dtype)]
+    return Recipe(model=str(model), dtype=dtype, steps=[step],
+                  calibration=calibration or CalibrationConfig(),
+                  evaluate=Evaluation(perplexity=perplexity), save_format=save_format,
+                  teacher=None if teacher is None else str(teacher))
 
 
-def output_format(model: torch.nn.Module, requested: SaveFormat = "auto",
-                  like: str | Path | None = None) -> str:
-    """What an output is saved as, for every command and recipe: llama.cpp's block types as
-    GGUF, quantized linears pack-quantized (compressed-tensors), else what was asked for;
-    `auto` keeps a bitmask (compact) input `like` compact and writes anything else as
-    safetensors. A format that cannot hold the model is refused."""
-    from secateur.formats.compact import is_compact
-    from secateur.quant.ggml import ggml_states
-    from secateur.quant.state import is_quantized
-
-    if ggml_states(model):
-        if requested not in ("auto", "gguf"):
-            raise SecateurError(f"save_format {requested} cannot hold llama.cpp's block types: "
-                                "use gguf (or auto)")
-        return "gguf"
-    if requested == "gguf":
-        raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
-    quantized = is_quantized(model)
-    if requested == "auto":
-        if quantized:
-            return "compressed-tensors"
-        compact = like is not None and Path(like).is_dir() and is_compact(Path(like))
-        return "bitmask" if compact else "safetensors"
-    if quantized and requested != "compressed-tensors":
-        raise SecateurError(f"save_format {requested} cannot hold quantized weights: use "
-                            "compressed-tensors (or auto)")
-    if requested == "compressed-tensors" and not quantized:
-        raise SecateurError("save_format compressed-tensors needs a quantization step; use "
-                            "auto or safetensors")
-    return requested
+def _quiet(_message: str) -> None:
+    """A one-step command announces no steps."""
 
 
-def save_output(loaded: Loaded, fmt: str, target: Path, metadata: dict[str, Any],
-                overwrite: bool = False, *, nm: str | None = None,
-                gguf_preset: str | None = None, name: str = "model",
-                inputs: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """Write `loaded` in `fmt` (from `output_format`) to `target`, a folder, or for gguf the
-    .gguf file itself; a GGUF's export record is returned. `nm`: a bitmask's N:M pattern."""
-    if fmt == "gguf":  # llama.cpp's block types, the codes as the step rounded them
-        from secateur.export import export_model
-        from secateur.quant.ggml import ggml_states
-
-        return export_model(loaded.model, loaded.tokenizer, "gguf", target, overwrite,
-                            gguf_preset, name, inputs, quantized=ggml_states(loaded.model),
-                            has_imatrix=True)
-    if fmt == "compressed-tensors":  # pack-quantized, as vLLM and transformers load it
-        from secateur.formats.packed_save import save_packed
-
-        save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite)
-    elif fmt == "bitmask":
-        from secateur.formats.compact import save_compact
-
-        save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite, nm=nm)
-    else:
-        save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite)
-    return None
-
-
-@with_exit_stack
 def prune_job(
-    hold: contextlib.ExitStack,
     model_name: str,
     config: MethodConfig,
     calibration: CalibrationConfig,
@@ -156,98 +120,131 @@ def prune_job(
 
     A known dense_perplexity (same model and EvalSpec, e.g. a sweep's) skips the dense eval.
     Under torchrun only rank 0 evaluates, shows progress and writes; the others compute."""
-    build_method(config)  # not a method config: fail before the model loads
-    dev = resolve_device(device)  # --device cuda without CUDA: before anything loads
     if not distributed.is_main():
         out = json_path = None
         evaluation = EvalSpec(None)
         progress = False
-    if out is not None:  # a second run on this --out fails here, naming the first one's pid
-        check_free(Path(out))
-    gguf_preset = getattr(config, "preset", None) if config.method == "gguf" else None
-    inputs = [model_name, calibration.source, evaluation.data]
-    if out is not None and gguf_preset is not None:  # one .gguf file, not a folder
-        from secateur.export.gguf import check_gguf_output
+    recipe = _recipe(model_name, config, evaluation, calibration=calibration, dtype=dtype,
+                     save_format="bitmask" if compact else "auto")
+    layout = PruneJob(None if out is None else Path(out),
+                      None if json_path is None else Path(json_path), overwrite,
+                      dense_perplexity, resume)
+    return run_recipe(recipe, progress=progress, say=_quiet, device=device, layout=layout)
 
-        check_gguf_output(Path(out), overwrite, tuple(str(i) for i in inputs if i))
-    elif out is not None:
+
+class PruneJob(Layout):
+    """`secateur prune` / `quantize`: the model saved in --out itself (a GGUF step's: --out is
+    the .gguf file), dense and pruned perplexity, the finished layers kept in --out's working
+    folder for --resume."""
+
+    def __init__(self, out: Path | None, json_path: Path | None, overwrite: bool,
+                 dense_perplexity: float | None, resume: bool) -> None:
+        self.out, self.json_path, self.overwrite = out, json_path, overwrite
+        self.given_dense, self.resume = dense_perplexity, resume
+        self.saves = out is not None
+        self.work: WorkDir | None = None
+        self.layers: Path | None = None
+        self.timings: dict[str, float] = {}
+
+    def open(self, run: Run, hold: contextlib.ExitStack) -> None:
         from secateur.config import quantizes
 
-        check_output_dir(Path(out), overwrite, inputs=inputs,  # a pruned copy: about as big
-                         needed_bytes=None if quantizes(config) else model_bytes(model_name))
-    if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
-    # --out's working folder (secateur.workdir), locked until the job ends
-    if out is not None and gguf_preset is None:
-        _say_layers_discarded(WorkDir(Path(out)), resume, overwrite)
-    work = None if out is None or gguf_preset is not None else hold.enter_context(
-        WorkDir(Path(out)))
-    # Loaded once, before the model: a missing eval text fails before any pruning.
-    eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
-    loaded = load(model_name, dtype=dtype)
-    if out is not None:
-        from secateur.config import quantizes
-        from secateur.formats.packed_save import check_packable
+        recipe, out = run.recipe, self.out
+        config = recipe.steps[0]
+        if out is not None:  # a second run on this --out fails here, naming the first's pid
+            check_free(out)
+        self.gguf_preset = getattr(config, "preset", None) if config.method == "gguf" else None
+        texts = [p.data for p in recipe.evaluate.perplexity]
+        inputs = [recipe.model, recipe.calibration.source, *(texts or [None])]
+        if out is not None and self.gguf_preset is not None:  # one .gguf file, not a folder
+            from secateur.export.gguf import check_gguf_output
 
-        # refused here, not after the whole run when saving
-        if quantizes(config) and gguf_preset is None:
-            check_packable(loaded.adapter)
-    dense_params = count_parameters(loaded.model)
-    timings: dict[str, float] = {}
-    dense = None
-    if evaluation.data is not None and dense_perplexity is not None:
-        dense = DensePerplexity(dense_perplexity, "given")
-    elif evaluation.data is not None:
-        dense = _dense_perplexity(loaded, model_name, evaluation, eval_text, dtype, progress,
-                                  timings, dev)
-    # in --out's working folder, where a rerun with --resume finds it; kept until the output
-    # is saved (replacing --out removes it)
-    checkpoint = None if work is None else work.folder("layers")
-    if work is not None and not resume:
-        work.discard("layers")
-    run = run_step(loaded, config, calibration, progress=progress, checkpoint=checkpoint,
-                   device=dev)
-    timings["prune_seconds"] = run.seconds
-    scored = None
-    if evaluation.data is not None:
-        t = timer(dev)
-        scored = evaluate_perplexity(loaded, evaluation, progress, eval_text, dev)
-        timings["eval_seconds"] = timer(dev) - t
-    result = PruneResult(
-        model_name, config.method, calibration.seed, run,
-        {"dense": dense_params, "pruned": count_parameters(loaded.model)}, timings,
-        peak_rss_mib(), Where.of(device_record(dev)), distributed.record(), dense, scored)
-    if out is not None:
-        fmt = output_format(loaded.model, "bitmask" if compact else "auto")
-        result.gguf = save_output(loaded, fmt, Path(out), result.to_json(), overwrite,
-                                  nm=getattr(config, "nm", None), gguf_preset=gguf_preset,
-                                  name=model_name, inputs=(model_name,))
-        result.out = str(out)
-        result.bytes_on_disk = dir_bytes(Path(out))
-    if checkpoint is not None:
-        remove_checkpoint(checkpoint)
-    if is_depth_summary(run.summary) and has_curve(run.summary):
-        plots = [p for p in (json_path and Path(json_path).with_suffix(".png"),
-                             out and Path(out) / "removals.png") if p is not None]
-        result.removal_plot = [str(plot_removals(result.to_json(), p)) for p in plots]
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result.to_json())
-    return result
+            check_gguf_output(out, self.overwrite, tuple(str(i) for i in inputs if i))
+        elif out is not None:
+            check_output_dir(out, self.overwrite, inputs=inputs,  # a pruned copy: about as big
+                             needed_bytes=None if quantizes(config) else model_bytes(
+                                 recipe.model))
+        if self.json_path is not None:
+            check_output_file(self.json_path, "--json", inputs=inputs,
+                              overwrite=self.overwrite)
+        if out is not None and self.gguf_preset is None:  # locked until the job ends
+            _say_layers_discarded(WorkDir(out), self.resume, self.overwrite)
+            self.work = hold.enter_context(WorkDir(out))
+
+    def load(self, run: Run) -> Loaded:
+        return load(run.recipe.model, dtype=run.recipe.dtype)
+
+    def start(self, run: Run, loaded: Loaded) -> int:
+        self.dense_params = count_parameters(loaded.model)
+        self.dense = None
+        evaluation = run.recipe.evaluate.perplexity
+        if evaluation and self.given_dense is not None:
+            self.dense = DensePerplexity(self.given_dense, "given")
+        elif evaluation:
+            self.dense = _dense_perplexity(loaded, run, self.timings)
+        # in --out's working folder, where a rerun with --resume finds it; kept until the
+        # output is saved (replacing --out removes it)
+        if self.work is not None:
+            self.layers = self.work.folder("layers")
+            if not self.resume:
+                self.work.discard("layers")
+        return 0
+
+    def checkpoint(self, index: int) -> Path | None:
+        return self.layers
+
+    def finished(self, run: Run, loaded: Loaded, record: StepResult) -> None:
+        self.step = record
+        self.timings["prune_seconds"] = record.seconds
+
+    def finish(self, run: Run, loaded: Loaded) -> None:
+        recipe, dev = run.recipe, run.device
+        scored = None
+        if recipe.evaluate.perplexity:
+            t = timer(dev)
+            scored = evaluate_perplexity(loaded, recipe.evaluate.perplexity[0], run.progress,
+                                         run.texts[recipe.evaluate.perplexity[0].data], dev)
+            self.timings["eval_seconds"] = timer(dev) - t
+        result = PruneResult(
+            recipe.model, self.step.method, recipe.calibration.seed, self.step,
+            {"dense": self.dense_params, "pruned": count_parameters(loaded.model)},
+            self.timings, peak_rss_mib(), Where.of(device_record(dev)), distributed.record(),
+            self.dense, scored)
+        if self.out is not None:
+            fmt = output_format(loaded.model, recipe.save_format)
+            result.gguf = save_output(loaded, fmt, self.out, result.to_json(), self.overwrite,
+                                      nm=getattr(recipe.steps[0], "nm", None),
+                                      gguf_preset=self.gguf_preset, name=recipe.model,
+                                      inputs=(recipe.model,))
+            result.out = str(self.out)
+            result.bytes_on_disk = dir_bytes(self.out)
+        if self.layers is not None:
+            remove_checkpoint(self.layers)
+        if is_depth_summary(self.step.summary) and has_curve(self.step.summary):
+            plots = [p for p in (self.json_path and self.json_path.with_suffix(".png"),
+                                 self.out and self.out / "removals.png") if p is not None]
+            result.removal_plot = [str(plot_removals(result.to_json(), p)) for p in plots]
+        if self.json_path is not None:
+            write_json_atomic(self.json_path, result.to_json())
+        self.result = result
+
+    def close(self, run: Run) -> PruneResult:
+        return self.result
 
 
-def _dense_perplexity(loaded, model_name: str, evaluation: EvalSpec, eval_text: TextSource,
-                      dtype: str, progress: bool, timings: dict[str, float],
-                      device: torch.device | None = None) -> DensePerplexity:
+def _dense_perplexity(loaded: Loaded, run: Run, timings: dict[str, float]) -> DensePerplexity:
     """The dense figure from the perplexity cache (`secateur.eval.cache`), else evaluated and
     stored there; says which, and the cache file."""
     from secateur.eval import cache
 
-    key = cache.key_for(model_name, eval_text, evaluation, dtype, str(device or "cpu"))
+    spec, device = run.recipe.evaluate.perplexity[0], run.device
+    text = run.texts[spec.data]
+    key = cache.key_for(run.recipe.model, text, spec, run.recipe.dtype, str(device or "cpu"))
     hit = cache.read(key) if key is not None else None
     if hit is not None:
         return DensePerplexity(hit[0]["perplexity"], "cache", str(hit[1]))
     t = timer(device)
-    dense = evaluate_perplexity(loaded, evaluation, progress, eval_text, device)
+    dense = evaluate_perplexity(loaded, spec, run.progress, text, device)
     timings["dense_eval_seconds"] = timer(device) - t
     stored = cache.write(key, dense.to_dict()) if key is not None else None
     return DensePerplexity(dense.perplexity, "computed",
@@ -363,12 +360,8 @@ def recover_job(model_dir: str, out: Path, config: LoRAConfig, evaluation: Any =
 
     `evaluation` is an `EvalSpec` (data None: no perplexity); `device`: where it evaluates and
     trains (auto, cpu, cuda, cuda:N)."""
-    from secateur.recovery.lora import train_lora
-
-    return recovery_job(
-        "lora", model_dir, out,
-        lambda student, _, ckpt: train_lora(student, config, ckpt, progress, on_step),
-        evaluation, json_path, overwrite, progress, device=device)
+    return recovery_job(model_dir, out, config, evaluation, json_path, overwrite, progress,
+                        on_step=on_step, device=device)
 
 
 def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig,
@@ -380,15 +373,12 @@ def distill_job(student_dir: str, teacher: str, out: Path, config: DistillConfig
 
     `evaluation` is an `EvalSpec` (data None: no perplexity). The result holds the
     dense-to-pruned perplexity gap and the share of it recovered."""
-    from secateur.recovery.distill import check_models, distill
+    from secateur.recovery.distill import check_models
 
-    return recovery_job(
-        "distill", student_dir, out,
-        lambda student, reference, ckpt: distill(student, reference, config, ckpt, progress,
-                                                 on_step),
-        evaluation, json_path, overwrite, progress, teacher=teacher,
-        check=lambda student, reference: check_models(student, reference, config),
-        device=device)
+    return recovery_job(student_dir, out, config, evaluation, json_path, overwrite, progress,
+                        teacher=teacher, on_step=on_step, device=device,
+                        check=lambda student, reference: check_models(student, reference,
+                                                                      config))
 
 
 def dwq_job(model_dir: str, teacher: str, out: Path, config: DWQConfig, evaluation: Any = None,
@@ -396,14 +386,11 @@ def dwq_job(model_dir: str, teacher: str, out: Path, config: DWQConfig, evaluati
             on_step: Callable[[int, float], None] | None = None) -> RecoveryResult:
     """Load a quantized (compressed-tensors) model and its teacher, evaluate, learn its grids
     with checkpoints, evaluate, save packed again."""
-    from secateur.recovery.dwq import check_models, dwq
+    from secateur.recovery.dwq import check_models
 
-    return recovery_job(
-        "dwq", model_dir, out,
-        lambda student, reference, ckpt: dwq(student, reference, config, ckpt, progress,
-                                             on_step),
-        evaluation, json_path, overwrite, progress, teacher=teacher,
-        check=check_models, load_student=_with_grids)
+    return recovery_job(model_dir, out, config, evaluation, json_path, overwrite, progress,
+                        teacher=teacher, on_step=on_step, check=check_models,
+                        load_student=_with_grids)
 
 
 def _with_grids(model_dir: str) -> Loaded:
@@ -416,73 +403,98 @@ def _with_grids(model_dir: str) -> Loaded:
     return load(model_dir)
 
 
-def recovery_job(name: str, model_dir: str, out: Path, train: Trainer, evaluation: Any = None,
+def recovery_job(model_dir: str, out: Path, config: MethodConfig, evaluation: Any = None,
                  json_path: Path | None = None, overwrite: bool = False, progress: bool = True,
-                 teacher: str | None = None,
+                 *, teacher: str | None = None,
+                 on_step: Callable[[int, float], None] | None = None,
                  check: Callable[[Loaded, Loaded | None], None] | None = None,
                  load_student: Callable[[str], Loaded] | None = None,
                  device: str | None = "auto") -> RecoveryResult:
-    """Check outputs, load (and `check`) the model and any teacher, evaluate, train with a
-    checkpoint in `out`'s working folder (locked: a second run on `out` fails at once),
-    evaluate again, save, write the JSON. With a teacher the result also holds its perplexity
-    and the share of the perplexity gap recovered. `device`: where evaluation and training
-    run (the models are loaded on the CPU and saved from it)."""
-    dev = resolve_device(device)  # --device cuda without CUDA: before anything loads
-    out = Path(out)
-    check_free(out)  # a second run on this --out fails here, in one line naming the first
-    inputs = [model_dir] + ([teacher] if teacher else [])
-    check_output_dir(out, overwrite, inputs=inputs)
-    if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
-    with WorkDir(out) as work:
-        result = _recover(name, model_dir, work, train, evaluation, overwrite, progress,
-                          teacher, check, load_student, dev)
-    result.out = str(out)
-    result.bytes_on_disk = dir_bytes(out)
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result.to_json())
-    return result
+    """A recovery step as a one-step recipe: check outputs, load (and `check`) the model and
+    any teacher, evaluate, train with a checkpoint in `out`'s working folder (locked: a
+    second run on `out` fails at once), evaluate again, save, write the JSON. With a teacher
+    the result also holds its perplexity and the share of the perplexity gap recovered.
+    `device`: where evaluation and training run (the models are loaded on the CPU and saved
+    from it)."""
+    recipe = _recipe(model_dir, config, evaluation, teacher=teacher)
+    layout = RecoveryJob(Path(out), None if json_path is None else Path(json_path), overwrite,
+                         on_step, check, load_student)
+    return run_recipe(recipe, progress=progress, say=_quiet, device=device, layout=layout)
 
 
-def _recover(name: str, model_dir: str, work: WorkDir, train: Trainer, evaluation: Any,
-             overwrite: bool, progress: bool, teacher: str | None,
-             check: Callable[[Loaded, Loaded | None], None] | None,
-             load_student: Callable[[str], Loaded] | None,
-             device: torch.device | None = None) -> RecoveryResult:
-    """`recovery_job` once `out` is checked and locked: everything up to the saved model
-    (`load_student`: how the model is read, default `load`)."""
-    from secateur.recovery.training import training_on
+class RecoveryJob(Layout):
+    """`secateur recover` / `distill`: the trained model saved in --out as its input was
+    (a compact input compact again, DWQ's grids packed again), perplexity before and after
+    (and the teacher's), the training state in --out's working folder until then."""
 
-    out = work.out
-    evaluate = evaluation is not None and evaluation.data is not None
-    eval_text = load_text(evaluation.data, split="test") if evaluate else None
-    student = (load_student or load)(model_dir)
-    reference = load(teacher) if teacher else None
-    if check is not None:
-        check(student, reference)
-    result = RecoveryResult(str(model_dir), name, teacher=str(teacher) if teacher else None)
-    if evaluate and reference is not None:
-        result.teacher_perplexity = evaluate_perplexity(reference, evaluation, progress,
-                                                        eval_text, device).perplexity
-    if evaluate:
-        result.perplexity_before = evaluate_perplexity(student, evaluation, progress,
-                                                       eval_text, device).perplexity
-    ckpt = work.folder(name)
-    with training_on(device, student, reference):
-        result.training = train(student, reference, ckpt)
-    if evaluate:
-        result.scored = evaluate_perplexity(student, evaluation, progress, eval_text, device)
-        if reference is not None:
-            gap = result.perplexity_before - result.teacher_perplexity
-            # absent when the student was not worse than its teacher
-            if gap > 0:
-                result.gap_recovered = (result.perplexity_before - result.scored.perplexity) / gap
-    result.parameters = count_parameters(student.model)["parameters"]
-    result.peak_rss_mib = peak_rss_mib()
-    result.where = Where.of(device_record(device))
-    # a compact input is saved compact again, DWQ's grids packed again; replaces `out`,
-    # the checkpoint too
-    save_output(student, output_format(student.model, like=model_dir), out, result.to_json(),
-                overwrite)
-    work.discard(name)
-    return result
+    def __init__(self, out: Path, json_path: Path | None, overwrite: bool,
+                 on_step: Callable[[int, float], None] | None,
+                 check: Callable[[Loaded, Loaded | None], None] | None,
+                 load_student: Callable[[str], Loaded] | None) -> None:
+        self.out, self.json_path, self.overwrite = out, json_path, overwrite
+        self.on_step, self.check, self.load_student = on_step, check, load_student
+
+    def open(self, run: Run, hold: contextlib.ExitStack) -> None:
+        recipe = run.recipe
+        check_free(self.out)  # a second run on this --out fails here, in one line naming it
+        inputs = [recipe.model] + ([recipe.teacher] if recipe.teacher else [])
+        check_output_dir(self.out, self.overwrite, inputs=inputs)
+        if self.json_path is not None:
+            check_output_file(self.json_path, "--json", inputs=inputs, overwrite=self.overwrite)
+        self.work = hold.enter_context(WorkDir(self.out))
+        self.name = recipe.steps[0].method
+
+    def load(self, run: Run) -> Loaded:
+        return (self.load_student or load)(run.recipe.model)
+
+    def start(self, run: Run, loaded: Loaded) -> int:
+        recipe = run.recipe
+        reference = run.teacher() if recipe.teacher else None
+        if self.check is not None:
+            self.check(loaded, reference)
+        self.result = RecoveryResult(recipe.model, self.name, teacher=recipe.teacher)
+        if recipe.evaluate.perplexity and reference is not None:
+            self.result.teacher_perplexity = self._perplexity(run, reference).perplexity
+        if recipe.evaluate.perplexity:
+            self.result.perplexity_before = self._perplexity(run, loaded).perplexity
+        return 0
+
+    def _perplexity(self, run: Run, loaded: Loaded) -> PerplexityResult:
+        spec = run.recipe.evaluate.perplexity[0]
+        return evaluate_perplexity(loaded, spec, run.progress, run.texts[spec.data], run.device)
+
+    def checkpoint(self, index: int) -> Path | None:
+        return self.work.folder(self.name)
+
+    def finished(self, run: Run, loaded: Loaded, record: StepResult) -> None:
+        from secateur.recovery.training import TrainResult
+
+        self.result.training = TrainResult.from_dict(record.summary)
+
+    def finish(self, run: Run, loaded: Loaded) -> None:
+        result = self.result
+        if run.recipe.evaluate.perplexity:
+            result.scored = self._perplexity(run, loaded)
+            if result.teacher_perplexity is not None:
+                gap = result.perplexity_before - result.teacher_perplexity
+                # absent when the student was not worse than its teacher
+                if gap > 0:
+                    result.gap_recovered = (result.perplexity_before
+                                            - result.scored.perplexity) / gap
+        result.parameters = count_parameters(loaded.model)["parameters"]
+        result.peak_rss_mib = peak_rss_mib()
+        result.where = Where.of(device_record(run.device))
+        # replaces `out`, the checkpoint too
+        save_output(loaded, output_format(loaded.model, like=run.recipe.model), self.out,
+                    result.to_json(), self.overwrite)
+        self.work.discard(self.name)
+
+    def close(self, run: Run) -> RecoveryResult:
+        return self.result
+
+    def released(self, result: RecoveryResult) -> None:
+        # sized once the lock has gone, as the output stays on disk
+        result.out = str(self.out)
+        result.bytes_on_disk = dir_bytes(self.out)
+        if self.json_path is not None:
+            write_json_atomic(self.json_path, result.to_json())

@@ -10,22 +10,31 @@
       perplexity: [{data: wiki, seqlen: 512, max_windows: 64}]
       after_each_step: true
 
-`run_recipe` runs the steps in order on one model in memory. After every step the model is
-saved as secateur saves any output (compressed-tensors pack-quantized once a step quantized,
-else Hugging Face safetensors, per-layer widths included) with the results so far as JSON, in
-the output folder's working folder (`secateur.workdir`, locked while the run lives). An
-interrupted run resumes from the last finished step when started again with the same recipe:
-the model comes back through the same loaders as any saved model, nothing is unpickled. The
-result JSON holds the recipe itself, every step's record and the evaluation protocol.
+`run_recipe` is the one runner: every command builds a `Recipe` (one step, or many) and runs
+it here, with a `Layout` saying what that command writes and returns (`secateur.jobs` holds
+the one-step commands' layouts; `RunFolder` is `secateur run`'s). The runner checks and locks
+the output, reads the evaluation texts, loads the model, runs the steps in order through
+`api.run_step`, and the layout measures and saves through `output_format`/`save_output`, the
+one rule for what an output is saved as.
+
+Under `RunFolder` the model is saved after every step as secateur saves any output
+(compressed-tensors pack-quantized once a step quantized, else Hugging Face safetensors,
+per-layer widths included) with the results so far as JSON, in the output folder's working
+folder (`secateur.workdir`, locked while the run lives). An interrupted run resumes from the
+last finished step when started again with the same recipe: the model comes back through the
+same loaders as any saved model, nothing is unpickled. The result JSON holds the recipe
+itself, every step's record and the evaluation protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,14 +44,16 @@ from pydantic import Field, field_validator, model_validator
 
 from secateur.api import CalibrationConfig, StepResult, peak_rss_mib, run_step
 from secateur.config import Config, ConfigError, MethodConfig
+from secateur.data.sources import TextSource, load_text
 from secateur.device import check_spelling, resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.eval.perplexity import PerplexityResult
+from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
 from secateur.io import dir_bytes, mark_output, write_json_atomic
-from secateur.jobs import SaveFormat, output_format, save_output
+from secateur.methods import build_method
 from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_run_folder, model_bytes
 from secateur.params import count_parameters
@@ -100,6 +111,9 @@ class BenchSettings(Config):
         return self
 
 
+SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
+
+
 class Recipe(Config):
     model: str = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -113,6 +127,9 @@ class Recipe(Config):
     # auto: compressed-tensors pack-quantized when a step quantized, else safetensors
     save_format: SaveFormat = "auto"
     bench: BenchSettings | None = None
+    teacher: str | None = Field(None, min_length=1,
+                                description="The model distill and dwq steps learn from "
+                                            "(default: model, as loaded before the steps).")
 
     @field_validator("device")
     @classmethod
@@ -136,7 +153,10 @@ class Recipe(Config):
 
     @model_validator(mode="after")
     def _steps_in_order(self) -> Recipe:
-        check_step_order(self.steps)  # known now, not after the earlier steps ran
+        steps = self.steps
+        if steps[0].method == "dwq" and _packed_on_disk(self.model):
+            steps = steps[1:]  # the model itself was quantized: its grids are there to learn
+        check_step_order(steps)  # known now, not after the earlier steps ran
         return self
 
     @field_validator("calibration", mode="before")
@@ -192,14 +212,277 @@ class Recipe(Config):
         return _fingerprint(self.to_dict())
 
 
+def _packed_on_disk(model: str) -> bool:
+    from secateur.formats.packed_load import ct_quantization_config
+
+    return Path(model).is_dir() and ct_quantization_config(Path(model)) is not None
+
+
 def _fingerprint(recipe: dict[str, Any]) -> str:
     """What a resumed run must share with the interrupted one: all but the device."""
     return json.dumps({k: v for k, v in recipe.items() if k != "device"}, sort_keys=True)
 
 
+def output_format(model: torch.nn.Module, requested: SaveFormat = "auto",
+                  like: str | Path | None = None) -> str:
+    """What an output is saved as, for every command and recipe: llama.cpp's block types as
+    GGUF, quantized linears pack-quantized (compressed-tensors), else what was asked for;
+    `auto` keeps a bitmask (compact) input `like` compact and writes anything else as
+    safetensors. A format that cannot hold the model is refused."""
+    from secateur.formats.compact import is_compact
+    from secateur.quant.ggml import ggml_states
+    from secateur.quant.state import is_quantized
+
+    if ggml_states(model):
+        if requested not in ("auto", "gguf"):
+            raise SecateurError(f"save_format {requested} cannot hold llama.cpp's block types: "
+                                "use gguf (or auto)")
+        return "gguf"
+    if requested == "gguf":
+        raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
+    quantized = is_quantized(model)
+    if requested == "auto":
+        if quantized:
+            return "compressed-tensors"
+        compact = like is not None and Path(like).is_dir() and is_compact(Path(like))
+        return "bitmask" if compact else "safetensors"
+    if quantized and requested != "compressed-tensors":
+        raise SecateurError(f"save_format {requested} cannot hold quantized weights: use "
+                            "compressed-tensors (or auto)")
+    if requested == "compressed-tensors" and not quantized:
+        raise SecateurError("save_format compressed-tensors needs a quantization step; use "
+                            "auto or safetensors")
+    return requested
+
+
+def save_output(loaded: Loaded, fmt: str, target: Path, metadata: dict[str, Any],
+                overwrite: bool = False, *, nm: str | None = None,
+                gguf_preset: str | None = None, name: str = "model",
+                inputs: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """Write `loaded` in `fmt` (from `output_format`) to `target`, a folder, or for gguf the
+    .gguf file itself; a GGUF's export record is returned. `nm`: a bitmask's N:M pattern."""
+    if fmt == "gguf":  # llama.cpp's block types, the codes as the step rounded them
+        from secateur.export import export_model
+        from secateur.quant.ggml import ggml_states
+
+        return export_model(loaded.model, loaded.tokenizer, "gguf", target, overwrite,
+                            gguf_preset, name, inputs, quantized=ggml_states(loaded.model),
+                            has_imatrix=True)
+    if fmt == "compressed-tensors":  # pack-quantized, as vLLM and transformers load it
+        from secateur.formats.packed_save import save_packed
+
+        save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite)
+    elif fmt == "bitmask":
+        from secateur.formats.compact import save_compact
+
+        save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite, nm=nm)
+    else:
+        save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite)
+    return None
+
+
+@dataclass
+class Run:
+    """One run of a recipe as the runner hands it to its layout."""
+
+    recipe: Recipe
+    device: torch.device | None
+    progress: bool
+    texts: dict[str, TextSource]  # every perplexity text, read before the model loads
+    # the model distill/dwq steps learn from, loaded once on first use
+    teacher: Callable[[], Loaded]
+
+    def perplexity(self, loaded: Loaded, config: PerplexityConfig) -> PerplexityResult:
+        from secateur.eval.api import evaluate
+
+        return evaluate(loaded, config, progress=self.progress, source=self.texts[config.data],
+                        device=self.device)
+
+
+class Layout:
+    """What a command does around the recipe's steps: which output rules it checks, what it
+    measures before and after, where the model and its record go, what it returns. The
+    runner owns the order, so every command loads, steps, checkpoints and saves alike."""
+
+    saves: bool = True  # False: the run writes nothing (a prune without --out)
+    on_step: Callable[[int, float], None] | None = None  # a training step's (step, loss)
+
+    def open(self, run: Run, hold: contextlib.ExitStack) -> None:
+        """Refuse outputs that may not be written and lock them; nothing is loaded yet."""
+
+    def load(self, run: Run) -> Loaded:
+        return load(run.recipe.model, dtype=run.recipe.dtype)
+
+    def start(self, run: Run, loaded: Loaded) -> int:
+        """Measure (or restore) before the steps; returns how many steps are done already."""
+        return 0
+
+    def checkpoint(self, index: int) -> Path | None:
+        """Where step `index` keeps its resumable state (finished layers, training state)."""
+        return None
+
+    def finished(self, run: Run, loaded: Loaded, record: StepResult) -> None:
+        """Step `len(steps so far)` is done; `record` is what it did."""
+
+    def finish(self, run: Run, loaded: Loaded) -> None:
+        """Measure the stepped model and save it."""
+
+    def close(self, run: Run) -> Any:
+        """The typed result, once the model is saved and dropped; the output is still locked."""
+
+    def released(self, result: Any) -> None:
+        """After the lock is gone: what must see the output as it stays on disk."""
+
+
+def run_recipe(recipe: Recipe, out: Path | None = None, overwrite: bool = False,
+               progress: bool = True, say: Callable[[str], None] = print,
+               inputs: Iterable[str | Path] = (), device: str | None = None, *,
+               layout: Layout | None = None) -> Any:
+    """Run every step in order on one model: the one runner behind every command.
+
+    `layout` says what the command writes and returns; the default is `secateur run`'s
+    (model/, result.json and recipe.yaml in `out`, checkpointed after every step and resumed
+    from the last finished one) and returns a `RecipeResult`. `inputs`: paths the run reads
+    besides those the recipe names (the recipe file itself), which `out` may not be, hold or
+    replace. `device` overrides the recipe's own."""
+    if recipe.dtype not in DTYPES:
+        raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
+    for step in recipe.steps:  # a config without a handler fails before anything loads
+        build_method(step)
+    dev = resolve_device(recipe.device if device is None else device)
+    if layout is None:
+        if out is None:
+            raise SecateurError("a recipe run needs an output folder")
+        layout = RunFolder(Path(out), overwrite, say, inputs)
+    with contextlib.ExitStack() as hold:
+        run = Run(recipe, dev, progress, {}, _teacher_loader(recipe))
+        layout.open(run, hold)
+        # read before the model: a missing text fails before any work
+        run.texts = {p.data: load_text(p.data, split="test") for p in recipe.evaluate.perplexity}
+        loaded = layout.load(run)
+        if layout.saves and _packs(recipe):  # refused here, not when saving after the run
+            from secateur.formats.packed_save import check_packable
+
+            check_packable(loaded.adapter)
+        for i in range(layout.start(run, loaded), len(recipe.steps)):
+            step = recipe.steps[i]
+            say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
+            record = run_step(loaded, step, recipe.calibration, teacher=run.teacher,
+                              progress=progress, device=dev, checkpoint=layout.checkpoint(i),
+                              on_step=layout.on_step)
+            layout.finished(run, loaded, record)
+        layout.finish(run, loaded)
+        del loaded  # saved: what follows (a bench) loads the models afresh, side by side
+        result = layout.close(run)
+    layout.released(result)
+    return result
+
+
+def _packs(recipe: Recipe) -> bool:
+    """Whether the output will be pack-quantized (a gguf step's output is a GGUF instead)."""
+    from secateur.config import quantizes
+
+    return (recipe.save_format in ("auto", "compressed-tensors")
+            and any(quantizes(step) for step in recipe.steps)
+            and not any(step.method == "gguf" for step in recipe.steps))
+
+
+def _teacher_loader(recipe: Recipe) -> Callable[[], Loaded]:
+    cache: dict[str, Loaded] = {}
+
+    def teacher() -> Loaded:
+        if "t" not in cache:
+            cache["t"] = load(recipe.teacher or recipe.model, dtype=recipe.dtype)
+        return cache["t"]
+
+    return teacher
+
+
 CHECKPOINT = "recipe"  # in --out's working folder (secateur.workdir)
 STATE = "recipe.json"  # the commit point: the results so far and which model folder is current
 _MODEL = re.compile(r"^step-\d{3,}$")
+RUN_FILES = ("recipe.yaml", "model", "result.json")  # what a run writes in its --out
+
+
+class RunFolder(Layout):
+    """`secateur run`: the model in out/model, the record in out/result.json and the recipe
+    in out/recipe.yaml; the model is checkpointed after every step, and an interrupted run
+    resumes after the last finished one."""
+
+    def __init__(self, out: Path, overwrite: bool = False,
+                 say: Callable[[str], None] = print, inputs: Iterable[str | Path] = ()) -> None:
+        self.out, self.overwrite, self.say, self.inputs = Path(out), overwrite, say, inputs
+        self.work = WorkDir(self.out)
+        self.start_time = time.perf_counter()
+        self.last: PerplexityResult | None = None  # the first text's, after the latest step
+
+    def open(self, run: Run, hold: contextlib.ExitStack) -> None:
+        from secateur.config import quantizes
+
+        recipe = run.recipe
+        check_free(self.out)  # a second run on this --out fails here, in one line naming it
+        self.resumable = (self.work.folder(CHECKPOINT) / STATE).is_file()
+        # every --out rule (secateur.outputs): an earlier output is replaced only if secateur
+        # wrote all of it, never the current folder or one holding an input
+        replace = check_run_folder(
+            self.out, self.overwrite, [*self.inputs, *path_values(recipe.to_dict())],
+            self.resumable,
+            None if any(quantizes(s) for s in recipe.steps) else model_bytes(recipe.model))
+        self.clear = replace and self.overwrite
+        hold.enter_context(self.work)
+        self.start_time = time.perf_counter()
+
+    def start(self, run: Run, loaded: Loaded) -> int:
+        recipe = run.recipe
+        if self.clear:
+            _clear_for_overwrite(self.out)
+            self.resumable = False
+        if not self.resumable:
+            self.work.discard(CHECKPOINT)  # steps saved but never committed: start afresh
+        restored = (_load_checkpoint(self.work.folder(CHECKPOINT), recipe) if self.resumable
+                    else None)
+        if restored is not None:
+            saved, self.result = restored
+            loaded.model, loaded.adapter = saved.model, saved.adapter
+            self.result.resumed_from_step = len(self.result.steps)
+            self.say(f"resuming after step {len(self.result.steps)} of {len(recipe.steps)}")
+        else:
+            self.result = RecipeResult(recipe=recipe.to_dict())
+            self.result.dense = _evaluate(run, loaded)
+            (self.out / "recipe.yaml").write_text(recipe.to_yaml())
+            mark_output(self.out, RUN_FILES)  # what a later --overwrite may replace
+        return len(self.result.steps)
+
+    def finished(self, run: Run, loaded: Loaded, record: StepResult) -> None:
+        evaluation = run.recipe.evaluate
+        self.last = None
+        if evaluation.after_each_step and evaluation.perplexity:
+            self.last = run.perplexity(loaded, evaluation.perplexity[0])
+            record.perplexity = self.last.perplexity
+        self.result.steps.append(record)
+        _save_checkpoint(self.work.folder(CHECKPOINT), loaded, self.result)
+
+    def finish(self, run: Run, loaded: Loaded) -> None:
+        recipe, result, out = run.recipe, self.result, self.out
+        # the last step's perplexity is the final model's: not measured twice
+        result.final = _evaluate(run, loaded, self.last)
+        result.out = str(out / "model")
+        result.seconds = time.perf_counter() - self.start_time
+        result.peak_rss_mib = peak_rss_mib()
+        result.final.format = _save(loaded, recipe, out / "model", result.to_dict())
+        result.final.bytes_on_disk = dir_bytes(out / "model")
+        self.bits = {getattr(m.secateur_quant, "bits", None) for m in loaded.model.modules()
+                     if hasattr(m, "secateur_quant")}
+
+    def close(self, run: Run) -> RecipeResult:
+        recipe, result, out = run.recipe, self.result, self.out
+        if recipe.bench is not None and result.final.format == "gguf":
+            result.final.bench = _bench_gguf(recipe, out / "model" / "model.gguf")
+        elif recipe.bench is not None:
+            result.final.bench = _bench(recipe, out / "model", self.bits)
+        write_json_atomic(out / "result.json", result.to_dict())
+        self.work.discard(CHECKPOINT)
+        return result
 
 
 def _save_checkpoint(folder: Path, loaded: Loaded, result: RecipeResult) -> None:
@@ -274,38 +557,18 @@ def _clear_for_overwrite(out: Path) -> None:
             entry.unlink()
 
 
-def _perplexity(loaded: Loaded, config: PerplexityConfig, progress: bool,
-                device: torch.device | None = None) -> PerplexityResult:
-    from secateur.eval.api import evaluate
-
-    return evaluate(loaded, config, progress=progress, device=device)
-
-
-def _evaluate(loaded: Loaded, evaluation: Evaluation, progress: bool,
-              first: PerplexityResult | None = None,
-              device: torch.device | None = None) -> Measured:
+def _evaluate(run: Run, loaded: Loaded, first: PerplexityResult | None = None) -> Measured:
     """`first`: the first text's result when it was just measured on this very model."""
     from secateur.eval.api import evaluate
 
-    out = Measured([first if i == 0 and first is not None
-                    else _perplexity(loaded, p, progress, device)
+    evaluation = run.recipe.evaluate
+    out = Measured([first if i == 0 and first is not None else run.perplexity(loaded, p)
                     for i, p in enumerate(evaluation.perplexity)],
                    count_parameters(loaded.model))
     if evaluation.zeroshot is not None:
-        out.zeroshot = evaluate(loaded, evaluation.zeroshot, progress=progress,
-                                device=device).to_dict()
+        out.zeroshot = evaluate(loaded, evaluation.zeroshot, progress=run.progress,
+                                device=run.device).to_dict()
     return out
-
-
-def _teacher_loader(recipe: Recipe) -> Any:
-    cache: dict[str, Loaded] = {}
-
-    def teacher() -> Loaded:
-        if "t" not in cache:
-            cache["t"] = load(recipe.model, dtype=recipe.dtype)
-        return cache["t"]
-
-    return teacher
 
 
 def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]) -> str:
@@ -320,97 +583,6 @@ def _save(loaded: Loaded, recipe: Recipe, target: Path, metadata: dict[str, Any]
     else:
         save_output(loaded, fmt, target, metadata, overwrite=True)
     return fmt
-
-
-RUN_FILES = ("recipe.yaml", "model", "result.json")  # what a run writes in its --out
-
-
-def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, progress: bool = True,
-               say: Any = print, inputs: Iterable[str | Path] = (),
-               device: str | None = None) -> RecipeResult:
-    """Run every step in order, checkpointing after each; resume from a checkpoint in `out`.
-
-    `inputs`: paths the run reads besides those the recipe names (the recipe file itself),
-    which `out` may not be, hold or replace. `device` overrides the recipe's own."""
-    out = Path(out)
-    if recipe.dtype not in DTYPES:
-        raise ConfigError(f"Recipe.dtype: one of {', '.join(DTYPES)}")
-    dev = resolve_device(recipe.device if device is None else device)  # before any loading
-    check_free(out)  # a second run on this --out fails here, in one line naming the first
-    work = WorkDir(out)
-    resumable = (work.folder(CHECKPOINT) / STATE).is_file()
-    # every --out rule (secateur.outputs): an earlier output is replaced only if secateur
-    # wrote all of it, never the current folder or one holding an input
-    from secateur.config import quantizes
-
-    replace = check_run_folder(
-        out, overwrite, [*inputs, *path_values(recipe.to_dict())], resumable,
-        None if any(quantizes(s) for s in recipe.steps) else model_bytes(recipe.model))
-    with work:
-        return _run_locked(recipe, out, work, replace and overwrite, resumable, progress, say,
-                           dev)
-
-
-def _run_locked(recipe: Recipe, out: Path, work: WorkDir, clear: bool, resumable: bool,
-                progress: bool, say: Any, device: torch.device | None = None) -> RecipeResult:
-    checkpoint = work.folder(CHECKPOINT)
-    start = time.perf_counter()
-    loaded = load(recipe.model, dtype=recipe.dtype)
-    if recipe.save_format in ("auto", "compressed-tensors"):
-        from secateur.config import quantizes
-        from secateur.formats.packed_save import check_packable
-
-        if any(quantizes(step) for step in recipe.steps):  # before anything is written
-            check_packable(loaded.adapter)
-    if clear:
-        _clear_for_overwrite(out)
-        resumable = False
-    if not resumable:
-        work.discard(CHECKPOINT)  # steps saved but never committed: start afresh
-    restored = _load_checkpoint(checkpoint, recipe) if resumable else None
-    if restored is not None:
-        saved, result = restored
-        loaded.model, loaded.adapter = saved.model, saved.adapter
-        result.resumed_from_step = len(result.steps)
-        say(f"resuming after step {len(result.steps)} of {len(recipe.steps)}")
-    else:
-        result = RecipeResult(recipe=recipe.to_dict())
-        result.dense = _evaluate(loaded, recipe.evaluate, progress, device=device)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-        mark_output(out, RUN_FILES)  # what a later --overwrite may replace
-    teacher = _teacher_loader(recipe)
-    first_ppl = recipe.evaluate.perplexity[0] if recipe.evaluate.perplexity else None
-    last: PerplexityResult | None = None  # the first text's result after the latest step
-    for i in range(len(result.steps), len(recipe.steps)):
-        step = recipe.steps[i]
-        say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
-        record: StepResult = run_step(loaded, step, recipe.calibration, teacher=teacher,
-                                      progress=progress, device=device)
-        last = None
-        if recipe.evaluate.after_each_step and first_ppl is not None:
-            last = _perplexity(loaded, first_ppl, progress, device)
-            record.perplexity = last.perplexity
-        result.steps.append(record)
-        _save_checkpoint(checkpoint, loaded, result)
-    # the last step's perplexity is the final model's: not measured twice
-    result.final = _evaluate(loaded, recipe.evaluate, progress, last, device)
-    result.out = str(out / "model")
-    result.seconds = time.perf_counter() - start
-    result.peak_rss_mib = peak_rss_mib()
-    fmt = _save(loaded, recipe, out / "model", result.to_dict())
-    result.final.format = fmt
-    result.final.bytes_on_disk = dir_bytes(out / "model")
-    if recipe.bench is not None and fmt == "gguf":
-        del loaded
-        result.final.bench = _bench_gguf(recipe, out / "model" / "model.gguf")
-    elif recipe.bench is not None:
-        bits = {getattr(m.secateur_quant, "bits", None) for m in loaded.model.modules()
-                if hasattr(m, "secateur_quant")}
-        del loaded  # the bench loads both models afresh, side by side
-        result.final.bench = _bench(recipe, out / "model", bits)
-    write_json_atomic(out / "result.json", result.to_dict())
-    work.discard(CHECKPOINT)
-    return result
 
 
 def _bench_gguf(recipe: Recipe, saved: Path) -> dict[str, Any]:

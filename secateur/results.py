@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from secateur.api import StepResult
+from secateur.api import Count, StepResult
 from secateur.eval.perplexity import PerplexityResult
 
 if TYPE_CHECKING:
@@ -74,6 +74,14 @@ class PruneResult:
     @property
     def sparsity(self) -> float | None:
         return self.step.sparsity
+
+    @property
+    def dense_count(self) -> Count:
+        return Count.of(self.parameters["dense"])
+
+    @property
+    def pruned_count(self) -> Count:
+        return Count.of(self.parameters["pruned"])
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "method": self.method, "seed": self.seed}
@@ -209,7 +217,11 @@ class Measured:
     zeroshot: dict[str, Any] | None = None
     format: str | None = None  # final: what the output was saved as
     bytes_on_disk: int | None = None
-    bench: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None  # the record; `BenchResult(bench)` reads it typed
+
+    @property
+    def count(self) -> Count:
+        return Count.of(self.parameters)
 
     @property
     def first_perplexity(self) -> float | None:
@@ -247,6 +259,10 @@ class RecipeResult:
     peak_rss_mib: float = 0.0
     resumed_from_step: int = 0
 
+    @property
+    def model(self) -> str:
+        return self.recipe["model"]
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["dense"] = {} if self.dense is None else self.dense.to_json()
@@ -261,3 +277,129 @@ class RecipeResult:
         values["final"] = Measured.from_json(data["final"]) if data.get("final") else None
         values["steps"] = [StepResult.from_dict(s) for s in data.get("steps", [])]
         return cls(**values)
+
+
+@dataclass
+class BenchedModel:
+    """One model's row of a transformers bench, as the dense-vs-compressed table reads it."""
+
+    bytes_on_disk: int | None
+    prefill_tokens_per_second: float  # at the first prompt length
+    decode_tokens_per_second: float
+    weight_bytes_per_token: float
+    peak_working_mib: float | None = None
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> BenchedModel:
+        prefill = next(iter(row["prefill"].values()))["tokens_per_second"]
+        decode = row["decode"]
+        return cls(row["bytes_on_disk"], prefill, decode["tokens_per_second"],
+                   decode["weight_bytes_per_token"], row.get("peak_working_mib"))
+
+
+@dataclass
+class Spread:
+    """A ratio over interleaved rounds."""
+
+    median: float
+    min: float
+    max: float
+
+
+@dataclass
+class BenchResult:
+    """`secateur bench` (and a recipe's bench step): the measured record, whose shape
+    `secateur.bench` owns, read through typed accessors; `to_json()` is the record."""
+
+    record: dict[str, Any]
+
+    @property
+    def runtime(self) -> str | None:
+        return self.record.get("runtime")
+
+    @property
+    def in_llama_cpp(self) -> bool:
+        """Timed by llama.cpp (GGUF files), whose rows have another shape."""
+        return str(self.runtime or "").startswith("llama.cpp")
+
+    @property
+    def baseline(self) -> str:
+        return self.record["baseline"]
+
+    @property
+    def threads_used(self) -> int:
+        return self.record["protocol"]["threads_used"]
+
+    @property
+    def compared(self) -> list[str]:
+        """The models measured against the baseline, in order."""
+        return [name for name in self.record["models"] if name != self.baseline]
+
+    def model(self, name: str) -> BenchedModel:
+        return BenchedModel.from_json(self.record["models"][name])
+
+    def decode_speedup(self, name: str) -> Spread:
+        d = self.record["speedup_vs_baseline"][name]["decode"]
+        return Spread(d["median"], d["min"], d["max"])
+
+    def bytes_ratio(self, name: str) -> float:
+        """`name`'s bytes on disk over the baseline's (NaN when either is unknown)."""
+        return self.record["speedup_vs_baseline"][name].get("bytes_on_disk", float("nan"))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.record
+
+
+@dataclass
+class FrontierPoint:
+    """One file on the frontier: its size and its perplexities in llama.cpp."""
+
+    mib: float
+    wiki: float
+    tiny_stories: float
+    decode_tokens_per_second: float | None = None  # median; only when speed was measured
+
+    @classmethod
+    def from_json(cls, point: dict[str, Any]) -> FrontierPoint:
+        speed = point.get("speed", {}).get("decode_tokens_per_second", {}).get("median")
+        return cls(point["mib"], point["wiki"], point["tiny-stories"], speed)
+
+
+@dataclass
+class FrontierResult:
+    """`secateur frontier`: secateur's GGUF points and llama.cpp's ladder, by name;
+    `to_json()` is frontier.json's record."""
+
+    runtime: str
+    points: dict[str, FrontierPoint]
+    record: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> FrontierResult:
+        return cls(record["runtime"], {name: FrontierPoint.from_json(p)
+                                       for name, p in record["points"].items()}, record)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.record
+
+
+@dataclass
+class ExportResult:
+    """`secateur export`: what was written where; `to_json()` is the export's record."""
+
+    model: str
+    format: str
+    out: str
+    architecture: str
+    outtype: str
+    layers: int
+    bytes: int
+    record: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> ExportResult:
+        return cls(record["model"], record["format"], record["out"], record["architecture"],
+                   record["outtype"], record["layers"], record["bytes"], record)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.record

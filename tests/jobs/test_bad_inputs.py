@@ -241,12 +241,12 @@ def test_an_interrupt_says_so_and_exits_non_zero(signum, code, tmp_path):
 
 
 def test_an_unpackable_quantized_output_is_refused_before_the_run(workdir, monkeypatch, capsys):
-    import secateur.jobs
+    import secateur.recipe
 
     def never(*args, **kwargs):
         raise AssertionError("the step ran before the refusal")
 
-    monkeypatch.setattr(secateur.jobs, "run_step", never)
+    monkeypatch.setattr(secateur.recipe, "run_step", never)
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "argv", ["secateur", "quantize", "G", "--method", "gptq",
                                       "--group-size", "16", *W, "--out", "q"])

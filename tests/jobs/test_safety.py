@@ -240,7 +240,7 @@ def _payload_never_runs(monkeypatch, may_load: bool) -> None:
     def never(*_a, **_k):
         raise AssertionError("the work ran before the refusal")
 
-    for module, name in ((secateur.jobs, "run_step"), (secateur.recipe, "run_step"),
+    for module, name in ((secateur.recipe, "run_step"),
                          (secateur.jobs, "evaluate_perplexity"),
                          (secateur.recipe, "_evaluate")):
         monkeypatch.setattr(module, name, never)
