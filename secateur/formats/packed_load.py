@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.formats.masks import restore_masks
 from secateur.formats.packed_save import (
     INT_QUANTIZED,
     PACK_QUANTIZED,
@@ -228,5 +229,6 @@ def load_quantized(path: str | Path, dtype: str = "float32") -> Any:
     from secateur.models.loading import Loaded
 
     model = read_quantized(path, dtype)
+    restore_masks(model, Path(path))  # only a checkpoint of secateur's own has any
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Loaded(model, tokenizer, adapter_for(model), str(path), str(path))

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from secateur.errors import SecateurError
+from secateur.formats.masks import write_masks
 from secateur.io import atomic_dir, write_json_atomic
 from secateur.quant.scheme import W8A8
 from secateur.quant.state import (
@@ -296,16 +297,20 @@ def packed_state_dict(model: nn.Module, keep_dtype: torch.dtype | None = torch.f
 
 
 def save_packed(model: nn.Module, tokenizer: Any, out: Path, metadata: dict | None = None,
-                overwrite: bool = False, keep_dtype: torch.dtype | None = torch.float16) -> Path:
+                overwrite: bool = False, keep_dtype: torch.dtype | None = torch.float16,
+                masks: bool = False) -> Path:
     """Write `model` (its linears quantized, each with a `QuantState`) as a compressed-tensors
     checkpoint that `AutoModelForCausalLM.from_pretrained` and vLLM load without secateur.
 
     `keep_dtype`: the storage dtype of the embeddings (None: the model's own dtype).
-    Nothing is written when a check fails.
+    `masks`: also write the pruning masks beside the weights, for a checkpoint that secateur
+    reads back (`secateur.formats.masks`). Nothing is written when a check fails.
     """
     tensors, groups, ignore = packed_state_dict(model, keep_dtype)  # every check runs here
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if masks:
+            write_masks(model, tmp)
         write_quantization_config(model, groups, ignore, tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:

@@ -152,3 +152,32 @@ def test_no_saved_model_holds_a_mask(tmp_path):
                  tmp_path / "packed" / PACKED):
         with safe_open(str(file), "pt") as f:
             assert not [k for k in f.keys() if MASK in k], file  # noqa: SIM118
+
+
+def test_a_checkpoint_may_keep_its_masks_beside_the_weights(tmp_path):
+    """For the checkpoints secateur reads back itself (a recipe's steps): the masks in a file of
+    their own, which transformers never opens, restored by the loaders."""
+    from secateur.formats.hf import save_model
+    from secateur.formats.loader import load
+    from secateur.formats.masks import FILE
+    from secateur.formats.packed_load import load_quantized
+    from secateur.formats.packed_save import save_packed
+    from secateur.models.mask import mask_keys
+
+    loaded = _loaded()
+    prune(loaded, WandaConfig(sparsity=0.5), data=CALIB, progress=False)
+    _zero_a_kept_weight(loaded)
+    want = {k: v.clone() for k, v in loaded.model.state_dict().items()
+            if k in mask_keys(loaded.model)}
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "plain")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "dense", masks=True)
+    assert not (tmp_path / "plain" / FILE).exists() and (tmp_path / "dense" / FILE).is_file()
+    assert not has_masks(load(tmp_path / "plain").model)
+    quantize(loaded, GPTQConfig(bits=4, group_size=32), data=CALIB, progress=False)
+    save_packed(loaded.model, loaded.tokenizer, tmp_path / "packed", keep_dtype=None,
+                masks=True)
+    for again in (load(tmp_path / "dense").model, load_quantized(tmp_path / "packed").model):
+        got = again.state_dict()
+        assert mask_keys(again) == set(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
