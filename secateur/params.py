@@ -51,9 +51,15 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"parameters": total, "nonzero": nonzero, "bytes_in_memory": _bytes_in_memory(model)}
 
 
+# the buffer a pruning mask is recorded in (models/mask.py): never saved, so not counted as
+# the model's memory (a pruned model would otherwise report more bytes than its dense self)
+MASK = "weight_mask_bits"
+
+
 def _bytes_in_memory(model: nn.Module) -> int:
+    buffers = [b for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] != MASK]
     tensors = {t.data_ptr(): t.numel() * t.element_size()
-               for t in list(model.parameters()) + list(model.buffers())
+               for t in list(model.parameters()) + buffers
                if t.device.type != "meta" and t.numel()}
     opaque = sum(getattr(m, "opaque_bytes", lambda: 0)() for m in model.modules())
     return sum(tensors.values()) + opaque

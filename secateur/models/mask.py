@@ -22,7 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-MASK = "weight_mask_bits"
+from secateur.params import MASK
+
 _WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
