@@ -502,11 +502,11 @@ def _save_checkpoint(folder: Path, loaded: Loaded, result: RecipeResult) -> None
         from secateur.formats.packed_save import save_packed
 
         # the model's own dtype for the unquantized tensors: the model comes back exactly
-        save_packed(loaded.model, loaded.tokenizer, folder / name, keep_dtype=None)
+        save_packed(loaded.model, loaded.tokenizer, folder / name, keep_dtype=None, masks=True)
     else:
         from secateur.formats.hf import save_model
 
-        save_model(loaded.model, loaded.tokenizer, folder / name)
+        save_model(loaded.model, loaded.tokenizer, folder / name, masks=True)
     write_json_atomic(folder / STATE, {"model": name, "result": result.to_dict()})
     for old in folder.glob("step-*"):
         if old.name != name:
