@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from secateur.api import CalibrationConfig, prune
-from secateur.bench.measure import decode_seconds, prefill_seconds
+from secateur.bench.measure import decode_seconds, interleaved, prefill_seconds
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
 from secateur.formats.loader import load
@@ -80,15 +80,14 @@ def time_models(models: dict[str, torch.nn.Module], repeats: int, prefill_len: i
     vocab = models["dense"].config.vocab_size
     ids = torch.randint(0, vocab, (1, prefill_len), generator=g)
     prompt = ids[:, :16]
-    for m in models.values():  # warm-up: first calls allocate and pick kernels
+    for m in models.values():  # a short warm-up: first calls allocate and pick kernels
         prefill_seconds(m, ids[:, :32])
         decode_seconds(m, prompt, 4)
-    prefill: dict[str, list[float]] = {k: [] for k in models}
-    decode: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(repeats):
-        for name, m in models.items():  # interleaved: drifting machine load hits all alike
-            prefill[name].append(prefill_seconds(m, ids))
-            decode[name].append(1 / decode_seconds(m, prompt, new_tokens))
+    rounds = interleaved({name: (lambda m=m: (prefill_seconds(m, ids),
+                                              1 / decode_seconds(m, prompt, new_tokens)))
+                          for name, m in models.items()}, repeats, warmup=0)
+    prefill = {name: [p for p, _ in rows] for name, rows in rounds.items()}
+    decode = {name: [d for _, d in rows] for name, rows in rounds.items()}
     dense_prefill = statistics.median(prefill["dense"])
     dense_decode = statistics.median(decode["dense"])
     return {name: {"prefill_seconds": statistics.median(prefill[name]),

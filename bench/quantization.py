@@ -104,6 +104,8 @@ def _kernel_candidates(out_f: int, in_f: int, copies: int
 def kernels(rounds: int, calls: int, threads: int, memory_mib: int = 256) -> dict:
     """Seconds per call of each kernel candidate, interleaved rounds; for batch 1 the weights
     cycle through enough copies to exceed `memory_mib` of float32 (cache-cold, like decode)."""
+    from secateur.bench.measure import interleaved, spread
+
     torch.set_num_threads(threads)
     shapes = {"576->1536": (1536, 576), "1536->576": (576, 1536)}
     out: dict = {"threads": threads, "rounds": rounds, "calls_per_timing": calls,
@@ -115,28 +117,24 @@ def kernels(rounds: int, calls: int, threads: int, memory_mib: int = 256) -> dic
         for batch in (1, 128):
             x = torch.randn(batch, in_f)
             n_calls = calls if batch == 1 else max(1, calls // 16)
-            names = list(cands)
-            secs: dict[str, list[float]] = {n: [] for n in names}
-            for r in range(rounds + 1):  # round 0 warms up and is dropped
-                for n in names if r % 2 else names[::-1]:
-                    layers = cands[n]
-                    t = time.perf_counter()
-                    for i in range(n_calls):
-                        layers[i % len(layers)](x)
-                    if r:
-                        secs[n].append((time.perf_counter() - t) / n_calls)
+            secs = interleaved({n: (lambda layers=layers, x=x, k=n_calls: _per_call(layers, x, k))
+                                for n, layers in cands.items()}, rounds, warmup=1)
             base = secs["dense_fp32"]
             out["cases"][f"{label} batch {batch}"] = {
                 n: {"median_us": statistics.median(s) * 1e6,
-                    "speedup_vs_fp32": _spread([b / v for b, v in zip(base, s, strict=True)])}
+                    "speedup_vs_fp32": spread([b / v for b, v in zip(base, s, strict=True)])}
                 for n, s in secs.items()}
             print(f"{label} batch {batch}: " + ", ".join(
                 f"{n} {statistics.median(s) * 1e6:.0f}us" for n, s in secs.items()), flush=True)
     return out
 
 
-def _spread(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+def _per_call(layers: list, x: torch.Tensor, calls: int) -> float:
+    """Seconds per call, cycling through the copies so that batch 1 reads cold weights."""
+    t = time.perf_counter()
+    for i in range(calls):
+        layers[i % len(layers)](x)
+    return (time.perf_counter() - t) / calls
 
 
 # -- models --------------------------------------------------------------------------------

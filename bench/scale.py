@@ -236,10 +236,10 @@ def load() -> dict:
 
 
 def save(data: dict) -> None:
+    from secateur.io import write_text_atomic
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(JSON)
+    write_text_atomic(JSON, json.dumps(data, indent=1) + "\n")  # the layout the file has
 
 
 # -- extrapolation -----------------------------------------------------------------------------

@@ -54,8 +54,28 @@ class Subject:
     path: str | None = None
 
 
-def _stats(xs: list[float]) -> dict[str, float]:
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, min, max and count of a series of timings (or of per-round ratios)."""
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                desc: str | None = None) -> dict[str, list[Any]]:
+    """Each run's results over `repeats` rounds, every round calling every run once.
+
+    The order is reversed every other round, so a slow moment of a shared machine falls on
+    all runs alike instead of on one run's whole series; warm-up rounds (first calls allocate
+    and pick kernels) are run in order and not kept."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    names = list(runs)
+    out: dict[str, list[Any]] = {n: [] for n in names}
+    rounds = range(repeats) if desc is None else tqdm(range(repeats), desc=desc)
+    for r in rounds:
+        for n in names if r % 2 == 0 else names[::-1]:
+            out[n].append(runs[n]())
+    return out
 
 
 def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -178,14 +198,8 @@ def _run(subjects: list[Subject], spec: BenchSpec, text: str, warnings: list[str
         row["decode"] = decode_seconds(s.model, decode_prompt[s.name], spec.decode_tokens)
         return row
 
-    for _ in range(spec.warmup):
-        for s in subjects:
-            one_round(s)
-    rounds: dict[str, list[dict[str, float]]] = {s.name: [] for s in subjects}
-    for r in tqdm(range(spec.repeats), desc="bench rounds"):
-        order = subjects if r % 2 == 0 else subjects[::-1]
-        for s in order:
-            rounds[s.name].append(one_round(s))
+    rounds = interleaved({s.name: (lambda s=s: one_round(s)) for s in subjects}, spec.repeats,
+                         spec.warmup, desc="bench rounds")
     # Memory in its own untimed pass: the profiler's bookkeeping must not slow the timings.
     working = {s.name: _working_mib(s, prompts[s.name], decode_prompt[s.name], spec)
                for s in subjects}
@@ -251,7 +265,7 @@ def _model_result(s: Subject, rows: list[dict[str, float]],
     prefill = {}
     for n in spec.prompt_lengths:
         secs = [r[f"prefill_{n}"] for r in rows]
-        prefill[str(n)] = {"seconds": _stats(secs),
+        prefill[str(n)] = {"seconds": spread(secs),
                            "tokens_per_second": n / statistics.median(secs)}
     decode = [r["decode"] for r in rows]
     tps = 1 / statistics.median(decode)
@@ -264,7 +278,7 @@ def _model_result(s: Subject, rows: list[dict[str, float]],
         "bytes_on_disk": bytes_on_disk(s.path),
         "num_layers": getattr(s.model.config, "num_hidden_layers", None),
         "prefill": prefill,
-        "decode": {"seconds_per_token": _stats(decode), "tokens_per_second": tps,
+        "decode": {"seconds_per_token": spread(decode), "tokens_per_second": tps,
                    "weight_bytes_per_token": per_token, "bound_tokens_per_second": bound,
                    "fraction_of_bound": tps / bound},
         "peak_working_mib": None if working is None else max(working.values()),
@@ -277,7 +291,7 @@ def _ratios(base_rows: list[dict[str, float]], rows: list[dict[str, float]], bas
     out: dict[str, Any] = {}
     for key in base_rows[0]:
         paired = [b[key] / o[key] for b, o in zip(base_rows, rows, strict=True)]
-        out[key] = _stats(paired)
+        out[key] = spread(paired)
     out["parameters"] = other["parameters"] / base["parameters"]
     out["weight_bytes_per_token"] = (other["decode"]["weight_bytes_per_token"]
                                      / base["decode"]["weight_bytes_per_token"])
