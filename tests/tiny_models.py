@@ -57,6 +57,15 @@ def tiny_model(family: str, seed: int = 0):
 
 
 
+def tiny_loaded(family: str = "llama", seed: int = 0):
+    """A tiny model with the byte tokenizer and its adapter, as `load` would hand it over."""
+    from secateur.models import adapter_for
+    from secateur.models.loading import Loaded
+
+    model = tiny_model(family, seed)
+    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
+
+
 def byte_tokenizer():
     """A byte-level tokenizer (no merges) so tiny models can read any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -14,9 +14,8 @@ from secateur.engine.block_search import BlockSearch
 from secateur.methods import build_method
 from secateur.methods.base import PruneContext
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded
 from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
-from tests.tiny_models import byte_tokenizer, make_step, tiny_model
+from tests.tiny_models import make_step, tiny_loaded, tiny_model
 
 CALIB = CalibrationConfig("wiki", nsamples=4, seqlen=32, seed=0)
 EXACT = {"search_dtype": "float32"}
@@ -28,11 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_loaded() -> Loaded:
-    model = tiny_model("llama")
-    return Loaded(model, byte_tokenizer(), adapter_for(model), "llama", "")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from secateur.methods import build_method
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
 from secateur.surgery.depth import Block, remove_blocks, remove_layers, total_parameters
-from tests.tiny_models import byte_tokenizer, make_step, tiny_model
+from tests.tiny_models import make_step, tiny_loaded, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text", "opt", "gpt2", "gpt_neox"]
 
@@ -225,11 +225,6 @@ def test_surgery_rejects_bad_blocks():
 
 
 # -- methods through the API -------------------------------------------------------------------
-def tiny_loaded(family: str = "llama") -> Loaded:
-    model = tiny_model(family)
-    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
-
-
 CALIB = CalibrationConfig("wiki", nsamples=4, seqlen=32, seed=0)
 EXACT = {"search_dtype": "float32"}  # tests compare the search's numbers with fp32 models
 

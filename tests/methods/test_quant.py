@@ -11,20 +11,14 @@ from secateur.methods.gptq import GPTQ, GPTQConfig
 from secateur.methods.rtn import RTNConfig
 from secateur.methods.sparsegpt import sparsegpt_prune, sparsegpt_prune_quantize
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded
 from secateur.models.mask import kept_mask, set_kept_mask
 from secateur.quant.gptq import gptq_quantize, output_error
 from secateur.quant.grid import Grid, QuantGridConfig, find_params, rtn
 from secateur.quant.grid import quantize as grid_quantize
 from secateur.quant.state import QuantState, quant_state, set_quant_state
-from tests.tiny_models import byte_tokenizer, tiny_model
+from tests.tiny_models import tiny_loaded, tiny_model
 
 CALIB = CalibrationConfig("c4-sample", 4, 64, 0)
-
-
-def _loaded(family="llama", seed=0):
-    model = tiny_model(family, seed)
-    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
 
 
 def _projections(loaded):
@@ -212,7 +206,7 @@ def test_joint_solve_beats_prune_then_round():
 # -- the methods through the API ------------------------------------------------------------
 
 def test_wanda_then_gptq_keeps_every_pruned_weight_zero():
-    loaded = _loaded()
+    loaded = tiny_loaded()
     prune(loaded, WandaConfig(sparsity=0.5), data=CALIB, progress=False)
     before = {k: p.weight.clone() for k, p in _projections(loaded).items()}
     run = quantize(loaded, GPTQConfig(bits=4, group_size=32, act_order=True), data=CALIB,
@@ -235,7 +229,7 @@ def test_wanda_then_gptq_keeps_every_pruned_weight_zero():
 @pytest.mark.parametrize("config", [GPTQConfig(bits=3, group_size=16, symmetric=False),
                                     RTNConfig(bits=4, group_size=-1)])
 def test_quantize_leaves_every_linear_on_its_grid(family, config):
-    loaded = _loaded(family)
+    loaded = tiny_loaded(family)
     run = quantize(loaded, config, data=CALIB, progress=False)
     for k, p in _projections(loaded).items():
         state = quant_state(p.module)
@@ -253,7 +247,7 @@ def test_gptq_beats_rtn_on_the_layer_outputs():
     errors = {}
     for config in (RTNConfig(bits=3, group_size=32, error_report=True),
                    GPTQConfig(bits=3, group_size=32)):
-        run = quantize(_loaded(), config, data=CalibrationConfig("c4-sample", 8, 64, 0),
+        run = quantize(tiny_loaded(), config, data=CalibrationConfig("c4-sample", 8, 64, 0),
                        progress=False)
         errors[config.method] = sum(r["relative_error"] for r in run.layers)
     assert errors["gptq"] < errors["rtn"]
@@ -263,7 +257,7 @@ def test_rtn_runs_no_layer_unless_asked_for_the_error_report():
     """Rounding needs the weights only: no layer forward by default, the same weights as the
     run that reports each layer's output error."""
     calls: list[int] = []
-    fast, reported = _loaded(), _loaded()
+    fast, reported = tiny_loaded(), tiny_loaded()
     for layer in fast.adapter.layers:
         layer.register_forward_hook(lambda *a: calls.append(1))
     runs = {name: quantize(loaded, RTNConfig(bits=4, group_size=32, error_report=report),
@@ -278,7 +272,7 @@ def test_rtn_runs_no_layer_unless_asked_for_the_error_report():
 
 
 def test_joint_sparsegpt_through_the_api():
-    loaded = _loaded()
+    loaded = tiny_loaded()
     run = prune(loaded, SparseGPTConfig(sparsity=0.5, quantize={"bits": 4, "group_size": 32}),
                 data=CALIB, progress=False)
     for k, p in _projections(loaded).items():
@@ -292,13 +286,13 @@ def test_joint_sparsegpt_through_the_api():
 
 
 def test_sparsegpt_without_quantize_sets_no_grid():
-    loaded = _loaded()
+    loaded = tiny_loaded()
     prune(loaded, SparseGPTConfig(sparsity=0.5), data=CALIB, progress=False)
     assert all(quant_state(p.module) is None for p in _projections(loaded).values())
 
 
 def test_same_settings_same_result():
-    a, b = _loaded(), _loaded()
+    a, b = tiny_loaded(), tiny_loaded()
     for loaded in (a, b):
         quantize(loaded, GPTQConfig(bits=4, group_size=32, act_order=True), data=CALIB,
                  progress=False)
@@ -338,18 +332,18 @@ def _one_line_refusal(loaded, config, match):
 @pytest.mark.parametrize("config", [GPTQConfig(group_size=48), RTNConfig(group_size=48),
                                     SparseGPTConfig(sparsity=0.5, quantize={"group_size": 48})])
 def test_group_size_must_divide_every_input_width(config):
-    _one_line_refusal(_loaded(), config, r"group_size 48 does not divide the input width 64 of "
+    _one_line_refusal(tiny_loaded(), config, r"group_size 48 does not divide the input width 64 of "
                                          r"layers\.0\.self_attn\.q_proj.*e\.g\. 32")
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(group_size=32), RTNConfig(group_size=32),
                                     SparseGPTConfig(sparsity=0.5, quantize={"group_size": 32})])
 def test_an_already_quantized_model_is_refused(config):
-    loaded = _loaded()
+    loaded = tiny_loaded()
     proj = loaded.adapter.linears(loaded.adapter.layers[2])["mlp.down_proj"]
     set_quant_state(proj.module, rtn(proj.weight, Grid(4), 32)[1])
     _one_line_refusal(loaded, config, "already quantized")
-    fresh = _loaded()
+    fresh = tiny_loaded()
     fresh.model.config.quantization_config = {"quant_method": "compressed-tensors"}
     _one_line_refusal(fresh, config, "already quantized")
 
@@ -398,13 +392,13 @@ def test_true_sequential_gptq_sees_each_group_after_the_groups_before_it(monkeyp
     """With true_sequential, every projection is solved on the inputs the quantized model
     really gives it (o after quantized q/k/v, down after quantized gate/up), as in the
     reference's --true-sequential; without it, o and down see the dense layer's inputs."""
-    used, final = _hessians_used(_loaded(), GPTQConfig(true_sequential=True, group_size=32),
+    used, final = _hessians_used(tiny_loaded(), GPTQConfig(true_sequential=True, group_size=32),
                                  monkeypatch)
     # 3e-4 apart: the quantize step rounds the embeddings to float16 after the solve
     assert len(used) == len(final) == 3 * 7
     for key in final:
         assert _rel(used[key], final[key]) < 1e-3, key
-    used, final = _hessians_used(_loaded(), GPTQConfig(group_size=32), monkeypatch)
+    used, final = _hessians_used(tiny_loaded(), GPTQConfig(group_size=32), monkeypatch)
     for i in range(3):
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             assert _rel(used[i, name], final[i, name]) < 1e-3  # the layer's input: the same
@@ -416,7 +410,7 @@ def test_true_sequential_groups_follow_the_layer_calls():
     from secateur.engine.capture import capture_layer_inputs
     from secateur.engine.sequential import input_groups
 
-    loaded = _loaded()
+    loaded = tiny_loaded()
     captured = capture_layer_inputs(loaded.model, loaded.adapter, [torch.arange(16)[None]])
     layer = loaded.adapter.layers[0]
     groups = input_groups(layer, loaded.adapter.linears(layer), captured.hidden[0],
@@ -452,7 +446,7 @@ def test_partial_groups_must_be_asked_for_and_cut_like_the_reference():
 def test_grid_is_in_the_state_dict_and_survives_a_round_trip_and_a_deepcopy():
     import copy
 
-    loaded = _loaded()
+    loaded = tiny_loaded()
     quantize(loaded, GPTQConfig(bits=3, group_size=16, act_order=True), data=CALIB,
              progress=False)
     layer = loaded.adapter.layers[0]
@@ -463,7 +457,7 @@ def test_grid_is_in_the_state_dict_and_survives_a_round_trip_and_a_deepcopy():
     assert not any(p is q.weight_scale for p in loaded.model.parameters())  # never trained
     twin = copy.deepcopy(layer)
     assert quant_state(twin.self_attn.q_proj).scheme == quant_state(q).scheme
-    fresh = _loaded().adapter.layers[0]
+    fresh = tiny_loaded().adapter.layers[0]
     for path, module in layer.named_modules():
         if (s := quant_state(module)) is not None:
             set_quant_state(fresh.get_submodule(path), QuantState(
@@ -486,7 +480,7 @@ def test_a_dense_save_of_a_quantized_model_holds_no_grid_and_reloads_cleanly(tmp
 
     from secateur.formats.hf import save_model
 
-    loaded = _loaded()
+    loaded = tiny_loaded()
     quantize(loaded, RTNConfig(bits=4, group_size=32), data=CALIB, progress=False)
     save_model(loaded.model, None, tmp_path / "out")
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:

@@ -12,18 +12,12 @@ import secateur.methods.gptq as gptq_module
 from secateur.api import CalibrationConfig, prune, quantize
 from secateur.methods import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from secateur.methods.gptq import GPTQConfig
-from secateur.models import adapter_for
 from secateur.models.loading import Loaded
 from secateur.models.mask import MASK, has_masks, kept_mask, pack_bits, unpack_bits
 from secateur.recovery.masks import record_masks
-from tests.tiny_models import byte_tokenizer, tiny_model
+from tests.tiny_models import tiny_loaded
 
 CALIB = CalibrationConfig("c4-sample", 4, 64, 0)
-
-
-def _loaded(family: str = "llama") -> Loaded:
-    model = tiny_model(family)
-    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
 
 
 def _projections(loaded: Loaded):
@@ -54,7 +48,7 @@ def test_bits_pack_and_unpack(width):
 @pytest.mark.parametrize("config", [MagnitudeConfig(sparsity=0.5), WandaConfig(nm="2:4"),
                                     SparseGPTConfig(sparsity=0.5)])
 def test_pruning_records_its_mask_in_the_state_dict(family, config):
-    loaded = _loaded(family)
+    loaded = tiny_loaded(family)
     prune(loaded, config, data=CALIB, progress=False)
     for key, proj in _projections(loaded).items():
         assert torch.equal(proj.pruned(), proj.weight == 0), key
@@ -63,7 +57,7 @@ def test_pruning_records_its_mask_in_the_state_dict(family, config):
 
 
 def test_gptq_keeps_the_recorded_mask_not_every_zero(monkeypatch):
-    loaded = _loaded()
+    loaded = tiny_loaded()
     prune(loaded, WandaConfig(sparsity=0.5), data=CALIB, progress=False)
     proj, at = _zero_a_kept_weight(loaded)
     pruned = proj.pruned().clone()
@@ -90,7 +84,7 @@ def test_gptq_keeps_the_recorded_mask_not_every_zero(monkeypatch):
 
 
 def test_gptq_without_keep_zeros_leaves_nothing_pruned():
-    loaded = _loaded()
+    loaded = tiny_loaded()
     prune(loaded, MagnitudeConfig(sparsity=0.5), data=CALIB, progress=False)
     quantize(loaded, GPTQConfig(bits=4, group_size=32, keep_zeros=False), data=CALIB,
              progress=False)
@@ -100,7 +94,7 @@ def test_gptq_without_keep_zeros_leaves_nothing_pruned():
 def test_a_model_without_masks_falls_back_to_its_zeros():
     """A model read from disk holds no mask: its zeros are taken as its pruning, and the first
     method records them before rounding adds zeros."""
-    loaded = _loaded()
+    loaded = tiny_loaded()
     proj = loaded.adapter.linears(loaded.adapter.layers[1])["mlp.up_proj"]
     with torch.no_grad():
         proj.weight[:, ::2] = 0.0
@@ -117,7 +111,7 @@ def test_a_model_without_masks_falls_back_to_its_zeros():
 def test_masks_follow_width_surgery(family):
     from secateur.surgery.width import shrink_layer
 
-    loaded = _loaded(family)
+    loaded = tiny_loaded(family)
     prune(loaded, MagnitudeConfig(sparsity=0.5), data=CALIB, progress=False)
     adapter = loaded.adapter
     shape = adapter.attention_shape()
@@ -140,7 +134,7 @@ def test_no_saved_model_holds_a_mask(tmp_path):
     from secateur.formats.packed_save import WEIGHTS as PACKED
     from secateur.formats.packed_save import save_packed
 
-    loaded = _loaded()
+    loaded = tiny_loaded()
     prune(loaded, WandaConfig(sparsity=0.5), data=CALIB, progress=False)
     save_model(loaded.model, loaded.tokenizer, tmp_path / "dense")
     save_compact(loaded.model, loaded.tokenizer, tmp_path / "compact")
@@ -164,7 +158,7 @@ def test_a_checkpoint_may_keep_its_masks_beside_the_weights(tmp_path):
     from secateur.formats.packed_save import save_packed
     from secateur.models.mask import mask_keys
 
-    loaded = _loaded()
+    loaded = tiny_loaded()
     prune(loaded, WandaConfig(sparsity=0.5), data=CALIB, progress=False)
     _zero_a_kept_weight(loaded)
     want = {k: v.clone() for k, v in loaded.model.state_dict().items()

@@ -4,20 +4,13 @@ import torch
 from secateur.api import CalibrationConfig, prune
 from secateur.errors import SecateurError
 from secateur.methods.owl import owl_sparsities
-from secateur.models import adapter_for
-from secateur.models.loading import Loaded
-from tests.tiny_models import byte_tokenizer, make_step, tiny_model
+from tests.tiny_models import make_step, tiny_loaded, tiny_model
 
 CALIB = CalibrationConfig("c4-sample", nsamples=4, seqlen=64, seed=0)
 
 
-def _loaded(family="llama", seed=0):
-    model = tiny_model(family, seed)
-    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
-
-
 def _run(family="llama", calib=CALIB, **options):
-    loaded = _loaded(family)
+    loaded = tiny_loaded(family)
     run = prune(loaded, make_step(**options), calib, progress=False)
     return loaded, run
 

@@ -16,9 +16,8 @@ from secateur.methods.masks import (
 )
 from secateur.methods.sparsegpt import SparseGPT
 from secateur.models import adapter_for
-from secateur.models.loading import Loaded
 from secateur.stats import ColumnSquares, Hessian
-from tests.tiny_models import byte_tokenizer, make_step, tiny_model
+from tests.tiny_models import make_step, tiny_loaded
 
 CALIB = CalibrationConfig("c4-sample", nsamples=4, seqlen=48, seed=0)
 SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.99)
@@ -119,11 +118,6 @@ def test_hessian_panels_equal_the_full_product(width):
     assert hessian.sum.numel() == 0
 
 
-def _loaded(family="llama"):
-    model = tiny_model(family)
-    return Loaded(model, byte_tokenizer(), adapter_for(model), family, "")
-
-
 def _windows(count=3, seqlen=24):
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(count)]
@@ -131,7 +125,7 @@ def _windows(count=3, seqlen=24):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt", "gpt2", "gpt_neox"])
 def test_shared_statistics_equal_separate_ones(family):
-    loaded = _loaded(family)
+    loaded = tiny_loaded(family)
     adapter = loaded.adapter
     captured = capture_layer_inputs(loaded.model, adapter, _windows())
     layer = adapter.layers[1]
@@ -173,10 +167,10 @@ def _weights(loaded):
 
 @pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"nm": "2:4"}])
 def test_shared_hessian_sparsegpt_equals_per_matrix_sparsegpt(monkeypatch, target):
-    shared = _loaded()
+    shared = tiny_loaded()
     _prune(shared, method="sparsegpt", **target)
     monkeypatch.setattr(SparseGPT, "shares_statistics", False)
-    separate = _loaded()
+    separate = tiny_loaded()
     _prune(separate, method="sparsegpt", **target)
     a, b = _weights(shared), _weights(separate)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -189,7 +183,7 @@ def test_without_error_report_same_weights(method, sequential):
     loaded = {}
     runs = {}
     for report in (True, False):
-        loaded[report] = _loaded()
+        loaded[report] = tiny_loaded()
         runs[report] = _prune(loaded[report], method=method, sparsity=0.5,
                               sequential=sequential, error_report=report)
     a, b = _weights(loaded[True]), _weights(loaded[False])
@@ -200,7 +194,7 @@ def test_without_error_report_same_weights(method, sequential):
 
 def test_magnitude_runs_no_layer_without_error_report():
     calls = []
-    loaded = _loaded()
+    loaded = tiny_loaded()
     before = copy.deepcopy(loaded.model)
     for layer in loaded.adapter.layers:
         layer.register_forward_hook(lambda *a: calls.append(1))
@@ -219,7 +213,7 @@ def test_magnitude_needs_no_calibration_windows(tmp_path):
     from secateur.engine.sequential import prune_layerwise
     from secateur.methods.magnitude import Magnitude, MagnitudeConfig
 
-    with_windows, without = _loaded(), _loaded()
+    with_windows, without = tiny_loaded(), tiny_loaded()
     _prune(with_windows, method="magnitude", nm="2:4")
     method = Magnitude(MagnitudeConfig(nm="2:4"))
     method.prepare(without.model, without.adapter)
@@ -253,7 +247,7 @@ def test_bf16_calibration_forwards_keep_fp32_statistics(method, monkeypatch):
             monkeypatch.setattr(cls, "add", spy)
         options = ({"method": "gptq", "bits": 4, "group_size": 32} if method == "gptq"
                    else {"method": method, "sparsity": 0.5})
-        loaded = _loaded()
+        loaded = tiny_loaded()
         calib = BF16_CALIB if dtype == "bfloat16" else CALIB
         result = prune(loaded, make_step(**options), calib, progress=False) \
             if method != "gptq" else _quantize(loaded, options, calib)
