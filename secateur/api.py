@@ -240,7 +240,7 @@ def run_step(
                                                             on_layer, progress, None, dev),
         block_search=lambda subset=None, batch_size=8, dtype=None: BlockSearch(
             m, adapter, windows if subset is None else subset, batch_size, progress, dtype),
-        teacher=teacher,
+        teacher=teacher, checkpoint=checkpoint, on_step=on_step,
     )
     result = StepResult(method=config.method, kind=config.kind, config=config.settings(),
                         calibration=calib_record)
@@ -260,9 +260,11 @@ def run_step(
             # embeddings and head are saved in float16 beside the packed linears: evaluate
             # exactly what will be saved
             round_kept_tensors(m)
-    elif config.kind == "recover" and (checkpoint is not None or on_step is not None):
-        result.summary = _train(loaded, config, teacher, checkpoint, progress, on_step,
-                                dev).to_dict()
+    elif config.method == "dwq" and (checkpoint is not None or on_step is not None):
+        # DWQ's handler does not yet pass the context's checkpoint and step callback to its
+        # trainer (lora and distill do), so a resumable DWQ calls the trainer itself
+        result.summary = _train_dwq(loaded, config, teacher, checkpoint, progress, on_step,
+                                    dev).to_dict()
     else:
         result.summary = _run_on(method, context, loaded, dev)
     result.parameters = {"before": before, "after": count_parameters(loaded.model)}
@@ -290,39 +292,20 @@ def _run_on(method: Any, context: PruneContext, loaded: Loaded,
     return summary
 
 
-def _train(loaded: Loaded, config: MethodConfig, teacher: Callable[[], Loaded] | None,
-           checkpoint: Path | None, progress: bool,
-           on_step: Callable[[int, float], None] | None,
-           device: torch.device | None) -> TrainResult:
-    """A recovery called with its checkpoint folder and step callback, which the handlers'
-    `run(context)` does not pass on (PruneContext has no place for them)."""
+def _train_dwq(loaded: Loaded, config: MethodConfig, teacher: Callable[[], Loaded] | None,
+               checkpoint: Path | None, progress: bool,
+               on_step: Callable[[int, float], None] | None,
+               device: torch.device | None) -> TrainResult:
+    """DWQ with its checkpoint folder and step callback, which `DWQ.run(context)` does not
+    pass on: the student and teacher on `device` for the training, as for any recovery."""
+    from secateur.recovery.dwq import dwq
     from secateur.recovery.training import training_on
 
-    reference = None
-    if config.method == "lora":
-        from secateur.recovery.lora import train_lora
-
-        def train() -> TrainResult:
-            return train_lora(loaded, config, checkpoint, progress, on_step)
-    elif config.method in ("distill", "dwq"):
-        if teacher is None:
-            raise SecateurError(f"{config.method} learns from a teacher: give one")
-        reference = teacher()
-        if config.method == "distill":
-            from secateur.recovery.distill import distill as fit
-        else:
-            from secateur.recovery.dwq import dwq as fit
-
-        def train() -> TrainResult:
-            return fit(loaded, reference, config, checkpoint, progress, on_step)
-    else:
-        raise SecateurError(f"{config.method} keeps no training checkpoint")
-    home = loaded.model
+    if teacher is None:
+        raise SecateurError("dwq learns from a teacher: give one")
+    reference = teacher()
     with training_on(device, loaded, reference):
-        result = train()
-    if loaded.model is not home:  # a LoRA merge built a new module
-        loaded.adapter = adapter_for(loaded.model)
-    return result
+        return dwq(loaded, reference, config, checkpoint, progress, on_step)
 
 
 def _with_dtype(dtype: str | None, fn: Any, *args: Any) -> Any:

@@ -1,7 +1,8 @@
-"""The commands behind the CLI as recipes: each builds a `Recipe` (one step) and runs it
-through `recipe.run_recipe` with a `Layout` saying what that command writes and returns:
-prune or quantize (`PruneJob`), recover, distill and DWQ (`RecoveryJob`). Evaluation alone and
-the streamed prune, which never holds the model whole, are jobs of their own here."""
+"""The commands behind the CLI as recipes: each builds a `Recipe` and runs it through
+`recipe.run_recipe` with a `Layout` saying what that command writes and returns: prune or
+quantize (`PruneJob`), recover, distill and DWQ (`RecoveryJob`), one step each; eval, a recipe
+with no steps (`EvalRecipe`, `EvalJob`); and the streamed prune (`StreamedPruneJob`), whose
+layout runs the streamed engine for its one step, since that model is never whole in memory."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from secateur import distributed
 from secateur.api import CalibrationConfig, StepResult, count_parameters, peak_rss_mib
 from secateur.config import MethodConfig
 from secateur.data.sources import TextSource, load_text
-from secateur.device import device_record, resolve_device, timer
+from secateur.device import device_record, timer
 from secateur.engine.capture import compute_dtype
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
-from secateur.eval.config import PerplexityConfig
+from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.eval.perplexity import PerplexityResult, perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
@@ -32,6 +33,7 @@ from secateur.methods import build_method
 from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_output_dir, check_output_file, model_bytes
 from secateur.recipe import (
+    EvalRecipe,
     Evaluation,
     Layout,
     Recipe,
@@ -50,7 +52,7 @@ from secateur.results import (
     StreamedResult,
     Where,
 )
-from secateur.workdir import WorkDir, check_free, with_exit_stack
+from secateur.workdir import WorkDir, check_free
 
 if TYPE_CHECKING:
     from secateur.recovery.distill import DistillConfig
@@ -84,16 +86,26 @@ def _recipe(model: str, step: MethodConfig, evaluation: EvalSpec | None, *,
             calibration: CalibrationConfig | None = None, dtype: str = "float32",
             save_format: SaveFormat = "auto", teacher: str | None = None) -> Recipe:
     """A one-step command as the recipe it runs."""
+    _check_dtype(dtype)
+    return Recipe(model=str(model), dtype=dtype, steps=[step],
+                  calibration=calibration or CalibrationConfig(),
+                  evaluate=Evaluation(perplexity=_perplexity(evaluation)),
+                  save_format=save_format, teacher=None if teacher is None else str(teacher))
+
+
+def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:  # the loader's words, before the recipe's own check
         raise SecateurError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
-    perplexity = [] if evaluation is None or evaluation.data is None else [PerplexityConfig(
+
+
+def _perplexity(evaluation: EvalSpec | None) -> list[PerplexityConfig]:
+    """A command's --eval flags as the recipe's perplexity list (no text: nothing)."""
+    if evaluation is None or evaluation.data is None:
+        return []
+    return [PerplexityConfig(
         data=str(evaluation.data), seqlen=evaluation.seqlen, max_windows=evaluation.max_windows,
         protocol=evaluation.protocol, bos=evaluation.bos, batch_size=evaluation.batch_size,
         compute_dtype=evaluation.compute_dtype)]
-    return Recipe(model=str(model), dtype=dtype, steps=[step],
-                  calibration=calibration or CalibrationConfig(),
-                  evaluate=Evaluation(perplexity=perplexity), save_format=save_format,
-                  teacher=None if teacher is None else str(teacher))
 
 
 def _quiet(_message: str) -> None:
@@ -263,86 +275,167 @@ def _say_layers_discarded(work: WorkDir, resume: bool, overwrite: bool) -> None:
 
 def eval_job(model_name: str, evaluation: EvalSpec, json_path: Path | None = None,
              dtype: str = "float32", progress: bool = True,
-             zeroshot: ZeroShotSpec | None = None, overwrite: bool = False,
+             zeroshot: ZeroShotSpec | ZeroShotConfig | None = None, overwrite: bool = False,
              device: str | None = "auto") -> EvalResult:
-    """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks.
-    `overwrite`: replace an existing JSON file."""
+    """Perplexity (unless evaluation.data is None) and, given a ZeroShotSpec, lm-eval tasks:
+    a recipe with no steps (`EvalRecipe`) run with the layout `EvalJob`. `overwrite`:
+    replace an existing JSON file."""
     if evaluation.data is None and zeroshot is None:
         raise SecateurError("nothing to evaluate: give --data or --tasks")
     from secateur.eval.gguf import is_gguf
 
-    # llama.cpp scores a GGUF file on its own: the flag is checked for torch's runs only
-    dev = None if is_gguf(model_name) else resolve_device(device)
-    eval_text = load_text(evaluation.data, split="test") if evaluation.data is not None else None
-    if zeroshot is not None:  # unknown task names fail before the model loads
-        check_tasks(zeroshot.tasks, resolve_data(zeroshot.data))
-    if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=[model_name, evaluation.data],
-                          overwrite=overwrite)
-    from secateur.eval.gguf import gguf_perplexity, is_gguf
+    gguf = is_gguf(model_name)
+    # llama.cpp scores a GGUF file on its own, at the file's types: --dtype and --device are
+    # torch's, checked for torch's runs only
+    if not gguf:
+        _check_dtype(dtype)
+    recipe = EvalRecipe(model=str(model_name), dtype="float32" if gguf else dtype,
+                        evaluate=Evaluation(perplexity=_perplexity(evaluation)))
+    layout = EvalJob(None if json_path is None else Path(json_path), overwrite, zeroshot,
+                     gguf)
+    return run_recipe(recipe, progress=progress, say=_quiet,
+                      device="cpu" if gguf else device, layout=layout)
 
-    if is_gguf(model_name):  # a llama.cpp file: scored by llama.cpp, on the same windows
-        if zeroshot is not None:
+
+class EvalJob(Layout):
+    """`secateur eval`: nothing saved, the model measured as it is (in llama.cpp for a GGUF
+    file), the result written to --json. The zero-shot spec stays here rather than in the
+    recipe: a sweep's `ZeroShotSpec` is handed to lm-eval exactly as given."""
+
+    saves = False
+
+    def __init__(self, json_path: Path | None, overwrite: bool,
+                 zeroshot: ZeroShotSpec | ZeroShotConfig | None, gguf: bool) -> None:
+        self.json_path, self.overwrite, self.zeroshot, self.gguf = (json_path, overwrite,
+                                                                    zeroshot, gguf)
+
+    def open(self, run: Run, hold: contextlib.ExitStack) -> None:
+        recipe = run.recipe
+        data = recipe.evaluate.perplexity[0].data if recipe.evaluate.perplexity else None
+        # eval's order: a missing text, then an unknown task name, then --json, all before
+        # the model loads
+        if data is not None:
+            run.texts[data] = load_text(data, split="test")
+        if self.zeroshot is not None:
+            check_tasks(self.zeroshot.tasks, resolve_data(self.zeroshot.data))
+        if self.json_path is not None:
+            check_output_file(self.json_path, "--json", inputs=[recipe.model, data],
+                              overwrite=self.overwrite)
+        if self.gguf and self.zeroshot is not None:
             raise SecateurError("zero-shot tasks run in transformers; evaluate the model "
                                 "folder the GGUF was made from, or drop --tasks")
-        result = EvalResult(model_name, runtime="llama.cpp", scored=gguf_perplexity(
-            model_name, eval_text, evaluation.seqlen, evaluation.max_windows,
-            evaluation.protocol, evaluation.bos), bytes_on_disk=Path(model_name).stat().st_size)
-    else:
-        loaded = load(model_name, dtype=dtype)
-        result = EvalResult(model_name)
-        if evaluation.data is not None:
-            result.scored = evaluate_perplexity(loaded, evaluation, progress, eval_text, dev)
-        if zeroshot is not None:
-            result.zeroshot = run_zeroshot(loaded.model, loaded.tokenizer, zeroshot, dtype,
-                                           device=dev)
-        result.where = Where.of(device_record(dev))
+
+    def load(self, run: Run) -> Loaded | None:
+        return None if self.gguf else load(run.recipe.model, dtype=run.recipe.dtype)
+
+    def finish(self, run: Run, loaded: Loaded | None) -> None:
+        from secateur.eval.gguf import gguf_perplexity
+
+        recipe = run.recipe
+        spec = recipe.evaluate.perplexity[0] if recipe.evaluate.perplexity else None
+        if loaded is None:  # a llama.cpp file: scored by llama.cpp, on the same windows
+            self.result = EvalResult(recipe.model, runtime="llama.cpp", scored=gguf_perplexity(
+                recipe.model, run.texts[spec.data], spec.seqlen, spec.max_windows,
+                spec.protocol, spec.bos), bytes_on_disk=Path(recipe.model).stat().st_size)
+            return
+        result = self.result = EvalResult(recipe.model)
+        if spec is not None:
+            result.scored = evaluate_perplexity(loaded, spec, run.progress,
+                                                run.texts[spec.data], run.device)
+        if self.zeroshot is not None:
+            result.zeroshot = run_zeroshot(loaded.model, loaded.tokenizer, self.zeroshot,
+                                           recipe.dtype, device=run.device)
+        result.where = Where.of(device_record(run.device))
         result.parameters = count_parameters(loaded.model)["parameters"]
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result.to_json())
-    return result
+
+    def close(self, run: Run) -> EvalResult:
+        if self.json_path is not None:
+            write_json_atomic(self.json_path, self.result.to_json())
+        return self.result
 
 
-@with_exit_stack
-def prune_streamed_job(hold: contextlib.ExitStack, model_name: str, config: MethodConfig,
-                       calibration: CalibrationConfig,
+def prune_streamed_job(model_name: str, config: MethodConfig, calibration: CalibrationConfig,
                        out: Path, json_path: Path | None = None, overwrite: bool = False,
                        dtype: str = "float32", progress: bool = True,
                        resume: bool = False, device: str | None = "auto") -> StreamedResult:
-    """A layer-wise prune with one decoder layer in memory at a time, written to `out`.
+    """A layer-wise prune with one decoder layer in memory at a time, written to `out`: a
+    one-step recipe with the layout `StreamedPruneJob`.
 
     The model never exists whole in memory, so it is evaluated by loading `out` afterwards
     (`secateur eval OUT`); the result records peak RSS against the model's size."""
-    from secateur.api import resolve_data
-    from secateur.engine.streamed import prune_streamed
-    from secateur.formats.streaming import load_streamed
+    recipe = _recipe(model_name, config, None, calibration=calibration, dtype=dtype)
+    layout = StreamedPruneJob(Path(out), None if json_path is None else Path(json_path),
+                              overwrite, resume)
+    return run_recipe(recipe, progress=progress, say=_quiet, device=device, layout=layout)
 
-    method = build_method(config)
-    dev = resolve_device(device)  # before anything loads
-    check_free(Path(out))  # a second run on this --out fails here, naming the first one's pid
-    inputs = [model_name, calibration.source]
-    check_output_dir(Path(out), overwrite, inputs=inputs, needed_bytes=model_bytes(model_name))
-    if json_path is not None:
-        check_output_file(Path(json_path), "--json", inputs=inputs, overwrite=overwrite)
-    _say_layers_discarded(WorkDir(Path(out)), resume, overwrite)
-    work = hold.enter_context(WorkDir(Path(out)))  # locked until the job ends
-    loaded, weights = load_streamed(model_name, dtype=dtype)
-    windows, calib_record = resolve_data(loaded, calibration, calibration.seed)
-    checkpoint = work.folder("layers")  # for --resume; goes when the output replaces --out
-    if not resume:
-        work.discard("layers")
-    # the saved model's record: where it computed, not yet a CUDA device's peak
-    start = StreamedResult(model_name, config.method, config.settings(), calib_record,
-                           Where(str(dev)))
-    with compute_dtype(calibration.compute_dtype):
-        run = prune_streamed(loaded, weights, method, windows, Path(out), overwrite=overwrite,
-                             checkpoint=checkpoint, progress=progress, device=dev,
-                             metadata=lambda r: replace(start, run=r).to_json())
-    result = replace(start, run=run, where=Where.of(device_record(dev)),
-                     bytes_on_disk=dir_bytes(Path(out)))
-    if json_path is not None:
-        write_json_atomic(Path(json_path), result.to_json())
-    return result
+
+class StreamedPruneJob(Layout):
+    """`secateur prune --stream`: the model is never whole. `load` reads only the tensors
+    outside the decoder layers, and `step` runs the streamed engine, which reads each layer,
+    prunes it and writes it to --out as it goes (quantized layers packed there, so the runner
+    has nothing to check or save after the step); nothing is evaluated."""
+
+    checks_packing = False  # the streamed writer refuses a layer it cannot pack
+
+    def __init__(self, out: Path, json_path: Path | None, overwrite: bool,
+                 resume: bool) -> None:
+        self.out, self.json_path, self.overwrite, self.resume = (out, json_path, overwrite,
+                                                                 resume)
+
+    def open(self, run: Run, hold: contextlib.ExitStack) -> None:
+        recipe, out = run.recipe, self.out
+        check_free(out)  # a second run on this --out fails here, naming the first one's pid
+        inputs = [recipe.model, recipe.calibration.source]
+        check_output_dir(out, self.overwrite, inputs=inputs,
+                         needed_bytes=model_bytes(recipe.model))
+        if self.json_path is not None:
+            check_output_file(self.json_path, "--json", inputs=inputs, overwrite=self.overwrite)
+        _say_layers_discarded(WorkDir(out), self.resume, self.overwrite)
+        self.work = hold.enter_context(WorkDir(out))  # locked until the job ends
+
+    def load(self, run: Run) -> Loaded:
+        from secateur.formats.streaming import load_streamed
+
+        loaded, self.weights = load_streamed(run.recipe.model, dtype=run.recipe.dtype)
+        return loaded
+
+    def start(self, run: Run, loaded: Loaded) -> int:
+        from secateur.api import resolve_data
+
+        calibration = run.recipe.calibration
+        self.windows, self.calibration = resolve_data(loaded, calibration, calibration.seed)
+        self.layers = self.work.folder("layers")  # for --resume; goes when the output is in
+        if not self.resume:
+            self.work.discard("layers")
+        return 0
+
+    def step(self, run: Run, loaded: Loaded, index: int) -> StepResult:
+        from secateur.engine.streamed import prune_streamed
+
+        recipe, dev = run.recipe, run.device
+        config = recipe.steps[index]
+        # the saved model's record: where it computed, not yet a CUDA device's peak
+        start = StreamedResult(recipe.model, config.method, config.settings(),
+                               self.calibration, Where(str(dev)))
+        with compute_dtype(recipe.calibration.compute_dtype):
+            streamed = prune_streamed(loaded, self.weights, build_method(config), self.windows,
+                                      self.out, overwrite=self.overwrite,
+                                      checkpoint=self.layers, progress=run.progress,
+                                      device=dev,
+                                      metadata=lambda r: replace(start, run=r).to_json())
+        self.result = replace(start, run=streamed, where=Where.of(device_record(dev)))
+        return StepResult(config.method, config.kind, config.settings(), self.calibration,
+                          streamed.layers, streamed.summary, seconds=streamed.seconds,
+                          peak_rss_mib=streamed.peak_rss_mib, device=self.result.where.device,
+                          peak_device_mib=self.result.where.peak_device_mib)
+
+    def finish(self, run: Run, loaded: Loaded) -> None:
+        self.result.bytes_on_disk = dir_bytes(self.out)  # written by the step
+        if self.json_path is not None:
+            write_json_atomic(self.json_path, self.result.to_json())
+
+    def close(self, run: Run) -> StreamedResult:
+        return self.result
 
 
 def checkpoint_dir(out: Path, name: str) -> Path:

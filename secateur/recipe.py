@@ -10,9 +10,9 @@
       perplexity: [{data: wiki, seqlen: 512, max_windows: 64}]
       after_each_step: true
 
-`run_recipe` is the one runner: every command builds a `Recipe` (one step, or many) and runs
-it here, with a `Layout` saying what that command writes and returns (`secateur.jobs` holds
-the one-step commands' layouts; `RunFolder` is `secateur run`'s). The runner checks and locks
+`run_recipe` is the one runner: every command builds a `Recipe` (one step, or many; `eval` an
+`EvalRecipe` with none) and runs it here, with a `Layout` saying what that command writes and
+returns (`secateur.jobs` holds the other commands' layouts; `RunFolder` is `secateur run`'s). The runner checks and locks
 the output, reads the evaluation texts, loads the model, runs the steps in order through
 `api.run_step`, and the layout measures and saves through `output_format`/`save_output`, the
 one rule for what an output is saved as.
@@ -154,7 +154,7 @@ class Recipe(Config):
     @model_validator(mode="after")
     def _steps_in_order(self) -> Recipe:
         steps = self.steps
-        if steps[0].method == "dwq" and _packed_on_disk(self.model):
+        if steps and steps[0].method == "dwq" and _packed_on_disk(self.model):
             steps = steps[1:]  # the model itself was quantized: its grids are there to learn
         check_step_order(steps)  # known now, not after the earlier steps ran
         return self
@@ -210,6 +210,14 @@ class Recipe(Config):
 
     def fingerprint(self) -> str:
         return _fingerprint(self.to_dict())
+
+
+class EvalRecipe(Recipe):
+    """A recipe with no steps: the model measured as it is (`secateur eval`). Only a command
+    builds one; a recipe a user writes needs a step, since a run that changes nothing would
+    only save a copy of its model."""
+
+    steps: list[MethodConfig] = Field(default_factory=list, max_length=0)
 
 
 def _packed_on_disk(model: str) -> bool:
@@ -304,14 +312,28 @@ class Layout:
     measures before and after, where the model and its record go, what it returns. The
     runner owns the order, so every command loads, steps, checkpoints and saves alike."""
 
-    saves: bool = True  # False: the run writes nothing (a prune without --out)
+    saves: bool = True  # False: the run writes nothing (a prune without --out, an eval)
+    # False: the layout writes the model itself and its writer refuses what it cannot pack
+    # (the streamed prune, layer by layer); else the runner checks before the first step
+    checks_packing: bool = True
     on_step: Callable[[int, float], None] | None = None  # a training step's (step, loss)
 
     def open(self, run: Run, hold: contextlib.ExitStack) -> None:
-        """Refuse outputs that may not be written and lock them; nothing is loaded yet."""
+        """Refuse outputs that may not be written and lock them; nothing is loaded yet. A
+        layout may read evaluation texts into `run.texts` here, to fail in its own order."""
 
-    def load(self, run: Run) -> Loaded:
+    def load(self, run: Run) -> Loaded | None:
+        """The model the steps change. None only for a recipe with no steps whose model
+        torch never holds (a GGUF file, which llama.cpp evaluates on its own)."""
         return load(run.recipe.model, dtype=run.recipe.dtype)
+
+    def step(self, run: Run, loaded: Loaded, index: int) -> StepResult:
+        """Carry out step `index` on `loaded`: `api.run_step`, with this layout's checkpoint
+        folder and step callback. A layout whose model is never whole in memory (the
+        streamed prune) runs its own engine here instead."""
+        return run_step(loaded, run.recipe.steps[index], run.recipe.calibration,
+                        teacher=run.teacher, progress=run.progress, device=run.device,
+                        checkpoint=self.checkpoint(index), on_step=self.on_step)
 
     def start(self, run: Run, loaded: Loaded) -> int:
         """Measure (or restore) before the steps; returns how many steps are done already."""
@@ -358,19 +380,20 @@ def run_recipe(recipe: Recipe, out: Path | None = None, overwrite: bool = False,
         run = Run(recipe, dev, progress, {}, _teacher_loader(recipe))
         layout.open(run, hold)
         # read before the model: a missing text fails before any work
-        run.texts = {p.data: load_text(p.data, split="test") for p in recipe.evaluate.perplexity}
+        for p in recipe.evaluate.perplexity:
+            if p.data not in run.texts:
+                run.texts[p.data] = load_text(p.data, split="test")
         loaded = layout.load(run)
-        if layout.saves and _packs(recipe):  # refused here, not when saving after the run
+        if loaded is None and recipe.steps:
+            raise SecateurError(f"'{recipe.model}' is not a model torch can change: its "
+                                "recipe can only evaluate it")
+        if layout.saves and layout.checks_packing and _packs(recipe):
             from secateur.formats.packed_save import check_packable
 
-            check_packable(loaded.adapter)
+            check_packable(loaded.adapter)  # refused here, not when saving after the run
         for i in range(layout.start(run, loaded), len(recipe.steps)):
-            step = recipe.steps[i]
-            say(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
-            record = run_step(loaded, step, recipe.calibration, teacher=run.teacher,
-                              progress=progress, device=dev, checkpoint=layout.checkpoint(i),
-                              on_step=layout.on_step)
-            layout.finished(run, loaded, record)
+            say(f"step {i + 1}/{len(recipe.steps)}: {recipe.steps[i].method}")
+            layout.finished(run, loaded, layout.step(run, loaded, i))
         layout.finish(run, loaded)
         del loaded  # saved: what follows (a bench) loads the models afresh, side by side
         result = layout.close(run)

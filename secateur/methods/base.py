@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -106,6 +107,11 @@ class PruneContext:
     block_search: Callable[..., Any] | None = None
     # teacher() -> Loaded: the model as it was before the recipe's first step (distillation)
     teacher: Callable[[], Any] | None = None
+    # A recovery's resumable training state goes here (the recover/distill commands and a
+    # recipe give one, so a rerun continues); None keeps nothing on disk beyond the run.
+    checkpoint: Path | None = None
+    # on_step(step, loss) after every training step of a recovery (the CLI's progress line)
+    on_step: Callable[[int, float], None] | None = None
 
 
 class ModelMethod(Handler):

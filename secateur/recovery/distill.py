@@ -335,4 +335,5 @@ class Distill(ModelMethod):
         student, teacher = recovery_loaded(context), context.teacher()
         # the API moved the student to its device; the teacher joins it for the step
         with training_on(next(student.model.parameters()).device, student, teacher):
-            return distill(student, teacher, self.config, None, context.progress).to_dict()
+            return distill(student, teacher, self.config, context.checkpoint,
+                           context.progress, context.on_step).to_dict()

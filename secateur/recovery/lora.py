@@ -79,6 +79,8 @@ class LoRA(ModelMethod):
 
     def run(self, context: PruneContext) -> dict[str, Any]:
         loaded = recovery_loaded(context)
-        # the API moved the model to its device; checkpointing there as the CLI job does
+        # the API moved the model to its device; training_on adds gradient checkpointing
+        # there on CUDA
         with training_on(next(loaded.model.parameters()).device, loaded):
-            return train_lora(loaded, self.config, None, context.progress).to_dict()
+            return train_lora(loaded, self.config, context.checkpoint, context.progress,
+                              context.on_step).to_dict()

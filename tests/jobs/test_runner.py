@@ -65,3 +65,51 @@ def test_bench_frontier_and_export_records_read_typed_and_write_back_unchanged()
     export = ExportResult.from_json(written)
     assert (export.format, export.layers, export.bytes) == ("gguf", 2, 10)
     assert export.to_json() == written
+
+
+def test_eval_is_a_recipe_with_no_steps_run_by_the_one_runner(tiny_dir, tmp_path, monkeypatch):
+    import secateur.jobs as jobs
+    from secateur.errors import SecateurError
+    from secateur.recipe import EvalRecipe
+
+    seen = []
+    real = jobs.run_recipe
+
+    def spy(recipe, *args, **kw):
+        seen.append((recipe, kw["layout"]))
+        return real(recipe, *args, **kw)
+
+    monkeypatch.setattr(jobs, "run_recipe", spy)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out_json = tmp_path / "r.json"
+    result = jobs.eval_job(str(tiny_dir("llama")), EvalSpec(str(text), 64, 2), out_json,
+                           progress=False, device="cpu")
+    ((recipe, layout),) = seen
+    assert isinstance(recipe, EvalRecipe) and recipe.steps == []
+    assert isinstance(layout, jobs.EvalJob) and not layout.saves
+    assert json.loads(out_json.read_text()) == result.to_json()
+    assert result.scored.tokens == 2 * 63 and result.where.device == "cpu"
+    # only a command builds a recipe without steps: a written one still needs a step
+    with pytest.raises(SecateurError, match="at least 1 item"):
+        Recipe.from_yaml("model: m\nsteps: []\n")
+    with pytest.raises(SecateurError, match="at most 0 items"):
+        EvalRecipe(model="m", steps=[WandaConfig(sparsity=0.5)])
+
+
+def test_a_recovery_handler_trains_with_the_contexts_checkpoint_and_step_callback(tmp_path):
+    from secateur.methods import PruneContext, build_method
+    from secateur.recovery.lora import LoRAConfig
+    from tests.tiny_models import tiny_loaded
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    config = LoRAConfig(data=str(text), steps=4, seqlen=32, save_every=2, heldout_windows=1)
+    loaded, steps = tiny_loaded("llama"), []
+    # the handler itself, as run_step calls every recovery: no trainer picked by name
+    summary = build_method(config).run(PruneContext(
+        model=loaded.model, tokenizer=loaded.tokenizer, adapter=loaded.adapter,
+        calibration=[], seed=0, progress=False, loaded=loaded, checkpoint=tmp_path / "ckpt",
+        on_step=lambda step, loss: steps.append(step)))
+    assert steps == [1, 2, 3, 4] and summary["steps"] == 4
+    assert (tmp_path / "ckpt" / "state.safetensors").is_file()  # saved at step 2
