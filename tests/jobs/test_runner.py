@@ -113,3 +113,29 @@ def test_a_recovery_handler_trains_with_the_contexts_checkpoint_and_step_callbac
         on_step=lambda step, loss: steps.append(step)))
     assert steps == [1, 2, 3, 4] and summary["steps"] == 4
     assert (tmp_path / "ckpt" / "state.safetensors").is_file()  # saved at step 2
+
+
+def test_the_streamed_prune_is_a_one_step_recipe_whose_layout_runs_the_streamed_engine(
+        tiny_dir, tmp_path, monkeypatch):
+    import secateur.jobs as jobs
+    from secateur.api import CalibrationConfig
+
+    seen = []
+    real = jobs.run_recipe
+
+    def spy(recipe, *args, **kw):
+        seen.append((recipe, kw["layout"]))
+        return real(recipe, *args, **kw)
+
+    monkeypatch.setattr(jobs, "run_recipe", spy)
+    out, out_json = tmp_path / "s", tmp_path / "s.json"
+    result = jobs.prune_streamed_job(str(tiny_dir("llama")), WandaConfig(sparsity=0.5),
+                                     CalibrationConfig("c4-sample", 2, 32), out, out_json,
+                                     progress=False, device="cpu")
+    ((recipe, layout),) = seen
+    assert [s.method for s in recipe.steps] == ["wanda"] and recipe.evaluate.perplexity == []
+    assert isinstance(layout, jobs.StreamedPruneJob) and not layout.checks_packing
+    # the step wrote the model; the record is what the streamed engine measured
+    assert (out / "config.json").is_file() and result.run.peak_rss_mib > 0
+    assert json.loads(out_json.read_text()) == result.to_json()
+    assert result.bytes_on_disk > 0 and len(result.run.layers) == 3
