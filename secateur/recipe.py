@@ -12,10 +12,11 @@
 
 `run_recipe` is the one runner: every command builds a `Recipe` (one step, or many; `eval` an
 `EvalRecipe` with none) and runs it here, with a `Layout` saying what that command writes and
-returns (`secateur.jobs` holds the other commands' layouts; `RunFolder` is `secateur run`'s). The runner checks and locks
-the output, reads the evaluation texts, loads the model, runs the steps in order through
-`api.run_step`, and the layout measures and saves through `output_format`/`save_output`, the
-one rule for what an output is saved as.
+returns (`secateur.jobs` holds the other commands' layouts; `RunFolder` is `secateur run`'s).
+The runner checks and locks the output, reads the evaluation texts, loads the model, runs the
+steps in order (`Layout.step`: `api.run_step`, or the streamed engine for a model never whole
+in memory), and the layout measures and saves through `output_format`/`save_output`, the one
+rule for what an output is saved as.
 
 Under `RunFolder` the model is saved after every step as secateur saves any output
 (compressed-tensors pack-quantized once a step quantized, else Hugging Face safetensors,
