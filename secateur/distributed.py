@@ -22,6 +22,7 @@ from torch import nn
 from secateur.errors import SecateurError
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.models.base import Projection
+from secateur.quant.ggml import GGMLState, clear_ggml_state, ggml_state, set_ggml_state
 from secateur.quant.state import QuantState, clear_quant_state, quant_state, set_quant_state
 from secateur.stats import ColumnSquares, Hessian, Statistic
 from secateur.stats.absmax import ColumnAbsMax
@@ -169,9 +170,10 @@ def broadcast_tensor(tensor: torch.Tensor, src: int) -> None:
         _collective(tensor, lambda t: dist.broadcast(t, src))
 
 
-def _states(module: nn.Module) -> dict[str, tuple[dict[str, Any], QuantState | None]]:
+def _states(module: nn.Module
+            ) -> dict[str, tuple[dict[str, Any], QuantState | None, GGMLState | None]]:
     return {path: ({k: v for k, v in vars(m).items() if k.startswith(STATE_PREFIX)},
-                   quant_state(m)) for path, m in module.named_modules()}
+                   quant_state(m), ggml_state(m)) for path, m in module.named_modules()}
 
 
 def broadcast_module(module: nn.Module, src: int) -> None:
@@ -182,15 +184,18 @@ def broadcast_module(module: nn.Module, src: int) -> None:
     # The grids first: they are buffers that only `src` may have registered yet, and every
     # rank must hold the same tensors before they are broadcast one by one.
     states = broadcast_object(_states(module) if rank() == src else None, src)
-    for path, (attrs, grid) in states.items():
+    for path, (attrs, grid, blocks) in states.items():
         target = module.get_submodule(path)
         clear_quant_state(target)
+        clear_ggml_state(target)
         for key in [k for k in vars(target) if k.startswith(STATE_PREFIX)]:
             delattr(target, key)
         for key, value in attrs.items():
             setattr(target, key, value)
         if grid is not None:
             set_quant_state(target, grid)
+        if blocks is not None:
+            set_ggml_state(target, blocks)
     for tensor in [*module.parameters(), *module.buffers()]:
         broadcast_tensor(tensor.data, src)
 

@@ -54,10 +54,14 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 # the buffer a pruning mask is recorded in (models/mask.py): never saved, so not counted as
 # the model's memory (a pruned model would otherwise report more bytes than its dense self)
 MASK = "weight_mask_bits"
+# the buffers a gguf step keeps llama.cpp's blocks in (quant/ggml_names.py): what the GGUF
+# writer packs, beside a weight that already holds their values, so not counted either
+GGML_PREFIX = "weight_ggml_"
 
 
 def _bytes_in_memory(model: nn.Module) -> int:
-    buffers = [b for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] != MASK]
+    buffers = [b for name, b in model.named_buffers()
+               if (leaf := name.rsplit(".", 1)[-1]) != MASK and not leaf.startswith(GGML_PREFIX)]
     tensors = {t.data_ptr(): t.numel() * t.element_size()
                for t in list(model.parameters()) + buffers
                if t.device.type != "meta" and t.numel()}

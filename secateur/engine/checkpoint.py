@@ -4,9 +4,9 @@ The checkpoint folder holds
 
     checkpoint.json           the commit point: fingerprint, finished layers, their reports
     layer-00003.safetensors   layer 3 after the method, tensors named as in the whole model:
-                              its state_dict, quantization grids included; the grids'
-                              schemes and W8A8 marks as JSON in its metadata; a gguf
-                              step's block codes and fields beside them (`ggml.` keys)
+                              its state_dict, quantization grids and a gguf step's
+                              llama.cpp blocks included; their schemes and W8A8 marks
+                              as JSON in its metadata
     hidden-00004.safetensors  layer 4's inputs (one tensor per window) and the RNG state
 
 Each file is written under a partial name, flushed and renamed (`secateur.io`), and
@@ -43,8 +43,8 @@ from secateur.formats.streaming import StreamedWeights, read_header, read_tensor
 from secateur.io import write_atomic, write_json_atomic
 from secateur.methods.base import LayerReport, LayerwiseMethod
 from secateur.outputs import check_output_folder
-from secateur.quant.ggml import ATTR as GGML_ATTR
-from secateur.quant.ggml import GGMLState, ggml_state, set_ggml_state
+from secateur.quant.ggml import GGMLScheme, clear_ggml_state, ggml_scheme, set_ggml_scheme
+from secateur.quant.ggml_names import PREFIX as GGML_PREFIX
 from secateur.quant.scheme import QuantScheme
 from secateur.quant.state import (
     G_IDX,
@@ -58,10 +58,11 @@ from secateur.quant.state import (
     set_quant_state,
 )
 
-VERSION = 4  # 3: grids in the layer's state_dict; 4: llama.cpp block codes kept too
+# 3: grids in the layer's state_dict; 4: llama.cpp block codes kept too; 5: those codes as
+# buffers of the state_dict
+VERSION = 5
 STATE = "checkpoint.json"
 QUANT = "quant"  # a layer file's metadata key: its grids' schemes and W8A8 marks (JSON)
-GGML = "ggml"  # metadata key and key infix: a gguf step's codes, which no state_dict holds
 _SAMPLE = 4096  # values hashed per tensor: tells models apart without reading every weight
 
 # No live run can hold the checkpoint being read (the jobs lock --out): starting over is safe.
@@ -120,12 +121,14 @@ class Resumed:
 
 def _quant_marks(layer: nn.Module) -> dict[str, dict[str, Any]]:
     """What quantize methods leave on a layer's linears besides the state_dict's tensors: each
-    grid's scheme (`secateur.quant.state`) and a run-time activation quantization mark (W8A8)."""
+    grid's scheme (`secateur.quant.state`), each llama.cpp block type (`secateur.quant.ggml`)
+    and a run-time activation quantization mark (W8A8)."""
     marks: dict[str, dict[str, Any]] = {}
     for path, module in layer.named_modules():
-        scheme, act = quant_scheme(module), activation_quant(module)
-        if scheme is not None or act is not None:
-            marks[path] = {"grid": None if scheme is None else asdict(scheme), "act": act}
+        scheme, ggml, act = quant_scheme(module), ggml_scheme(module), activation_quant(module)
+        if scheme is not None or ggml is not None or act is not None:
+            marks[path] = {"grid": None if scheme is None else asdict(scheme),
+                           "ggml": None if ggml is None else asdict(ggml), "act": act}
     return marks
 
 
@@ -136,60 +139,31 @@ def _module_key(prefix: str, path: str) -> str:
 
 def _restore_quant(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
                    marks: dict[str, dict[str, Any]]) -> None:
-    """Register the saved grids (so that `load_state_dict` finds their keys) and marks."""
+    """Register the saved grids and llama.cpp blocks (so that `load_state_dict` finds their
+    keys) and marks."""
     from secateur.runtime.int8 import mark_w8a8
 
     for module in layer.modules():
         clear_quant_state(module)
+        clear_ggml_state(module)
     for path, mark in marks.items():
         module = layer.get_submodule(path) if path else layer
+        key = _module_key(prefix, path)
         if mark["grid"] is not None:
-            key = _module_key(prefix, path)
             scheme = QuantScheme(**mark["grid"])
             set_quant_state(module, QuantState(
                 scheme.bits, scheme.group_size, scheme.symmetric, tensors[key + SCALE],
                 tensors[key + ZERO], tensors.get(key + G_IDX), scheme.actorder))
+        if mark["ggml"] is not None:
+            # the buffers directly under this module (a submodule's would hold a dot)
+            blocks = {k[len(key):]: v for k, v in tensors.items()
+                      if k.startswith(key + GGML_PREFIX) and "." not in k[len(key):]}
+            set_ggml_scheme(module, GGMLScheme(**mark["ggml"]), blocks)
         if mark["act"] == INT8_TOKEN:
             mark_w8a8(module)
         elif mark["act"] is not None:
             raise SecateurError(f"checkpoint holds activation quantization '{mark['act']}', "
                                 f"which this secateur cannot restore: {_START_OVER}")
-
-
-def _ggml_parts(layer: nn.Module, prefix: str
-                ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """A gguf step's rounding of a layer's linears: the GGUF writer packs these codes and
-    fields, so a resumed run must get them back, not only the dequantized weights."""
-    tensors: dict[str, torch.Tensor] = {}
-    marks: dict[str, dict[str, Any]] = {}
-    for path, module in layer.named_modules():
-        state = ggml_state(module)
-        if state is None:
-            continue
-        key = f"{_module_key(prefix, path)}{GGML}."
-        parts = {"codes": state.codes, "s": state.s, "b": state.b,
-                 **{f"fields.{k}": v for k, v in state.fields.items()}}
-        if state.imatrix is not None:
-            parts["imatrix"] = state.imatrix
-        tensors.update({key + k: v.contiguous() for k, v in parts.items()})
-        marks[path] = {"type": state.type, "fields": sorted(state.fields),
-                       "imatrix": state.imatrix is not None,
-                       "imatrix_tokens": state.imatrix_tokens}
-    return tensors, marks
-
-
-def _restore_ggml(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
-                  marks: dict[str, dict[str, Any]]) -> None:
-    for module in layer.modules():
-        if ggml_state(module) is not None:
-            setattr(module, GGML_ATTR, None)
-    for path, mark in marks.items():
-        key = f"{_module_key(prefix, path)}{GGML}."
-        set_ggml_state(layer.get_submodule(path) if path else layer, GGMLState(
-            mark["type"], tensors[key + "codes"], tensors[key + "s"], tensors[key + "b"],
-            {k: tensors[f"{key}fields.{k}"] for k in mark["fields"]},
-            tensors[key + "imatrix"] if mark["imatrix"] else None,
-            int(mark["imatrix_tokens"])))
 
 
 class LayerCheckpoint:
@@ -285,14 +259,12 @@ class LayerCheckpoint:
         try:
             marks = json.loads(header["__metadata__"].get(QUANT, "{}"))
             _restore_quant(layer, prefix, tensors, marks)
-            _restore_ggml(layer, prefix, tensors,
-                          json.loads(header["__metadata__"].get(GGML, "{}")))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SecateurError(f"checkpoint '{self.folder}': {self.layer_file(index).name} is "
                                 f"damaged: {_START_OVER}") from None
         try:
-            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                   if f".{GGML}." not in f".{k[len(prefix):]}"}, strict=True)
+            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()},
+                                  strict=True)
         except RuntimeError:
             raise SecateurError(f"checkpoint '{self.folder}': layer {index} does not fit the "
                                 f"model: {_START_OVER}") from None
@@ -307,10 +279,6 @@ class LayerCheckpoint:
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
         marks = _quant_marks(layer)
         meta = {**run, QUANT: json.dumps(marks)} if marks else run
-        ggml_tensors, ggml_marks = _ggml_parts(layer, prefix)
-        if ggml_marks:
-            tensors.update(ggml_tensors)
-            meta = {**meta, GGML: json.dumps(ggml_marks)}
         write_atomic(layer_path, lambda tmp: write_tensors(tmp, tensors, meta))
         hidden_path = self._hidden_file(index + 1)
         saved = {f"window-{i:05d}": h for i, h in enumerate(hidden)}

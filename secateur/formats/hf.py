@@ -10,6 +10,7 @@ from torch import nn
 from secateur.formats.masks import write_masks
 from secateur.io import atomic_dir, write_json_atomic
 from secateur.models.mask import has_masks
+from secateur.quant.ggml_names import ggml_keys
 from secateur.quant.state import is_quantized, weights_state_dict
 
 
@@ -17,12 +18,13 @@ def save_model(model: nn.Module, tokenizer: Any, out: Path, metadata: dict | Non
                overwrite: bool = False, masks: bool = False) -> Path:
     """`save_pretrained` (safetensors) plus the tokenizer and secateur's run record. A dense
     save of a quantized or pruned model holds its (dequantized) weights, not its grids'
-    tensors nor its pruning masks: their names would be unexpected keys to `from_pretrained`
-    (compressed-tensors' own are written by `packed_save`). `masks`: also write the pruning
-    masks beside the weights, for a checkpoint that secateur reads back (`formats.masks`)."""
+    tensors, llama.cpp block buffers nor its pruning masks: their names would be unexpected
+    keys to `from_pretrained` (compressed-tensors' own are written by `packed_save`).
+    `masks`: also write the pruning masks beside the weights, for a checkpoint that secateur
+    reads back (`formats.masks`)."""
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=weights_state_dict(model)
-                              if is_quantized(model) or has_masks(model) else None)
+        dropped = is_quantized(model) or has_masks(model) or bool(ggml_keys(model))
+        model.save_pretrained(tmp, state_dict=weights_state_dict(model) if dropped else None)
         if masks:
             write_masks(model, tmp)
         if tokenizer is not None:

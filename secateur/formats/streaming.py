@@ -39,6 +39,7 @@ from torch import nn
 from secateur.errors import SecateurError
 from secateur.models.base import ModelAdapter, adapter_for
 from secateur.models.mask import MASK, clear_mask, mask_keys
+from secateur.quant.ggml_names import ggml_keys
 from secateur.quant.state import GRID_TENSORS, clear_quant_state, is_quantized, quant_state
 
 _CODES = {
@@ -451,10 +452,10 @@ class StreamedWeights:
 
     def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s saved tensors under their names in the whole model (no pruning
-        mask: plain transformers must load the output)."""
+        mask nor llama.cpp block buffers: plain transformers must load the output)."""
         prefix = self.prefix(index)
         layer = self.adapter.layers[index]
-        skip = mask_keys(layer)
+        skip = mask_keys(layer) | ggml_keys(layer)
         return {prefix + k: v for k, v in layer.state_dict().items() if k not in skip}
 
     # -- the output ------------------------------------------------------------------------

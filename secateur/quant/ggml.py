@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from secateur.errors import SecateurError
+from secateur.quant.ggml_names import ATTR, CODES, FIELD, IMATRIX, PREFIX, B, S
 from secateur.quant.gptq import BLOCKSIZE, PERCDAMP, inverse_hessian_factor, one_thread
 
 
@@ -615,19 +616,69 @@ def pack(state: GGMLState) -> np.ndarray:
 
 
 # -- where a rounded linear keeps its codes ---------------------------------------------------
+# As the compressed-tensors grids (`secateur.quant.state`), in the linear's state_dict: buffers
+# beside its weight, so that a layer checkpoint, `deepcopy`, `.to(device)` and a distributed
+# broadcast carry them with no code of their own, and the scheme (the ggml type) as a frozen
+# attribute. Buffers rather than parameters: optimizers and parameter counts must not see them.
+# Dense formats leave them out (`ggml_names.ggml_keys`): the weight is already dequantized.
 
-ATTR = "secateur_ggml"
+@dataclass(frozen=True)
+class GGMLScheme:
+    """What a rounded linear's buffers are, as `QuantScheme` is for a grid: JSON-ready."""
+
+    type: str
+    imatrix_tokens: int = 0  # the calibration tokens its imatrix buffer averages over
 
 
 def set_ggml_state(module: torch.nn.Module, state: GGMLState) -> None:
-    setattr(module, ATTR, state)
+    """Register the state's tensors as buffers and its type as the scheme, replacing any."""
+    clear_ggml_state(module)
+    module.register_buffer(CODES, state.codes)
+    module.register_buffer(S, state.s)
+    module.register_buffer(B, state.b)
+    for key, tensor in state.fields.items():
+        module.register_buffer(FIELD + key, tensor)
+    if state.imatrix is not None:
+        module.register_buffer(IMATRIX, state.imatrix)
+    module.__dict__[ATTR] = GGMLScheme(state.type, int(state.imatrix_tokens))
+
+
+def set_ggml_scheme(module: torch.nn.Module, scheme: GGMLScheme,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """Register a scheme and its buffers by name (`tensors`: buffer name -> tensor), as a
+    layer checkpoint holds them, so that `load_state_dict` finds every key."""
+    clear_ggml_state(module)
+    for name, tensor in tensors.items():
+        if not name.startswith(PREFIX):
+            raise SecateurError(f"'{name}' is not a ggml block tensor")
+        module.register_buffer(name, tensor)
+    module.__dict__[ATTR] = scheme
+    ggml_state(module)  # refuses a set of tensors that is not a whole state
+
+
+def clear_ggml_state(module: torch.nn.Module) -> None:
+    module.__dict__.pop(ATTR, None)
+    for name in [n for n in module._buffers if n.startswith(PREFIX)]:
+        del module._buffers[name]
+
+
+def ggml_scheme(module: torch.nn.Module) -> GGMLScheme | None:
+    return module.__dict__.get(ATTR)
 
 
 def ggml_state(module: torch.nn.Module) -> GGMLState | None:
-    return getattr(module, ATTR, None)
+    """The linear's blocks, read from its buffers (the tensors themselves, not copies)."""
+    scheme = ggml_scheme(module)
+    if scheme is None:
+        return None
+    buffers = module._buffers
+    fields = {n[len(FIELD):]: t for n, t in buffers.items() if n.startswith(FIELD)}
+    return GGMLState(scheme.type, buffers[CODES], buffers[S], buffers[B], fields,
+                     buffers.get(IMATRIX), scheme.imatrix_tokens)
 
 
 def ggml_states(model: torch.nn.Module) -> dict[str, GGMLState]:
     """transformers weight name -> codes, for every linear a gguf step rounded."""
     return {f"{name}.weight": s for name, m in model.named_modules()
             if (s := ggml_state(m)) is not None}
+

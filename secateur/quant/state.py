@@ -25,6 +25,7 @@ from torch import nn
 
 from secateur.errors import SecateurError
 from secateur.models.mask import mask_keys
+from secateur.quant.ggml_names import ggml_keys
 from secateur.quant.scheme import INTEGER, Accepts, QuantScheme
 
 ATTR = "secateur_quant"  # the module's QuantScheme
@@ -141,7 +142,8 @@ def grid_keys(model: nn.Module) -> set[str]:
 
 
 def weights_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` without the grid tensors and pruning masks
-    (`secateur.models.mask`): what a dense checkpoint holds."""
-    skip = grid_keys(model) | mask_keys(model)
+    """`model.state_dict()` without the grid tensors, llama.cpp block buffers
+    (`secateur.quant.ggml`) and pruning masks (`secateur.models.mask`): what a dense
+    checkpoint holds."""
+    skip = grid_keys(model) | ggml_keys(model) | mask_keys(model)
     return {k: v for k, v in model.state_dict(keep_vars=keep_vars).items() if k not in skip}

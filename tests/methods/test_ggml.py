@@ -186,3 +186,49 @@ def test_imatrix_file_holds_llama_cpps_sums_and_counts(tmp_path):
     np.testing.assert_allclose(sums, mean.double().numpy() * tokens, rtol=1e-6)
     # q, k and v read the same normed input: one imatrix between them, as llama.cpp's has
     assert torch.equal(means["blk.1.attn_q.weight"][0], means["blk.1.attn_v.weight"][0])
+
+
+def test_gguf_step_keeps_its_blocks_in_the_state_dict_and_dense_saves_drop_them(tmp_path):
+    """The codes, grids, packed fields and imatrix are buffers of each rounded linear (type
+    as its scheme): a fresh model given the scheme loads them strictly and packs the same
+    bytes; the dense savers leave them out."""
+    from safetensors import safe_open
+
+    from secateur.formats.hf import save_model
+    from secateur.quant.ggml import ggml_scheme, ggml_states, set_ggml_scheme
+    from secateur.quant.ggml_names import PREFIX
+    from secateur.quant.state import weights_state_dict
+
+    torch.set_num_threads(1)
+    model = tiny_llama(0)
+    windows = [torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(i))
+               for i in range(4)]
+    quantize(model, GGUFConfig(preset="q4_k_m"), windows, progress=False)
+    states = ggml_states(model)
+    sd = model.state_dict()
+    name = "model.layers.0.mlp.down_proj.weight"
+    stem = name[: -len("weight")]
+    assert {k[len(stem):] for k in sd if k.startswith(stem + PREFIX)} >= {
+        "weight_ggml_codes", "weight_ggml_s", "weight_ggml_b", "weight_ggml_imatrix",
+        "weight_ggml_field_d"}
+    assert not any(PREFIX in k for k in weights_state_dict(model))
+    assert all(PREFIX not in n for n, _ in model.named_parameters())
+
+    fresh = tiny_llama(1)
+    for module_name, module in model.named_modules():
+        scheme = ggml_scheme(module)
+        if scheme is not None:
+            own = {k: v.clone() for k, v in module._buffers.items() if k.startswith(PREFIX)}
+            set_ggml_scheme(fresh.get_submodule(module_name), scheme, own)
+    fresh.load_state_dict(sd, strict=True)
+    again = ggml_states(fresh)
+    assert again.keys() == states.keys()
+    for key, state in states.items():
+        assert again[key].type == state.type
+        assert again[key].imatrix_tokens == state.imatrix_tokens > 0
+        assert np.array_equal(pack(again[key]), pack(state)), key
+
+    save_model(model, bpe_tokenizer(), tmp_path / "dense")
+    (shard,) = (tmp_path / "dense").glob("*.safetensors")
+    with safe_open(str(shard), "pt") as f:
+        assert not any(PREFIX in k for k in f.keys())  # noqa: SIM118
