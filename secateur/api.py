@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -38,9 +38,6 @@ from secateur.methods import LayerwiseMethod, PruneContext, build_method
 from secateur.models.base import adapter_for
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters as count_parameters  # re-exported API
-
-if TYPE_CHECKING:
-    from secateur.recovery.training import TrainResult
 
 
 class CalibrationConfig(Config):
@@ -260,11 +257,6 @@ def run_step(
             # embeddings and head are saved in float16 beside the packed linears: evaluate
             # exactly what will be saved
             round_kept_tensors(m)
-    elif config.method == "dwq" and (checkpoint is not None or on_step is not None):
-        # DWQ's handler does not yet pass the context's checkpoint and step callback to its
-        # trainer (lora and distill do), so a resumable DWQ calls the trainer itself
-        result.summary = _train_dwq(loaded, config, teacher, checkpoint, progress, on_step,
-                                    dev).to_dict()
     else:
         result.summary = _run_on(method, context, loaded, dev)
     result.parameters = {"before": before, "after": count_parameters(loaded.model)}
@@ -290,22 +282,6 @@ def _run_on(method: Any, context: PruneContext, loaded: Loaded,
         loaded.model.to(home)
         loaded.adapter = adapter_for(loaded.model)
     return summary
-
-
-def _train_dwq(loaded: Loaded, config: MethodConfig, teacher: Callable[[], Loaded] | None,
-               checkpoint: Path | None, progress: bool,
-               on_step: Callable[[int, float], None] | None,
-               device: torch.device | None) -> TrainResult:
-    """DWQ with its checkpoint folder and step callback, which `DWQ.run(context)` does not
-    pass on: the student and teacher on `device` for the training, as for any recovery."""
-    from secateur.recovery.dwq import dwq
-    from secateur.recovery.training import training_on
-
-    if teacher is None:
-        raise SecateurError("dwq learns from a teacher: give one")
-    reference = teacher()
-    with training_on(device, loaded, reference):
-        return dwq(loaded, reference, config, checkpoint, progress, on_step)
 
 
 def _with_dtype(dtype: str | None, fn: Any, *args: Any) -> Any:

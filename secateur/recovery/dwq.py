@@ -292,5 +292,10 @@ class DWQ(ModelMethod):
         if context.teacher is None:
             raise SecateurError("dwq needs the unquantized teacher: run it as a recipe step "
                                 "after a quantize step, or call secateur.recovery.dwq.dwq")
-        return dwq(recovery_loaded(context), context.teacher(), self.config, None,
-                   context.progress).to_dict()
+        from secateur.recovery.training import training_on
+
+        loaded, reference = recovery_loaded(context), context.teacher()
+        # the API moved the student to its device; the teacher follows it for the training
+        with training_on(next(loaded.model.parameters()).device, loaded, reference):
+            return dwq(loaded, reference, self.config, context.checkpoint, context.progress,
+                       context.on_step).to_dict()
