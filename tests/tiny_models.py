@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -92,3 +93,14 @@ def make_step(**fields):
     from secateur.registry import make_config
 
     return make_config(fields)
+
+
+@torch.no_grad()
+def model_nll(model, wins) -> float:
+    """Mean next-token NLL of `model` over windows of shape (1, T)."""
+    total = tokens = 0.0
+    for w in wins:
+        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
+        total += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+        tokens += w.shape[1] - 1
+    return total / tokens

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from secateur.api import CalibrationConfig, calibration_data, prune
 from secateur.config import ConfigError
@@ -15,7 +14,7 @@ from secateur.methods import build_method
 from secateur.methods.base import PruneContext
 from secateur.models import adapter_for
 from secateur.surgery.depth import Block, block_parameters, remove_blocks, total_parameters
-from tests.tiny_models import make_step, tiny_loaded, tiny_model
+from tests.tiny_models import make_step, model_nll, tiny_loaded, tiny_model
 
 CALIB = CalibrationConfig("wiki", nsamples=4, seqlen=32, seed=0)
 EXACT = {"search_dtype": "float32"}
@@ -27,16 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@torch.no_grad()
-def model_nll(model, wins) -> float:
-    total = tokens = 0.0
-    for w in wins:
-        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-        total += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-        tokens += w.shape[1] - 1
-    return total / tokens
 
 
 # -- a constructed case: the search's losses are given, so the two rules must differ ---------

@@ -19,7 +19,7 @@ from secateur.methods import build_method
 from secateur.models import adapter_for
 from secateur.models.loading import Loaded
 from secateur.surgery.depth import Block, remove_blocks, remove_layers, total_parameters
-from tests.tiny_models import make_step, tiny_loaded, tiny_model
+from tests.tiny_models import make_step, model_nll, tiny_loaded, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text", "opt", "gpt2", "gpt_neox"]
 
@@ -36,16 +36,6 @@ def one_thread():
 def windows(n: int = 5, seqlen: int = 24, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (1, seqlen), generator=g) for _ in range(n)]
-
-
-@torch.no_grad()
-def model_nll(model, wins) -> float:
-    total = tokens = 0.0
-    for w in wins:
-        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-        total += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
-        tokens += w.shape[1] - 1
-    return total / tokens
 
 
 def deep(model):
