@@ -19,6 +19,18 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny matmuls on shared cores spin OpenMP threads
+    (two threads ran ~30x slower here). Modules take it with `usefixtures`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _perplexity_cache(tmp_path, monkeypatch):
     """Each test its own empty dense-perplexity cache: none writes into the user's, and no

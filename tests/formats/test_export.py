@@ -35,12 +35,7 @@ from tests.tiny_models import save_tiny
 HIDDEN, HEAD_DIM, FFN = 64, 16, 512  # FFN a multiple of 256, so DeciLM's ffn_mult can say it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bpe_tokenizer():

@@ -20,12 +20,7 @@ CALIB = CalibrationConfig("wiki", nsamples=4, seqlen=32, seed=0)
 EXACT = {"search_dtype": "float32"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- a constructed case: the search's losses are given, so the two rules must differ ---------

@@ -24,13 +24,7 @@ from tests.tiny_models import make_step, model_nll, tiny_loaded, tiny_model
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text", "opt", "gpt2", "gpt_neox"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on shared cores: OpenMP spin-waiting makes two threads ~30x slower here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(n: int = 5, seqlen: int = 24, seed: int = 0) -> list[torch.Tensor]:
