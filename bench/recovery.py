@@ -58,6 +58,7 @@ from secateur.params import count_parameters
 from secateur.recovery.distill import DistillConfig, distill
 from secateur.recovery.training import STATE
 from secateur.registry import make_config
+from secateur.report.recovery import shared_settings
 
 RESULTS = Path(__file__).parent / "results" / "recovery.json"
 MODEL = "smollm2-135m"
@@ -160,10 +161,6 @@ def save(loaded: Loaded, name: str, args: argparse.Namespace) -> None:
                              "settings": settings(args)})
 
 
-# settings files once held, when one file had one budget; a run row says its tokens
-BUDGET_KEYS = ("tokens_per_run", "tokens_asked", "steps")
-
-
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"seqlen": args.seqlen,
             "batch_size": args.batch_size, "grad_accum": args.grad_accum,
@@ -254,8 +251,7 @@ def main() -> None:
         import json
 
         old = json.loads(args.out.read_text())
-        old_setup = {k: v for k, v in old.get("settings", {}).items() if k not in BUDGET_KEYS}
-        if old_setup == setup:
+        if shared_settings(old) == setup:
             previous = old
     texts = {"wiki": load_text("wiki", split="test"), "second": second_text()}
     dense = load(MODEL)

@@ -6,6 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 TEXTS = (("wiki", "wiki"), ("second", "second text"))
+# settings keys files held when one file had one token budget (a run row now says its tokens)
+BUDGET_KEYS = ("tokens_per_run", "tokens_asked", "steps")
+
+
+def shared_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A result file's settings without its token budget: what runs must share to compare."""
+    return {k: v for k, v in data.get("settings", {}).items() if k not in BUDGET_KEYS}
 
 
 def is_recovery(data: Any) -> bool:
@@ -53,9 +60,7 @@ def curves(files: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int,
     """(student, recovery) -> [(tokens, wiki share, second share)] over every file, for the
     pairs measured at two budgets or more. Files of other settings are not mixed: the first
     file's settings (budget keys aside) decide which files join."""
-    budget_keys = ("tokens_per_run", "tokens_asked", "steps")
-    same = [f for f in files if {k: v for k, v in f["settings"].items() if k not in budget_keys}
-            == {k: v for k, v in files[0]["settings"].items() if k not in budget_keys}]
+    same = [f for f in files if shared_settings(f) == shared_settings(files[0])]
     points: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
     for f in same:
         for r in f["runs"]:
