@@ -1,10 +1,10 @@
 """Do pruned models exported to GGUF compute the same thing in llama.cpp as in secateur?
 
 For smollm2-135m as is, depth-pruned (attention and MLP blocks removed) and width-pruned
-(LLM-Pruner, per-layer widths), this exports GGUF (f32 and f16) with `secateur.export`, runs
-llama.cpp (through llama-cpp-python) on the same wiki token windows secateur scores, and
-compares perplexities. Token ids go to llama.cpp directly, so both see identical inputs;
-the NLL comes from llama.cpp's logits of every position. Writes
+(LLM-Pruner, per-layer widths), this exports GGUF (f32 and f16) with
+`secateur.formats.export`, runs llama.cpp (through llama-cpp-python) on the same wiki token
+windows secateur scores, and compares perplexities. Token ids go to llama.cpp directly, so
+both see identical inputs; the NLL comes from llama.cpp's logits of every position. Writes
 bench/results/export_runtime.json.
 
     pip install llama-cpp-python      # builds llama.cpp from source (not a secateur dependency)
@@ -26,7 +26,7 @@ from secateur.api import CalibrationConfig, prune
 from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.eval.perplexity import bos_each, perplexity, resolve_bos
-from secateur.export import export_model
+from secateur.formats.export import export_model
 from secateur.formats.loader import load
 from secateur.io import write_json_atomic
 from secateur.models import adapter_for

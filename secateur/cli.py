@@ -666,7 +666,7 @@ def export_cmd(
     json: Json = None,
 ) -> None:
     """Write a pruned model for another runtime: vLLM (Nemotron-NAS) or llama.cpp (GGUF)."""
-    from secateur.export import export
+    from secateur.formats.export import export
     from secateur.io import write_json_atomic
     from secateur.outputs import check_output_file
 

@@ -42,8 +42,8 @@ from secateur.data.sources import load_text
 from secateur.data.windows import eval_windows, tokenize_stream
 from secateur.errors import SecateurError
 from secateur.eval.perplexity import bos_each, resolve_bos
-from secateur.export import export_model
-from secateur.export.imatrix import model_imatrix, write_imatrix
+from secateur.formats.export import export_model
+from secateur.formats.imatrix import model_imatrix, write_imatrix
 from secateur.formats.loader import load
 from secateur.io import mark_output, write_json_atomic
 from secateur.methods.gguf import GGUFConfig

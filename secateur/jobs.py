@@ -169,7 +169,7 @@ class PruneJob(Layout):
         texts = [p.data for p in recipe.evaluate.perplexity]
         inputs = [recipe.model, recipe.calibration.source, *(texts or [None])]
         if out is not None and self.gguf_preset is not None:  # one .gguf file, not a folder
-            from secateur.export.gguf import check_gguf_output
+            from secateur.formats.gguf import check_gguf_output
 
             check_gguf_output(out, self.overwrite, tuple(str(i) for i in inputs if i))
         elif out is not None:

@@ -271,7 +271,7 @@ def save_output(loaded: Loaded, fmt: str, target: Path, metadata: dict[str, Any]
     """Write `loaded` in `fmt` (from `output_format`) to `target`, a folder, or for gguf the
     .gguf file itself; a GGUF's export record is returned. `nm`: a bitmask's N:M pattern."""
     if fmt == "gguf":  # llama.cpp's block types, the codes as the step rounded them
-        from secateur.export import export_model
+        from secateur.formats.export import export_model
         from secateur.quant.ggml import ggml_states
 
         return export_model(loaded.model, loaded.tokenizer, "gguf", target, overwrite,
@@ -615,7 +615,7 @@ def _bench_gguf(recipe: Recipe, saved: Path) -> dict[str, Any]:
 
     from secateur.bench import BenchSpec
     from secateur.bench.gguf import bench_gguf
-    from secateur.export import export_model
+    from secateur.formats.export import export_model
 
     settings = recipe.bench
     spec = BenchSpec(prompt_lengths=settings.lengths, decode_tokens=settings.decode_tokens,

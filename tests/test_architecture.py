@@ -30,7 +30,6 @@ FLOORS: dict[str, int] = {
     "surgery": 6,
     "runtime": 7,
     "formats": 8,
-    "export": 9,
     "eval": 10, "report": 10,
     "bench": 11,
     "methods": 12,

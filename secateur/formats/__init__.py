@@ -6,8 +6,11 @@
 - `compact`: masked weights as a bitmask plus the kept values;
 - `packed_save`, `packed_load`, `packed_runtime`: compressed-tensors pack-quantized and
   int-quantized, written, read back onto the grids, or run on the CPU integer kernels;
-- `streaming`: safetensors read and written one decoder layer at a time.
+- `streaming`: safetensors read and written one decoder layer at a time;
+- `export`: `export`/`export_model`, a model written for another runtime: `gguf` (llama.cpp,
+  `gguf_gemma3` for Gemma 3) and `nemotron_nas` (DeciLM for vLLM, with the `remote/` code that
+  travels with it), both reading the model as `llama_layout` sees it; `imatrix` writes
+  llama.cpp's importance-matrix file.
 
-GGUF and Nemotron-NAS are written by `secateur.export`, which loads its input through here.
 The model code (`models`, `quant`, `surgery`, `runtime`) never imports this package.
 """

@@ -6,7 +6,7 @@ super-blocks). Its block grids are chosen as llama-quantize chooses them with an
 imatrix being the diagonal of the calibration Hessian X^T X this step gathers; then the codes
 are GPTQ's error-compensating solve onto those grids (`rounding: gptq`) or the nearest points
 (`rounding: rtn`, which is llama-quantize --imatrix's own rounding). The model then holds the
-dequantized weights, bit-equal to the blocks `secateur.export.gguf` writes.
+dequantized weights, bit-equal to the blocks `secateur.formats.gguf` writes.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class GGUFQuantize(LayerwiseMethod):
                 context: PruneContext | None = None) -> None:
         # The file's tensor names and llama.cpp's per-tensor rules live with the GGUF writer;
         # read here once so each projection knows its type before it is rounded.
-        from secateur.export.gguf import gguf_tensor_types, hf_weight_names, read_gguf_layout
+        from secateur.formats.gguf import gguf_tensor_types, hf_weight_names, read_gguf_layout
 
         refuse_quantized(model)
         layout = read_gguf_layout(model, "model")

@@ -38,7 +38,7 @@ class LlamaAdapter(ModelAdapter):
     mlp_norm = "post_attention_layernorm"
     extra_norms = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3's per-head norms
     stock_widths = True
-    gguf_architecture = "llama"  # "deci" when layers differ (secateur.export.gguf)
+    gguf_architecture = "llama"  # "deci" when layers differ (secateur.formats.gguf)
     # The forward infers heads from the shapes; only the GQA repeat count is stored (older
     # transformers also kept num_heads / num_key_value_heads).
     width_attributes = {"self_attn.num_key_value_groups": "groups",

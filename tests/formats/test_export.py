@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from secateur.errors import SecateurError
-from secateur.export import export
-from secateur.export.nemotron_nas import ffn_mult_for
+from secateur.formats.export import export
 from secateur.formats.hf import save_model
 from secateur.formats.loader import load
+from secateur.formats.nemotron_nas import ffn_mult_for
 from secateur.models import adapter_for
 from secateur.surgery.depth import Block, remove_blocks
 from secateur.surgery.width import rewrite_config, shrink_layer

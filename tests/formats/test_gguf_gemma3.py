@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from secateur.errors import SecateurError
-from secateur.export import export_model
+from secateur.formats.export import export_model
 from secateur.runtime import llama_cpp as runtime
 from tests.runtime.test_llama_cpp import (
     compare_preset_tables,

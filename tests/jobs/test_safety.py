@@ -232,7 +232,6 @@ def workdir(tmp_path_factory) -> Path:
 def _payload_never_runs(monkeypatch, may_load: bool) -> None:
     """The expensive work raises if reached; so does loading the model, unless the check
     needs the loaded model (NaN weights, a config against its weights)."""
-    import secateur.export
     import secateur.formats.loader
     import secateur.jobs
     import secateur.recipe

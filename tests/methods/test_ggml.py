@@ -13,8 +13,8 @@ import torch
 
 from secateur.api import quantize
 from secateur.errors import SecateurError
-from secateur.export import export_model
-from secateur.export.gguf import _rotary_permute
+from secateur.formats.export import export_model
+from secateur.formats.gguf import _rotary_permute
 from secateur.methods.gguf import GGUFConfig
 from secateur.quant.ggml import TYPES, gptq_ggml, pack, rtn_ggml
 from secateur.quant.ggml_presets import TensorSlot, tensor_types
@@ -164,7 +164,7 @@ def test_gguf_step_writes_its_own_codes_into_the_file(tmp_path, preset):
 
 
 def test_imatrix_file_holds_llama_cpps_sums_and_counts(tmp_path):
-    from secateur.export.imatrix import model_imatrix, write_imatrix
+    from secateur.formats.imatrix import model_imatrix, write_imatrix
 
     model = tiny_llama(5)
     windows = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(i))

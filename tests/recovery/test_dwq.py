@@ -67,7 +67,7 @@ def held_out_kl(student: torch.nn.Module, teacher: torch.nn.Module) -> float:
 
 
 def export_gguf(model: torch.nn.Module, path, preset: str) -> dict:
-    from secateur.export import export_model
+    from secateur.formats.export import export_model
 
     return export_model(model, bpe_tokenizer(), "gguf", path, outtype=preset,
                         quantized=ggml_states(model), has_imatrix=True)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from secateur.api import quantize
-from secateur.export import export_model
-from secateur.export.gguf import gguf_tensor_types, read_gguf_layout
+from secateur.formats.export import export_model
+from secateur.formats.gguf import gguf_tensor_types, read_gguf_layout
 from secateur.methods.gguf import GGUFConfig
 from secateur.quant.ggml import ggml_states
 from secateur.runtime import llama_cpp as runtime

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from secateur.errors import SecateurError
-from secateur.export import gguf_gemma3
-from secateur.export.gguf_gemma3 import Gemma3Layout
-from secateur.export.layout import LayerShape, LlamaLayout, read_layout
+from secateur.formats import gguf_gemma3
+from secateur.formats.gguf_gemma3 import Gemma3Layout
+from secateur.formats.llama_layout import LayerShape, LlamaLayout, read_layout
 from secateur.io import atomic_file
 from secateur.outputs import check_output_file
 from secateur.quant.ggml import GGMLState, pack, rtn_ggml

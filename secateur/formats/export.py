@@ -1,7 +1,7 @@
 """Exports to other runtimes' layouts: Nemotron-NAS (DeciLM, for vLLM) and GGUF (llama.cpp).
 
 `export(model, fmt, out)` loads a model secateur can load (a saved pruned folder, a Hub name,
-a built-in name), reads it as a Llama-shaped layout (`layout.read_layout`: refuses anything
+a built-in name), reads it as a Llama-shaped layout (`llama_layout.read_layout`: refuses anything
 else in one line) and writes it; bad input is refused before anything is written.
 """
 
@@ -21,8 +21,8 @@ DEFAULT_OUTTYPE = {"nemotron-nas": "f32", "gguf": "f16"}
 def _check(fmt: str, outtype: str | None, out: Path, overwrite: bool,
            inputs: tuple[str, ...]) -> str:
     """Validate everything about the output before any model is read; returns the outtype."""
-    from secateur.export.gguf import OUTTYPES, check_gguf_output
-    from secateur.export.nemotron_nas import DTYPES
+    from secateur.formats.gguf import OUTTYPES, check_gguf_output
+    from secateur.formats.nemotron_nas import DTYPES
     from secateur.outputs import check_output_dir
 
     if fmt not in FORMATS:
@@ -45,9 +45,9 @@ def export_model(model: nn.Module, tokenizer: Any, fmt: str, out: str | Path,
                  has_imatrix: bool = False) -> dict[str, Any]:
     """Write an in-memory model (e.g. just pruned) in format `fmt` to `out`; `quantized`
     holds the codes a gguf quantize step chose (`secateur.quant.ggml.ggml_states`)."""
-    from secateur.export.gguf import read_gguf_layout, write_gguf
-    from secateur.export.layout import read_layout
-    from secateur.export.nemotron_nas import write_nemotron_nas
+    from secateur.formats.gguf import read_gguf_layout, write_gguf
+    from secateur.formats.llama_layout import read_layout
+    from secateur.formats.nemotron_nas import write_nemotron_nas
     from secateur.io import dir_bytes
 
     out = Path(out)

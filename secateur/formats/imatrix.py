@@ -45,7 +45,7 @@ def write_imatrix(out: Path, means: dict[str, tuple[torch.Tensor, int]], dataset
 def model_imatrix(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
     """GGUF tensor name -> (mean x^2, tokens) for every matrix a gguf quantize step rounded
     with calibration data (`secateur.methods.gguf`)."""
-    from secateur.export.gguf import hf_weight_names, read_gguf_layout
+    from secateur.formats.gguf import hf_weight_names, read_gguf_layout
     from secateur.quant.ggml import ggml_states
 
     names = {hf: g for g, hf in hf_weight_names(read_gguf_layout(model, "model")).items()}

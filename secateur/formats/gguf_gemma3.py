@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from secateur.errors import SecateurError
-from secateur.export.layout import DecoderDims, LayerShape
+from secateur.formats.llama_layout import DecoderDims, LayerShape
 from secateur.quant.state import weights_state_dict
 
 ARCH = "gemma3"

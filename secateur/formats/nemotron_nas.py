@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from secateur.errors import SecateurError
-from secateur.export.layout import LayerShape, LlamaLayout
-from secateur.export.remote.configuration_decilm import ffn_mult_to_intermediate_size
+from secateur.formats.llama_layout import LayerShape, LlamaLayout
+from secateur.formats.remote.configuration_decilm import ffn_mult_to_intermediate_size
 from secateur.io import atomic_dir
 
 REMOTE = Path(__file__).parent / "remote"
