@@ -28,21 +28,12 @@ from secateur.eval.perplexity import PerplexityResult, perplexity
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
 from secateur.formats.loader import load
+from secateur.formats.save import SaveFormat, output_format, save_output
 from secateur.io import dir_bytes, write_json_atomic
 from secateur.methods import build_method
 from secateur.models.loading import DTYPES, Loaded
 from secateur.outputs import check_output_dir, check_output_file, model_bytes
-from secateur.recipe import (
-    EvalRecipe,
-    Evaluation,
-    Layout,
-    Recipe,
-    Run,
-    SaveFormat,
-    output_format,
-    run_recipe,
-    save_output,
-)
+from secateur.recipe import EvalRecipe, Evaluation, Layout, Recipe, Run, run_recipe
 from secateur.report.depth import has_curve, is_depth_summary, plot_removals
 from secateur.results import (
     DensePerplexity,

@@ -15,8 +15,8 @@
 returns (`secateur.jobs` holds the other commands' layouts; `RunFolder` is `secateur run`'s).
 The runner checks and locks the output, reads the evaluation texts, loads the model, runs the
 steps in order (`Layout.step`: `api.run_step`, or the streamed engine for a model never whole
-in memory), and the layout measures and saves through `output_format`/`save_output`, the one
-rule for what an output is saved as.
+in memory), and the layout measures and saves through `formats.save` (`output_format`/
+`save_output`), the one rule for what an output is saved as.
 
 Under `RunFolder` the model is saved after every step as secateur saves any output
 (compressed-tensors pack-quantized once a step quantized, else Hugging Face safetensors,
@@ -50,8 +50,8 @@ from secateur.device import check_spelling, resolve_device
 from secateur.errors import SecateurError
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
 from secateur.eval.perplexity import PerplexityResult
-from secateur.formats.hf import save_model
 from secateur.formats.loader import load
+from secateur.formats.save import SaveFormat, output_format, save_output
 from secateur.inputs import check_step_order, check_yaml_size, path_values, read_recipe_text
 from secateur.io import dir_bytes, mark_output, write_json_atomic
 from secateur.methods import build_method
@@ -110,9 +110,6 @@ class BenchSettings(Config):
         if self.head != "float16" and self.runtime == "none":
             raise ValueError("bench.head int8 rounds a runtime's lm_head: set bench.runtime")
         return self
-
-
-SaveFormat = Literal["auto", "safetensors", "compressed-tensors", "bitmask", "gguf"]
 
 
 class Recipe(Config):
@@ -230,64 +227,6 @@ def _packed_on_disk(model: str) -> bool:
 def _fingerprint(recipe: dict[str, Any]) -> str:
     """What a resumed run must share with the interrupted one: all but the device."""
     return json.dumps({k: v for k, v in recipe.items() if k != "device"}, sort_keys=True)
-
-
-def output_format(model: torch.nn.Module, requested: SaveFormat = "auto",
-                  like: str | Path | None = None) -> str:
-    """What an output is saved as, for every command and recipe: llama.cpp's block types as
-    GGUF, quantized linears pack-quantized (compressed-tensors), else what was asked for;
-    `auto` keeps a bitmask (compact) input `like` compact and writes anything else as
-    safetensors. A format that cannot hold the model is refused."""
-    from secateur.formats.compact import is_compact
-    from secateur.quant.ggml import ggml_states
-    from secateur.quant.state import is_quantized
-
-    if ggml_states(model):
-        if requested not in ("auto", "gguf"):
-            raise SecateurError(f"save_format {requested} cannot hold llama.cpp's block types: "
-                                "use gguf (or auto)")
-        return "gguf"
-    if requested == "gguf":
-        raise SecateurError("save_format gguf needs a gguf step (method: gguf, preset: ...)")
-    quantized = is_quantized(model)
-    if requested == "auto":
-        if quantized:
-            return "compressed-tensors"
-        compact = like is not None and Path(like).is_dir() and is_compact(Path(like))
-        return "bitmask" if compact else "safetensors"
-    if quantized and requested != "compressed-tensors":
-        raise SecateurError(f"save_format {requested} cannot hold quantized weights: use "
-                            "compressed-tensors (or auto)")
-    if requested == "compressed-tensors" and not quantized:
-        raise SecateurError("save_format compressed-tensors needs a quantization step; use "
-                            "auto or safetensors")
-    return requested
-
-
-def save_output(loaded: Loaded, fmt: str, target: Path, metadata: dict[str, Any],
-                overwrite: bool = False, *, nm: str | None = None,
-                gguf_preset: str | None = None, name: str = "model",
-                inputs: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """Write `loaded` in `fmt` (from `output_format`) to `target`, a folder, or for gguf the
-    .gguf file itself; a GGUF's export record is returned. `nm`: a bitmask's N:M pattern."""
-    if fmt == "gguf":  # llama.cpp's block types, the codes as the step rounded them
-        from secateur.formats.export import export_model
-        from secateur.quant.ggml import ggml_states
-
-        return export_model(loaded.model, loaded.tokenizer, "gguf", target, overwrite,
-                            gguf_preset, name, inputs, quantized=ggml_states(loaded.model),
-                            has_imatrix=True)
-    if fmt == "compressed-tensors":  # pack-quantized, as vLLM and transformers load it
-        from secateur.formats.packed_save import save_packed
-
-        save_packed(loaded.model, loaded.tokenizer, target, metadata, overwrite)
-    elif fmt == "bitmask":
-        from secateur.formats.compact import save_compact
-
-        save_compact(loaded.model, loaded.tokenizer, target, metadata, overwrite, nm=nm)
-    else:
-        save_model(loaded.model, loaded.tokenizer, target, metadata, overwrite)
-    return None
 
 
 @dataclass

@@ -7,6 +7,8 @@
 - `packed_save`, `packed_load`, `packed_runtime`: compressed-tensors pack-quantized and
   int-quantized, written, read back onto the grids, or run on the CPU integer kernels;
 - `streaming`: safetensors read and written one decoder layer at a time;
+- `save`: which format an output is saved in (`output_format`), and `save_output`, which
+  writes it: the one rule every command and recipe saves through;
 - `export`: `export`/`export_model`, a model written for another runtime: `gguf` (llama.cpp,
   `gguf_gemma3` for Gemma 3) and `nemotron_nas` (DeciLM for vLLM, with the `remote/` code that
   travels with it), both reading the model as `llama_layout` sees it; `imatrix` writes
