@@ -3,6 +3,8 @@
     python bench/recovery.py                      # the issue's budget -> results/recovery.json
     python bench/recovery.py --tokens 65536       # a reduced budget (say so next to the numbers)
     python bench/recovery.py --tokens 2048 --eval-windows 2 --calib-samples 2 --zeroshot-limit 0
+    python bench/recovery.py --merge a.json b.json --out results/recovery.json
+                                                  # arms run side by side, as one file
     python bench/recovery.py --tokens 25600,409600 --students shortgpt-8-layers \
         --recoveries kd-full --out results/recovery_curve.json --checkpoints DIR
                                                   # the token curve (resumable mid-run)
@@ -192,6 +194,33 @@ def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def merge(files: list[Path]) -> dict[str, Any]:
+    """One result file from several made with the same settings (arms run side by side or on
+    other machines): students and runs united, a run on record twice kept once, the verdict
+    recomputed; each file's command and machine kept under `merged_from`."""
+    import json
+
+    results = [json.loads(f.read_text()) for f in files]
+    for f, other in zip(files[1:], results[1:], strict=True):
+        if shared_settings(other) != shared_settings(results[0]):
+            raise SecateurError(f"{f} was made with other settings than {files[0]}; only runs "
+                                "with the same settings (token budgets aside) compare")
+    merged = {**results[0], "students": {}, "runs": [],
+              "merged_from": [{"file": str(f), "command": r.get("command"),
+                               "machine": r.get("machine")} for f, r in zip(files, results,
+                                                                            strict=True)]}
+    seen: set[tuple[str, str, int]] = set()
+    for r in results:
+        merged["students"].update(r["students"])  # same settings: the same pruned student
+        for run in r["runs"]:
+            key = (run["student"], run["recovery"], run["tokens"])
+            if key not in seen:
+                seen.add(key)
+                merged["runs"].append(run)
+    merged["verdict"] = verdict(merged["runs"])
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,7 +256,13 @@ def main() -> None:
                         help="folder to save each pruned student (NAME) and each recovered "
                              "model (NAME-RECOVERY-TOKENS) in, for the frontier's recovered "
                              "points")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="write --out as the union of these result files (same settings) "
+                             "and stop; trains nothing")
     args = parser.parse_args()
+    if args.merge:
+        write_json_atomic(args.out, merge(args.merge))
+        return
     students = [s for s in args.students.split(",") if s]
     recoveries = [r for r in args.recoveries.split(",") if r]
     unknown = [s for s in students if s not in STUDENTS] + \

@@ -65,3 +65,35 @@ def test_files_missing_the_parts_are_not_recovery_results(broken):
     from secateur.report.recovery import is_recovery
 
     assert not is_recovery(broken)
+
+
+def test_bench_merge_unites_files_of_the_same_settings_and_refuses_others(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "recovery.py"
+    one, two = result((25600,)), result((25600, 102400))
+    two["runs"][0]["wiki_ppl"] = 1.0  # a run on record twice: the first file's copy is kept
+    lora = dict(two["runs"][1], recovery="lora-lm", wiki_gap_recovered=0.1,
+                second_gap_recovered=1.5)
+    two["runs"].append(lora)
+    for name, data in (("a.json", one), ("b.json", two)):
+        (tmp_path / name).write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, str(script), "--merge", "a.json", "b.json",
+                           "--out", "m.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert [(r["recovery"], r["tokens"]) for r in merged["runs"]] == \
+        [("kd-full", 25600), ("kd-full", 102400), ("lora-lm", 102400)]
+    assert merged["runs"][0]["wiki_ppl"] == one["runs"][0]["wiki_ppl"]
+    assert merged["verdict"]["shortgpt-8-layers"] == {
+        "kd-full>lora-lm on wiki at 102400 tokens": True,
+        "kd-full>lora-lm on second at 102400 tokens": False}
+    assert [m["file"] for m in merged["merged_from"]] == ["a.json", "b.json"]
+    two["settings"]["seed"] = 1
+    (tmp_path / "b.json").write_text(json.dumps(two))
+    done = subprocess.run([sys.executable, str(script), "--merge", "a.json", "b.json",
+                           "--out", "n.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0 and "other settings" in done.stderr
+    assert not (tmp_path / "n.json").exists()
