@@ -22,7 +22,7 @@ from typing import Any
 
 from secateur.io import mark_output, write_bytes_atomic, write_text_atomic
 from secateur.outputs import check_output_folder
-from secateur.report import accuracy, frontier, recovery
+from secateur.report import accuracy, crossing, frontier, recovery
 from secateur.report.collect import Collected, Run, collect, why
 from secateur.report.plots import plots as draw_plots
 from secateur.report.runs import parameters, sparsity, target
@@ -243,6 +243,10 @@ def _tables(c: Collected, protos: Protocols) -> list[Table]:
                 f"slack); 'dominates': no more bytes and lower perplexity, or faster decode at "
                 f"no worse perplexity.")
         tables.append((f"Frontier: {model} (llama.cpp)", cols, frontier.rows(f.data), note))
+        crossed = crossing.rows(f.data, [r.data for r in c.recoveries])
+        if crossed:
+            tables.append((f"Pruned + recovered against {model}'s ladder", crossing.COLUMNS,
+                           crossed, crossing.NOTE))
     for r in c.recoveries:
         st = r.data["settings"]
         note = (f"{r.data.get('model')} pruned, then recovered on c4-sample windows of "
