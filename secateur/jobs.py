@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +23,9 @@ from secateur.device import device_record, timer
 from secateur.engine.capture import compute_dtype
 from secateur.engine.checkpoint import remove_checkpoint
 from secateur.errors import SecateurError
+from secateur.eval.api import evaluate
 from secateur.eval.config import PerplexityConfig, ZeroShotConfig
-from secateur.eval.perplexity import PerplexityResult, perplexity
+from secateur.eval.perplexity import PerplexityResult
 from secateur.eval.zeroshot import ZeroShotSpec, check_tasks, resolve_data
 from secateur.eval.zeroshot import zeroshot as run_zeroshot
 from secateur.formats.loader import load
@@ -65,12 +66,11 @@ class EvalSpec:
 def evaluate_perplexity(loaded: Loaded, spec: EvalSpec | PerplexityConfig, progress: bool = True,
                         source: TextSource | None = None,
                         device: torch.device | None = None) -> PerplexityResult:
-    """`source`, when the caller already loaded `spec.data`, saves parsing it again; `device`:
-    the model runs there for the evaluation (None: where it is)."""
-    source = source or load_text(spec.data, split="test")
-    return perplexity(loaded.model, loaded.tokenizer, source, spec.seqlen, spec.max_windows,
-                      spec.protocol, spec.bos, progress, batch_size=spec.batch_size,
-                      compute_dtype=spec.compute_dtype, device=device)
+    """`secateur.evaluate`'s perplexity, so a command and the Python verb measure through one
+    function. `source`, when the caller already loaded `spec.data`, saves parsing it again;
+    `device`: the model runs there for the evaluation (None: where it is)."""
+    config = spec if isinstance(spec, PerplexityConfig) else PerplexityConfig(**asdict(spec))
+    return evaluate(loaded, config, progress, source=source, device=device)
 
 
 def _recipe(model: str, step: MethodConfig, evaluation: EvalSpec | None, *,
