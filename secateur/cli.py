@@ -602,7 +602,9 @@ def frontier_cmd(
     out: Annotated[Path, typer.Option(help="Folder for frontier.json, frontier.png, the "
                                            "imatrix and kept GGUF files.")],
     presets: Annotated[str, typer.Option(help="llama.cpp's ladder: its own quantizer at these "
-                                              "presets, without and with an imatrix.")]
+                                              "presets, without and with an imatrix (also "
+                                              "q2_k, q2_k_s, iq3_xxs, iq3_s, iq3_m, iq2_m, "
+                                              "which secateur does not round to).")]
     = "q8_0,q6_k,q5_k_m,q4_k_m,q4_1,q4_0",
     secateur_presets: Annotated[str, typer.Option(help="secateur's rounding at these presets.")]
     = "q5_k_m,q4_k_m,q4_1,q4_0",

@@ -50,7 +50,7 @@ from secateur.methods.gguf import GGUFConfig
 from secateur.models.loading import Loaded, copy_loaded
 from secateur.outputs import check_output_folder
 from secateur.quant.ggml import ggml_states
-from secateur.quant.ggml_presets import check_preset
+from secateur.quant.ggml_presets import NEEDS_IMATRIX, check_preset, llama_ftype
 from secateur.report.frontier import figure
 from secateur.runtime import llama_cpp as runtime
 
@@ -82,7 +82,9 @@ class FrontierSpec:
     pruned_roundings: tuple[str, ...] = ("rtn",)
 
     def check(self) -> None:
-        for p in (*self.presets, *self.secateur_presets, *self.pruned_presets):
+        for p in self.presets:
+            llama_ftype(p)  # llama.cpp's ladder takes presets secateur does not round to
+        for p in (*self.secateur_presets, *self.pruned_presets):
             check_preset(p)
         for folder in self.pruned:
             if not (Path(folder) / "config.json").is_file():
@@ -182,7 +184,7 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
             save("f32", _measure(f32, evals, spec, prompt))
         imatrix = None
         for preset in spec.presets:
-            for with_imatrix in (False, True):
+            for with_imatrix in (False, True)[preset in NEEDS_IMATRIX:]:
                 name = f"llama.cpp {preset}" + (" imatrix" if with_imatrix else "")
                 if name in points:
                     continue

@@ -28,6 +28,12 @@ PRESETS: dict[str, tuple[int, str]] = {
     "iq4_nl": (25, "IQ4_NL"), "q3_k_l": (13, "Q3_K"), "q3_k_m": (12, "Q3_K"),
     "q3_k_s": (11, "Q3_K"),
 }
+# llama.cpp presets secateur does not round to (their types have no secateur rounding), for
+# llama.cpp's own ladder below Q3_K_S; preset -> llama_ftype number
+LADDER_ONLY: dict[str, int] = {"q2_k": 10, "q2_k_s": 21, "iq3_xxs": 23, "iq3_s": 26,
+                               "iq3_m": 27, "iq2_m": 29}
+# llama.cpp refuses these without an importance matrix (llama-quant.cpp)
+NEEDS_IMATRIX = ("q2_k_s", "iq2_m")
 FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 ROLES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
          "ffn_up", "ffn_down")
@@ -48,6 +54,18 @@ def check_preset(preset: str) -> str:
         raise SecateurError(f"unknown llama.cpp preset '{preset}'; secateur writes "
                             f"{', '.join(PRESETS)}")
     return key
+
+
+def llama_ftype(preset: str) -> int:
+    """llama.cpp's file type number for a preset its quantizer takes (secateur's presets and
+    the ladder-only ones)."""
+    key = preset.lower()
+    if key in LADDER_ONLY:
+        return LADDER_ONLY[key]
+    if key not in PRESETS:
+        raise SecateurError(f"unknown llama.cpp preset '{preset}'; llama.cpp's ladder takes "
+                            f"{', '.join([*PRESETS, *LADDER_ONLY])}")
+    return PRESETS[key][0]
 
 
 def use_more_bits(i: int, n: int) -> bool:

@@ -93,11 +93,14 @@ def quantize(src: str | Path, dst: str | Path, preset: str,
              imatrix: dict[str, torch.Tensor] | None = None, threads: int = 1) -> None:
     """llama-quantize `src` (an F32/F16 GGUF) into `dst` with llama.cpp's preset, and with
     `imatrix` (GGUF tensor name -> mean x^2 per input column) where given."""
-    from secateur.quant.ggml_presets import PRESETS, check_preset
+    from secateur.quant.ggml_presets import NEEDS_IMATRIX, llama_ftype
 
+    ftype = llama_ftype(preset)
+    if preset.lower() in NEEDS_IMATRIX and not imatrix:
+        raise SecateurError(f"llama.cpp's {preset} needs an importance matrix")
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = PRESETS[check_preset(preset)][0]
+    params.ftype = ftype
     params.nthread = threads
     keep: list[Any] = []  # the arrays must outlive the call
     if imatrix:

@@ -287,3 +287,37 @@ def test_frontier_puts_pruned_models_on_the_unpruned_models_ladder(tmp_path):
     bad = FrontierSpec(presets=("q4_0",), pruned=(str(tmp_path / "nothing"),))
     with pytest.raises(SecateurError, match="not a model folder"):
         frontier(str(src), bad, tmp_path / "g", say=lambda _: None)
+
+
+def test_ladder_only_presets_go_below_q3_k_s_and_refuse_what_llama_cpp_refuses(tmp_path):
+    """llama.cpp's Q2_K / IQ3_XXS rungs (secateur does not round to them) quantize through the
+    same call, smaller than Q3_K_S on 256-wide rows; Q2_K_S without an imatrix is refused in
+    one line before llama.cpp runs, and secateur's own rounding is not offered them."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from secateur.errors import SecateurError
+    from secateur.frontier import FrontierSpec
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64, bos_token_id=256, eos_token_id=257)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    f32 = tmp_path / "f32.gguf"
+    export_model(model, bpe_tokenizer(), "gguf", f32, outtype="f32")
+    imatrix = {t.name: torch.ones(int(t.shape[0])) for t in gguf.GGUFReader(f32).tensors
+               if t.name.startswith("blk.")}
+    size = {}
+    for preset in ("q3_k_s", "q2_k", "iq3_xxs"):
+        runtime.quantize(f32, tmp_path / f"{preset}.gguf", preset, imatrix)
+        size[preset] = (tmp_path / f"{preset}.gguf").stat().st_size
+        types = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / f"{preset}.gguf").tensors
+                 if t.name.startswith("blk.")}
+        assert {"q2_k": "Q2_K", "iq3_xxs": "IQ3_XXS", "q3_k_s": "Q3_K"}[preset] in types
+        assert runtime.perplexity(tmp_path / f"{preset}.gguf", windows())["perplexity"] > 1
+    assert size["q2_k"] < size["q3_k_s"] and size["iq3_xxs"] < size["q3_k_s"]
+    with pytest.raises(SecateurError, match="needs an importance matrix"):
+        runtime.quantize(f32, tmp_path / "s.gguf", "q2_k_s")
+    FrontierSpec(presets=("q2_k", "q2_k_s")).check()  # the ladder takes them
+    with pytest.raises(SecateurError, match="unknown llama.cpp preset 'q2_k'"):
+        FrontierSpec(presets=("q4_0",), secateur_presets=("q2_k",)).check()
