@@ -6,8 +6,9 @@ A frontier point made from a pruned model records the model folder; bench/recove
 its saved models STUDENT (pruned only) and STUDENT-RECOVERY-TOKENS, which is how a point finds
 its recovery run. The ladder at a point's bytes is the lower envelope of the unpruned points
 (llama.cpp's presets with and without imatrix, secateur's roundings), interpolated in log MiB
-and log perplexity between the two envelope points around it; below the smallest it is
-unknown, not extrapolated.
+and log perplexity between the two envelope points around it; below the smallest rung it is
+not extrapolated: the point is held against that rung, which it dominates once it reaches the
+rung's perplexity with fewer bytes.
 
 The budget: the share of the dense-to-pruned gap recovered is fitted as a + b ln(tokens) over
 every budget of the same student and recovery (least squares, at least two budgets); the
@@ -26,7 +27,8 @@ from secateur.report.recovery import curves
 
 NOTE = ("Each recovered point (pruned, recovered by bench/recovery.py, quantized by secateur, "
         "scored by llama.cpp) against the unpruned model's ladder: the lower envelope of its "
-        "points, interpolated in log MiB and log perplexity at the point's MiB. The budget "
+        "points, interpolated in log MiB and log perplexity at the point's MiB (a point "
+        "smaller than every rung is held against the smallest rung). The budget "
         "column is an extrapolation: the share of the gap recovered fitted as a + b ln(tokens) "
         "over the measured budgets, the quantized point keeping its ratio to the unquantized "
         "recovered model.")
@@ -103,11 +105,14 @@ def rows(frontier: dict[str, Any], recoveries: list[dict[str, Any]]) -> list[lis
             continue
         data, run = found
         ladder = ladder_at(points, p["mib"])
-        if ladder is None:
-            out.append([name, f"{p['mib']:.1f}", f"{p['wiki']:.3f}",
-                        "below the ladder's smallest point", "-", "-"])
-            continue
-        target, source = ladder
+        if ladder is None:  # smaller than every rung: reaching the smallest one dominates it
+            env = envelope(points)
+            if not env:
+                continue
+            mib, target, rung = env[0]
+            source = f"none this small; smallest rung {rung}, {mib:.1f} MiB"
+        else:
+            target, source = ladder
         verdict, budget = _verdict(p["wiki"], target, data, run, recoveries)
         out.append([name, f"{p['mib']:.1f}", f"{p['wiki']:.3f}", f"{target:.3f} ({source})",
                     verdict, budget])

@@ -79,7 +79,10 @@ def test_rows_say_where_recovery_stands_and_what_budget_would_cross():
     want = math.exp(math.log(100) + (share - 0.5) / 0.25 * math.log(4))
     assert row[5] == f"~{want:.2g} tokens (log-linear fit of 2 budgets, {100 * share:.0f}% " \
                      "of the gap)"
-    assert table["secateur s-kd-full-100 q2_k rtn"][3] == "below the ladder's smallest point"
+    # smaller than every rung: held against the smallest one (q2_k imatrix, 60 MiB, 40.0)
+    small = table["secateur s-kd-full-100 q2_k rtn"]
+    assert small[3] == "40.000 (none this small; smallest rung llama.cpp q2_k imatrix, 60.0 MiB)"
+    assert small[4] == "1.50x the ladder's perplexity" and small[5].startswith("~")
     # one budget only: the budget needs the curve
     alone = {r[0]: r for r in rows(frontier(), [recovery({100: 50.0})])}
     assert alone["secateur s-kd-full-100 q4_k_m rtn"][5] == \
