@@ -452,24 +452,20 @@ def _save_checkpoint(folder: Path, loaded: Loaded, result: RecipeResult) -> None
     """The model after step n in `step-00n/` as secateur saves outputs, then recipe.json naming
     it (replaced last, so a kill at any instant leaves the previous step or this one), then
     the previous step's folder goes."""
-    from secateur.quant.ggml import ggml_states
     from secateur.quant.state import is_quantized
 
-    if ggml_states(loaded.model):
-        # llama.cpp's block codes live beside the weights, not in a format this checkpoint
-        # reloads: a resumed run redoes the rounding step rather than lose its codes
-        return
     name = f"step-{len(result.steps):03d}"
     shutil.rmtree(folder / name, ignore_errors=True)  # a kill's leftover, never committed
     if is_quantized(loaded.model):
         from secateur.formats.packed_save import save_packed
 
         # the model's own dtype for the unquantized tensors: the model comes back exactly
-        save_packed(loaded.model, loaded.tokenizer, folder / name, keep_dtype=None, masks=True)
+        save_packed(loaded.model, loaded.tokenizer, folder / name, keep_dtype=None, own_state=True)
     else:
         from secateur.formats.hf import save_model
 
-        save_model(loaded.model, loaded.tokenizer, folder / name, masks=True)
+        # llama.cpp's block codes, if a gguf step rounded the model, go beside the weights
+        save_model(loaded.model, loaded.tokenizer, folder / name, own_state=True)
     write_json_atomic(folder / STATE, {"model": name, "result": result.to_dict()})
     for old in folder.glob("step-*"):
         if old.name != name:

@@ -7,6 +7,8 @@
 - `packed_save`, `packed_load`, `packed_runtime`: compressed-tensors pack-quantized and
   int-quantized, written, read back onto the grids, or run on the CPU integer kernels;
 - `streaming`: safetensors read and written one decoder layer at a time;
+- `masks`, `ggml_blocks`: the pruning masks and llama.cpp block buffers that no saved model
+  holds, written beside the weights of a checkpoint secateur reads back (a recipe's step);
 - `save`: which format an output is saved in (`output_format`), and `save_output`, which
   writes it: the one rule every command and recipe saves through;
 - `export`: `export`/`export_model`, a model written for another runtime: `gguf` (llama.cpp,

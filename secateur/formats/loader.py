@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from secateur.errors import SecateurError
+from secateur.formats.ggml_blocks import restore_blocks
 from secateur.formats.masks import restore_masks
 from secateur.inputs import check_finite, check_loading_info
 from secateur.models.base import adapter_for
@@ -173,6 +174,7 @@ def load(
     check_finite(model, shown)
     if runtime is None and gguf_file is None and path.is_dir():
         restore_masks(model, path)  # only a checkpoint of secateur's own has any
+        restore_blocks(model, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
                                                   trust_remote_code=trust_remote_code)

@@ -298,18 +298,18 @@ def packed_state_dict(model: nn.Module, keep_dtype: torch.dtype | None = torch.f
 
 def save_packed(model: nn.Module, tokenizer: Any, out: Path, metadata: dict | None = None,
                 overwrite: bool = False, keep_dtype: torch.dtype | None = torch.float16,
-                masks: bool = False) -> Path:
+                own_state: bool = False) -> Path:
     """Write `model` (its linears quantized, each with a `QuantState`) as a compressed-tensors
     checkpoint that `AutoModelForCausalLM.from_pretrained` and vLLM load without secateur.
 
     `keep_dtype`: the storage dtype of the embeddings (None: the model's own dtype).
-    `masks`: also write the pruning masks beside the weights, for a checkpoint that secateur
-    reads back (`secateur.formats.masks`). Nothing is written when a check fails.
+    `own_state`: also write the pruning masks beside the weights, for a checkpoint that
+    secateur reads back (`secateur.formats.masks`). Nothing is written when a check fails.
     """
     tensors, groups, ignore = packed_state_dict(model, keep_dtype)  # every check runs here
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if masks:
+        if own_state:
             write_masks(model, tmp)
         write_quantization_config(model, groups, ignore, tmp)
         generation = getattr(model, "generation_config", None)

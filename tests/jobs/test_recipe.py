@@ -124,6 +124,41 @@ def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_pa
     assert whole.final.parameters["nonzero"] == resumed.final.parameters["nonzero"]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_an_interrupted_gguf_recipe_resumes_after_its_rounding_with_the_same_bytes(tmp_path,
+                                                                                  monkeypatch):
+    """The checkpoint after a gguf step holds the block codes (formats.ggml_blocks): the
+    resumed run does not round again, and its GGUF is byte for byte the uninterrupted one's."""
+    import hashlib
+
+    import secateur.recipe as recipe_mod
+    from tests.formats.test_export import save, tiny_llama
+
+    model = str(save(tiny_llama(0, tied=True), tmp_path / "bpe-tiny"))
+    recipe = Recipe(model=model, calibration=SMALL_CALIB,
+                    steps=[{"method": "gguf", "preset": "q4_k_m"},
+                           {"method": "dwq", "steps": 2, "seqlen": 32}])
+    run_recipe(recipe, tmp_path / "whole", progress=False, say=lambda _: None)
+    real = recipe_mod.run_step
+    calls = {"n": 0}
+
+    def dies_on_second(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(recipe_mod, "run_step", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
+    monkeypatch.setattr(recipe_mod, "run_step", real)
+    resumed = run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
+    assert resumed.resumed_from_step == 1 and resumed.final.format == "gguf"
+    sha = [hashlib.sha256((tmp_path / d / "model" / "model.gguf").read_bytes()).hexdigest()
+           for d in ("whole", "cut")]
+    assert sha[0] == sha[1]
+
+
 def test_a_different_recipe_does_not_resume_another_ones_checkpoint(tiny_dir, tmp_path,
                                                                     monkeypatch):
     import secateur.recipe as recipe_mod

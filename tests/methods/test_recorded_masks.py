@@ -164,12 +164,12 @@ def test_a_checkpoint_may_keep_its_masks_beside_the_weights(tmp_path):
     want = {k: v.clone() for k, v in loaded.model.state_dict().items()
             if k in mask_keys(loaded.model)}
     save_model(loaded.model, loaded.tokenizer, tmp_path / "plain")
-    save_model(loaded.model, loaded.tokenizer, tmp_path / "dense", masks=True)
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "dense", own_state=True)
     assert not (tmp_path / "plain" / FILE).exists() and (tmp_path / "dense" / FILE).is_file()
     assert not has_masks(load(tmp_path / "plain").model)
     quantize(loaded, GPTQConfig(bits=4, group_size=32), data=CALIB, progress=False)
     save_packed(loaded.model, loaded.tokenizer, tmp_path / "packed", keep_dtype=None,
-                masks=True)
+                own_state=True)
     for again in (load(tmp_path / "dense").model, load_quantized(tmp_path / "packed").model):
         got = again.state_dict()
         assert mask_keys(again) == set(want)
