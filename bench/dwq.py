@@ -20,9 +20,9 @@ import torch
 from secateur.api import CalibrationConfig, quantize
 from secateur.data.sources import load_text
 from secateur.eval.perplexity import perplexity
+from secateur.formats.hf import save_model
 from secateur.formats.loader import load
 from secateur.methods.gguf import GGUFConfig
-from secateur.quant.ggml import GGMLState, ggml_states, set_ggml_state
 from secateur.recovery.dwq import DWQConfig, dwq, frozen_codes
 
 TEXTS = ("wiki", "tiny-stories")
@@ -31,39 +31,6 @@ TEXTS = ("wiki", "tiny-stories")
 def scores(loaded, windows: int, seqlen: int) -> dict[str, float]:
     return {name: perplexity(loaded.model, loaded.tokenizer, load_text(name), seqlen, windows,
                              progress=False).perplexity for name in TEXTS}
-
-
-def keep_states(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors, types = {}, {}
-    for name, st in ggml_states(model).items():
-        types[name] = st.type
-        tensors |= {f"{name}/codes": st.codes, f"{name}/s": st.s, f"{name}/b": st.b}
-        tensors |= {f"{name}/f/{k}": v.contiguous() for k, v in st.fields.items()}
-    save_file(tensors, str(path), metadata={"types": json.dumps(types)})
-
-
-def restore_states(model: torch.nn.Module, path: Path) -> None:
-    """The quantize step's result again: weights on the saved blocks, embeddings in fp16."""
-    from safetensors import safe_open
-
-    from secateur.formats.packed_save import round_kept_tensors
-
-    modules = dict(model.named_modules())
-    with safe_open(str(path), "pt") as f:
-        types = json.loads(f.metadata()["types"])
-        for name, kind in types.items():
-            fields = {k.split("/")[-1]: f.get_tensor(k) for k in f.keys()  # noqa: SIM118
-                      if k.startswith(f"{name}/f/")}
-            st = GGMLState(kind, *(f.get_tensor(f"{name}/{k}") for k in ("codes", "s", "b")),
-                           fields)
-            module = modules[name.removesuffix(".weight")]
-            with torch.no_grad():
-                module.weight.copy_(st.dequantize())
-            set_ggml_state(module, st)
-    with torch.no_grad():
-        round_kept_tensors(model)
 
 
 def main() -> None:
@@ -90,17 +57,17 @@ def main() -> None:
     teacher = load(args.model)
     record["dense"] = scores(teacher, args.windows, args.eval_seqlen)
     save()
-    student = load(args.model)
-    saved = args.out.with_suffix(".states.safetensors")
-    if saved.is_file():  # the rounding of an earlier run (minutes at one thread), reused
-        restore_states(student.model, saved)
+    saved = args.out.with_suffix(".quantized")
+    if saved.is_dir():  # the rounding of an earlier run (minutes at one thread), reused
+        student = load(saved)  # with its block codes (formats.ggml_blocks)
     else:
+        student = load(args.model)
         begin = time.perf_counter()
         quantize(student, GGUFConfig(preset=args.preset, rounding=args.rounding),
                  CalibrationConfig(source="c4-sample", nsamples=64, seqlen=512, seed=0),
                  progress=False)
         record["quantize_seconds"] = time.perf_counter() - begin
-        keep_states(student.model, saved)
+        save_model(student.model, student.tokenizer, saved, own_state=True)
     record["quantized"] = scores(student, args.windows, args.eval_seqlen)
     save()
     codes = frozen_codes(student.model)
