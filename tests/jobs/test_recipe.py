@@ -88,10 +88,27 @@ def test_shipped_recipe_runs_on_a_tiny_model_and_reloads_without_secateur(path, 
     assert torch.isfinite(torch.tensor(got["logits"])).all()
 
 
-def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_path,
-                                                                monkeypatch):
+def interrupt_at_step(recipe: Recipe, out: Path, monkeypatch, step: int) -> None:
+    """Run `recipe` into `out` with a Ctrl-C as step `step` (1-based) starts."""
     import secateur.recipe as recipe_mod
 
+    real = recipe_mod.run_step
+    calls = {"n": 0}
+
+    def dies(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(recipe_mod, "run_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, out, progress=False, say=lambda _: None)
+    monkeypatch.setattr(recipe_mod, "run_step", real)
+
+
+def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_path,
+                                                                monkeypatch):
     recipe = Recipe(model=str(tiny_dir("llama")), calibration=SMALL_CALIB,
                     steps=[{"method": "magnitude", "sparsity": 0.3},
                            {"method": "lora", "steps": 2, "seqlen": 32},
@@ -99,21 +116,9 @@ def test_interrupted_recipe_resumes_from_the_last_finished_step(tiny_dir, tmp_pa
                     evaluate={"perplexity": [{"data": "wiki", "seqlen": 32, "max_windows": 2}]})
     whole = run_recipe(recipe, tmp_path / "whole", progress=False, say=lambda _: None)
 
-    real = recipe_mod.run_step
-    calls = {"n": 0}
-
-    def dies_on_third(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(recipe_mod, "run_step", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
+    interrupt_at_step(recipe, tmp_path / "cut", monkeypatch, 3)
     assert (tmp_path / "cut" / ".secateur-work" / "recipe" / "recipe.json").is_file()
     assert not (tmp_path / "cut" / "result.json").exists()
-    monkeypatch.setattr(recipe_mod, "run_step", real)
     resumed = run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
     assert resumed.resumed_from_step == 2
     assert [s.method for s in resumed.steps] == ["magnitude", "lora", "wanda"]
@@ -131,7 +136,6 @@ def test_an_interrupted_gguf_recipe_resumes_after_its_rounding_with_the_same_byt
     resumed run does not round again, and its GGUF is byte for byte the uninterrupted one's."""
     import hashlib
 
-    import secateur.recipe as recipe_mod
     from tests.formats.test_export import save, tiny_llama
 
     model = str(save(tiny_llama(0, tied=True), tmp_path / "bpe-tiny"))
@@ -139,19 +143,7 @@ def test_an_interrupted_gguf_recipe_resumes_after_its_rounding_with_the_same_byt
                     steps=[{"method": "gguf", "preset": "q4_k_m"},
                            {"method": "dwq", "steps": 2, "seqlen": 32}])
     run_recipe(recipe, tmp_path / "whole", progress=False, say=lambda _: None)
-    real = recipe_mod.run_step
-    calls = {"n": 0}
-
-    def dies_on_second(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(recipe_mod, "run_step", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
-    monkeypatch.setattr(recipe_mod, "run_step", real)
+    interrupt_at_step(recipe, tmp_path / "cut", monkeypatch, 2)
     resumed = run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
     assert resumed.resumed_from_step == 1 and resumed.final.format == "gguf"
     sha = [hashlib.sha256((tmp_path / d / "model" / "model.gguf").read_bytes()).hexdigest()
@@ -161,23 +153,9 @@ def test_an_interrupted_gguf_recipe_resumes_after_its_rounding_with_the_same_byt
 
 def test_a_different_recipe_does_not_resume_another_ones_checkpoint(tiny_dir, tmp_path,
                                                                     monkeypatch):
-    import secateur.recipe as recipe_mod
-
     recipe = shrink(Path("recipes/iterative-wanda-lora.yaml").resolve(),
                     str(tiny_dir("llama")))
-    real = recipe_mod.run_step
-    calls = {"n": 0}
-
-    def dies_on_second(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(recipe_mod, "run_step", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, tmp_path / "cut", progress=False, say=lambda _: None)
-    monkeypatch.setattr(recipe_mod, "run_step", real)
+    interrupt_at_step(recipe, tmp_path / "cut", monkeypatch, 2)
     other = Recipe(**{**recipe.to_dict(), "steps": [{"method": "magnitude", "sparsity": 0.3}]})
     with pytest.raises(SecateurError, match="checkpoint of a different recipe"):
         run_recipe(other, tmp_path / "cut", progress=False, say=lambda _: None)
