@@ -61,6 +61,10 @@ class LLMPrunerConfig(MethodConfig):
     protect_last: int | None = Field(None, ge=0, description="Leave the last K layers "
                                                              "(default ~n/16).")
 
+    multiple_of: int = Field(1, ge=1, description="Keep each pruned layer's MLP width a "
+                             "multiple of this (nearest): 32 lets every llama.cpp block type "
+                             "hold ffn_down, 256 the K-quants; 1: LLM-Pruner's own widths.")
+
     def protected(self, num_layers: int) -> tuple[int, int]:
         """Layers left alone at each end."""
         first = round(num_layers / 8)
@@ -287,6 +291,21 @@ def allocate_by_importance(stacks: dict[tuple[int, str], Stack], target: float,
     return counts
 
 
+def round_channels(counts: dict[tuple, int], sizes: dict[tuple[int, str], int],
+                   layers: list[int], multiple: int) -> None:
+    """Move each layer's channel count so that the MLP width it keeps is the nearest multiple
+    of `multiple` (at least one multiple, at most the layer's width): a width a runtime's
+    blocks divide. The removed share moves by at most half a multiple per layer."""
+    for i in layers:
+        key = (i, "channels")
+        size = sizes[key]
+        kept = size - counts[key]
+        rounded = min(max(multiple, round(kept / multiple) * multiple), size)
+        if rounded % multiple and size >= multiple:
+            rounded = size // multiple * multiple  # a width that is no multiple stays whole
+        counts[key] = size - rounded
+
+
 def decoder_parameters(adapter: ModelAdapter) -> int:
     seen: set[int] = set()
     total = 0
@@ -354,6 +373,8 @@ class LLMPruner(ModelMethod):
         else:
             counts = allocate_by_importance(stacks, target)
 
+        if cfg.multiple_of > 1:
+            round_channels(counts, sizes, layers, cfg.multiple_of)
         widths = {}
         for i in layers:
             hk, ck = (i, "heads"), (i, "channels")
@@ -368,6 +389,7 @@ class LLMPruner(ModelMethod):
             "allocation": cfg.allocation,
             "gqa_mode": cfg.gqa_mode,
             "ratio": cfg.ratio,
+            "multiple_of": cfg.multiple_of,
             "protected_layers": {"first": first, "last": last},
             "decoder_parameters": {"dense": dense, "pruned": after},
             "removed_share": 1 - after / dense,

@@ -117,6 +117,25 @@ def test_importance_allocation_saves_per_layer_widths(tiny_dir, tmp_path):
     assert got["cached"] == tokens
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "importance"])
+def test_multiple_of_keeps_every_pruned_mlp_width_a_multiple(tiny_dir, allocation):
+    """What llama.cpp's blocks need (ffn_down's rows are the MLP width): 32 here, where
+    LLM-Pruner's own widths (multiple_of 1) are not multiples of it."""
+    plain, _ = _prune_tiny(tiny_dir, ratio=0.3, importance="taylor", allocation=allocation,
+                           protect_first=1)
+    loaded, run = _prune_tiny(tiny_dir, ratio=0.3, importance="taylor", allocation=allocation,
+                              protect_first=1, multiple_of=32)
+    def widths(model):
+        return [layer.mlp.down_proj.in_features for layer in model.model.layers]
+
+    assert any(w % 32 for w in widths(plain.model))
+    got = widths(loaded.model)
+    assert got[0] == 128 and all(w % 32 == 0 and 32 <= w <= 128 for w in got), got
+    assert min(got[1:]) < 128  # still pruned
+    assert run.summary["multiple_of"] == 32
+    assert abs(run.summary["removed_share"] - 0.3) < 0.1
+
+
 def test_gemma3_uniform_width(tiny_dir):
     loaded, run = _prune_tiny(tiny_dir, family="gemma3_text", ratio=0.25)
     assert run.summary["config"] == "stock"
