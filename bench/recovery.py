@@ -68,9 +68,14 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "shortgpt-8-layers": {"method": "shortgpt", "layers": 8},
     "llm-pruner-taylor-20": {"method": "llm-pruner", "ratio": 0.2, "importance": "taylor"},
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
-    # the ~10% cuts for the frontier's recovered points (not in the KD-vs-LoRA verdict)
+    # for the frontier's recovered points (not in the KD-vs-LoRA verdict): the ~10% cuts, and
+    # width cuts whose MLP widths are multiples of 32, which llama.cpp's blocks divide (the
+    # verdict's LLM-Pruner keeps 1195 of 1536 channels: its ffn_down would stay F16 in a GGUF)
     "shortgpt-4-layers": {"method": "shortgpt", "layers": 4},
-    "llm-pruner-taylor-10": {"method": "llm-pruner", "ratio": 0.1, "importance": "taylor"},
+    "llm-pruner-taylor-10-x32": {"method": "llm-pruner", "ratio": 0.1, "importance": "taylor",
+                                 "multiple_of": 32},
+    "llm-pruner-taylor-20-x32": {"method": "llm-pruner", "ratio": 0.2, "importance": "taylor",
+                                 "multiple_of": 32},
 }
 DEFAULT_STUDENTS = ("shortgpt-8-layers", "llm-pruner-taylor-20", "wanda-50")
 RECOVERIES: dict[str, dict[str, Any]] = {
