@@ -31,9 +31,30 @@ NOTE = ("Each recovered point (pruned, recovered by bench/recovery.py, quantized
         "smaller than every rung is held against the smallest rung). The budget "
         "column is an extrapolation: the share of the gap recovered fitted as a + b ln(tokens) "
         "over the measured budgets, the quantized point keeping its ratio to the unquantized "
-        "recovered model.")
+        "recovered model. The last column: the unpruned point of lowest perplexity that "
+        "decodes at least as fast in llama.cpp, where the frontier was timed (--speed).")
 COLUMNS = ["recovered point", "MiB", "wiki ppl", "ladder at its MiB (interpolated)",
-           "verdict at its budget", "tokens to reach the ladder (extrapolated)"]
+           "verdict at its budget", "tokens to reach the ladder (extrapolated)",
+           "best rung at least as fast"]
+
+
+def _tok_s(p: dict[str, Any]) -> float | None:
+    return (p.get("speed") or {}).get("decode_tokens_per_second", {}).get("median")
+
+
+def as_fast(points: dict[str, dict[str, Any]], point: dict[str, Any], text: str = "wiki"
+            ) -> str:
+    """The unpruned point of lowest perplexity that decodes at least as fast as `point` (when
+    the frontier timed them): what quantizing harder gives at the pruned model's speed."""
+    fast = _tok_s(point)
+    if fast is None:
+        return "- (speed not measured)"
+    rivals = [(q[text], n) for n, q in points.items() if n != "f32" and "pruned_from" not in q
+              and text in q and (_tok_s(q) or 0) >= fast]
+    if not rivals:
+        return f"none as fast ({fast:.1f} tok/s)"
+    ppl, name = min(rivals)
+    return f"{name}: {ppl:.3f}"
 
 
 def envelope(points: dict[str, dict[str, Any]], text: str = "wiki"
@@ -115,7 +136,7 @@ def rows(frontier: dict[str, Any], recoveries: list[dict[str, Any]]) -> list[lis
             target, source = ladder
         verdict, budget = _verdict(p["wiki"], target, data, run, recoveries)
         out.append([name, f"{p['mib']:.1f}", f"{p['wiki']:.3f}", f"{target:.3f} ({source})",
-                    verdict, budget])
+                    verdict, budget, as_fast(points, p)])
     return out
 
 

@@ -90,10 +90,31 @@ def test_rows_say_where_recovery_stands_and_what_budget_would_cross():
     # a point better than the ladder beats it; one needing better than dense says so
     fr = frontier()
     fr["points"]["secateur s-kd-full-100 q4_k_m rtn"]["wiki"] = 20.0
-    assert rows(fr, [recovery({100: 50.0})])[0][4:] == ["beats the ladder", "-"]
+    assert rows(fr, [recovery({100: 50.0})])[0][4:6] == ["beats the ladder", "-"]
     far = {r[0]: r for r in rows(frontier(), [recovery({100: 20.5})])}
     assert far["secateur s-kd-full-100 q4_k_m rtn"][5] == \
         "not by recovery: it would have to beat the dense model"
+
+
+def test_the_speed_column_names_the_best_rung_at_least_as_fast():
+    from secateur.report.crossing import as_fast
+
+    fr = frontier()
+    pts = fr["points"]
+    point = pts["secateur s-kd-full-100 q4_k_m rtn"]
+    assert as_fast(pts, point) == "- (speed not measured)"
+    def timed(p, tok_s):
+        p["speed"] = {"decode_tokens_per_second": {"median": tok_s}}
+
+    timed(point, 50.0)
+    for name, tok_s in (("llama.cpp q4_k_m", 40.0), ("llama.cpp q3_k_s imatrix", 55.0),
+                        ("llama.cpp q2_k", 60.0)):
+        timed(pts[name], tok_s)
+    assert as_fast(pts, point) == "llama.cpp q3_k_s imatrix: 25.000"
+    timed(point, 70.0)
+    assert as_fast(pts, point) == "none as fast (70.0 tok/s)"
+    table = {r[0]: r for r in rows(fr, [recovery({100: 50.0})])}
+    assert table["secateur s-kd-full-100 q4_k_m rtn"][6] == "none as fast (70.0 tok/s)"
 
 
 def test_the_report_shows_the_crossing_table(tmp_path):
