@@ -9,7 +9,8 @@ is a warm-up (allocator, thread pool, peft wrapping) and the rest are timed one 
 Settings: KD with full fine-tuning (the benchmark's slowest arm) in fp32 and under bf16
 autocast, on 1 and 2 threads; LoRA on the LM loss in fp32 and bf16; KD with the teacher's
 top-k distribution cached before training (`teacher_cache: topk`), whose one-off teacher
-pass is reported apart from the steps. Ratios are against KD full fp32 on 1 thread, the
+pass is reported apart from the steps; KD under torch.compile (`compile: true`), whose
+compilation falls in the warm-up step. Ratios are against KD full fp32 on 1 thread, the
 setting recovery.json's runs use, all measured in this one run.
 """
 
@@ -42,6 +43,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "lora-lm fp32 1t": {"train": "lora", "kd_weight": 0.0, "ce_weight": 1.0, "threads": 1},
     "lora-lm bf16 1t": {"train": "lora", "kd_weight": 0.0, "ce_weight": 1.0, "threads": 1,
                         "bf16": True},
+    "kd-full compile fp32 1t": {"train": "full", "kd_weight": 1.0, "ce_weight": 0.0,
+                                "threads": 1, "compile": True},
     "kd-full topk-cache fp32 1t": {"train": "full", "kd_weight": 1.0, "ce_weight": 0.0,
                                    "threads": 1, "teacher_cache": "topk"},
 }

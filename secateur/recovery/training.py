@@ -63,6 +63,8 @@ class TrainConfig(MethodConfig):
     targets: tuple[str, ...] | None = Field(
         None, description="module names LoRA adapts (default: every decoder projection)")
     bf16: bool = Field(False, description="bf16 autocast for forward passes (losses in fp32)")
+    compile: bool = Field(False, description="torch.compile the trained model's forward "
+                                             "(inductor; compiles for a minute or more first)")
     keep_masks: bool = Field(True, description="pruned weights (the recorded masks; a model "
                                                "read from disk: its exact zeros) stay exactly "
                                                "zero")
@@ -225,6 +227,8 @@ class _Run:
         self.fingerprint = run_fingerprint(loaded, config, mode, fingerprint_extra)
         torch.manual_seed(config.seed)  # LoRA's initial A matrices, then dropout
         self.model, self.params = _wrap(loaded, config, mode)
+        # the compiled module shares the model's parameters; saving and merging use the model
+        self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.result = TrainResult(method=config.method, settings=config.settings(), mode=mode,
@@ -256,7 +260,7 @@ class _Run:
         model.eval()
         with torch.no_grad(), _autocast(model, config.bf16):
             record = {"step": step, "tokens": self.result.tokens,
-                      **self.objective.evaluate(model)}
+                      **self.objective.evaluate(self.forward)}
         model.train()
         self.result.evals.append(record)
 
@@ -270,7 +274,7 @@ class _Run:
             sample = (step * config.grad_accum + micro) * config.batch_size
             index = self.data.indices(sample, config.batch_size)
             with _autocast(model, config.bf16):
-                loss, terms = self.objective.loss(model, index, sample)
+                loss, terms = self.objective.loss(self.forward, index, sample)
             if not math.isfinite(loss.item()):
                 raise SecateurError(f"the training loss became {loss.item()} at step {step}: "
                                     "lower --lr")

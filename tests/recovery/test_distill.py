@@ -129,6 +129,23 @@ def test_kd_lowers_the_held_out_kl_of_a_depth_pruned_student(teacher_dir, text):
     assert result.tokens == 20 * 32
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_training_takes_the_same_steps(teacher_dir, text):
+    """torch.compile changes how the forward runs, not what it computes: the same losses to
+    float rounding, and the trained weights land in the model that is saved."""
+    teacher = load(teacher_dir)
+    runs = {}
+    for compiled in (False, True):
+        student = _depth_student(teacher)
+        run = distill(student, teacher, _config(text, steps=2, train="full", compile=compiled),
+                      progress=False)
+        runs[compiled] = (run, student.model.state_dict())
+    plain, compiled = runs[False][0], runs[True][0]
+    assert plain.losses == pytest.approx(compiled.losses, rel=1e-4)
+    for key, value in runs[False][1].items():
+        assert torch.allclose(value, runs[True][1][key], atol=1e-5), key
+
+
 def test_width_pruned_student_trains_with_lora_and_keeps_its_shapes(teacher_dir, text):
     teacher = load(teacher_dir)
     student = _width_student(teacher)
