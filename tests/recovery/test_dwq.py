@@ -242,3 +242,22 @@ def test_recipe_gguf_then_dwq_saves_learnt_blocks_of_the_same_types_and_size(tmp
     changed = [t.name for t in learnt.tensors if t.name.endswith("attn_q.weight")
                and not np.array_equal(t.data, q[t.name].data)]
     assert changed  # the learnt scales are in the file
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_dwq_takes_the_same_steps(text):
+    """DWQ rebuilds each linear's weight from its learnt factors inside the forward; under
+    torch.compile it must learn the same factors."""
+    teacher = teacher_model()
+    base = copy.deepcopy(teacher)
+    quantize(base, GGUFConfig(preset="q4_0", rounding="rtn"), calibration(), progress=False)
+    got = {}
+    for compiled in (False, True):
+        student = copy.deepcopy(base)
+        run = dwq(loaded(student, "student"), loaded(teacher, "teacher"),
+                  DWQConfig(data=text, compile=compiled, **{**SHORT, "steps": 3}),
+                  progress=False)
+        got[compiled] = (run.losses, student.state_dict())
+    assert got[False][0] == pytest.approx(got[True][0], rel=1e-4)
+    for key, value in got[False][1].items():
+        assert torch.allclose(value.float(), got[True][1][key].float(), atol=1e-5), key
