@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from secateur.report.frontier import decode_tok_s
 from secateur.report.recovery import curves
 
 NOTE = ("Each recovered point (pruned, recovered by bench/recovery.py, quantized by secateur, "
@@ -38,19 +39,15 @@ COLUMNS = ["recovered point", "MiB", "wiki ppl", "ladder at its MiB (interpolate
            "best rung at least as fast"]
 
 
-def _tok_s(p: dict[str, Any]) -> float | None:
-    return (p.get("speed") or {}).get("decode_tokens_per_second", {}).get("median")
-
-
 def as_fast(points: dict[str, dict[str, Any]], point: dict[str, Any], text: str = "wiki"
             ) -> str:
     """The unpruned point of lowest perplexity that decodes at least as fast as `point` (when
     the frontier timed them): what quantizing harder gives at the pruned model's speed."""
-    fast = _tok_s(point)
+    fast = decode_tok_s(point)
     if fast is None:
         return "- (speed not measured)"
     rivals = [(q[text], n) for n, q in points.items() if n != "f32" and "pruned_from" not in q
-              and text in q and (_tok_s(q) or 0) >= fast]
+              and text in q and (decode_tok_s(q) or 0) >= fast]
     if not rivals:
         return f"none as fast ({fast:.1f} tok/s)"
     ppl, name = min(rivals)

@@ -17,7 +17,8 @@ def is_frontier(data: Any) -> bool:
                                         or str(data.get("runtime", "")).startswith("llama-cpp")))
 
 
-def _tok_s(p: dict[str, Any]) -> float | None:
+def decode_tok_s(p: dict[str, Any]) -> float | None:
+    """A point's median decode tokens/s in llama.cpp, if the frontier timed it."""
     return (p.get("speed") or {}).get("decode_tokens_per_second", {}).get("median")
 
 
@@ -45,7 +46,7 @@ def dominated(result: dict[str, Any], name: str, text: str = "wiki") -> list[str
         if not other.startswith("llama.cpp"):
             continue
         smaller = p["mib"] <= q["mib"] * (1 + BYTES_SLACK) and p[text] < q[text]
-        fast, their_fast = _tok_s(p), _tok_s(q)
+        fast, their_fast = decode_tok_s(p), decode_tok_s(q)
         faster = fast is not None and their_fast is not None and fast > their_fast \
             and p[text] <= q[text]
         if smaller or faster:
@@ -58,7 +59,7 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
     best = set(winners(result))
     out = []
     for name, p in sorted(result["points"].items(), key=lambda kv: -kv[1]["mib"]):
-        tok = _tok_s(p)
+        tok = decode_tok_s(p)
         verdict = ""
         if name.startswith("secateur"):
             beaten = [n.removeprefix("llama.cpp ") for n in dominated(result, name)]
@@ -80,13 +81,13 @@ def figure(result: dict[str, Any], plt: Any) -> Any:
     """Perplexity against MiB (and against decode tok/s where every point was timed); secateur
     red, llama.cpp blue (squares: with an imatrix), stars beyond the ladder."""
     pts = {n: p for n, p in result["points"].items() if n != "f32"}
-    speed = bool(pts) and all(_tok_s(p) is not None for p in pts.values())
+    speed = bool(pts) and all(decode_tok_s(p) is not None for p in pts.values())
     fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(12 if speed else 7, 5),
                              squeeze=False)
     best = set(winners(result))
     panels = [(axes[0][0], lambda p: p["mib"], "MiB on disk")]
     if speed:
-        panels.append((axes[0][1], _tok_s, "decode tokens/s (llama.cpp)"))
+        panels.append((axes[0][1], decode_tok_s, "decode tokens/s (llama.cpp)"))
     for ax, x_of, xlabel in panels:
         for name, p in pts.items():
             ours = name.startswith("secateur")
