@@ -184,7 +184,9 @@ def frontier(model_name: str, spec: FrontierSpec, out: Path, resume: bool = Fals
             save("f32", _measure(f32, evals, spec, prompt))
         imatrix = None
         for preset in spec.presets:
-            for with_imatrix in (False, True)[preset in NEEDS_IMATRIX:]:
+            # llama.cpp refuses some presets without an imatrix: they get only that arm
+            arms = (True,) if preset in NEEDS_IMATRIX else (False, True)
+            for with_imatrix in arms:
                 name = f"llama.cpp {preset}" + (" imatrix" if with_imatrix else "")
                 if name in points:
                     continue
