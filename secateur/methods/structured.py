@@ -299,11 +299,10 @@ def round_channels(counts: dict[tuple, int], sizes: dict[tuple[int, str], int],
     for i in layers:
         key = (i, "channels")
         size = sizes[key]
-        kept = size - counts[key]
-        rounded = min(max(multiple, round(kept / multiple) * multiple), size)
-        if rounded % multiple and size >= multiple:
-            rounded = size // multiple * multiple  # a width that is no multiple stays whole
-        counts[key] = size - rounded
+        # the widest multiple the layer holds (a layer narrower than one multiple stays whole)
+        most = size // multiple * multiple or size
+        nearest = round((size - counts[key]) / multiple) * multiple
+        counts[key] = size - min(max(multiple, nearest), most)
 
 
 def decoder_parameters(adapter: ModelAdapter) -> int:
