@@ -10,8 +10,10 @@ Settings: KD with full fine-tuning (the benchmark's slowest arm) in fp32 and und
 autocast, on 1 and 2 threads; LoRA on the LM loss in fp32 and bf16; KD with the teacher's
 top-k distribution cached before training (`teacher_cache: topk`), whose one-off teacher
 pass is reported apart from the steps; KD under torch.compile (`compile: true`), whose
-compilation falls in the warm-up step. Ratios are against KD full fp32 on 1 thread, the
-setting recovery.json's runs use, all measured in this one run.
+compilation falls in the warm-up step; KD with the lm_head and loss fused a chunk of
+positions at a time (`fused_loss: true`). `--repeats N` runs the settings N times in turn
+(A B A B ...), so a slow spell of the machine hits every setting alike. Ratios are against
+KD full fp32 on 1 thread, the setting recovery.json's runs use, all measured in this one run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
                         "bf16": True},
     "kd-full compile fp32 1t": {"train": "full", "kd_weight": 1.0, "ce_weight": 0.0,
                                 "threads": 1, "compile": True},
+    "kd-full fused fp32 1t": {"train": "full", "kd_weight": 1.0, "ce_weight": 0.0,
+                              "threads": 1, "fused_loss": True},
+    "kd-full fused bf16 2t": {"train": "full", "kd_weight": 1.0, "ce_weight": 0.0,
+                              "threads": 2, "bf16": True, "fused_loss": True},
     "kd-full topk-cache fp32 1t": {"train": "full", "kd_weight": 1.0, "ce_weight": 0.0,
                                    "threads": 1, "teacher_cache": "topk"},
 }
@@ -56,6 +64,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over the settings, interleaved (A B A B ...)")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_speed.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -70,8 +80,10 @@ def main() -> None:
         "timed_steps": args.steps - 1,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "command": "python bench/train_speed.py", "settings": {}}
-    for name in args.settings.split(","):
+        "command": shlex.join(["python", "bench/train_speed.py", *sys.argv[1:]]),
+        "repeats": args.repeats, "settings": {}}
+    rounds = [name for _ in range(args.repeats) for name in args.settings.split(",")]
+    for name in rounds:
         spec = dict(SETTINGS[name])
         threads = spec.pop("threads")
         torch.set_num_threads(threads)
@@ -84,12 +96,16 @@ def main() -> None:
         distill(run, dense, config, progress=False,
                 on_step=lambda step, loss, marks=marks: marks.append(time.perf_counter()))
         total = time.perf_counter() - begin
-        steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        earlier = result["settings"].get(name, {})
+        steps = earlier.get("step_seconds", []) + \
+            [b - a for a, b in zip(marks, marks[1:], strict=False)]
         tokens = args.batch_size * args.seqlen
         row = {"threads": threads, **spec, "step_seconds": steps,
-               "median_step_seconds": statistics.median(steps),
+               "min_step_seconds": min(steps), "median_step_seconds": statistics.median(steps),
+               "max_step_seconds": max(steps),
                "tokens_per_second": tokens / statistics.median(steps),
-               "first_step_and_setup_seconds": marks[0] - begin, "total_seconds": total}
+               "first_step_and_setup_seconds": marks[0] - begin,
+               "total_seconds": earlier.get("total_seconds", 0.0) + total}
         result["settings"][name] = row
         base = result["settings"].get("kd-full fp32 1t")
         if base:

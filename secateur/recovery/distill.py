@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -34,8 +35,17 @@ from secateur.methods.base import ModelMethod, PruneContext, register_method
 from secateur.models.loading import Loaded
 from secateur.params import count_parameters
 from secateur.recovery.data import TokenWindows, pack
+from secateur.recovery.fused_head import fused_head_loss
 from secateur.recovery.generation import complete
-from secateur.recovery.kd_loss import Divergence, TeacherTargets, kd_loss, lm_loss, teacher_targets
+from secateur.recovery.kd_loss import (
+    Divergence,
+    TeacherTargets,
+    divergence,
+    kd_loss,
+    lm_loss,
+    student_logp,
+    teacher_targets,
+)
 from secateur.recovery.layer_map import layer_map
 from secateur.recovery.teacher_cache import TeacherCache
 from secateur.recovery.training import (
@@ -83,6 +93,10 @@ class DistillConfig(TrainConfig):
                                                      "rest of each window is generated")
     gen_temperature: float = Field(1.0, ge=0, description="sampling temperature of "
                                                           "completions (0: greedy)")
+    fused_loss: bool = Field(False, description="lm_head and loss a chunk of positions at a "
+                                                "time, never holding the full logits (needs "
+                                                "logits = a linear head of the last hidden "
+                                                "state)")
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
@@ -200,6 +214,8 @@ class Distillation:
         c, start = self.config, self.config.loss_start
         ids = self._ids(model, index, sample).to(next(model.parameters()).device)
         targets, t_hidden = self._teacher(ids, index)
+        if c.fused_loss:
+            return self._fused_loss(model, ids, targets, t_hidden)
         out = model(input_ids=ids, use_cache=False, output_hidden_states=c.hidden_weight > 0)
         total = torch.zeros((), device=ids.device)
         parts: dict[str, float] = {}
@@ -209,6 +225,57 @@ class Distillation:
         if c.ce_weight > 0:
             ce = lm_loss(out.logits, ids, start)
             total, parts["ce"] = total + c.ce_weight * ce, ce.item()
+        if c.hidden_weight > 0:
+            hid = hidden_loss(out.hidden_states, t_hidden, self.mapping, start)
+            total, parts["hidden"] = total + c.hidden_weight * hid, hid.item()
+        return total, parts
+
+    def _fused_loss(self, model: nn.Module, ids: torch.Tensor, targets: TeacherTargets | None,
+                    t_hidden: tuple[torch.Tensor, ...] | None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The same loss as the unfused path, the head and the vocabulary-sized terms taken
+        `fused_head.ROWS` positions at a time."""
+        c, start = self.config, self.config.loss_start
+        # the model's own head runs on the last position only: it checks that the logits are
+        # the linear head of the last hidden state, which the fused loss assumes
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        last, head = out.hidden_states[-1], model.get_output_embeddings()
+        with torch.no_grad():
+            mine = F.linear(last[:, -1:], head.weight, head.bias).float() \
+                if isinstance(head, nn.Linear) else None
+        theirs = out.logits[:, -1:].detach().float()
+        if mine is None or not torch.allclose(mine, theirs, rtol=1e-3,
+                                              atol=1e-3 * float(theirs.abs().max())):
+            raise SecateurError("this model's logits are not a linear head of its last hidden "
+                                "state (a softcap, a scale or an adapted head): set "
+                                "fused_loss false")
+        hidden = last[:, start:-1]
+        n = hidden.shape[0] * hidden.shape[1]
+        labels = ids[:, start + 1:].reshape(-1)
+        t_logp = t_index = None
+        if targets is not None and c.kd_weight > 0:
+            t_logp = targets.logp.reshape(n, -1)
+            t_index = None if targets.index is None else targets.index.reshape(n, -1)
+        sums = {"kd": 0.0, "ce": 0.0}
+
+        def chunk_loss(logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            loss = logits.new_zeros(())
+            if t_logp is not None:
+                logq = student_logp(logits, c.temperature, None if t_index is None
+                                    else t_index[a:b])
+                kd = divergence(t_logp[a:b], logq, c.loss).sum() * c.temperature**2 / n
+                sums["kd"] += kd.item()
+                loss = loss + c.kd_weight * kd
+            if c.ce_weight > 0:
+                ce = F.cross_entropy(logits, labels[a:b], reduction="sum") / n
+                sums["ce"] += ce.item()
+                loss = loss + c.ce_weight * ce
+            return loss
+
+        total = fused_head_loss(hidden, head, chunk_loss)
+        parts = {"kd": sums["kd"]} if t_logp is not None else {}
+        if c.ce_weight > 0:
+            parts["ce"] = sums["ce"]
         if c.hidden_weight > 0:
             hid = hidden_loss(out.hidden_states, t_hidden, self.mapping, start)
             total, parts["hidden"] = total + c.hidden_weight * hid, hid.item()
