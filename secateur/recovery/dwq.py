@@ -55,6 +55,7 @@ class DWQConfig(TrainConfig):
     hidden_weight: ClassVar[float] = 0.0
     data_mode: ClassVar[str] = "text"
     loss_start: ClassVar[int] = 0
+    fused_loss: ClassVar[bool] = False  # the head may hold rounded blocks, not a Linear
 
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW) of the relative "
                                               "scale changes and of norms and biases")

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
+from pydantic_core import to_jsonable_python
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -76,8 +77,14 @@ class TrainConfig(MethodConfig):
     seed: int = Field(0, description="seed for data order, LoRA init, dropout and sampling")
 
     def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
-        """What a checkpoint must have been made with (save_every only changes when)."""
-        settings = {k: v for k, v in self.settings().items() if k != "save_every"}
+        """What a checkpoint must have been made with (save_every only changes when).
+
+        Only settings away from their defaults count, so a setting a later version adds (at
+        a default that keeps the old arithmetic) leaves a run begun before it resumable."""
+        fields = type(self).model_fields
+        settings = {k: v for k, v in self.settings().items() if k != "save_every" and not (
+            k in fields and v == to_jsonable_python(fields[k].get_default(
+                call_default_factory=True)))}
         blob = json.dumps({"settings": settings, "extra": extra or {}}, sort_keys=True,
                           default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -199,6 +199,21 @@ def test_resume_refuses_a_checkpoint_of_other_settings(teacher_dir, text, tmp_pa
                 checkpoint=tmp_path, progress=False)
 
 
+def test_a_setting_added_later_at_its_default_keeps_checkpoints_resumable(text):
+    """A checkpoint from before a release that added `newer` (default: old behaviour) still
+    matches; setting it, or changing any existing setting, does not."""
+
+    class Later(DistillConfig):
+        newer: int = 3
+
+    before = _config(text, lr=1e-3).fingerprint({"mode": "full"})
+    assert Later(**_config(text, lr=1e-3).model_dump()).fingerprint({"mode": "full"}) == before
+    assert Later(**_config(text, lr=1e-3).model_dump(), newer=4).fingerprint(
+        {"mode": "full"}) != before
+    assert _config(text, lr=2e-3).fingerprint({"mode": "full"}) != before
+    assert _config(text, lr=1e-3, save_every=7).fingerprint({"mode": "full"}) == before
+
+
 @pytest.mark.parametrize("train", ["full", "lora"])
 def test_a_sparse_student_keeps_its_zeros(teacher_dir, text, train):
     teacher = load(teacher_dir)
