@@ -212,7 +212,7 @@ def test_streaming_refuses_what_it_cannot_read(tiny_dir, tmp_path):
 # memory, while the whole test reads and writes the model only a few times.
 BIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=60,
            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
-BUDGET = 160 * MIB  # what the prune may allocate beyond what loading the skeleton left
+BUDGET = 224 * MIB  # what the prune may allocate beyond what loading the skeleton left
 
 
 def _big_model_dir(path: Path) -> Path:
@@ -237,7 +237,11 @@ def test_prune_a_model_bigger_than_the_process_memory_cap(tmp_path):
     out, result_file = tmp_path / "pruned", tmp_path / "result.json"
     run = subprocess.run(
         [sys.executable, "-m", "tests.formats.test_streaming", str(model_dir), str(out),
-         str(result_file)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+         str(result_file)], cwd=ROOT,
+        # one malloc arena: a thread's first allocation otherwise opens an arena of its own,
+        # and which threads allocate first depends on timing, so the cap's margin did too
+        # (one suite run in many was refused 3 MiB near the cap)
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"},
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(result_file.read_text())
