@@ -333,6 +333,8 @@ def main() -> None:
             seconds = time.perf_counter() - begin
             row = {"student": name, "recovery": recovery, "wall_seconds": seconds,
                    "train_seconds": run.seconds, "tokens": run.tokens,
+                   # seconds compare only at equal threads; merged files mix lanes
+                   "torch_threads": torch.get_num_threads(),
                    "zeros_before": zeros_before, "zeros_after": zeros(trainee.model),
                    **evaluate(trainee, texts, args), "training": run.to_dict()}
             for text in ("wiki", "second"):
