@@ -11,8 +11,9 @@ quantization at the point's preset of the point's model (the dense model, or the
 folder the point names) exported to F32; the F32 point is the export itself. Points sharing
 a model and a preset (with and without an imatrix, rtn, gptq or +dwq) share one timing; the
 presets llama.cpp refuses without an importance matrix get a uniform one, which changes no
-type. Every file is timed once per round, the files in turn (A B C A B C ...), so a slow
-spell of the machine hits them alike; min/median/max over rounds.
+type. Every file is timed once per round, the files in turn (`secateur.bench.measure.
+interleaved`: A B C C B A ...), so a slow spell of the machine hits them alike;
+min/median/max over rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from secateur.bench.measure import interleaved, spread
 from secateur.data.sources import load_text
 from secateur.formats.export import export_model
 from secateur.formats.loader import load
@@ -76,7 +78,6 @@ def main() -> None:
             continue
         sources.setdefault(source, []).append(name)
 
-    timings: dict[tuple[str, str], dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files: dict[tuple[str, str], Path] = {}
         prompt: list[int] | None = None
@@ -100,17 +101,12 @@ def main() -> None:
                 files[(model, preset)] = path
             print(f"built {model}: {', '.join(p for m, p in files if m == model)}", flush=True)
         assert prompt is not None
-        for r in range(args.rounds):
-            for key, path in files.items():
-                one = runtime.decode_speed(path, prompt, args.new_tokens, args.threads, 1)
-                t = timings.setdefault(key, {"decode": [], "prefill": []})
-                t["decode"].append(one["decode_tokens_per_second"]["median"])
-                t["prefill"].append(one["prefill_tokens_per_second"]["median"])
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
-
-    def spread(values: list[float]) -> dict[str, float]:
-        ordered = sorted(values)
-        return {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1]}
+        keys = list(files)
+        runs = {str(i): (lambda path=files[key]: runtime.decode_speed(
+            path, prompt, args.new_tokens, args.threads, 1)) for i, key in enumerate(keys)}
+        rounds = interleaved(runs, args.rounds, warmup=0, desc="rounds")
+    timings = {key: {kind: [r[f"{kind}_tokens_per_second"]["median"] for r in rounds[str(i)]]
+                     for kind in ("decode", "prefill")} for i, key in enumerate(keys)}
 
     for key, names in sources.items():
         speed = {"decode_tokens_per_second": spread(timings[key]["decode"]),
@@ -128,9 +124,8 @@ def main() -> None:
                "of the point's model at its preset; see bench/frontier_speed.py)"}
     write_json_atomic(args.frontier, result)
     for key, names in sources.items():
-        d = timings[key]["decode"]
         print(f"{key[1]:>8} {Path(key[0]).name:>40}: decode median "
-              f"{sorted(d)[len(d) // 2]:6.1f} tok/s  ({len(names)} points)")
+              f"{spread(timings[key]['decode'])['median']:6.1f} tok/s  ({len(names)} points)")
 
 
 if __name__ == "__main__":
