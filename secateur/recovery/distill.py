@@ -40,10 +40,8 @@ from secateur.recovery.generation import complete
 from secateur.recovery.kd_loss import (
     Divergence,
     TeacherTargets,
-    divergence,
     kd_loss,
     lm_loss,
-    student_logp,
     teacher_targets,
 )
 from secateur.recovery.layer_map import layer_map
@@ -261,9 +259,9 @@ class Distillation:
         def chunk_loss(logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
             loss = logits.new_zeros(())
             if t_logp is not None:
-                logq = student_logp(logits, c.temperature, None if t_index is None
-                                    else t_index[a:b])
-                kd = divergence(t_logp[a:b], logq, c.loss).sum() * c.temperature**2 / n
+                chunk = TeacherTargets(t_logp[a:b], None if t_index is None else t_index[a:b])
+                # kd_loss is a mean over the chunk's rows: weighted to a share of the n rows
+                kd = kd_loss(logits, chunk, c.loss, c.temperature) * ((b - a) / n)
                 sums["kd"] += kd.item()
                 loss = loss + c.kd_weight * kd
             if c.ce_weight > 0:
